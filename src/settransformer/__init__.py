@@ -1,0 +1,32 @@
+"""settransformer: the Set Transformer (Lee et al., ICML 2019) for PyTorch.
+
+Permutation-invariant attention models for sets, with masks for variable-size sets::
+
+    import torch
+    from settransformer import SetTransformer, pad_sets
+
+    x, mask = pad_sets([torch.randn(n, 2) for n in (120, 300, 45)])  # (3, 300, 2), (3, 300)
+    model = SetTransformer(dim_input=2, num_outputs=4, dim_output=5)
+    out = model(x, mask)  # (3, 4, 5), independent of element order and padding
+"""
+
+from .attention import attention
+from .blocks import ISAB, MAB, PMA, SAB, masked_pool
+from .models import DeepSets, SetTransformer
+from .sets import pad_sets, unpad_sets
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ISAB",
+    "MAB",
+    "PMA",
+    "SAB",
+    "DeepSets",
+    "SetTransformer",
+    "__version__",
+    "attention",
+    "masked_pool",
+    "pad_sets",
+    "unpad_sets",
+]

@@ -1,0 +1,305 @@
+"""The Set Transformer's blocks: MAB, SAB, ISAB and PMA (Lee et al., 2019, section 3), plus masked pooling.
+
+Every block takes sets as ``(B, N, D)`` tensors with an optional boolean ``mask: (B, N)`` (True =
+real element). Outputs at padded positions are exactly zero, and padded inputs (whatever their
+values, NaN included) have no influence on any output and receive zero gradient.
+
+Shared keyword options (all blocks):
+
+- ``norm``: ``"post"`` (the paper: ``LN(H + rFF(H))``, ``H = LN(X + Multihead(X, Y, Y))``), ``"pre"``
+  (``H = X + Multihead(LN(X), LN(Y))``, ``H + rFF(LN(H))``; steadier for deep stacks) or ``None``.
+- ``ff_dim``: the row-wise feed-forward. ``None``: one ``Linear(dim, dim)`` + ReLU (the paper's and
+  the official code's rFF); an integer: ``Linear(dim, ff_dim)``, ReLU, ``Linear(ff_dim, dim)``.
+- ``dropout``: on the attention weights and on both residual branches.
+- ``scale``: softmax temperature; default ``1/sqrt(dim / num_heads)`` (per-head width).
+- ``residual``: what the attention output is added to: ``"input"`` (the query itself, as in the
+  paper), ``"projected"`` (the projected query, as in the official code) or ``"auto"`` (the
+  input when its width equals ``dim``, else the projected query).
+- ``out_proj``: apply the output projection ``W^O`` after concatenating heads (the official code
+  has none).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import attention, merge_heads, split_heads
+from .validation import check_mask, check_set, zero_padding
+
+__all__ = ["ISAB", "MAB", "PMA", "SAB", "Norm", "masked_pool"]
+
+Norm = Literal["post", "pre"] | None
+Residual = Literal["auto", "input", "projected"]
+PoolKind = Literal["mean", "sum", "max"]
+
+
+def _feed_forward(dim: int, ff_dim: int | None) -> nn.Sequential:
+    if ff_dim is None:
+        return nn.Sequential(nn.Linear(dim, dim), nn.ReLU())
+    return nn.Sequential(nn.Linear(dim, ff_dim), nn.ReLU(), nn.Linear(ff_dim, dim))
+
+
+class MAB(nn.Module):
+    """Multihead attention block ``MAB(X, Y)``: the queries ``X`` attend to the set ``Y``.
+
+    Args:
+        dim_q: feature size of the queries.
+        dim_kv: feature size of the keys/values (the set attended to).
+        dim: width of the block and of its output.
+        num_heads: number of heads; must divide ``dim``.
+        norm, ff_dim, dropout, scale, residual, out_proj: see the module docstring.
+
+    Shapes: ``q: (B, Nq, dim_q)`` (or ``(1, Nq, dim_q)``, shared by the batch), ``kv: (B, Nk, dim_kv)``,
+    ``mask: (B, Nk)`` over ``kv`` -> ``(B, Nq, dim)``.
+
+    Example:
+        >>> mab = MAB(3, 5, 16, num_heads=4)
+        >>> mab(torch.randn(2, 7, 3), torch.randn(2, 9, 5)).shape
+        torch.Size([2, 7, 16])
+    """
+
+    def __init__(
+        self,
+        dim_q: int,
+        dim_kv: int,
+        dim: int,
+        num_heads: int,
+        *,
+        norm: Norm = "post",
+        ff_dim: int | None = None,
+        dropout: float = 0.0,
+        scale: float | None = None,
+        residual: Residual = "auto",
+        out_proj: bool = True,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"num_heads: must divide dim={dim}, got {num_heads}")
+        if norm not in ("post", "pre", None):
+            raise ValueError(f"norm: expected 'post', 'pre' or None, got {norm!r}")
+        if residual not in ("auto", "input", "projected"):
+            raise ValueError(f"residual: expected 'auto', 'input' or 'projected', got {residual!r}")
+        if residual == "input" and dim_q != dim:
+            raise ValueError(f"residual='input' needs dim_q == dim, got dim_q={dim_q}, dim={dim}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
+        self.dim_q, self.dim_kv, self.dim, self.num_heads = dim_q, dim_kv, dim, num_heads
+        self.norm, self.scale, self.dropout = norm, scale, dropout
+        self.residual = "input" if residual == "auto" and dim_q == dim else residual
+        if self.residual == "auto":
+            self.residual = "projected"
+        self.to_q = nn.Linear(dim_q, dim)
+        self.to_kv = nn.Linear(dim_kv, 2 * dim)  # keys and values in one product
+        self.to_out: nn.Module = nn.Linear(dim, dim) if out_proj else nn.Identity()
+        self.ff = _feed_forward(dim, ff_dim)
+        self.drop: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if norm == "post":
+            self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        elif norm == "pre":
+            self.norm_q, self.norm_kv, self.norm_ff = nn.LayerNorm(dim_q), nn.LayerNorm(dim_kv), nn.LayerNorm(dim)
+
+    def forward(self, q: Tensor, kv: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``q: (B, Nq, dim_q)``, ``kv: (B, Nk, dim_kv)``, ``mask: (B, Nk)`` -> ``(B, Nq, dim)``."""
+        check_set(q, self.dim_q, "q")
+        check_set(kv, self.dim_kv, "kv")
+        mask = check_mask(mask, kv, "mask")
+        if q.shape[0] not in (1, kv.shape[0]):
+            raise ValueError(f"q: batch size {q.shape[0]} does not match kv's {kv.shape[0]}")
+        return self.attend(q, zero_padding(kv, mask), mask)
+
+    def project(self, q: Tensor, kv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Projected queries, keys and values, each ``(B, N, dim)``."""
+        if self.norm == "pre":
+            q, kv = self.norm_q(q), self.norm_kv(kv)
+        k, v = self.to_kv(kv).chunk(2, dim=-1)
+        return self.to_q(q), k, v
+
+    def attend(
+        self,
+        q: Tensor,
+        kv: Tensor,
+        mask: Tensor | None,
+        projected: tuple[Tensor, Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """The block without input checks; ``kv`` must already be zero at padded rows.
+
+        ``projected`` lets a caller that already computed ``(q', k, v)`` (in one fused product,
+        say) skip the projections.
+        """
+        qp, k, v = self.project(q, kv) if projected is None else projected
+        h = self.num_heads
+        o = attention(
+            split_heads(qp, h),
+            split_heads(k, h),
+            split_heads(v, h),
+            mask,
+            scale=self.scale,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        x = (q if self.residual == "input" else qp) + self.drop(self.to_out(merge_heads(o)))
+        if self.norm == "post":
+            x = self.norm1(x)
+            return self.norm2(x + self.drop(self.ff(x)))
+        if self.norm == "pre":
+            return x + self.drop(self.ff(self.norm_ff(x)))
+        return x + self.drop(self.ff(x))
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, norm={self.norm}, residual={self.residual}"
+
+
+def _fused_linear(x: Tensor, *layers: nn.Linear) -> list[Tensor]:
+    """Apply several linear layers to the same input in one matrix product, split the result."""
+    weight = torch.cat([layer.weight for layer in layers])
+    bias = torch.cat([layer.bias for layer in layers])
+    return list(F.linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1))
+
+
+class SAB(nn.Module):
+    """Set attention block ``SAB(X) = MAB(X, X)``: permutation equivariant, cost quadratic in N.
+
+    Shapes: ``x: (B, N, dim_in)``, ``mask: (B, N)`` -> ``(B, N, dim)``. Keyword options as in :class:`MAB`.
+
+    Example:
+        >>> SAB(3, 16, num_heads=4)(torch.randn(2, 10, 3)).shape
+        torch.Size([2, 10, 16])
+    """
+
+    def __init__(self, dim_in: int, dim: int, num_heads: int, **options: object) -> None:
+        super().__init__()
+        self.dim_in = dim_in
+        self.mab = MAB(dim_in, dim_in, dim, num_heads, **options)  # type: ignore[arg-type]
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``x: (B, N, dim_in)``, ``mask: (B, N)`` -> ``(B, N, dim)``, zero at padded positions."""
+        check_set(x, self.dim_in)
+        mask = check_mask(mask, x)
+        return self.encode(zero_padding(x, mask), mask)
+
+    def encode(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """:meth:`forward` without input checks; ``x`` must be zero at padded rows."""
+        mab = self.mab
+        projected = None
+        if mab.norm != "pre":  # queries, keys and values from one product
+            q, kv = _fused_linear(x, mab.to_q, mab.to_kv)
+            projected = (q, *kv.chunk(2, dim=-1))
+        return zero_padding(mab.attend(x, x, mask, projected), mask)
+
+
+class ISAB(nn.Module):
+    """Induced set attention block: ``ISAB_m(X) = MAB(X, H)``, ``H = MAB(I, X)``.
+
+    ``m = num_inducing`` learned inducing points ``I`` summarise the set, so time and memory are
+    linear in N (``O(N m)`` instead of ``O(N^2)``).
+
+    Shapes: ``x: (B, N, dim_in)``, ``mask: (B, N)`` -> ``(B, N, dim)``. Keyword options as in :class:`MAB`.
+
+    Example:
+        >>> ISAB(3, 16, num_heads=4, num_inducing=8)(torch.randn(2, 1000, 3)).shape
+        torch.Size([2, 1000, 16])
+    """
+
+    def __init__(self, dim_in: int, dim: int, num_heads: int, num_inducing: int, **options: object) -> None:
+        super().__init__()
+        if num_inducing < 1:
+            raise ValueError(f"num_inducing: expected a positive integer, got {num_inducing}")
+        self.dim_in = dim_in
+        self.inducing = nn.Parameter(torch.empty(num_inducing, dim))
+        self.mab0 = MAB(dim, dim_in, dim, num_heads, **options)  # type: ignore[arg-type]
+        self.mab1 = MAB(dim_in, dim, dim, num_heads, **options)  # type: ignore[arg-type]
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_uniform_(self.inducing)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``x: (B, N, dim_in)``, ``mask: (B, N)`` -> ``(B, N, dim)``, zero at padded positions."""
+        check_set(x, self.dim_in)
+        mask = check_mask(mask, x)
+        return self.encode(zero_padding(x, mask), mask)
+
+    def induce(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """``H = MAB(I, X)``: ``(B, num_inducing, dim)``; ``x`` zero at padded rows."""
+        return self.mab0.attend(self.inducing[None], x, mask)
+
+    def encode(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """:meth:`forward` without input checks; ``x`` must be zero at padded rows."""
+        mab0, mab1 = self.mab0, self.mab1
+        inducing = self.inducing[None]
+        if mab0.norm == "pre":
+            h = mab0.attend(inducing, x, mask)
+            return zero_padding(mab1.attend(x, h, mask=None), mask)
+        # Both MABs read x through a linear map (keys/values of the first, queries of the
+        # second): one product instead of two, and one gradient accumulation into x.
+        kv0, q1 = _fused_linear(x, mab0.to_kv, mab1.to_q)
+        h = mab0.attend(inducing, x, mask, (mab0.to_q(inducing), *kv0.chunk(2, dim=-1)))
+        k1, v1 = mab1.to_kv(h).chunk(2, dim=-1)
+        return zero_padding(mab1.attend(x, h, None, (q1, k1, v1)), mask)
+
+
+class PMA(nn.Module):
+    """Pooling by multihead attention: ``PMA_k(Z) = MAB(S, Z)`` with ``k = num_seeds`` learned seeds.
+
+    Permutation invariant. The paper's optional rFF on ``Z`` before pooling is omitted, as in all
+    of the paper's experiments.
+
+    Shapes: ``z: (B, N, dim)``, ``mask: (B, N)`` -> ``(B, num_seeds, dim)``. An empty set pools to
+    the seeds passed through the block with a zero attention output (finite).
+
+    Example:
+        >>> PMA(16, num_heads=4, num_seeds=2)(torch.randn(3, 10, 16)).shape
+        torch.Size([3, 2, 16])
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_seeds: int, **options: object) -> None:
+        super().__init__()
+        if num_seeds < 1:
+            raise ValueError(f"num_seeds: expected a positive integer, got {num_seeds}")
+        self.dim = dim
+        self.seeds = nn.Parameter(torch.empty(num_seeds, dim))
+        self.mab = MAB(dim, dim, dim, num_heads, **options)  # type: ignore[arg-type]
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_uniform_(self.seeds)
+
+    def forward(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``z: (B, N, dim)``, ``mask: (B, N)`` -> ``(B, num_seeds, dim)``."""
+        check_set(z, self.dim, "z")
+        mask = check_mask(mask, z)
+        return self.pool(zero_padding(z, mask), mask)
+
+    def pool(self, z: Tensor, mask: Tensor | None) -> Tensor:
+        """:meth:`forward` without input checks; ``z`` must be zero at padded rows."""
+        return self.mab.attend(self.seeds[None], z, mask)
+
+
+def masked_pool(x: Tensor, mask: Tensor | None, how: PoolKind = "mean") -> Tensor:
+    """Pool a padded set batch over its elements.
+
+    Args:
+        x: ``(B, N, D)``, zero at padded rows.
+        mask: ``(B, N)`` boolean, True for real elements, or ``None``.
+        how: ``"mean"``, ``"sum"`` or ``"max"``.
+
+    Returns:
+        ``(B, D)``. An empty set pools to zeros (all three kinds), with zero gradient.
+    """
+    if how == "sum":
+        return x.sum(dim=1)
+    if how == "mean":
+        if mask is None:
+            return x.mean(dim=1)
+        count = mask.sum(dim=1, keepdim=True).clamp_min(1).to(x.dtype)
+        return x.sum(dim=1) / count
+    if how == "max":
+        if mask is None:
+            return x.amax(dim=1)
+        lowest = torch.finfo(x.dtype).min
+        pooled = x.masked_fill(~mask[..., None], lowest).amax(dim=1)
+        return pooled.masked_fill(~mask.any(dim=1, keepdim=True), 0.0)
+    raise ValueError(f"how: expected 'mean', 'sum' or 'max', got {how!r}")

@@ -1,0 +1,214 @@
+"""Set models: the Set Transformer (encoder + decoder) and the DeepSets baseline.
+
+Both take a padded batch of sets ``x: (B, N, dim_input)`` with an optional boolean
+``mask: (B, N)`` (True = real element) and return ``(B, num_outputs, dim_output)``; the output does
+not depend on the order of the elements, nor on padding.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from torch import Tensor, nn
+
+from .blocks import ISAB, PMA, SAB, Norm, PoolKind, Residual, masked_pool
+from .validation import check_mask, check_set, zero_padding
+
+__all__ = ["DeepSets", "SetTransformer"]
+
+EncoderKind = Literal["attention", "rff"]
+PoolingKind = Literal["pma", "mean", "sum", "max"]
+
+
+def _mlp(dim_in: int, dim_hidden: int, num_layers: int, dropout: float = 0.0) -> nn.Sequential:
+    """``num_layers`` x (Linear, ReLU[, Dropout]), applied row-wise."""
+    layers: list[nn.Module] = []
+    for i in range(num_layers):
+        layers += [nn.Linear(dim_in if i == 0 else dim_hidden, dim_hidden), nn.ReLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+class _SetModel(nn.Module):
+    """Input checks and the ``(B, N, D) -> (B, num_outputs, dim_output)`` contract shared by models."""
+
+    dim_input: int
+    num_outputs: int
+    dim_output: int
+    config: dict[str, Any]
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``x: (B, N, dim_input)``, ``mask: (B, N)`` bool -> ``(B, num_outputs, dim_output)``."""
+        check_set(x, self.dim_input)
+        mask = check_mask(mask, x)
+        x = zero_padding(x, mask)
+        return self.decode(self.encode(x, mask), mask)
+
+    def encode(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Element-wise embeddings ``(B, N, dim_hidden)``, zero at padded rows (no input checks)."""
+        raise NotImplementedError
+
+    def decode(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Pool embeddings ``z: (B, N, dim_hidden)`` to ``(B, num_outputs, dim_output)``."""
+        raise NotImplementedError
+
+
+class SetTransformer(_SetModel):
+    """The Set Transformer: an attention encoder, pooling by attention, and a decoder.
+
+    ``encoder``: ``num_encoder_layers`` ISABs with ``num_inducing`` points (SABs when
+    ``num_inducing=None``); ``decoder``: PMA with ``num_outputs`` seeds, ``num_decoder_layers`` SABs
+    (which let the outputs interact, e.g. the components of a mixture) and a linear head.
+
+    The paper's ablations are options: ``encoder="rff"`` replaces the attention encoder by a
+    row-wise MLP ("rFF + PMA"); ``pooling="mean" | "sum" | "max"`` replaces PMA + SABs by masked
+    pooling and an MLP ("SAB + Pooling").
+
+    Args:
+        dim_input: feature size of the set elements.
+        num_outputs: number of PMA seeds, i.e. of output vectors.
+        dim_output: size of each output vector.
+        dim_hidden: width of every block.
+        num_heads: attention heads per block.
+        num_inducing: inducing points per ISAB, or ``None`` for SABs.
+        num_encoder_layers, num_decoder_layers: depth of encoder and decoder.
+        decoder_dropout: dropout before pooling and before the head (the paper's point-cloud model).
+        norm, ff_dim, dropout, scale, residual, out_proj: block options, see :mod:`settransformer.blocks`.
+
+    Example:
+        >>> model = SetTransformer(2, num_outputs=4, dim_output=5, dim_hidden=32, num_inducing=8)
+        >>> x, mask = torch.randn(3, 50, 2), torch.rand(3, 50) > 0.2
+        >>> model(x, mask).shape
+        torch.Size([3, 4, 5])
+    """
+
+    def __init__(
+        self,
+        dim_input: int,
+        num_outputs: int,
+        dim_output: int,
+        *,
+        dim_hidden: int = 128,
+        num_heads: int = 4,
+        num_inducing: int | None = 32,
+        num_encoder_layers: int = 2,
+        num_decoder_layers: int = 2,
+        encoder: EncoderKind = "attention",
+        pooling: PoolingKind = "pma",
+        norm: Norm = "post",
+        ff_dim: int | None = None,
+        dropout: float = 0.0,
+        decoder_dropout: float = 0.0,
+        scale: float | None = None,
+        residual: Residual = "auto",
+        out_proj: bool = True,
+    ) -> None:
+        super().__init__()
+        for name, value in [("dim_input", dim_input), ("num_outputs", num_outputs), ("dim_output", dim_output)]:
+            if value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value}")
+        if encoder not in ("attention", "rff"):
+            raise ValueError(f"encoder: expected 'attention' or 'rff', got {encoder!r}")
+        if pooling not in ("pma", "mean", "sum", "max"):
+            raise ValueError(f"pooling: expected 'pma', 'mean', 'sum' or 'max', got {pooling!r}")
+        self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__", "name", "value")}
+        self.dim_input, self.num_outputs, self.dim_output = dim_input, num_outputs, dim_output
+        self.pooling = pooling
+        block = {"norm": norm, "ff_dim": ff_dim, "dropout": dropout, "scale": scale,
+                 "residual": residual, "out_proj": out_proj}
+
+        self.encoder = nn.ModuleList()
+        if encoder == "rff":
+            self.encoder.append(_mlp(dim_input, dim_hidden, num_encoder_layers, dropout))
+        for i in range(num_encoder_layers if encoder == "attention" else 0):
+            d_in = dim_input if i == 0 else dim_hidden
+            if num_inducing is None:
+                self.encoder.append(SAB(d_in, dim_hidden, num_heads, **block))
+            else:
+                self.encoder.append(ISAB(d_in, dim_hidden, num_heads, num_inducing, **block))
+        # Pre-norm stacks end with a LayerNorm, or the residual stream is never normalised.
+        self.encoder_norm: nn.Module = nn.LayerNorm(dim_hidden) if norm == "pre" else nn.Identity()
+
+        self.decoder_drop: nn.Module = nn.Dropout(decoder_dropout) if decoder_dropout > 0 else nn.Identity()
+        self.pma = PMA(dim_hidden, num_heads, num_outputs, **block) if pooling == "pma" else None
+        if pooling == "pma":
+            self.decoder = nn.ModuleList(
+                SAB(dim_hidden, dim_hidden, num_heads, **block) for _ in range(num_decoder_layers)
+            )
+            self.decoder_norm: nn.Module = nn.LayerNorm(dim_hidden) if norm == "pre" else nn.Identity()
+            self.head = nn.Linear(dim_hidden, dim_output)
+        else:
+            self.decoder = nn.ModuleList([_mlp(dim_hidden, dim_hidden, num_decoder_layers, decoder_dropout)])
+            self.decoder_norm = nn.Identity()
+            self.head = nn.Linear(dim_hidden, num_outputs * dim_output)
+
+    def encode(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``x: (B, N, dim_input)`` zero at padded rows -> ``(B, N, dim_hidden)`` (no input checks)."""
+        for layer in self.encoder:
+            x = layer.encode(x, mask) if isinstance(layer, SAB | ISAB) else zero_padding(layer(x), mask)
+        return zero_padding(self.encoder_norm(x), mask)
+
+    def decode(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``z: (B, N, dim_hidden)`` zero at padded rows -> ``(B, num_outputs, dim_output)``."""
+        z = self.decoder_drop(z)
+        if self.pma is None:
+            pooled = masked_pool(z, mask, self.pooling)  # type: ignore[arg-type]
+            out = self.head(self.decoder[0](pooled))
+            return out.view(z.shape[0], self.num_outputs, self.dim_output)
+        y = self.pma.pool(z, mask)
+        for layer in self.decoder:
+            y = layer.encode(y, None)
+        return self.head(self.decoder_drop(self.decoder_norm(y)))
+
+
+class DeepSets(_SetModel):
+    """DeepSets (Zaheer et al., 2017): a row-wise MLP, masked pooling, then an MLP.
+
+    ``rho(pool_i phi(x_i))`` with ``phi`` = ``num_encoder_layers`` x (Linear, ReLU) and ``rho`` =
+    ``num_decoder_layers`` x (Linear, ReLU) + Linear to ``num_outputs * dim_output``.
+
+    Args:
+        dim_input, num_outputs, dim_output: as in :class:`SetTransformer`.
+        dim_hidden: width of both MLPs.
+        pool: ``"mean"``, ``"sum"`` or ``"max"``.
+        num_encoder_layers, num_decoder_layers: depth of ``phi`` and ``rho``.
+        dropout: dropout after each hidden layer of ``rho``.
+
+    Example:
+        >>> DeepSets(1, 1, 1, dim_hidden=64, pool="max")(torch.rand(8, 10, 1)).shape
+        torch.Size([8, 1, 1])
+    """
+
+    def __init__(
+        self,
+        dim_input: int,
+        num_outputs: int,
+        dim_output: int,
+        *,
+        dim_hidden: int = 128,
+        pool: PoolKind = "mean",
+        num_encoder_layers: int = 3,
+        num_decoder_layers: int = 1,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if pool not in ("mean", "sum", "max"):
+            raise ValueError(f"pool: expected 'mean', 'sum' or 'max', got {pool!r}")
+        self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.dim_input, self.num_outputs, self.dim_output = dim_input, num_outputs, dim_output
+        self.pool: PoolKind = pool
+        self.phi = _mlp(dim_input, dim_hidden, num_encoder_layers)
+        self.rho = nn.Sequential(
+            _mlp(dim_hidden, dim_hidden, num_decoder_layers, dropout),
+            nn.Linear(dim_hidden, num_outputs * dim_output),
+        )
+
+    def encode(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``x: (B, N, dim_input)`` zero at padded rows -> ``(B, N, dim_hidden)`` (no input checks)."""
+        return zero_padding(self.phi(x), mask)
+
+    def decode(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``z: (B, N, dim_hidden)`` -> ``(B, num_outputs, dim_output)``."""
+        out = self.rho(masked_pool(z, mask, self.pool))
+        return out.view(z.shape[0], self.num_outputs, self.dim_output)

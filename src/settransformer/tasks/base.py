@@ -1,0 +1,106 @@
+"""What every experiment provides: data, models, loss, metrics and plots.
+
+A task is one module in :mod:`settransformer.tasks` with one :class:`Task` subclass. The training
+loop (:mod:`settransformer.train`) and the CLI only talk to tasks through this interface, so a new
+experiment is a new module and a line in the registry (``settransformer.tasks.TASKS``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Batch", "Task"]
+
+
+@dataclass
+class Batch:
+    """One batch of sets.
+
+    Attributes:
+        x: padded sets ``(B, N, D)``.
+        mask: ``(B, N)`` bool (True = real element), or ``None`` when every set is full.
+        target: what the model should predict (task-specific shape).
+        extra: anything else the loss or metrics need (true labels, parameters...).
+    """
+
+    x: Tensor
+    mask: Tensor | None
+    target: Tensor
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+    def to(self, device: torch.device | str) -> Batch:
+        """Move every tensor to ``device``."""
+        return Batch(
+            self.x.to(device),
+            None if self.mask is None else self.mask.to(device),
+            self.target.to(device),
+            {k: v.to(device) for k, v in self.extra.items()},
+        )
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+class Task(ABC):
+    """An experiment: its data, the models of its results table, its loss, metrics and plots.
+
+    Class attributes:
+        name: the CLI name, e.g. ``"max-regression"``.
+        model_names: the rows of the results table; the first is the default model.
+        metric: the headline metric of the table (a key of :meth:`evaluate`'s result).
+        higher_is_better: direction of ``metric``.
+        paper: the paper's numbers, ``{model_name: {metric: value}}`` (missing rows allowed).
+
+    Instances hold the task options (data sizes, ranges...): ``Task(**options)`` overlays the
+    given options on :meth:`default_options` and rejects unknown names.
+    """
+
+    name: ClassVar[str]
+    model_names: ClassVar[tuple[str, ...]]
+    metric: ClassVar[str]
+    higher_is_better: ClassVar[bool]
+    paper: ClassVar[dict[str, dict[str, float]]] = {}
+
+    def __init__(self, **options: Any) -> None:
+        defaults = self.default_options()
+        unknown = sorted(set(options) - set(defaults))
+        if unknown:
+            raise ValueError(f"{self.name}: unknown option(s) {unknown}; known: {sorted(defaults)}")
+        self.options: dict[str, Any] = {**defaults, **options}
+
+    @classmethod
+    def default_options(cls) -> dict[str, Any]:
+        """Task options (data generation, sizes) with their defaults; JSON-serialisable values."""
+        return {}
+
+    @classmethod
+    @abstractmethod
+    def budget(cls, name: str) -> dict[str, Any]:
+        """Training settings for a budget (``"quick"`` or ``"paper"``): at least ``steps``,
+        ``batch_size``, ``lr``; optionally ``lr_milestones``, ``lr_gamma``, ``eval_every``."""
+
+    @abstractmethod
+    def build_model(self, model_name: str) -> nn.Module:
+        """A fresh model of the table row ``model_name`` (raise ``ValueError`` if unknown)."""
+
+    @abstractmethod
+    def sample_batch(self, batch_size: int, generator: torch.Generator) -> Batch:
+        """A training batch (on CPU), drawn with ``generator`` only, so runs are repeatable."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        """Scalar training loss of ``model`` on ``batch`` (already on the model's device)."""
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        """Metrics on the task's fixed test data (model in eval mode, no gradients)."""
+
+    def plot(self, model: nn.Module, out_dir: Path, device: torch.device) -> list[Path]:
+        """Write the task's figures (PNG) into ``out_dir``; return their paths."""
+        return []
