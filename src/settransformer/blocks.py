@@ -100,7 +100,11 @@ class MAB(nn.Module):
         if norm == "post":
             self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         elif norm == "pre":
-            self.norm_q, self.norm_kv, self.norm_ff = nn.LayerNorm(dim_q), nn.LayerNorm(dim_kv), nn.LayerNorm(dim)
+            self.norm_q, self.norm_kv, self.norm_ff = (
+                nn.LayerNorm(dim_q),
+                nn.LayerNorm(dim_kv),
+                nn.LayerNorm(dim),
+            )
 
     def forward(self, q: Tensor, kv: Tensor, mask: Tensor | None = None) -> Tensor:
         """``q: (B, Nq, dim_q)``, ``kv: (B, Nk, dim_kv)``, ``mask: (B, Nk)`` -> ``(B, Nq, dim)``."""

@@ -105,7 +105,11 @@ class SetTransformer(_SetModel):
         out_proj: bool = True,
     ) -> None:
         super().__init__()
-        for name, value in [("dim_input", dim_input), ("num_outputs", num_outputs), ("dim_output", dim_output)]:
+        for name, value in [
+            ("dim_input", dim_input),
+            ("num_outputs", num_outputs),
+            ("dim_output", dim_output),
+        ]:
             if value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value}")
         if encoder not in ("attention", "rff"):
@@ -115,8 +119,14 @@ class SetTransformer(_SetModel):
         self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__", "name", "value")}
         self.dim_input, self.num_outputs, self.dim_output = dim_input, num_outputs, dim_output
         self.pooling = pooling
-        block = {"norm": norm, "ff_dim": ff_dim, "dropout": dropout, "scale": scale,
-                 "residual": residual, "out_proj": out_proj}
+        block = {
+            "norm": norm,
+            "ff_dim": ff_dim,
+            "dropout": dropout,
+            "scale": scale,
+            "residual": residual,
+            "out_proj": out_proj,
+        }
 
         self.encoder = nn.ModuleList()
         if encoder == "rff":
