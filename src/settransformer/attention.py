@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["attention", "merge_heads", "split_heads"]
+__all__ = ["attention", "induced_attention", "merge_heads", "pooled_attention", "split_heads"]
 
 
 def split_heads(x: Tensor, num_heads: int) -> Tensor:
@@ -79,3 +80,109 @@ def attention(
     attn_mask = (mask | empty[:, None])[:, None, None, :]  # (B, 1, 1, Nk)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
     return out.masked_fill(empty[:, None, None, None], 0.0)
+
+
+# Two exact rewrites of multi-head attention for the shapes of inducing points and seeds, where
+# one side of the attention is a handful of vectors. Both fold a projection into the small side,
+# so the large side is never projected (fewer FLOPs, fewer stored activations) and every product
+# is one large dense GEMM instead of many tiny per-head ones. The blocks pick the cheaper form
+# by counting multiply-adds (MAB._path); results equal the standard form up to float rounding.
+
+
+def pooled_attention(
+    q: Tensor,
+    kv: Tensor,
+    w_k: Tensor,
+    w_v: Tensor,
+    b_v: Tensor,
+    num_heads: int,
+    mask: Tensor | None = None,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """Few queries over a large set, keys and values never projected.
+
+    Computes ``concat_h softmax(q_h k_h^T * scale) v_h`` with ``k = kv w_k^T + b_k`` and
+    ``v = kv w_v^T + b_v``, as ``q~_h = q_h w_k,h`` (queries moved into the input space) attending
+    over the raw ``kv`` with all heads stacked as queries of one head, then ``w_v,h`` applied to
+    the few results. ``b_k`` drops out: it adds the same ``q_h . b_k,h`` to every score of a query.
+
+    Args:
+        q: projected queries ``(Bq, Nq, D)``, ``Bq`` = 1 (shared seeds) or ``B``.
+        kv: the set ``(B, N, Dkv)``, zero at padded rows.
+        w_k, w_v: key and value projection weights ``(D, Dkv)``; b_v: value bias ``(D,)``.
+        num_heads: heads ``H`` (``D = H * Dh``).
+        mask: ``(B, N)`` bool, True for real elements.
+        scale: softmax temperature, ``1 / sqrt(Dh)`` by default.
+        dropout_p: dropout on the attention weights.
+
+    Returns:
+        ``(B, Nq, D)``, exactly zero for empty sets.
+    """
+    bq, nq, d = q.shape
+    b, _, dkv = kv.shape
+    dh = d // num_heads
+    q_in = torch.einsum("bhqe,hek->bhqk", split_heads(q, num_heads), w_k.view(num_heads, dh, dkv))
+    q_in = q_in.reshape(bq, 1, num_heads * nq, dkv)
+    kv1 = kv.unsqueeze(1)
+    o = attention(q_in, kv1, kv1, mask, scale=dh**-0.5 if scale is None else scale, dropout_p=dropout_p)
+    o = o.view(b, num_heads, nq, dkv)
+    out = torch.einsum("bhqk,hek->bhqe", o, w_v.view(num_heads, dh, dkv)) + b_v.view(num_heads, 1, dh)
+    if mask is not None:
+        out = out.masked_fill(~mask.any(dim=-1)[:, None, None, None], 0.0)
+    return merge_heads(out)
+
+
+def induced_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    w_q: Tensor,
+    b_q: Tensor,
+    w_o: Tensor,
+    b_o: Tensor,
+    num_heads: int,
+    mask: Tensor | None = None,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """A large set of queries over few keys, queries never projected.
+
+    Computes ``concat_h softmax((q w_q,h^T + b_q,h) k_h^T * scale) v_h`` followed by the output
+    projection ``w_o``, ``b_o``, with ``w_q`` folded into the keys (``k~_h = k_h w_q,h``, plus a
+    per-key bias ``b_q,h . k_h``) and ``w_o`` folded into the values (``v~_h = v_h w_o,h^T``), so
+    all heads' scores come from one ``(N, Dq) x (Dq, H * M)`` product and the output from one
+    ``(N, H * M) x (H * M, D)`` product.
+
+    Args:
+        q: raw queries ``(B, N, Dq)``.
+        k, v: projected keys and values ``(B, M, D)``.
+        w_q: ``(D, Dq)``, b_q: ``(D,)``: the query projection.
+        w_o: ``(D, D)``, b_o: ``(D,)``: the output projection.
+        num_heads, mask (over the ``M`` keys), scale, dropout_p: as in :func:`pooled_attention`.
+
+    Returns:
+        ``(B, N, D)``; for an empty key set the attention output is zero (the result is ``b_o``).
+    """
+    b, m, d = k.shape
+    dq = q.shape[-1]
+    dh = d // num_heads
+    kh = split_heads(k, num_heads)  # (B, H, M, Dh)
+    k_in = torch.einsum("bhme,heq->bhmq", kh, w_q.view(num_heads, dh, dq)).reshape(b, num_heads * m, dq)
+    k_bias = torch.einsum("bhme,he->bhm", kh, b_q.view(num_heads, dh)).reshape(b, 1, num_heads * m)
+    s = dh**-0.5 if scale is None else scale
+    scores = torch.baddbmm(k_bias, q, k_in.transpose(1, 2), beta=s, alpha=s)
+    scores = scores.view(b, -1, num_heads, m)
+    empty = None
+    if mask is not None:
+        empty = ~mask.any(dim=-1)
+        scores = scores.masked_fill(~(mask | empty[:, None])[:, None, None, :], float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    if empty is not None:
+        weights = weights.masked_fill(empty[:, None, None, None], 0.0)
+    if dropout_p > 0:
+        weights = torch.nn.functional.dropout(weights, dropout_p)
+    v_out = torch.einsum("bhme,fhe->bhmf", split_heads(v, num_heads), w_o.view(d, num_heads, dh))
+    return torch.baddbmm(b_o, weights.flatten(2), v_out.reshape(b, num_heads * m, d))

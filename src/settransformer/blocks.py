@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import attention, merge_heads, split_heads
+from .attention import attention, induced_attention, merge_heads, pooled_attention, split_heads
 from .validation import check_mask, check_set, zero_padding
 
 __all__ = ["ISAB", "MAB", "PMA", "SAB", "Norm", "masked_pool"]
@@ -122,6 +122,24 @@ class MAB(nn.Module):
         k, v = self.to_kv(kv).chunk(2, dim=-1)
         return self.to_q(q), k, v
 
+    def _path(self, nq: int, nk: int) -> str:
+        """The cheapest exact form of the attention for ``nq`` queries and ``nk`` keys.
+
+        Multiply-adds per form (projections, scores, weighted sum, output projection):
+        ``"pooled"`` wins for a few queries (PMA seeds, inducing points) and ``"induced"`` for a
+        few keys (queries attending to inducing points); see :mod:`settransformer.attention`.
+        """
+        d, h, dq, dkv = self.dim, self.num_heads, self.dim_q, self.dim_kv
+        q_proj, out_proj = nq * dq * d, nq * d * d
+        costs = {
+            "standard": q_proj + 2 * nk * dkv * d + 2 * nq * nk * d + out_proj,
+            "pooled": q_proj + h * nq * d * dkv + 2 * h * nq * nk * dkv + nq * dkv * d + out_proj,
+        }
+        if isinstance(self.to_out, nn.Linear):
+            extra = q_proj if self.residual == "projected" else 0
+            costs["induced"] = 2 * nk * dkv * d + nk * d * (dq + d) + h * nq * nk * (dq + d) + extra
+        return min(costs, key=costs.__getitem__)
+
     def attend(
         self,
         q: Tensor,
@@ -132,19 +150,45 @@ class MAB(nn.Module):
         """The block without input checks; ``kv`` must already be zero at padded rows.
 
         ``projected`` lets a caller that already computed ``(q', k, v)`` (in one fused product,
-        say) skip the projections.
+        say) skip the projections; otherwise the cheapest exact form of the attention is used.
         """
-        qp, k, v = self.project(q, kv) if projected is None else projected
-        h = self.num_heads
-        o = attention(
-            split_heads(qp, h),
-            split_heads(k, h),
-            split_heads(v, h),
-            mask,
-            scale=self.scale,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
-        x = (q if self.residual == "input" else qp) + self.drop(self.to_out(merge_heads(o)))
+        h, p = self.num_heads, self.dropout if self.training else 0.0
+        path = "standard" if projected is not None else self._path(q.shape[1], kv.shape[1])
+        qn, kvn = (self.norm_q(q), self.norm_kv(kv)) if self.norm == "pre" else (q, kv)
+        qp: Tensor | None = None
+        if path == "pooled":
+            qp = self.to_q(qn)
+            w_k, w_v = self.to_kv.weight.chunk(2)
+            o = pooled_attention(
+                qp, kvn, w_k, w_v, self.to_kv.bias[self.dim :], h, mask, scale=self.scale, dropout_p=p
+            )
+            o = self.to_out(o)
+        elif path == "induced":
+            k, v = self.to_kv(kvn).chunk(2, dim=-1)
+            out = self.to_out
+            assert isinstance(out, nn.Linear)
+            o = induced_attention(
+                qn,
+                k,
+                v,
+                self.to_q.weight,
+                self.to_q.bias,
+                out.weight,
+                out.bias,
+                h,
+                mask,
+                scale=self.scale,
+                dropout_p=p,
+            )
+            if self.residual == "projected":
+                qp = self.to_q(qn)
+        else:
+            qp, k, v = projected if projected is not None else self.project(q, kv)
+            o = attention(
+                split_heads(qp, h), split_heads(k, h), split_heads(v, h), mask, scale=self.scale, dropout_p=p
+            )
+            o = self.to_out(merge_heads(o))
+        x = (q if self.residual == "input" else qp) + self.drop(o)  # type: ignore[operator]
         if self.norm == "post":
             x = self.norm1(x)
             return self.norm2(x + self.drop(self.ff(x)))
@@ -232,17 +276,7 @@ class ISAB(nn.Module):
 
     def encode(self, x: Tensor, mask: Tensor | None) -> Tensor:
         """:meth:`forward` without input checks; ``x`` must be zero at padded rows."""
-        mab0, mab1 = self.mab0, self.mab1
-        inducing = self.inducing[None]
-        if mab0.norm == "pre":
-            h = mab0.attend(inducing, x, mask)
-            return zero_padding(mab1.attend(x, h, mask=None), mask)
-        # Both MABs read x through a linear map (keys/values of the first, queries of the
-        # second): one product instead of two, and one gradient accumulation into x.
-        kv0, q1 = _fused_linear(x, mab0.to_kv, mab1.to_q)
-        h = mab0.attend(inducing, x, mask, (mab0.to_q(inducing), *kv0.chunk(2, dim=-1)))
-        k1, v1 = mab1.to_kv(h).chunk(2, dim=-1)
-        return zero_padding(mab1.attend(x, h, None, (q1, k1, v1)), mask)
+        return zero_padding(self.mab1.attend(x, self.induce(x, mask), None), mask)
 
 
 class PMA(nn.Module):

@@ -1,0 +1,183 @@
+"""Benchmark the blocks against a naive implementation of the same equations.
+
+    .venv/bin/python benchmarks/blocks.py            # full table (several minutes on 2 cores)
+    .venv/bin/python benchmarks/blocks.py --quick    # small sizes only (a minute)
+
+Each measurement runs in its own process, so the peak resident memory it reports (above the
+model and its input) is honest. Times are medians of repeated runs; forward is timed under
+``torch.inference_mode``. All on CPU, float32, ``--threads`` threads (default 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+DIM, HEADS, INDUCING = 128, 4, 32
+# Memory the naive path would need for its attention matrices (bytes); skip it beyond this.
+NAIVE_LIMIT = 12 * 2**30
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _build(impl: str, block: str) -> torch.nn.Module:
+    from naive import NaiveISAB, NaiveSAB
+
+    from settransformer import ISAB, SAB
+
+    if block == "isab":
+        return ISAB(DIM, DIM, HEADS, INDUCING) if impl == "ours" else NaiveISAB(DIM, DIM, HEADS, INDUCING)
+    return SAB(DIM, DIM, HEADS) if impl == "ours" else NaiveSAB(DIM, DIM, HEADS)
+
+
+def _time(fn, budget_s: float = 6.0, max_runs: int = 7) -> float:
+    """Median wall time of ``fn`` over repeated runs (at least 2, within about ``budget_s``)."""
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_runs and (len(times) < 2 or time.perf_counter() - start < budget_s):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def worker_block(impl: str, block: str, n: int, mode: str) -> dict[str, float]:
+    torch.manual_seed(0)
+    model = _build(impl, block)
+    x = torch.randn(1, n, DIM, requires_grad=mode == "fwdbwd")
+
+    def run() -> None:
+        if mode == "fwd":
+            with torch.inference_mode():
+                model(x)
+        else:
+            model(x).square().mean().backward()
+            model.zero_grad(set_to_none=True)
+            x.grad = None
+
+    with torch.inference_mode():  # load kernels and threads before the memory baseline
+        model(torch.randn(1, 8, DIM))
+    base = _rss_mb()
+    run()
+    peak = _peak_mb() - base
+    return {"time_s": _time(run), "peak_mb": peak}
+
+
+def worker_train(impl: str, steps: int) -> dict[str, float]:
+    """Adam steps of the amortized-clustering SetTransformer: B=10, N ~ U{300..600} per step."""
+    from naive import naive_like
+
+    from settransformer import SetTransformer
+
+    torch.manual_seed(0)
+    model: torch.nn.Module = SetTransformer(2, 4, 5, dim_hidden=DIM, num_heads=HEADS, num_inducing=INDUCING)
+    if impl == "naive":
+        model = naive_like(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    sizes = torch.randint(300, 601, (steps + 10,), generator=g).tolist()
+    data = [torch.randn(10, n, 2, generator=g) for n in sizes]
+
+    def step(x: torch.Tensor) -> None:
+        loss = model(x).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for x in data[:10]:
+        step(x)
+    t = time.perf_counter()
+    for x in data[10:]:
+        step(x)
+    return {"steps_per_s": steps / (time.perf_counter() - t)}
+
+
+def _run_worker(threads: int, **spec: object) -> dict[str, float] | None:
+    cmd = [sys.executable, __file__, "--worker", json.dumps(spec), "--threads", str(threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        print(out.stderr[-2000:], file=sys.stderr)
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _naive_fits(block: str, n: int, mode: str) -> bool:
+    keys = n if block == "sab" else INDUCING
+    # attention matrix, its softmax, and in backward their gradients
+    copies = 2 if mode == "fwd" else 5
+    return HEADS * n * keys * 4 * copies < NAIVE_LIMIT
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--quick", action="store_true", help="only N <= 10k and a short training row")
+    parser.add_argument("--train-steps", type=int, default=60, help="timed steps of the training row")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        spec = json.loads(args.worker)
+        fn = worker_train if spec.pop("kind") == "train" else worker_block
+        print(json.dumps(fn(**spec)))
+        return
+
+    sizes = {"isab": [100, 1_000, 10_000, 100_000, 1_000_000], "sab": [100, 1_000, 10_000, 16_384]}
+    if args.quick:
+        sizes = {"isab": [100, 1_000, 10_000], "sab": [100, 1_000, 4_096]}
+    print(f"torch {torch.__version__}, {args.threads} threads, dim {DIM}, {HEADS} heads, {INDUCING} inducing points")
+    print("| block | N | mode | ours (s) | naive (s) | speed-up | ours peak (MB) | naive peak (MB) | memory ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for block, ns in sizes.items():
+        for n in ns:
+            for mode in ("fwd", "fwdbwd"):
+                ours = _run_worker(args.threads, kind="block", impl="ours", block=block, n=n, mode=mode)
+                naive = None
+                if _naive_fits(block, n, mode):
+                    naive = _run_worker(args.threads, kind="block", impl="naive", block=block, n=n, mode=mode)
+                if ours is None:
+                    continue
+                row = [block.upper(), f"{n:,}", mode, f"{ours['time_s']:.4f}"]
+                if naive is None:
+                    row += ["(too large)", "-", f"{ours['peak_mb']:.0f}", "-", "-"]
+                else:
+                    row += [
+                        f"{naive['time_s']:.4f}",
+                        f"{naive['time_s'] / ours['time_s']:.2f}x",
+                        f"{ours['peak_mb']:.0f}",
+                        f"{naive['peak_mb']:.0f}",
+                        f"{ours['peak_mb'] / max(naive['peak_mb'], 1e-9):.2f}x",
+                    ]
+                print("| " + " | ".join(row) + " |", flush=True)
+    steps = 20 if args.quick else args.train_steps
+    ours_t = _run_worker(args.threads, kind="train", impl="ours", steps=steps)
+    naive_t = _run_worker(args.threads, kind="train", impl="naive", steps=steps)
+    if ours_t and naive_t:
+        print()
+        print("| training step (B=10, N~U{300..600}, 2->4x5, width 128, ISAB(32)x2+PMA+SABx2, Adam) "
+              "| ours (steps/s) | naive (steps/s) | speed-up |")
+        print("|---|---|---|---|")
+        ratio = ours_t["steps_per_s"] / naive_t["steps_per_s"]
+        print(f"| SetTransformer | {ours_t['steps_per_s']:.1f} | {naive_t['steps_per_s']:.1f} | {ratio:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
