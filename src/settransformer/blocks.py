@@ -188,7 +188,7 @@ class MAB(nn.Module):
                 split_heads(qp, h), split_heads(k, h), split_heads(v, h), mask, scale=self.scale, dropout_p=p
             )
             o = self.to_out(merge_heads(o))
-        x = (q if self.residual == "input" else qp) + self.drop(o)  # type: ignore[operator]
+        x = (q if self.residual == "input" or qp is None else qp) + self.drop(o)
         if self.norm == "post":
             x = self.norm1(x)
             return self.norm2(x + self.drop(self.ff(x)))
@@ -200,11 +200,11 @@ class MAB(nn.Module):
         return f"heads={self.num_heads}, norm={self.norm}, residual={self.residual}"
 
 
-def _fused_linear(x: Tensor, *layers: nn.Linear) -> list[Tensor]:
-    """Apply several linear layers to the same input in one matrix product, split the result."""
-    weight = torch.cat([layer.weight for layer in layers])
-    bias = torch.cat([layer.bias for layer in layers])
-    return list(F.linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1))
+def _fused_linear(x: Tensor, q: nn.Linear, kv: nn.Linear) -> tuple[Tensor, Tensor, Tensor]:
+    """Queries, keys and values of a self-attention from one matrix product ``x [W_q; W_kv]^T``."""
+    out = F.linear(x, torch.cat([q.weight, kv.weight]), torch.cat([q.bias, kv.bias]))
+    d = q.out_features
+    return out[..., :d], out[..., d : 2 * d], out[..., 2 * d :]
 
 
 class SAB(nn.Module):
@@ -233,8 +233,8 @@ class SAB(nn.Module):
         mab = self.mab
         projected = None
         if mab.norm != "pre":  # queries, keys and values from one product
-            q, kv = _fused_linear(x, mab.to_q, mab.to_kv)
-            projected = (q, *kv.chunk(2, dim=-1))
+            q, k, v = _fused_linear(x, mab.to_q, mab.to_kv)
+            projected = (q, k, v)
         return zero_padding(mab.attend(x, x, mask, projected), mask)
 
 

@@ -168,6 +168,7 @@ class SetTransformer(_SetModel):
             return out.view(z.shape[0], self.num_outputs, self.dim_output)
         y = self.pma.pool(z, mask)
         for layer in self.decoder:
+            assert isinstance(layer, SAB)
             y = layer.encode(y, None)
         return self.head(self.decoder_drop(self.decoder_norm(y)))
 
