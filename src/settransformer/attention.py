@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .scores import DotForm, ScoreFn, attention_weights
+
 __all__ = ["attention", "induced_attention", "merge_heads", "pooled_attention", "split_heads"]
 
 
@@ -49,8 +51,10 @@ def attention(
     *,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    score: ScoreFn | None = None,
+    top_k: int | None = None,
 ) -> Tensor:
-    """Scaled dot-product attention of queries over a (possibly padded) set of keys.
+    """Scaled dot-product (or any other score's) attention of queries over a (possibly padded) set of keys.
 
     Args:
         q: queries ``(B, H, Nq, Dh)``; a batch size of 1 is broadcast over the keys' batch
@@ -58,8 +62,13 @@ def attention(
         k: keys ``(B, H, Nk, Dh)``.
         v: values ``(B, H, Nk, Dv)``.
         mask: ``(B, Nk)`` boolean, True for real keys. ``None`` means every key is real.
-        scale: softmax temperature; ``1 / sqrt(Dh)`` (per-head width) when ``None``.
+        scale: softmax temperature; ``1 / sqrt(Dh)`` (per-head width) when ``None``. With a
+            ``score``, it multiplies the score's logits (default 1).
         dropout_p: dropout on the attention weights (pass 0 in evaluation).
+        score: ``score(q, k) -> (B, H, Nq, Nk)`` logits instead of the dot product (see
+            :mod:`settransformer.scores`); ``None`` is the dot product on the fused kernel.
+        top_k: hard attention: each query keeps only its ``top_k`` highest-scoring real keys
+            (ties to the lower key index), renormalised; the others get weight exactly 0.
 
     Returns:
         ``(B, H, Nq, Dv)``. Rows of an empty set (all keys masked) are exactly zero.
@@ -72,12 +81,21 @@ def attention(
     """
     if q.shape[0] != k.shape[0]:
         q = q.expand(k.shape[0], -1, -1, -1)
+    bias = None
+    if top_k is not None or (score is not None and not isinstance(score, DotForm)):
+        weights = attention_weights(q, k, mask, scale=scale, score=score, top_k=top_k)
+        return F.dropout(weights, dropout_p) @ v if dropout_p > 0 else weights @ v
+    if score is not None:  # a dot product plus a per-key bias: still the fused kernel
+        q, k, bias = score.as_dot(q, k)
+        scale, bias = (1.0, bias) if scale is None else (scale, bias * scale)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
     empty = ~mask.any(dim=-1)  # (B,)
     attn_mask = (mask | empty[:, None])[:, None, None, :]  # (B, 1, 1, Nk)
+    if bias is not None:
+        attn_mask = bias.masked_fill(~attn_mask, float("-inf"))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
     return out.masked_fill(empty[:, None, None, None], 0.0)
 

@@ -17,6 +17,9 @@ Shared keyword options (all blocks):
   input when its width equals ``dim``, else the projected query).
 - ``out_proj``: apply the output projection ``W^O`` after concatenating heads (the official code
   has none).
+- ``score``: the attention score: ``"dot"`` (default, the fused scaled dot product), ``"additive"``,
+  ``"gaussian"``, or your own ``nn.Module``/callable ``(q, k) -> logits``; see :mod:`settransformer.scores`.
+- ``top_k``: hard attention: each query keeps only its ``top_k`` highest-scoring keys (``None``: all).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import attention, induced_attention, merge_heads, pooled_attention, split_heads
-from .validation import check_mask, check_set, zero_padding
+from .scores import ScoreSpec, make_score
+from .validation import check_mask, check_positive, check_probability, check_set, zero_padding
 
 __all__ = ["ISAB", "MAB", "PMA", "SAB", "Norm", "masked_pool"]
 
@@ -51,7 +55,7 @@ class MAB(nn.Module):
         dim_kv: feature size of the keys/values (the set attended to).
         dim: width of the block and of its output.
         num_heads: number of heads; must divide ``dim``.
-        norm, ff_dim, dropout, scale, residual, out_proj: see the module docstring.
+        norm, ff_dim, dropout, scale, residual, out_proj, score, top_k: see the module docstring.
 
     Shapes: ``q: (B, Nq, dim_q)`` (or ``(1, Nq, dim_q)``, shared by the batch), ``kv: (B, Nk, dim_kv)``,
     ``mask: (B, Nk)`` over ``kv`` -> ``(B, Nq, dim)``.
@@ -75,8 +79,14 @@ class MAB(nn.Module):
         scale: float | None = None,
         residual: Residual = "auto",
         out_proj: bool = True,
+        score: ScoreSpec = "dot",
+        top_k: int | None = None,
     ) -> None:
         super().__init__()
+        for name, value in [("dim_q", dim_q), ("dim_kv", dim_kv), ("dim", dim), ("num_heads", num_heads)]:
+            check_positive(name, value)
+        if ff_dim is not None:
+            check_positive("ff_dim", ff_dim)
         if dim % num_heads != 0:
             raise ValueError(f"num_heads: must divide dim={dim}, got {num_heads}")
         if norm not in ("post", "pre", None):
@@ -85,13 +95,15 @@ class MAB(nn.Module):
             raise ValueError(f"residual: expected 'auto', 'input' or 'projected', got {residual!r}")
         if residual == "input" and dim_q != dim:
             raise ValueError(f"residual='input' needs dim_q == dim, got dim_q={dim_q}, dim={dim}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
+        check_probability("dropout", dropout)
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k: expected a positive integer or None, got {top_k!r}")
         self.dim_q, self.dim_kv, self.dim, self.num_heads = dim_q, dim_kv, dim, num_heads
         self.norm, self.scale, self.dropout = norm, scale, dropout
         self.residual = "input" if residual == "auto" and dim_q == dim else residual
         if self.residual == "auto":
             self.residual = "projected"
+        self.score, self.top_k = make_score(score, num_heads, dim // num_heads), top_k
         self.to_q = nn.Linear(dim_q, dim)
         self.to_kv = nn.Linear(dim_kv, 2 * dim)  # keys and values in one product
         self.to_out: nn.Module = nn.Linear(dim, dim) if out_proj else nn.Identity()
@@ -125,20 +137,37 @@ class MAB(nn.Module):
     def _path(self, nq: int, nk: int) -> str:
         """The cheapest exact form of the attention for ``nq`` queries and ``nk`` keys.
 
-        Multiply-adds per form (projections, scores, weighted sum, output projection):
-        ``"pooled"`` wins for a few queries (PMA seeds, inducing points) and ``"induced"`` for a
-        few keys (queries attending to inducing points); see :mod:`settransformer.attention`.
+        Counting multiply-adds (projections, scores, weighted sum, output projection), the
+        ``"pooled"`` form beats the standard one for every set size once the queries are few
+        (PMA seeds, inducing points) and ``"induced"`` once the keys are few (a set attending to
+        inducing points); see :mod:`settransformer.attention`. Each test looks only at the count
+        on its small side, and a symbolic count (``torch.export`` with a dynamic set size) counts
+        as large, so tracing adds no guard on the set size. Both rewrites hold only for plain
+        dot-product softmax: other scores and ``top_k`` use ``"standard"``.
         """
+        if self.score is not None or self.top_k is not None:
+            return "standard"
         d, h, dq, dkv = self.dim, self.num_heads, self.dim_q, self.dim_kv
-        q_proj, out_proj = nq * dq * d, nq * d * d
-        costs = {
-            "standard": q_proj + 2 * nk * dkv * d + 2 * nq * nk * d + out_proj,
-            "pooled": q_proj + h * nq * d * dkv + 2 * h * nq * nk * dkv + nq * dkv * d + out_proj,
-        }
-        if isinstance(self.to_out, nn.Linear):
-            extra = q_proj if self.residual == "projected" else 0
-            costs["induced"] = 2 * nk * dkv * d + nk * d * (dq + d) + h * nq * nk * (dq + d) + extra
-        return min(costs, key=costs.__getitem__)
+        if isinstance(nq, int) and isinstance(nk, int) and (nq == 0 or nk == 0):
+            return "standard"
+        # pooled - standard = nq * (...) + 2 nk (nq (h dkv - d) - dkv d): negative for large nk iff
+        few_queries = isinstance(nq, int) and nq * (h * dkv - d) < dkv * d
+        # induced - standard = nk * (...) + nq (h nk (dq + d) + extra - dq d - d d - 2 nk d)
+        extra = dq * d if self.residual == "projected" else 0
+        few_keys = (
+            isinstance(nk, int)
+            and isinstance(self.to_out, nn.Linear)
+            and h * nk * (dq + d) + extra < dq * d + d * d + 2 * nk * d
+        )
+        if few_queries and few_keys:  # both counts small and concrete: compare the totals
+            q_proj, out_proj = nq * dq * d, nq * d * d
+            costs = {
+                "standard": q_proj + 2 * nk * dkv * d + 2 * nq * nk * d + out_proj,
+                "pooled": q_proj + h * nq * d * dkv + 2 * h * nq * nk * dkv + nq * dkv * d + out_proj,
+                "induced": 2 * nk * dkv * d + nk * d * (dq + d) + h * nq * nk * (dq + d) + extra,
+            }
+            return min(costs, key=costs.__getitem__)
+        return "pooled" if few_queries else "induced" if few_keys else "standard"
 
     def attend(
         self,
@@ -164,6 +193,8 @@ class MAB(nn.Module):
             )
             o = self.to_out(o)
         elif path == "induced":
+            if qn.shape[0] != kvn.shape[0]:  # queries shared by the batch
+                qn = qn.expand(kvn.shape[0], -1, -1)
             k, v = self.to_kv(kvn).chunk(2, dim=-1)
             out = self.to_out
             assert isinstance(out, nn.Linear)
@@ -185,7 +216,14 @@ class MAB(nn.Module):
         else:
             qp, k, v = projected if projected is not None else self.project(q, kv)
             o = attention(
-                split_heads(qp, h), split_heads(k, h), split_heads(v, h), mask, scale=self.scale, dropout_p=p
+                split_heads(qp, h),
+                split_heads(k, h),
+                split_heads(v, h),
+                mask,
+                scale=self.scale,
+                dropout_p=p,
+                score=self.score,
+                top_k=self.top_k,
             )
             o = self.to_out(merge_heads(o))
         x = (q if self.residual == "input" or qp is None else qp) + self.drop(o)
@@ -197,7 +235,8 @@ class MAB(nn.Module):
         return x + self.drop(self.ff(x))
 
     def extra_repr(self) -> str:
-        return f"heads={self.num_heads}, norm={self.norm}, residual={self.residual}"
+        top_k = "" if self.top_k is None else f", top_k={self.top_k}"
+        return f"heads={self.num_heads}, norm={self.norm}, residual={self.residual}{top_k}"
 
 
 def _fused_linear(x: Tensor, q: nn.Linear, kv: nn.Linear) -> tuple[Tensor, Tensor, Tensor]:
@@ -320,13 +359,18 @@ def masked_pool(x: Tensor, mask: Tensor | None, how: PoolKind = "mean") -> Tenso
     """Pool a padded set batch over its elements.
 
     Args:
-        x: ``(B, N, D)``, zero at padded rows.
+        x: ``(B, N, D)``; padded rows may hold anything (they are ignored, and get zero gradient).
         mask: ``(B, N)`` boolean, True for real elements, or ``None``.
         how: ``"mean"``, ``"sum"`` or ``"max"``.
 
     Returns:
         ``(B, D)``. An empty set pools to zeros (all three kinds), with zero gradient.
     """
+    if how not in ("mean", "sum", "max"):
+        raise ValueError(f"how: expected 'mean', 'sum' or 'max', got {how!r}")
+    if x.shape[1] == 0:
+        return x.new_zeros(x.shape[0], x.shape[2])
+    x = zero_padding(x, mask)
     if how == "sum":
         return x.sum(dim=1)
     if how == "mean":
@@ -334,10 +378,7 @@ def masked_pool(x: Tensor, mask: Tensor | None, how: PoolKind = "mean") -> Tenso
             return x.mean(dim=1)
         count = mask.sum(dim=1, keepdim=True).clamp_min(1).to(x.dtype)
         return x.sum(dim=1) / count
-    if how == "max":
-        if mask is None:
-            return x.amax(dim=1)
-        lowest = torch.finfo(x.dtype).min
-        pooled = x.masked_fill(~mask[..., None], lowest).amax(dim=1)
-        return pooled.masked_fill(~mask.any(dim=1, keepdim=True), 0.0)
-    raise ValueError(f"how: expected 'mean', 'sum' or 'max', got {how!r}")
+    if mask is None:
+        return x.amax(dim=1)
+    pooled = x.masked_fill(~mask[..., None], torch.finfo(x.dtype).min).amax(dim=1)
+    return pooled.masked_fill(~mask.any(dim=1, keepdim=True), 0.0)

@@ -12,12 +12,18 @@ from typing import Any, Literal
 from torch import Tensor, nn
 
 from .blocks import ISAB, PMA, SAB, Norm, PoolKind, Residual, masked_pool
-from .validation import check_mask, check_set, zero_padding
+from .scores import ScoreSpec
+from .validation import check_mask, check_positive, check_probability, check_set, zero_padding
 
 __all__ = ["DeepSets", "SetTransformer"]
 
 EncoderKind = Literal["attention", "rff"]
 PoolingKind = Literal["pma", "mean", "sum", "max"]
+
+
+def _check_sizes(**sizes: int) -> None:
+    for name, value in sizes.items():
+        check_positive(name, value)
 
 
 def _mlp(dim_in: int, dim_hidden: int, num_layers: int, dropout: float = 0.0) -> nn.Sequential:
@@ -38,8 +44,16 @@ class _SetModel(nn.Module):
     dim_output: int
     config: dict[str, Any]
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """``x: (B, N, dim_input)``, ``mask: (B, N)`` bool -> ``(B, num_outputs, dim_output)``."""
+    def forward(self, x: Tensor, mask: Tensor | None = None, *, chunk_size: int | None = None) -> Tensor:
+        """``x: (B, N, dim_input)``, ``mask: (B, N)`` bool -> ``(B, num_outputs, dim_output)``.
+
+        ``chunk_size``: evaluate ``chunk_size`` elements at a time with bounded memory (ISAB or rFF
+        encoders; ``x`` may then be any sliceable array-like): see :mod:`settransformer.chunked`.
+        """
+        if chunk_size is not None:
+            from .chunked import encode_pool_chunked  # chunked builds on this module
+
+            return encode_pool_chunked(self, x, mask, chunk_size=chunk_size)  # type: ignore[arg-type]
         check_set(x, self.dim_input)
         mask = check_mask(mask, x)
         x = zero_padding(x, mask)
@@ -74,7 +88,9 @@ class SetTransformer(_SetModel):
         num_inducing: inducing points per ISAB, or ``None`` for SABs.
         num_encoder_layers, num_decoder_layers: depth of encoder and decoder.
         decoder_dropout: dropout before pooling and before the head (the paper's point-cloud model).
-        norm, ff_dim, dropout, scale, residual, out_proj: block options, see :mod:`settransformer.blocks`.
+        norm, ff_dim, dropout, scale, residual, out_proj, score, top_k: block options, see
+            :mod:`settransformer.blocks` (a ``score`` module is shared by every block; pass a name
+            for a separate score per block).
 
     Example:
         >>> model = SetTransformer(2, num_outputs=4, dim_output=5, dim_hidden=32, num_inducing=8)
@@ -103,20 +119,22 @@ class SetTransformer(_SetModel):
         scale: float | None = None,
         residual: Residual = "auto",
         out_proj: bool = True,
+        score: ScoreSpec = "dot",
+        top_k: int | None = None,
     ) -> None:
         super().__init__()
-        for name, value in [
-            ("dim_input", dim_input),
-            ("num_outputs", num_outputs),
-            ("dim_output", dim_output),
-        ]:
-            if value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value}")
+        _check_sizes(
+            dim_input=dim_input, num_outputs=num_outputs, dim_output=dim_output, dim_hidden=dim_hidden
+        )
+        check_positive("num_encoder_layers", num_encoder_layers, allow_zero=encoder == "rff")
+        check_positive("num_decoder_layers", num_decoder_layers, allow_zero=True)
+        check_probability("dropout", dropout)
+        check_probability("decoder_dropout", decoder_dropout)
         if encoder not in ("attention", "rff"):
             raise ValueError(f"encoder: expected 'attention' or 'rff', got {encoder!r}")
         if pooling not in ("pma", "mean", "sum", "max"):
             raise ValueError(f"pooling: expected 'pma', 'mean', 'sum' or 'max', got {pooling!r}")
-        self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__", "name", "value")}
+        self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.dim_input, self.num_outputs, self.dim_output = dim_input, num_outputs, dim_output
         self.pooling = pooling
         block = {
@@ -126,6 +144,8 @@ class SetTransformer(_SetModel):
             "scale": scale,
             "residual": residual,
             "out_proj": out_proj,
+            "score": score,
+            "top_k": top_k,
         }
 
         self.encoder = nn.ModuleList()
@@ -204,6 +224,12 @@ class DeepSets(_SetModel):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        _check_sizes(
+            dim_input=dim_input, num_outputs=num_outputs, dim_output=dim_output, dim_hidden=dim_hidden
+        )
+        check_positive("num_encoder_layers", num_encoder_layers)
+        check_positive("num_decoder_layers", num_decoder_layers, allow_zero=True)
+        check_probability("dropout", dropout)
         if pool not in ("mean", "sum", "max"):
             raise ValueError(f"pool: expected 'mean', 'sum' or 'max', got {pool!r}")
         self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}

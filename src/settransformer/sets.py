@@ -29,9 +29,10 @@ def pad_sets(sets: Sequence[Tensor], *, max_size: int | None = None) -> tuple[Te
         raise ValueError("sets: expected at least one set, got an empty sequence")
     first = sets[0]
     for i, s in enumerate(sets):
-        if not isinstance(s, Tensor) or s.dim() != 2:
-            shape = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
-            raise ValueError(f"sets[{i}]: expected a tensor of shape (N_i, D), got {shape}")
+        if not isinstance(s, Tensor):
+            raise TypeError(f"sets[{i}]: expected a tensor of shape (N_i, D), got {type(s).__name__}")
+        if s.dim() != 2:
+            raise ValueError(f"sets[{i}]: expected a tensor of shape (N_i, D), got shape {tuple(s.shape)}")
         if s.shape[1] != first.shape[1] or s.dtype != first.dtype or s.device != first.device:
             raise ValueError(
                 f"sets[{i}]: expected D={first.shape[1]}, {first.dtype} on {first.device} like sets[0], "
@@ -53,7 +54,13 @@ def unpad_sets(x: Tensor, mask: Tensor) -> list[Tensor]:
 
     Real elements need not come first: each set keeps its elements where ``mask`` is True, in order.
     """
-    if x.dim() != 3 or mask.shape != x.shape[:2] or mask.dtype != torch.bool:
+    if not isinstance(x, Tensor) or not isinstance(mask, Tensor):
+        raise TypeError(
+            f"x: expected tensors x (B, N, D) and mask (B, N), got {type(x).__name__}, {type(mask).__name__}"
+        )
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask: expected a bool tensor of shape (B, N), got dtype {mask.dtype}")
+    if x.dim() != 3 or mask.shape != x.shape[:2]:
         raise ValueError(
             f"x, mask: expected (B, N, D) and a bool (B, N), got {tuple(x.shape)} and "
             f"{mask.dtype} {tuple(mask.shape)}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["check_mask", "check_set", "zero_padding"]
+__all__ = ["check_mask", "check_positive", "check_probability", "check_set", "zero_padding"]
 
 
 def check_set(x: object, dim: int, name: str = "x") -> Tensor:
@@ -55,3 +55,19 @@ def zero_padding(x: Tensor, mask: Tensor | None) -> Tensor:
     if mask is None:
         return x
     return x.masked_fill(~mask[..., None], 0.0)
+
+
+def check_positive(name: str, value: object, *, allow_zero: bool = False) -> int:
+    """Check a size argument (an ``int``, positive or, with ``allow_zero``, non-negative)."""
+    lowest = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+        kind = "a non-negative" if allow_zero else "a positive"
+        raise ValueError(f"{name}: expected {kind} integer, got {value!r}")
+    return value
+
+
+def check_probability(name: str, value: object) -> float:
+    """Check a dropout probability in ``[0, 1)``."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name}: expected a probability in [0, 1), got {value!r}")
+    return float(value)

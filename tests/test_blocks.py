@@ -1,0 +1,343 @@
+"""``settransformer.blocks``: MAB, SAB, ISAB, PMA and ``masked_pool``.
+
+Symmetry (permutation equivariance / invariance), masking (padding is invisible), agreement with the
+float64 reference of the paper's equations in ``reference.py``, and gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import reference as ref
+import torch
+from torch import Tensor, nn
+
+from settransformer.blocks import ISAB, MAB, PMA, SAB, masked_pool
+
+DIM, HEADS, NUM_INDUCING, NUM_SEEDS, NQ = 16, 4, 3, 2, 4
+KINDS = ["mab", "sab", "isab", "pma"]
+
+# Every norm x ff_dim, each with the paper's residual and W^O and with the official code's variant.
+OPTIONS: list[dict[str, Any]] = [
+    {"norm": norm, "ff_dim": ff_dim, **variant}
+    for norm in ("post", "pre", None)
+    for ff_dim in (None, 24)
+    for variant in ({}, {"residual": "projected", "out_proj": False})
+] + [
+    {"residual": "input"},
+    {"residual": "projected", "norm": "pre"},
+    {"scale": 0.7, "out_proj": False},
+]
+
+
+def opt_id(opt: dict[str, Any]) -> str:
+    return "-".join(f"{k}={v}" for k, v in opt.items()) or "default"
+
+
+def dims(kind: str, opt: dict[str, Any]) -> tuple[int, int]:
+    """(query width, set width): inputs narrower than the block unless residual='input' needs dim."""
+    dim_q = DIM if opt.get("residual") == "input" else 3
+    dim_in = DIM if kind == "pma" or opt.get("residual") == "input" else 5
+    return dim_q, dim_in
+
+
+def build(kind: str, **opt: Any) -> nn.Module:
+    dim_q, dim_in = dims(kind, opt)
+    block: nn.Module
+    if kind == "mab":
+        block = MAB(dim_q, dim_in, DIM, HEADS, **opt)
+    elif kind == "sab":
+        block = SAB(dim_in, DIM, HEADS, **opt)
+    elif kind == "isab":
+        block = ISAB(dim_in, DIM, HEADS, NUM_INDUCING, **opt)
+    else:
+        block = PMA(DIM, HEADS, NUM_SEEDS, **opt)
+    return block.eval()
+
+
+def queries(
+    kind: str, b: int, opt: dict[str, Any], dtype: torch.dtype = torch.float32, nq: int = NQ
+) -> Tensor | None:
+    return torch.randn(b, nq, dims(kind, opt)[0], dtype=dtype) if kind == "mab" else None
+
+
+def run(block: nn.Module, x: Tensor, mask: Tensor | None, q: Tensor | None) -> Tensor:
+    return block(x, mask) if q is None else block(q, x, mask)
+
+
+def equivariant(kind: str) -> bool:
+    """SAB/ISAB output one row per element; MAB (over its key set) and PMA pool the set."""
+    return kind in ("sab", "isab")
+
+
+# ---------------------------------------------------------------- permutation symmetry
+
+
+@pytest.mark.parametrize("use_mask", [False, True], ids=["full", "masked"])
+@pytest.mark.parametrize("opt", OPTIONS, ids=opt_id)
+@pytest.mark.parametrize("kind", KINDS)
+def test_permutation_symmetry(
+    kind: str, opt: dict[str, Any], use_mask: bool, padded, permute, gather
+) -> None:
+    """SAB/ISAB: permuting the set permutes the output. MAB (key set) and PMA: output unchanged."""
+    block = build(kind, **opt)
+    x, mask, _ = padded([7, 4, 1, 6], dims(kind, opt)[1], n=7)
+    if not use_mask:
+        mask = None
+    q = queries(kind, 4, opt)
+    out = run(block, x, mask, q)
+    xp, mp, perm = permute(x, mask)
+    out_p = run(block, xp, mp, q)
+    expected = gather(out, perm) if equivariant(kind) else out
+    torch.testing.assert_close(out_p, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("opt", OPTIONS[:4], ids=opt_id)
+def test_mab_is_equivariant_in_its_queries(opt: dict[str, Any], permute, gather) -> None:
+    block = build("mab", **opt)
+    q, kv = torch.randn(3, 6, 3), torch.randn(3, 5, 5)
+    mask = torch.tensor([[True] * 5, [True, False, True, False, True], [False] * 5])
+    qp, _, perm = permute(q)
+    torch.testing.assert_close(block(qp, kv, mask), gather(block(q, kv, mask), perm), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("nq", "nk"), [(NQ, 5), (2, 40), (40, 2)])
+def test_mab_query_batch_of_one_is_shared(nq: int, nk: int) -> None:
+    """``q: (1, Nq, dim_q)`` is shared by every set, whatever the relative sizes of queries and keys."""
+    block = build("mab")
+    q, kv = torch.randn(1, nq, 3), torch.randn(3, nk, 5)
+    mask = torch.ones(3, nk, dtype=torch.bool)
+    mask[1, 1:] = False
+    out = block(q, kv, mask)
+    assert out.shape == (3, nq, DIM)
+    torch.testing.assert_close(out, block(q.expand(3, -1, -1), kv, mask), atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- the reference equations
+
+
+# Small and large sets, and many queries over few keys (MAB), so that every exact form of the
+# attention the blocks may pick by cost is compared with the reference.
+SIZES = {"small": ([6, 3, 0, 5], 7, NQ), "large": ([40, 17, 0], 48, 2), "few-keys": ([2, 3, 0], 4, 40)}
+
+
+@pytest.mark.parametrize("opt", OPTIONS, ids=opt_id)
+@pytest.mark.parametrize(
+    ("kind", "sizes"), [(k, s) for k in KINDS for s in SIZES if k == "mab" or s != "few-keys"]
+)
+def test_matches_float64_reference(kind: str, sizes: str, opt: dict[str, Any], padded) -> None:
+    """A padded float64 batch (padding in the middle, an empty set) equals the reference run per set."""
+    set_sizes, n, nq = SIZES[sizes]
+    block = build(kind, **opt).double()
+    with torch.no_grad():  # non-trivial LayerNorm affine parameters, so they are checked too
+        for name, p in block.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    x, mask, sets = padded(set_sizes, dims(kind, opt)[1], n=n, dtype=torch.float64)
+    q = queries(kind, len(set_sizes), opt, torch.float64, nq=nq)
+    out = run(block, x, mask, q)
+    p = ref.params_of(block, "m")
+    o = ref.BlockOptions.from_kwargs(HEADS, opt)
+    for i, s in enumerate(sets):
+        if kind == "mab":
+            assert q is not None
+            expected, got = ref.mab(p, "m", q[i], s, o), out[i]
+        elif kind == "pma":
+            expected, got = ref.pma(p, "m", s, o), out[i]
+        else:
+            expected = (ref.sab if kind == "sab" else ref.isab)(p, "m", s, o)
+            got = out[i][mask[i]]
+            assert (out[i][~mask[i]] == 0).all()
+        torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+
+
+def test_paper_and_official_semantics_differ() -> None:
+    """The options matter: the reference itself tells the paper's MAB from the official code's."""
+    torch.manual_seed(3)
+    block = build("sab").double()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    p = ref.params_of(block, "m")
+    paper = ref.sab(p, "m", x, ref.BlockOptions(HEADS))
+    official = ref.sab(p, "m", x, ref.BlockOptions(HEADS, residual="projected", out_proj=False, scale=0.25))
+    assert (paper - official).abs().max() > 1e-2
+
+
+# ---------------------------------------------------------------- masking
+
+
+@pytest.mark.parametrize("opt", [{}, {"norm": "pre"}, {"norm": None, "ff_dim": 24}], ids=opt_id)
+@pytest.mark.parametrize("kind", KINDS)
+def test_padded_batch_equals_each_set_alone(kind: str, opt: dict[str, Any], padded) -> None:
+    block = build(kind, **opt)
+    x, mask, sets = padded([5, 2, 7, 3], dims(kind, opt)[1], n=9)
+    q = queries(kind, 4, opt)
+    out = run(block, x, mask, q)
+    for i, s in enumerate(sets):
+        alone = run(block, s[None], None, None if q is None else q[i : i + 1])[0]
+        got = out[i][mask[i]] if equivariant(kind) else out[i]
+        torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("junk", [1e6, float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("kind", KINDS)
+def test_padded_values_change_nothing(kind: str, junk: float, padded) -> None:
+    block = build(kind)
+    x, mask, _ = padded([5, 2, 0], dims(kind, {})[1], n=6)
+    q = queries(kind, 3, {})
+    out = run(block, x, mask, q)
+    out_junk = run(block, x.masked_fill(~mask[..., None], junk), mask, q)
+    assert torch.isfinite(out_junk).all()
+    torch.testing.assert_close(out_junk, out, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["sab", "isab"])
+def test_outputs_at_padded_positions_are_exactly_zero(kind: str, padded) -> None:
+    block = build(kind)
+    x, mask, _ = padded([5, 2, 0], 5, n=6)
+    out = block(x, mask)
+    assert (out[~mask] == 0).all()
+    assert (out[mask] != 0).any(dim=-1).all()
+
+
+@pytest.mark.parametrize("opt", [{}, {"norm": "pre"}], ids=opt_id)
+@pytest.mark.parametrize("kind", KINDS)
+def test_padded_inputs_get_zero_gradient(kind: str, opt: dict[str, Any], padded) -> None:
+    block = build(kind, **opt)
+    x, mask, _ = padded([5, 2, 0], dims(kind, opt)[1], n=6)
+    x.requires_grad_()
+    q = queries(kind, 3, opt)
+    out = run(block, x, mask, q)
+    (out * torch.randn_like(out)).sum().backward()
+    assert x.grad is not None
+    assert (x.grad[~mask] == 0).all()
+    assert (x.grad[mask] != 0).any(dim=-1).all()
+
+
+@pytest.mark.parametrize("opt", [{}, {"norm": "pre"}, {"norm": None}], ids=opt_id)
+@pytest.mark.parametrize("kind", KINDS)
+def test_empty_set_is_finite(kind: str, opt: dict[str, Any]) -> None:
+    """An all-padding set, alone or beside a real one: finite outputs and finite gradients everywhere."""
+    block = build(kind, **opt)
+    x = torch.randn(2, 4, dims(kind, opt)[1], requires_grad=True)
+    mask = torch.tensor([[False] * 4, [True, True, False, True]])
+    q = queries(kind, 2, opt)
+    out = run(block, x, mask, q)
+    assert torch.isfinite(out).all()
+    if equivariant(kind):
+        assert (out[0] == 0).all()
+    out.square().sum().backward()
+    assert x.grad is not None and (x.grad[0] == 0).all() and torch.isfinite(x.grad).all()
+    for name, p in block.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_batch_of_only_empty_sets(kind: str) -> None:
+    """``(B, 0, D)`` with a ``(B, 0)`` mask (what ``pad_sets`` returns for empty sets) is accepted and
+    gives what a batch of all-padding sets gives."""
+    block = build(kind)
+    dim_in = dims(kind, {})[1]
+    q = queries(kind, 2, {})
+    out = run(block, torch.zeros(2, 0, dim_in), torch.zeros(2, 0, dtype=torch.bool), q)
+    padding = run(block, torch.randn(2, 3, dim_in), torch.zeros(2, 3, dtype=torch.bool), q)
+    assert torch.isfinite(out).all()
+    if equivariant(kind):
+        assert out.shape == (2, 0, DIM)
+    else:
+        torch.testing.assert_close(out, padding, atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- gradients
+
+
+# (kind, queries, set size): tiny shapes, plus shapes where the blocks choose their other exact
+# forms of the attention (few queries over a larger set, many queries over few keys).
+GRAD_CASES = [("mab", 2, 3), ("mab", 2, 12), ("mab", 12, 2), ("sab", 0, 3), ("isab", 0, 3), ("isab", 0, 12)]
+GRAD_CASES += [("pma", 0, 3), ("pma", 0, 12)]
+
+
+@pytest.mark.parametrize("opt", [{}, {"norm": "pre", "ff_dim": 6}, {"norm": None}], ids=opt_id)
+@pytest.mark.parametrize(("kind", "nq", "n"), GRAD_CASES)
+def test_gradcheck(kind: str, nq: int, n: int, opt: dict[str, Any]) -> None:
+    """float64 gradcheck with a mask and an empty set: full w.r.t. the inputs, and w.r.t. every
+    parameter in gradcheck's fast mode (a random projection of the Jacobian; the full check takes
+    tens of seconds)."""
+    dim_in = 4 if kind == "pma" else 3
+    block = {
+        "mab": lambda: MAB(2, dim_in, 4, 2, **opt),
+        "sab": lambda: SAB(dim_in, 4, 2, **opt),
+        "isab": lambda: ISAB(dim_in, 4, 2, 2, **opt),
+        "pma": lambda: PMA(4, 2, 2, **opt),
+    }[kind]().double()
+    x = torch.randn(3, n, dim_in, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(3, n, dtype=torch.bool)
+    mask[1, ::2] = False
+    mask[2] = False
+    q = torch.randn(3, nq, 2, dtype=torch.float64, requires_grad=True) if kind == "mab" else None
+    names = [n for n, _ in block.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for _, p in block.named_parameters()]
+
+    def f(x: Tensor, q: Tensor | None, *ps: Tensor) -> Tensor:
+        return torch.func.functional_call(
+            block, dict(zip(names, ps)), (x, mask) if q is None else (q, x, mask)
+        )
+
+    def f_inputs(x: Tensor, q: Tensor | None) -> Tensor:
+        return f(x, q, *params)
+
+    assert torch.autograd.gradcheck(f_inputs, (x, q), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(
+        f, (x.detach(), None if q is None else q.detach(), *params), fast_mode=True
+    )
+
+
+# ---------------------------------------------------------------- dropout
+
+
+def test_dropout_only_in_training() -> None:
+    block = SAB(5, DIM, HEADS, dropout=0.3)
+    x = torch.randn(2, 6, 5)
+    block.train()
+    a, b = block(x), block(x)
+    assert not torch.allclose(a, b)
+    block.eval()
+    torch.testing.assert_close(block(x), block(x))
+
+
+# ---------------------------------------------------------------- masked_pool
+
+
+@pytest.mark.parametrize("how", ["mean", "sum", "max"])
+def test_masked_pool_matches_per_set(how: str, padded) -> None:
+    x, mask, sets = padded([4, 1, 0, 6], 3, n=6)
+    x = x.masked_fill(~mask[..., None], 0.0)  # masked_pool expects zeroed padding
+    x.requires_grad_()
+    pooled = masked_pool(x, mask, how)
+    for i, s in enumerate(sets):
+        torch.testing.assert_close(pooled[i], ref.pool(s, how))
+    assert (pooled[2] == 0).all()
+    pooled.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("how", ["mean", "sum", "max"])
+def test_masked_pool_without_mask(how: str) -> None:
+    x = torch.randn(3, 5, 4)
+    full = torch.ones(3, 5, dtype=torch.bool)
+    torch.testing.assert_close(masked_pool(x, None, how), masked_pool(x, full, how))
+    torch.testing.assert_close(masked_pool(x, None, how)[1], ref.pool(x[1], how))
+
+
+@pytest.mark.parametrize("how", ["mean", "sum", "max"])
+def test_masked_pool_of_zero_elements(how: str) -> None:
+    """``N = 0`` (every set empty): zeros, like an all-padding set."""
+    out = masked_pool(torch.zeros(2, 0, 3), torch.zeros(2, 0, dtype=torch.bool), how)
+    torch.testing.assert_close(out, torch.zeros(2, 3))
+
+
+def test_masked_pool_max_of_negative_values() -> None:
+    """Padding must not win the max when every real value is negative."""
+    x = -torch.rand(1, 4, 2) - 1
+    mask = torch.tensor([[True, True, False, False]])
+    torch.testing.assert_close(masked_pool(x.masked_fill(~mask[..., None], 0), mask, "max"), x[:, :2].amax(1))

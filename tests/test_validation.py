@@ -1,0 +1,240 @@
+"""Bad input to every block and model: the right exception, and a message that names the argument
+and what was expected (``x: expected a floating-point tensor of shape (B, N, 5), got shape (7, 5)``)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+from settransformer.blocks import ISAB, MAB, PMA, SAB, masked_pool
+from settransformer.models import DeepSets, SetTransformer
+from settransformer.validation import check_mask, check_set, zero_padding
+
+B, N = 2, 6
+
+
+def _mab() -> Callable[[Any, Any], Tensor]:
+    mab = MAB(3, 5, 16, 4)
+    return lambda x, mask=None: mab(torch.randn(B, 4, 3), x, mask)
+
+
+def _mab_q() -> Callable[[Any, Any], Tensor]:
+    mab = MAB(3, 5, 16, 4)
+    return lambda q, mask=None: mab(q, torch.randn(B, N, 5), mask)
+
+
+# id -> (forward(x, mask), argument name, feature size)
+TARGETS: dict[str, tuple[Callable[[], Callable[..., Tensor]], str, int]] = {
+    "mab-kv": (_mab, "kv", 5),
+    "sab": (lambda: SAB(5, 16, 4), "x", 5),
+    "isab": (lambda: ISAB(5, 16, 4, 3), "x", 5),
+    "pma": (lambda: PMA(16, 4, 2), "z", 16),
+    "set-transformer": (lambda: SetTransformer(5, 2, 3, dim_hidden=16, num_inducing=4), "x", 5),
+    "set-transformer-rff": (lambda: SetTransformer(5, 2, 3, dim_hidden=16, encoder="rff"), "x", 5),
+    "deep-sets": (lambda: DeepSets(5, 2, 3, dim_hidden=16), "x", 5),
+}
+
+
+def expect(name: str, *parts: str) -> str:
+    """A regex: the message starts with ``name:`` and contains every part, in order."""
+    return "^" + re.escape(name) + ":.*" + ".*".join(re.escape(p) for p in parts)
+
+
+@pytest.fixture(params=list(TARGETS))
+def target(request: pytest.FixtureRequest) -> tuple[Callable[..., Tensor], str, int]:
+    make, name, dim = TARGETS[request.param]
+    return make(), name, dim
+
+
+def test_valid_input_runs(target) -> None:
+    forward, _, dim = target
+    mask = torch.ones(B, N, dtype=torch.bool)
+    assert torch.isfinite(forward(torch.randn(B, N, dim), mask)).all()
+
+
+@pytest.mark.parametrize("shape", [(N, "d"), ("d",), (1, B, N, "d")], ids=["2d", "1d", "4d"])
+def test_wrong_rank(target, shape: tuple[Any, ...]) -> None:
+    forward, name, dim = target
+    shape = tuple(dim if s == "d" else s for s in shape)
+    with pytest.raises(ValueError, match=expect(name, f"(B, N, {dim})", f"got shape {shape}")):
+        forward(torch.randn(*shape))
+
+
+def test_two_dimensional_input_gets_a_hint(target) -> None:
+    forward, _, dim = target
+    with pytest.raises(ValueError, match="unsqueeze"):
+        forward(torch.randn(N, dim))
+
+
+def test_wrong_feature_size(target) -> None:
+    forward, name, dim = target
+    with pytest.raises(ValueError, match=expect(name, f"(B, N, {dim})", f"got shape ({B}, {N}, {dim + 1})")):
+        forward(torch.randn(B, N, dim + 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_non_float_input(target, dtype: torch.dtype) -> None:
+    forward, name, dim = target
+    x = torch.ones(B, N, dim, dtype=dtype)
+    with pytest.raises(TypeError, match=expect(name, "floating-point", f"(B, N, {dim})", str(dtype))):
+        forward(x)
+
+
+@pytest.mark.parametrize("make", [lambda d: np.zeros((B, N, d)), lambda d: [[[0.0] * d] * N] * B])
+def test_non_tensor_input(target, make: Callable[[int], Any]) -> None:
+    forward, name, dim = target
+    x = make(dim)
+    with pytest.raises(TypeError, match=expect(name, f"(B, N, {dim})", type(x).__name__)):
+        forward(x)
+
+
+@pytest.mark.parametrize("shape", [(B, N + 1), (B,), (B, N, 1), (1, N)])
+def test_mask_wrong_shape(target, shape: tuple[int, ...]) -> None:
+    forward, _, dim = target
+    mask = torch.ones(shape, dtype=torch.bool)
+    with pytest.raises(ValueError, match=expect("mask", f"(B, N) = ({B}, {N})", f"got shape {shape}")):
+        forward(torch.randn(B, N, dim), mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int64, torch.uint8])
+def test_mask_wrong_dtype(target, dtype: torch.dtype) -> None:
+    forward, _, dim = target
+    with pytest.raises(TypeError, match=expect("mask", "bool", f"({B}, {N})", str(dtype))):
+        forward(torch.randn(B, N, dim), torch.ones(B, N, dtype=dtype))
+
+
+def test_mask_not_a_tensor(target) -> None:
+    forward, _, dim = target
+    with pytest.raises(TypeError, match=expect("mask", "bool", "list")):
+        forward(torch.randn(B, N, dim), [[True] * N] * B)
+
+
+def test_mask_on_another_device(target) -> None:
+    forward, _, dim = target
+    with pytest.raises(ValueError, match=expect("mask", "meta", "cpu")):
+        forward(torch.randn(B, N, dim), torch.ones(B, N, dtype=torch.bool, device="meta"))
+
+
+# ---------------------------------------------------------------- MAB's queries
+
+
+def test_mab_query_checks() -> None:
+    forward = _mab_q()
+    with pytest.raises(ValueError, match=expect("q", "(B, N, 3)", "got shape (4, 3)")):
+        forward(torch.randn(4, 3))
+    with pytest.raises(ValueError, match=expect("q", "(B, N, 3)", f"got shape ({B}, 4, 4)")):
+        forward(torch.randn(B, 4, 4))
+    with pytest.raises(TypeError, match=expect("q", "floating-point", "torch.int64")):
+        forward(torch.ones(B, 4, 3, dtype=torch.int64))
+
+
+def test_mab_mismatched_batch() -> None:
+    mab = MAB(3, 5, 16, 4)
+    with pytest.raises(ValueError, match=expect("q", "batch size 3", "kv", "2")):
+        mab(torch.randn(3, 4, 3), torch.randn(2, N, 5))
+
+
+# ---------------------------------------------------------------- constructors
+
+
+def _bad_constructors() -> list[tuple[str, Callable[[], nn.Module], str]]:
+    """(id, constructor call, argument the message must start with)."""
+    c: list[tuple[str, Callable[[], nn.Module], str]] = [
+        ("heads-not-dividing", lambda: MAB(3, 5, 16, 3), "num_heads"),
+        ("heads-zero", lambda: MAB(3, 5, 16, 0), "num_heads"),
+        ("heads-negative", lambda: MAB(3, 5, 16, -4), "num_heads"),
+        ("dim-zero", lambda: MAB(3, 5, 0, 4), "dim"),
+        ("ff-dim-zero", lambda: MAB(3, 5, 16, 4, ff_dim=0), "ff_dim"),
+        ("norm-unknown", lambda: MAB(3, 5, 16, 4, norm="layer"), "norm"),  # type: ignore[arg-type]
+        ("norm-true", lambda: MAB(3, 5, 16, 4, norm=True), "norm"),  # type: ignore[arg-type]
+        ("residual-unknown", lambda: MAB(3, 5, 16, 4, residual="query"), "residual"),  # type: ignore[arg-type]
+        ("residual-input-width", lambda: MAB(3, 5, 16, 4, residual="input"), "residual"),
+        ("dropout-negative", lambda: MAB(3, 5, 16, 4, dropout=-0.1), "dropout"),
+        ("dropout-one", lambda: MAB(3, 5, 16, 4, dropout=1.0), "dropout"),
+        ("sab-heads", lambda: SAB(5, 16, 5), "num_heads"),
+        ("isab-inducing-zero", lambda: ISAB(5, 16, 4, 0), "num_inducing"),
+        ("isab-inducing-negative", lambda: ISAB(5, 16, 4, -2), "num_inducing"),
+        ("isab-dropout", lambda: ISAB(5, 16, 4, 3, dropout=2.0), "dropout"),
+        ("pma-seeds-zero", lambda: PMA(16, 4, 0), "num_seeds"),
+        ("pma-norm", lambda: PMA(16, 4, 1, norm="batch"), "norm"),  # type: ignore[arg-type]
+    ]
+    st: list[tuple[str, dict[str, Any], str]] = [
+        ("dim-input", {"dim_input": 0}, "dim_input"),
+        ("num-outputs", {"num_outputs": 0}, "num_outputs"),
+        ("dim-output", {"dim_output": -1}, "dim_output"),
+        ("dim-hidden", {"dim_hidden": 0}, "dim_hidden"),
+        ("heads", {"num_heads": 3}, "num_heads"),
+        ("inducing", {"num_inducing": 0}, "num_inducing"),
+        ("encoder", {"encoder": "cnn"}, "encoder"),
+        ("pooling", {"pooling": "attention"}, "pooling"),
+        ("norm", {"norm": "batch"}, "norm"),
+        ("dropout", {"dropout": 1.5}, "dropout"),
+        ("rff-dropout", {"encoder": "rff", "dropout": 1.5}, "dropout"),
+        ("decoder-dropout", {"decoder_dropout": 1.5}, "decoder_dropout"),
+        ("encoder-layers", {"num_encoder_layers": -1}, "num_encoder_layers"),
+        ("decoder-layers", {"num_decoder_layers": -1}, "num_decoder_layers"),
+    ]
+    base = {"dim_input": 3, "num_outputs": 2, "dim_output": 1, "dim_hidden": 16}
+    for name, kw, arg in st:
+        c.append((f"st-{name}", lambda kw=kw: SetTransformer(**{**base, **kw}), arg))
+    ds: list[tuple[str, dict[str, Any], str]] = [
+        ("dim-input", {"dim_input": 0}, "dim_input"),
+        ("num-outputs", {"num_outputs": 0}, "num_outputs"),
+        ("dim-hidden", {"dim_hidden": 0}, "dim_hidden"),
+        ("pool", {"pool": "median"}, "pool"),
+        ("dropout", {"dropout": 1.5}, "dropout"),
+        ("encoder-layers", {"num_encoder_layers": -1}, "num_encoder_layers"),
+    ]
+    base = {"dim_input": 3, "num_outputs": 2, "dim_output": 1}
+    for name, kw, arg in ds:
+        c.append((f"ds-{name}", lambda kw=kw: DeepSets(**{**base, **kw}), arg))
+    return c
+
+
+BAD = _bad_constructors()
+
+
+@pytest.mark.parametrize(("make", "arg"), [(m, a) for _, m, a in BAD], ids=[i for i, _, _ in BAD])
+def test_bad_constructor_arguments(make: Callable[[], nn.Module], arg: str) -> None:
+    # "name: ..." (or "name=value ..."), not torch's own message from deep inside a layer
+    with pytest.raises(ValueError, match=f"^{arg}[:=]"):
+        make()
+
+
+def test_masked_pool_unknown_kind() -> None:
+    with pytest.raises(ValueError, match=expect("how", "'mean', 'sum' or 'max'", "'median'")):
+        masked_pool(torch.zeros(2, 3, 4), None, "median")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- the helpers themselves
+
+
+def test_check_set_returns_its_input() -> None:
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    assert check_set(x, 4) is x
+    assert check_mask(None, x) is None
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    assert check_mask(mask, x) is mask
+
+
+def test_check_set_uses_the_given_name() -> None:
+    with pytest.raises(ValueError, match=expect("points", "(B, N, 4)")):
+        check_set(torch.zeros(2, 3, 5), 4, "points")
+    with pytest.raises(TypeError, match=expect("valid", "bool")):
+        check_mask(torch.zeros(2, 3), torch.zeros(2, 3, 4), "valid")
+
+
+def test_zero_padding_replaces_nan_and_inf() -> None:
+    x = torch.tensor([[[1.0], [float("nan")], [float("inf")]]], requires_grad=True)
+    mask = torch.tensor([[True, False, False]])
+    out = zero_padding(x, mask)
+    assert out.tolist() == [[[1.0], [0.0], [0.0]]]
+    out.sum().backward()
+    assert x.grad is not None and x.grad.tolist() == [[[1.0], [0.0], [0.0]]]
+    assert zero_padding(x, None) is x
