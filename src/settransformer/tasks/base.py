@@ -52,10 +52,14 @@ class Task(ABC):
 
     Class attributes:
         name: the CLI name, e.g. ``"max-regression"``.
-        model_names: the rows of the results table; the first is the default model.
+        model_names: the rows of the results table; the first is the default model unless
+            ``default_model`` names another.
         metric: the headline metric of the table (a key of :meth:`evaluate`'s result).
         higher_is_better: direction of ``metric``.
-        paper: the paper's numbers, ``{model_name: {metric: value}}`` (missing rows allowed).
+        paper: the paper's numbers, ``{model_name: {metric: value}}`` (missing rows allowed); an
+            optional ``f"{metric}_std"`` entry holds the paper's standard deviation.
+        model_descriptions: optional ``{model_name: "what the model is"}`` for results tables.
+        default_model: optional, the model ``settransformer train`` builds without ``--model``.
 
     Instances hold the task options (data sizes, ranges...): ``Task(**options)`` overlays the
     given options on :meth:`default_options` and rejects unknown names.
@@ -66,6 +70,8 @@ class Task(ABC):
     metric: ClassVar[str]
     higher_is_better: ClassVar[bool]
     paper: ClassVar[dict[str, dict[str, float]]] = {}
+    model_descriptions: ClassVar[dict[str, str]] = {}
+    default_model: ClassVar[str | None] = None
 
     def __init__(self, **options: Any) -> None:
         defaults = self.default_options()

@@ -1,0 +1,351 @@
+"""The ``settransformer`` command: train, evaluate, plot, reproduce the paper's tables, and a demo.
+
+Run ``settransformer --help`` or ``settransformer SUBCOMMAND --help``. Every bad input (an unknown
+task or model, a malformed setting, a missing run folder...) ends with one line on stderr naming
+the culprit and exit code 2, before anything on disk is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+
+from . import __version__
+from .config import TrainConfig, read_config_file
+from .distributed import is_main_process
+from .runs import (
+    RunError,
+    build_task,
+    check_model,
+    default_model,
+    load_run,
+    new_run_dir,
+    parse_option,
+    read_run_config,
+    reproduce,
+    task_class,
+    train_run,
+)
+from .tasks import TASKS, available_tasks
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line (no usage dump) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# (flag, type or action, help): the training settings shared by ``train`` and ``reproduce``. Their
+# defaults are None, meaning "from the task's budget or the --config file".
+_TRAIN_FLAGS: tuple[tuple[str, Any, str], ...] = (
+    ("--steps", int, "optimisation steps in all"),
+    ("--batch-size", int, "sets per step (over all processes under torchrun)"),
+    ("--lr", float, "peak learning rate"),
+    ("--optimizer", ("adam", "adamw", "sgd"), "optimizer (default adam, as the paper)"),
+    ("--weight-decay", float, "weight decay (default 0)"),
+    (
+        "--schedule",
+        ("step", "cosine", "constant"),
+        "lr schedule (default step: x LR_GAMMA at each milestone)",
+    ),
+    ("--lr-milestones", str, "comma-separated steps where the step schedule multiplies the lr by LR_GAMMA"),
+    ("--lr-gamma", float, "factor of the step schedule (default 0.1)"),
+    ("--seed", int, "seed of the data, the initial weights and dropout (default 0)"),
+    ("--device", ("auto", "cpu", "cuda"), "where to train (default auto: CUDA when available)"),
+    ("--amp", ("off", "bf16", "fp16"), "mixed precision (default off; fp16 needs CUDA)"),
+    ("--clip-norm", float, "clip the global gradient norm to this (clip_grad_norm_)"),
+    ("--clip-value", float, "clip each gradient entry to [-V, V] (clip_grad_value_)"),
+    ("--clip-min", float, "lower bound of every parameter's gradient (gradient hooks)"),
+    ("--clip-max", float, "upper bound of every parameter's gradient (gradient hooks)"),
+    ("--ema-decay", float, "evaluate a moving average of the weights with this decay, e.g. 0.999"),
+    ("--eval-every", int, "evaluate and checkpoint every this many steps (0: only at the end)"),
+    ("--log-every", int, "append to metrics.jsonl every this many steps (default 10)"),
+    ("--tensorboard", "store_true", "also log to TensorBoard (needs the tensorboard package)"),
+    ("--no-progress", "store_false", "no progress bar"),
+)
+_TRAIN_KEYS = tuple(f.removeprefix("--no-").removeprefix("--").replace("-", "_") for f, _, _ in _TRAIN_FLAGS)
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    """The training settings, plus --budget, --config and --set."""
+    g = p.add_argument_group("training settings (the task's --budget, overridden by --config, then by flags)")
+    g.add_argument(
+        "--budget", choices=("quick", "paper"), help="the task's preset steps, batch and lr (default paper)"
+    )
+    g.add_argument(
+        "--config", metavar="FILE", help="JSON/YAML settings: keys as the flags with _, plus task_options"
+    )
+    g.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], help=_SET_HELP)
+    for flag, kind, text in _TRAIN_FLAGS:
+        dest = flag.removeprefix("--no-").removeprefix("--").replace("-", "_")
+        if kind in ("store_true", "store_false"):
+            g.add_argument(flag, dest=dest, action=kind, default=None, help=text)
+        elif isinstance(kind, tuple):
+            g.add_argument(flag, dest=dest, choices=kind, help=text)
+        else:
+            g.add_argument(flag, dest=dest, type=kind, metavar=dest.upper(), help=text)
+    g.add_argument("--threads", type=_positive_int, metavar="N", help=_THREADS_HELP)
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+_SET_HELP = "a task option, e.g. --set max_size=20 (repeatable; the value is read as JSON when it parses)"
+_THREADS_HELP = "CPU threads for PyTorch (default: PyTorch's; 1 is often fastest for small sets)"
+_DEMO_THREADS_HELP = (
+    "CPU threads for PyTorch (default 1: the quick models are small, more threads add contention)"
+)
+
+
+def _settings(
+    args: argparse.Namespace, base: dict[str, Any], default_budget: str | None
+) -> tuple[TrainConfig, dict[str, Any], dict[str, Any]]:
+    """Merge ``base`` < the budget (``--budget``, else the file's, else ``default_budget``) < the
+    ``--config`` file < flags. Returns the training settings, the task options (file and ``--set``)
+    and the file's other entries (``model``, ``models``, ``budget``)."""
+    values = dict(base)
+    try:
+        file_values: dict[str, Any] = read_config_file(args.config) if args.config else {}
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    source = args.config or "flags"
+    task_options = file_values.pop("task_options", {}) or {}
+    if not isinstance(task_options, dict):
+        raise RunError(f"{source}: task_options must be a mapping of option names to values")
+    extra: dict[str, Any] = {k: file_values.pop(k) for k in ("model", "models", "budget") if k in file_values}
+    budget = extra["budget"] = args.budget or extra.get("budget") or default_budget
+    if budget is not None:
+        if budget not in ("quick", "paper"):
+            raise RunError(f"{source}: budget must be quick or paper, got {budget!r}")
+        values.update(task_class(args.task).budget(budget))
+    values.update(file_values)
+    values.update({k: getattr(args, k) for k in _TRAIN_KEYS if getattr(args, k, None) is not None})
+    for text in args.set:
+        key, value = parse_option(text)
+        task_options[key] = value
+    try:
+        return TrainConfig.from_dict(values, source=source), task_options, extra
+    except ValueError as e:
+        raise RunError(str(e)) from None
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    cls = task_class(args.task)
+    if args.resume:
+        if args.out is None:
+            raise RunError("--resume: needs --out RUN_DIR, the run to continue")
+        info = read_run_config(args.out)
+        if info["task"] != args.task:
+            raise RunError(f"--resume {args.out}: the run is of task {info['task']}, not {args.task}")
+        if args.model and args.model != info["model"]:
+            raise RunError(
+                f"--resume {args.out}: holds a checkpoint of model {info['model']}, not {args.model}"
+            )
+        if not (Path(args.out) / "checkpoint.pt").is_file():
+            raise RunError(f"--resume {args.out}: no checkpoint.pt there to continue from")
+        config, options, extra = _settings(args, info["train"], None)
+        if options:
+            raise RunError(
+                "--set, task_options: task options cannot change when resuming (the data would differ)"
+            )
+        task, model, run_dir = build_task(args.task, info["task_options"]), info["model"], Path(args.out)
+    else:
+        config, options, extra = _settings(args, {}, "paper")
+        model = check_model(cls, args.model or extra.get("model") or default_model(cls))
+        task = build_task(args.task, options)
+        run_dir = new_run_dir(args.task, model, args.out)
+    if is_main_process():  # under torchrun, one report for the job
+        print(
+            f"{'resuming' if args.resume else 'training'} {args.task}/{model} in {run_dir}", file=sys.stderr
+        )
+    result = train_run(task, model, config, run_dir, resume=args.resume)
+    if not is_main_process():
+        return 0
+    _print_metrics(
+        result["metrics"], f"{args.task}/{model} after {result['step']} steps ({result['elapsed']:.1f}s)"
+    )
+    for p in result.get("plots", []):
+        print(f"plot: {p}")
+    return 0
+
+
+def _print_metrics(metrics: dict[str, float], title: str) -> None:
+    print(title)
+    for key, value in metrics.items():
+        print(f"  {key}: {value:.6g}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    task, model, state = load_run(args.run, args.checkpoint, args.device)
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        metrics = {k: float(v) for k, v in task.evaluate(model, device).items()}
+    info = read_run_config(args.run)
+    _print_metrics(
+        metrics, f"{info['task']}/{info['model']} ({args.checkpoint} checkpoint, step {state['step']})"
+    )
+    out = {
+        "task": info["task"],
+        "model": info["model"],
+        "checkpoint": args.checkpoint,
+        "step": state["step"],
+        "metrics": metrics,
+    }
+    (Path(args.run) / "results.json").write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    task, model, _ = load_run(args.run, args.checkpoint, args.device)
+    paths = task.plot(model, Path(args.run), next(model.parameters()).device)
+    for p in paths:
+        print(f"plot: {p}")
+    if not paths:
+        print(f"{task.name} has no plots", file=sys.stderr)
+    return 0
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    cls = task_class(args.task)
+    config, options, extra = _settings(args, {}, "paper")
+    models = args.models.split(",") if args.models else extra.get("models") or list(cls.model_names)
+    task = build_task(args.task, options)
+    out = Path(args.out) if args.out else Path("runs") / args.task / f"reproduce-{extra['budget']}"
+    _, md = reproduce(task, models, config, out, seeds=args.seeds, overwrite=args.overwrite, log=_log)
+    print(md.read_text())
+    print(f"written: {md} and {md.with_suffix('.json')}")
+    return 0
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    names = args.tasks.split(",") if args.tasks else available_tasks()
+    for name in names:
+        if name not in TASKS:
+            raise RunError(f"--tasks: unknown task {name!r}; expected some of {', '.join(TASKS)}")
+    out, started, sections = Path(args.out), time.perf_counter(), []
+    for name in names:
+        try:
+            cls = task_class(name)
+            task = build_task(name)
+            settings = {**cls.budget("quick"), "device": args.device, "progress": not args.no_progress}
+            if args.steps is not None:
+                settings["steps"] = args.steps
+            config = TrainConfig.from_dict(settings)
+            _log(f"== {name}: {len(cls.model_names)} models, {config.steps} steps each (quick budget)")
+            _, md = reproduce(task, list(cls.model_names), config, out / name, overwrite=True, log=_log)
+        except (RunError, FileNotFoundError, ImportError) as e:
+            _log(f"== {name}: skipped ({e})")
+            sections.append(f"## {name}\n\nskipped: {e}\n")
+            continue
+        table = md.read_text()
+        print(table)
+        sections.append(table.replace("# ", "## ", 1))
+    summary = out / "results.md"
+    minutes = (time.perf_counter() - started) / 60
+    summary.parent.mkdir(parents=True, exist_ok=True)
+    summary.write_text(f"# settransformer demo (quick budgets, {minutes:.1f} min)\n\n" + "\n".join(sections))
+    print(f"demo finished in {minutes:.1f} min; tables in {summary}, plots under {out}/<task>/<model>/seed0/")
+    return 0
+
+
+_MAIN_DOC = "The Set Transformer's experiments: train, evaluate, plot, reproduce the paper's tables, a demo."
+_TRAIN_DOC = "Train one model of a task into a run folder: runs/<task>/<model>-<time>/, or --out."
+_RUN_DOC = "Evaluate a run's model on the task's fixed test data; print the metrics and write results.json."
+_PLOT_DOC = "Write a run's figures (PNG) into its folder."
+_REPRODUCE_DOC = (
+    "Train every model of a task's results table (or --models) for --seeds seeds, then write results.md "
+    "(our table beside the paper's) and results.json. Runs already in --out with the same settings are "
+    "continued or reused."
+)
+_DEMO_DOC = (
+    "Quick budgets of every available task on CPU (a few minutes): prints each table beside the "
+    "paper's and writes plots under --out, replacing earlier demo runs there."
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``settransformer`` argument parser (subcommands train, eval, plot, reproduce, demo)."""
+    tasks = ", ".join(TASKS)
+    parser = _Parser(prog="settransformer", description=_MAIN_DOC)
+    parser.add_argument("--version", action="version", version=f"settransformer {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train one model of a task", description=_TRAIN_DOC)
+    p.add_argument("task", metavar="TASK", help=f"the experiment: {tasks}")
+    p.add_argument("--model", help="the table row to train (default: the task's default model)")
+    p.add_argument(
+        "--out", metavar="DIR", help="the run folder (must not exist or be empty, unless --resume)"
+    )
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    _add_train_flags(p)
+    p.set_defaults(func=_cmd_train)
+
+    commands = (("eval", _cmd_eval, _RUN_DOC, "evaluate a run"), ("plot", _cmd_plot, _PLOT_DOC, "plot a run"))
+    for name, func, doc, short in commands:
+        p = sub.add_parser(name, help=short, description=doc)
+        p.add_argument("run", metavar="RUN", help="a run folder written by `settransformer train`")
+        p.add_argument(
+            "--checkpoint", choices=("last", "best"), default="last", help="checkpoint.pt or best.pt"
+        )
+        p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser(
+        "reproduce", help="train a task's whole table, beside the paper's", description=_REPRODUCE_DOC
+    )
+    p.add_argument("task", metavar="TASK", help=f"the experiment: {tasks}")
+    p.add_argument("--models", metavar="A,B", help="comma-separated table rows (default: all)")
+    p.add_argument(
+        "--seeds", type=int, default=1, help="runs per model, with seeds SEED..SEED+N-1 (default 1)"
+    )
+    p.add_argument("--out", metavar="DIR", help="output folder (default runs/<task>/reproduce-<budget>)")
+    p.add_argument("--overwrite", action="store_true", help="retrain runs that already exist in --out")
+    _add_train_flags(p)
+    p.set_defaults(func=_cmd_reproduce)
+
+    p = sub.add_parser(
+        "demo", help="quick budgets of every available task, tables and plots", description=_DEMO_DOC
+    )
+    p.add_argument(
+        "--tasks", metavar="A,B", help=f"only these tasks (default: every available one of {tasks})"
+    )
+    p.add_argument("--out", metavar="DIR", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="cpu", help="where to train (default cpu)"
+    )
+    p.add_argument("--threads", type=_positive_int, metavar="N", default=1, help=_DEMO_THREADS_HELP)
+    p.add_argument(
+        "--steps", type=_positive_int, help="steps per model instead of the quick budget's (smoke tests)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``settransformer`` and ``python -m settransformer``; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None) is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        return int(args.func(args))
+    except (RunError, FileNotFoundError) as e:  # bad input, or a data set that is not there
+        print(f"settransformer {args.command}: error: {e}", file=sys.stderr)
+        return 2

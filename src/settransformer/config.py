@@ -1,0 +1,190 @@
+"""Training settings: one dataclass, checked on construction, read from dicts, JSON and YAML.
+
+Example:
+    >>> cfg = TrainConfig.from_dict({"steps": 200, "lr": 1e-3, "lr_milestones": [100]})
+    >>> cfg.replace(seed=1).seed
+    1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TrainConfig", "read_config_file"]
+
+_CHOICES = {
+    "optimizer": ("adam", "adamw", "sgd"),
+    "schedule": ("step", "cosine", "constant"),
+    "amp": ("off", "bf16", "fp16"),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything the training loop needs besides the model and the task.
+
+    Attributes:
+        steps: optimisation steps in all (a resumed run continues up to this number).
+        batch_size: sets per step, over all processes (each of ``W`` DDP processes gets ``batch_size / W``).
+        lr: peak learning rate.
+        optimizer: ``"adam"`` (the paper), ``"adamw"`` or ``"sgd"`` (momentum 0.9).
+        weight_decay: L2 penalty (decoupled for AdamW).
+        schedule: ``"step"`` (multiply by ``lr_gamma`` at each of ``lr_milestones``, the paper's),
+            ``"cosine"`` (to zero at ``steps``) or ``"constant"``.
+        lr_milestones, lr_gamma: the step schedule.
+        seed: seeds the data generator (``seed + rank``) and torch's global RNG (dropout).
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        amp: mixed precision: ``"off"``, ``"bf16"`` (autocast) or ``"fp16"`` (autocast and a
+            GradScaler; CUDA only).
+        clip_norm: clip the global gradient norm to this (``clip_grad_norm_``).
+        clip_value: clip every gradient entry to ``[-clip_value, clip_value]`` (``clip_grad_value_``).
+        clip_min, clip_max: per-parameter gradient bounds applied by gradient hooks, set separately.
+        ema_decay: keep an exponential moving average of the weights with this decay (e.g. 0.999,
+            warmed up as ``min(decay, (1 + t) / (10 + t))``) and evaluate it instead of the raw
+            weights, which a constant learning rate leaves noisy; ``None``: off.
+        eval_every: evaluate (and checkpoint) every this many steps; 0 = only at the end.
+        log_every: append a line to ``metrics.jsonl`` every this many steps (mean loss since the last).
+        tensorboard: also log to TensorBoard (when the ``tensorboard`` package is installed).
+        progress: show a ``tqdm`` progress bar.
+    """
+
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    schedule: str = "step"
+    lr_milestones: tuple[int, ...] = ()
+    lr_gamma: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "off"
+    clip_norm: float | None = None
+    clip_value: float | None = None
+    clip_min: float | None = None
+    clip_max: float | None = None
+    ema_decay: float | None = None
+    eval_every: int = 0
+    log_every: int = 10
+    tensorboard: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(TrainConfig)
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+        for name in ("steps", "batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+        for name in ("eval_every", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected a non-negative integer, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr: expected a positive number, got {self.lr}")
+        for name in ("clip_norm", "clip_value"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name}: expected a positive number, got {value}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay: expected a number between 0 and 1, got {self.ema_decay}")
+        if self.clip_min is not None and self.clip_max is not None and self.clip_min > self.clip_max:
+            raise ValueError(
+                f"clip_min, clip_max: expected clip_min <= clip_max, got {self.clip_min} > {self.clip_max}"
+            )
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}: expected one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
+        """Build from a dict, rejecting unknown keys (``source`` names where the dict came from)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown training setting(s) {unknown}; known: {sorted(known)}")
+        try:
+            return cls(**values)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable settings (``from_dict(to_dict())`` round-trips)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["lr_milestones"] = list(self.lr_milestones)
+        return out
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with some settings changed (validated like the constructor)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against the field's type; ints become floats where floats are expected."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if hint == tuple[int, ...]:
+        if isinstance(value, str):  # "1000,2000" from a command line
+            value = [v for v in value.replace(" ", "").split(",") if v]
+            try:
+                value = [int(v) for v in value]
+            except ValueError:
+                raise ValueError(f"{name}: expected comma-separated integers, got {value!r}") from None
+        if not isinstance(value, list | tuple) or not all(_is_int(v) for v in value):
+            raise ValueError(f"{name}: expected a list of integers, got {value!r}")
+        return tuple(sorted(value))
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = _is_int(value)
+    elif hint is float:
+        ok = _is_int(value) or isinstance(value, float)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, hint)
+    if not ok:
+        raise ValueError(f"{name}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a JSON (``.json``) or YAML (``.yaml``/``.yml``) file holding one mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: config file not found")
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            raise ValueError(f"{path}: expected a .json, .yaml or .yml config file")
+    except (json.JSONDecodeError, ImportError) as e:
+        raise ValueError(f"{path}: cannot read it ({e})") from None
+    except Exception as e:  # yaml.YAMLError without importing yaml at module level
+        if type(e).__module__.startswith("yaml"):
+            raise ValueError(f"{path}: not valid YAML ({e})") from None
+        raise
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    return data

@@ -1,0 +1,94 @@
+"""Just enough of ``torch.distributed`` for data-parallel training launched by ``torchrun``.
+
+``torchrun --nproc_per_node=W ...`` sets ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
+``MASTER_PORT``; :func:`setup` reads them, joins the process group (NCCL on CUDA, Gloo on CPU) and
+picks this process's device. Without them (or with ``WORLD_SIZE=1``) everything is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Distributed", "is_main_process", "resolve_device", "setup"]
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a ``torchrun`` job, or a plain process (usable before :func:`setup`)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without CUDA is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {name!r} was asked for but CUDA is not available (use cpu or auto)")
+    return device
+
+
+@dataclass
+class Distributed:
+    """This process's place in the job: ``rank`` of ``world_size``, on ``device``."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    owns_group: bool  # we created the process group, so we destroy it at the end
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone logs, evaluates and writes files."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """Mean of a scalar tensor over all processes (every rank must call it)."""
+        if not self.enabled:
+            return value
+        value = value.clone()
+        dist.all_reduce(value)
+        return value / self.world_size
+
+    def gather(self, obj: Any) -> list[Any]:
+        """One picklable object from every rank, in rank order (every rank must call it)."""
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def close(self, wait: bool = True) -> None:
+        """Leave the group we created (after a barrier, unless we leave because of an error)."""
+        if self.owns_group and dist.is_initialized():
+            if wait:
+                dist.barrier()
+            dist.destroy_process_group()
+
+
+def setup(device: str) -> Distributed:
+    """Join the process group when launched by ``torchrun`` with ``WORLD_SIZE > 1``."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    resolved = resolve_device(device)
+    if world_size <= 1:
+        return Distributed(0, 1, resolved, owns_group=False)
+    rank = int(os.environ["RANK"])
+    if resolved.type == "cuda":
+        resolved = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(resolved)
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo")
+    return Distributed(rank, world_size, resolved, owns_group=owns)

@@ -1,0 +1,98 @@
+"""The optimisation pieces of the training loop: optimizer, learning-rate schedule, gradient bounds
+and a moving average of the weights.
+
+Example:
+    >>> optimizer = make_optimizer(model, TrainConfig(lr=1e-3))
+    >>> schedule = make_schedule(optimizer, TrainConfig(steps=100, lr_milestones=(50,)))
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import TrainConfig
+
+__all__ = ["WeightAverage", "bound_gradients", "make_optimizer", "make_schedule"]
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer named by ``config.optimizer`` over ``model``'s parameters."""
+    params, lr, wd = model.parameters(), config.lr, config.weight_decay
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Learning-rate factor as a pure function of the step (so the scheduler state is just a counter).
+
+    ``"step"``: ``lr_gamma ** (number of milestones passed)``; ``"cosine"``: half a cosine from 1 to 0
+    over ``steps``; ``"constant"``: 1.
+    """
+    milestones, gamma, steps = config.lr_milestones, config.lr_gamma, config.steps
+
+    def factor(step: int) -> float:
+        if config.schedule == "step":
+            return gamma ** sum(step >= m for m in milestones)
+        if config.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / steps))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def bound_gradients(
+    model: nn.Module, low: float | None, high: float | None, scale: Callable[[], float] = lambda: 1.0
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Clamp every parameter's gradient to ``[low, high]`` (either may be ``None``) with hooks.
+
+    ``Tensor.register_hook`` runs before the gradient is accumulated into ``.grad`` (and before DDP
+    averages it), so each backward's contribution is bounded. ``scale()`` is the current loss scale
+    (fp16 GradScaler): the hooks see scaled gradients, so the bounds are scaled with them.
+    Remove the hooks with ``[h.remove() for h in handles]``.
+    """
+
+    def hook(grad: Tensor) -> Tensor:
+        s = scale()
+        return grad.clamp(None if low is None else low * s, None if high is None else high * s)
+
+    if low is None and high is None:
+        return []
+    return [p.register_hook(hook) for p in model.parameters() if p.requires_grad]
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights (and buffers), evaluated in its place.
+
+    ``decay`` is warmed up as ``min(decay, (1 + t) / (10 + t))`` after ``t`` updates, so the average
+    forgets the initial weights quickly. ``model`` is the averaged copy (eval mode, no gradients).
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay, self.updates = decay, 0
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        keep = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for avg, new in zip(self.model.state_dict().values(), model.state_dict().values()):
+            if avg.is_floating_point():
+                avg.lerp_(new, 1.0 - keep)
+            else:
+                avg.copy_(new)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"updates": self.updates, "weights": self.model.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.updates = state["updates"]
+        self.model.load_state_dict(state["weights"])

@@ -1,0 +1,357 @@
+"""Point-cloud classification (the paper's section 5.5, Table 4: ModelNet40).
+
+Each example is a set of points; the model predicts its class and is trained by cross-entropy.
+Sources (option ``source``), all offline:
+
+- ``shapes`` (default): procedural 3-D shapes generated on the fly from the seed
+  (:mod:`settransformer.data.shapes`); a fixed test set of ``test_size`` shapes;
+- ``digits``: scikit-learn's 8x8 digits as 2-D point sets ``(x, y, intensity)`` of variable size
+  (:mod:`settransformer.data.digit_points`);
+- ``deepsets-h5``, ``pointnet-h5``, ``modelnet-off``, ``array``: ModelNet40 in its usual releases, or
+  any ``.npy``/``.npz`` (:mod:`settransformer.data.pointclouds`), read from ``path``.
+
+Preprocessing (:mod:`settransformer.data.point_transforms`) follows the DeepSets / Set Transformer
+code: subsample to ``num_points`` (``fixed``: every ``N/P``-th point; ``random``: a fresh subset for
+every training batch), standardise (``cloud``: each cloud by its own clipped scalar mean and std, as
+that code does; ``train``: one clip/mean/std from the training split), and augment training clouds
+only (rotation about z by U(-0.1π, 0.1π), per-axis scaling by U(0.8, 1.25)).
+
+Rows (Table 4): ``rff-pool`` (row-wise MLP + max pooling: DeepSets/PointNet style), ``rff-pma``,
+``isab-pool`` (ISAB(16) x2 + max pooling) and ``isab-pma`` (ISAB(16) x2 + PMA_1, the default).
+
+Example:
+    >>> task = PointCloudClassification(source="shapes", num_points=128)
+    >>> batch = task.sample_batch(4, torch.Generator().manual_seed(0))
+    >>> batch.x.shape, batch.target.shape
+    (torch.Size([4, 128, 3]), torch.Size([4]))
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data.point_pipeline import PreparedClouds, Preprocessing
+from ..data.pointclouds import PointCloudData
+from ..models import DeepSets, SetTransformer
+from .base import Batch, Task
+
+__all__ = ["PointCloudClassification"]
+
+SOURCES = ("shapes", "digits", "deepsets-h5", "pointnet-h5", "modelnet-off", "array")
+_FILE_SOURCES = SOURCES[2:]
+_MODELNET = SOURCES[2:5]
+_DEFAULT_POINTS = {"shapes": 128, "deepsets-h5": 1000, "pointnet-h5": 1000, "modelnet-off": 1000}
+_EVAL_CHUNK = 256
+
+
+class PointCloudClassification(Task):
+    """Classify point clouds (or any sets of points) with a set model.
+
+    Options:
+        source: one of ``shapes``, ``digits``, ``deepsets-h5``, ``pointnet-h5``, ``modelnet-off``, ``array``.
+        path: the file or folder of a file source; ``labels_path``: labels ``.npy`` for a ``.npy`` array.
+        num_points: points per cloud (``None``: 128 for shapes, 1000 for ModelNet sources, all otherwise).
+        subsample: ``"fixed"`` or ``"random"``; ``test_subsample``: the test rule (``None``: the same).
+        standardize: ``"cloud"``, ``"train"`` or ``"none"`` (``None``: ``none`` for digits, else ``cloud``).
+        augment: rotate/scale training clouds (``None``: on for ModelNet sources, off otherwise).
+        dim_hidden, num_heads, num_inducing, dropout: the models (paper 256, 4, 16, 0.5; ``dim_hidden=None``:
+            256 for ModelNet sources, 64 otherwise, so the offline sources train in minutes on a CPU).
+        num_classes, noise, rotation, test_size: procedural shapes (classes used, jitter, pose
+            ``"z"``/``"so3"``/``"none"``, number of fixed test shapes).
+        test_seed: seeds the fixed test data (shapes, random test subsets).
+        test_fraction, split_seed: the split of single-split arrays and of digits (``split_seed`` also
+            seeds the sampling of ``.off`` meshes).
+        off_points, cache_dir: points sampled per ``.off`` mesh, and where their cache goes.
+    """
+
+    name: ClassVar[str] = "pointcloud"
+    model_names: ClassVar[tuple[str, ...]] = ("rff-pool", "rff-pma", "isab-pool", "isab-pma")
+    metric: ClassVar[str] = "accuracy"
+    higher_is_better: ClassVar[bool] = True
+    default_model: ClassVar[str | None] = "isab-pma"
+    #: ModelNet40 at 1,000 points (the default ``source`` is procedural shapes, not ModelNet40).
+    paper: ClassVar[dict[str, dict[str, float]]] = {
+        "rff-pool": {"accuracy": 0.8551, "accuracy_std": 0.0142},
+        "rff-pma": {"accuracy": 0.8534, "accuracy_std": 0.0152},
+        "isab-pool": {"accuracy": 0.8915, "accuracy_std": 0.0144},
+        "isab-pma": {"accuracy": 0.8662, "accuracy_std": 0.0149},
+    }
+    #: Table 4 in full: ``{num_points: {model: accuracy}}`` (ModelNet40, mean of 5 runs).
+    paper_by_points: ClassVar[dict[int, dict[str, float]]] = {
+        100: {"rff-pool": 0.7951, "rff-pma": 0.8076, "isab-pool": 0.8273, "isab-pma": 0.8454},
+        1000: {"rff-pool": 0.8551, "rff-pma": 0.8534, "isab-pool": 0.8915, "isab-pma": 0.8662},
+        5000: {"rff-pool": 0.8933, "rff-pma": 0.8628, "isab-pool": 0.9040, "isab-pma": 0.8779},
+    }
+    model_descriptions: ClassVar[dict[str, str]] = {
+        "rff-pool": "rFF + Pooling: FC(d,ReLU)x3, max, FC(d,ReLU), Dropout, FC(classes)",
+        "rff-pma": "rFF + PMA: FC(d,ReLU)x3, Dropout, PMA_1(d,4), Dropout, FC(classes)",
+        "isab-pool": "ISAB(16) + Pooling: ISAB_16(d,4)x2, Dropout, max, FC(d,ReLU), Dropout, FC(classes)",
+        "isab-pma": "ISAB(16) + PMA: ISAB_16(d,4)x2, Dropout, PMA_1(d,4), Dropout, FC(classes)",
+    }
+
+    @classmethod
+    def default_options(cls) -> dict[str, Any]:
+        return {
+            "source": "shapes",
+            "path": None,
+            "labels_path": None,
+            "num_points": None,
+            "subsample": "fixed",
+            "test_subsample": None,
+            "standardize": None,
+            "augment": None,
+            "dim_hidden": None,
+            "num_heads": 4,
+            "num_inducing": 16,
+            "dropout": 0.5,
+            "num_classes": 12,
+            "noise": 0.02,
+            "rotation": "z",
+            "test_size": 1200,
+            "test_seed": 1234,
+            "test_fraction": 0.2,
+            "split_seed": 0,
+            "off_points": 2048,
+            "cache_dir": None,
+        }
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        o = self.options
+        if o["source"] not in SOURCES:
+            raise ValueError(f"source: expected one of {', '.join(SOURCES)}, got {o['source']!r}")
+        if o["source"] in _FILE_SOURCES and (o["path"] is None or not Path(o["path"]).exists()):
+            raise ValueError(
+                f"path: source {o['source']!r} needs an existing file or folder, got {o['path']!r}"
+            )
+        for key, choices in (
+            ("standardize", (None, "cloud", "train", "none")),
+            ("augment", (None, True, False)),
+            ("rotation", ("z", "so3", "none")),
+        ):
+            if o[key] not in choices:
+                raise ValueError(f"{key}: expected one of {', '.join(map(repr, choices))}, got {o[key]!r}")
+        positive = ["num_heads", "num_inducing", "num_classes", "test_size", "off_points"]
+        for key in positive + [k for k in ("num_points", "dim_hidden") if o[k] is not None]:
+            if not isinstance(o[key], int) or isinstance(o[key], bool) or o[key] < 1:
+                raise ValueError(f"{key}: expected a positive integer, got {o[key]!r}")
+        if self.dim_hidden % o["num_heads"]:
+            raise ValueError(f"num_heads: must divide dim_hidden={self.dim_hidden}, got {o['num_heads']}")
+        if not 0 <= o["dropout"] < 1:
+            raise ValueError(f"dropout: expected a number in [0, 1), got {o['dropout']!r}")
+        shapes = o["source"] == "shapes"
+        self.preprocessing = Preprocessing(  # checks subsample and test_subsample
+            num_points=o["num_points"] or _DEFAULT_POINTS.get(o["source"]),
+            subsample=o["subsample"],
+            test_subsample=o["test_subsample"],
+            standardize=o["standardize"] or ("none" if o["source"] == "digits" else "cloud"),
+            augment=o["augment"] if o["augment"] is not None else o["source"] in _MODELNET,
+            spatial_dims=2 if o["source"] == "digits" else 3,  # lowered to D for arrays with D < 3
+            test_seed=o["test_seed"],
+        )
+        if shapes and self.preprocessing.num_points is None:
+            raise ValueError("num_points: procedural shapes need a number of points")
+        self._data: PointCloudData | None = None
+        self._clouds: PreparedClouds | None = None
+
+    @property
+    def dim_hidden(self) -> int:
+        """Model width: the paper's 256 for ModelNet sources, 64 (CPU-friendly) otherwise."""
+        return int(self.options["dim_hidden"] or (256 if self.options["source"] in _MODELNET else 64))
+
+    @classmethod
+    def budget(cls, name: str) -> dict[str, Any]:
+        """``quick``: about a minute on 2 CPU cores. ``paper``: the 10-minute CPU targets (shapes,
+        digits); real ModelNet40 needs far more steps (pass ``--steps``)."""
+        if name == "quick":
+            return {"steps": 1000, "batch_size": 32, "lr": 1e-3, "schedule": "cosine", "eval_every": 500}
+        if name == "paper":
+            return {"steps": 4000, "batch_size": 64, "lr": 1e-3, "schedule": "cosine", "eval_every": 1000}
+        raise ValueError(f"budget: expected 'quick' or 'paper', got {name!r}")
+
+    # -- data ------------------------------------------------------------------------------------
+    def data(self) -> PointCloudData:
+        """The loaded data (``shapes``: only the fixed test shapes; training shapes are drawn per batch)."""
+        if self._data is None:
+            self._data = self._load()
+        return self._data
+
+    def _load(self) -> PointCloudData:
+        from ..data import pointclouds as pc
+
+        o, prep = self.options, self.preprocessing
+        # a fixed subsample can be taken while reading: ModelNet40 at 10,000 points is 1.2 GB
+        both_fixed = prep.subsample == "fixed" and (prep.test_subsample or prep.subsample) == "fixed"
+        keep = prep.num_points if both_fixed else None
+        if o["source"] == "shapes":
+            from ..data.shapes import SHAPE_CLASSES, sample_shapes
+
+            labels = np.arange(o["test_size"]) % o["num_classes"]
+            x, y = sample_shapes(
+                len(labels), prep.num_points or 128, o["test_seed"], labels=labels, **self._shape_options()
+            )
+            empty = pc.PointSplit(x[:0], y[:0])
+            return pc.PointCloudData(empty, pc.PointSplit(x, y), list(SHAPE_CLASSES[: o["num_classes"]]))
+        if o["source"] == "digits":
+            from ..data.digit_points import load_digit_points
+
+            return load_digit_points(o["test_fraction"], o["split_seed"])
+        if o["source"] == "deepsets-h5":
+            return pc.load_deepsets_h5(o["path"], keep)
+        if o["source"] == "pointnet-h5":
+            return pc.load_pointnet_h5(o["path"], keep)
+        if o["source"] == "modelnet-off":
+            from ..data.modelnet_off import load_modelnet_off
+
+            return load_modelnet_off(o["path"], o["off_points"], o["split_seed"], cache_dir=o["cache_dir"])
+        return pc.load_array(o["path"], o["labels_path"], o["test_fraction"], o["split_seed"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.data().class_names
+
+    @property
+    def dim_input(self) -> int:
+        return self.data().dim
+
+    def clouds(self) -> PreparedClouds:
+        """The preprocessed data (built on first use)."""
+        if self._clouds is None:
+            prep = self.preprocessing
+            if prep.spatial_dims > self.dim_input:
+                prep = replace(prep, spatial_dims=self.dim_input)
+            data, p = self.data(), prep.num_points
+            n, where = data.test.points.shape[1], self.options["path"] or self.options["source"]
+            if p is not None and data.test.mask is None and p > n:
+                raise ValueError(f"num_points: {p} is more than the {n} points per cloud of {where}")
+            fit_on = None
+            if self.options["source"] == "shapes" and prep.standardize == "train":
+                x, _ = self._shapes(2000, torch.Generator().manual_seed(self.options["test_seed"] + 1))
+                fit_on = (x, None)
+            self._clouds = PreparedClouds(data, prep, fit_on)
+        return self._clouds
+
+    def _shape_options(self) -> dict[str, Any]:
+        return {k: self.options[k] for k in ("num_classes", "noise", "rotation")}
+
+    def _shapes(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        from ..data.shapes import sample_shapes
+
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))  # numpy draws, seeded from torch's
+        x, y = sample_shapes(batch_size, self.preprocessing.num_points or 128, seed, **self._shape_options())
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    def train_size(self) -> int | None:
+        """Number of training clouds (``None`` for procedural shapes, which are unlimited)."""
+        return None if self.options["source"] == "shapes" else len(self.data().train)
+
+    def train_batch(self, indices: Tensor, generator: torch.Generator) -> Batch:
+        """Training clouds ``indices: (B,)`` preprocessed for training (random subset, standardisation,
+        augmentation drawn from ``generator``): for epoch-style sampling over ``range(train_size())``."""
+        if self.options["source"] == "shapes":
+            raise ValueError("train_batch: procedural shapes have no fixed training set; use sample_batch")
+        return Batch(*self.clouds().train_batch(indices, generator))
+
+    def sample_batch(self, batch_size: int, generator: torch.Generator) -> Batch:
+        """``batch_size`` training clouds drawn with replacement: ``x: (B, P, D)``, ``mask: (B, P)`` or
+        None, ``target: (B,)`` class indices."""
+        clouds = self.clouds()
+        if self.options["source"] == "shapes":
+            x, y = self._shapes(batch_size, generator)
+            return Batch(clouds.finish(x, None, generator), None, y)
+        index = torch.randint(0, len(clouds), (batch_size,), generator=generator)
+        return Batch(*clouds.train_batch(index, generator))
+
+    def test_split(self) -> tuple[Tensor, Tensor | None, Tensor]:
+        """The fixed, preprocessed test data ``(x: (S, P, D), mask: (S, P) or None, labels: (S,))``."""
+        return self.clouds().test
+
+    # -- models, loss, metrics -------------------------------------------------------------------
+    def build_model(self, model_name: str) -> nn.Module:
+        """A fresh model: ``x: (B, N, D)``, ``mask: (B, N)`` -> logits ``(B, 1, num_classes)``."""
+        o = self.options
+        d, c, h, drop = self.dim_input, len(self.class_names), self.dim_hidden, o["dropout"]
+        common = {"dim_hidden": h, "num_heads": o["num_heads"], "decoder_dropout": drop}
+        if model_name == "rff-pool":
+            return DeepSets(
+                d, 1, c, dim_hidden=h, pool="max", num_encoder_layers=3, num_decoder_layers=1, dropout=drop
+            )
+        if model_name == "rff-pma":
+            return SetTransformer(
+                d, 1, c, encoder="rff", num_encoder_layers=3, num_decoder_layers=0, **common
+            )
+        if model_name in ("isab-pool", "isab-pma"):
+            pool = model_name == "isab-pool"
+            return SetTransformer(
+                d, 1, c, num_inducing=o["num_inducing"], num_encoder_layers=2,
+                pooling="max" if pool else "pma", num_decoder_layers=1 if pool else 0, **common,
+            )  # fmt: skip
+        raise ValueError(f"model: expected one of {', '.join(self.model_names)}, got {model_name!r}")
+
+    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        """Cross-entropy of the logits ``(B, classes)`` against ``batch.target``."""
+        logits = model(batch.x, batch.mask).reshape(len(batch), -1)
+        return F.cross_entropy(logits.float(), batch.target)
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, device: torch.device) -> Tensor:
+        """Logits ``(S, classes)`` (on CPU) for every test cloud, in chunks (no cloud is dropped)."""
+        x, mask, _ = self.test_split()
+        was_training = model.training
+        model.eval()
+        try:
+            out = []
+            for i in range(0, x.shape[0], _EVAL_CHUNK):
+                m = None if mask is None else mask[i : i + _EVAL_CHUNK].to(device)
+                out.append(
+                    model(x[i : i + _EVAL_CHUNK].to(device), m)
+                    .reshape(min(_EVAL_CHUNK, x.shape[0] - i), -1)
+                    .float()
+                    .cpu()
+                )
+        finally:
+            model.train(was_training)
+        return torch.cat(out)
+
+    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        """``accuracy``, ``mean_class_accuracy``, test ``loss`` and ``class_accuracy/<name>`` per class."""
+        logits, labels = self.predict(model, device), self.test_split()[2]
+        pred = logits.argmax(1)
+        result = {
+            "accuracy": float((pred == labels).float().mean()),
+            "loss": float(F.cross_entropy(logits, labels)),
+        }
+        per_class = {}
+        for c, name in enumerate(self.class_names):
+            hit = pred[labels == c] == c
+            if len(hit):
+                per_class[f"class_accuracy/{name}"] = float(hit.float().mean())
+        result["mean_class_accuracy"] = float(np.mean(list(per_class.values())))
+        return {**result, **per_class}
+
+    def plot(self, model: nn.Module, out_dir: Path, device: torch.device) -> list[Path]:
+        """``pointcloud_confusion.png`` (row-normalised confusion matrix) and ``pointcloud_examples.png``."""
+        from ._pointcloud_plots import plot_confusion, plot_examples
+
+        x, mask, labels = self.test_split()
+        pred = self.predict(model, device).argmax(1)
+        names = self.class_names
+        return [
+            plot_confusion(labels.numpy(), pred.numpy(), names, Path(out_dir) / "pointcloud_confusion.png"),
+            plot_examples(
+                x,
+                mask,
+                labels,
+                pred,
+                names,
+                Path(out_dir) / "pointcloud_examples.png",
+                self.clouds().prep.spatial_dims,
+            ),
+        ]

@@ -1,0 +1,119 @@
+"""Results tables (ours beside the paper's) and figure saving, shared by every task.
+
+Example:
+    >>> runs = {"deepsets-max": [{"mae": 0.14}, {"mae": 0.12}], "settransformer": [{"mae": 0.1}]}
+    >>> print(results_table(MaxRegression, runs))
+    | model | ... | mae (ours) | mae (paper) |
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .base import Task
+
+__all__ = ["mean_std", "results_table", "save_figure", "write_results"]
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
+    """Save a matplotlib figure as PNG at ``path`` (folders created) and close it.
+
+    Build figures with ``matplotlib.figure.Figure`` rather than pyplot where possible: they need no
+    backend (headless machines) and do not disturb a notebook's inline backend.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    if "matplotlib.pyplot" in sys.modules:  # pyplot keeps its figures alive until closed
+        sys.modules["matplotlib.pyplot"].close(fig)
+    return path
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (``None`` for a single value)."""
+    if not values:
+        raise ValueError("values: expected at least one number")
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def _fmt(mean: float | None, std: float | None = None) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:.4g}" if std is None else f"{mean:.4g} ± {std:.2g}"
+
+
+def _metrics(task: type[Task]) -> list[str]:
+    """The headline metric, then any other metric the paper reports for this task."""
+    names = [task.metric]
+    for row in task.paper.values():
+        names += [k for k in row if not k.endswith("_std") and k not in names]
+    return names
+
+
+def results_table(task: type[Task], runs: dict[str, list[dict[str, float]]]) -> str:
+    """A markdown table: one row per model (in ``task.model_names`` order), our mean ± std over
+    seeds beside the paper's number for each metric.
+
+    Args:
+        task: the task class (for its metric, its model descriptions and the paper's numbers).
+        runs: ``{model_name: [metrics of seed 0, metrics of seed 1, ...]}``.
+    """
+    metrics = _metrics(task)
+    descriptions: dict[str, str] = getattr(task, "model_descriptions", {})
+    header = ["model", "what it is", "seeds"]
+    for m in metrics:
+        header += [f"{m} (ours)", f"{m} (paper)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in [m for m in task.model_names if m in runs] + [m for m in runs if m not in task.model_names]:
+        row = [f"`{name}`", descriptions.get(name, ""), str(len(runs[name]))]
+        paper = task.paper.get(name, {})
+        for m in metrics:
+            ours = [r[m] for r in runs[name] if m in r]
+            row.append(_fmt(*mean_std(ours)) if ours else "–")
+            row.append(_fmt(paper.get(m), paper.get(f"{m}_std")))
+        lines.append("| " + " | ".join(row) + " |")
+    direction = "higher" if task.higher_is_better else "lower"
+    lines.append("")
+    lines.append(
+        f"Headline metric: {task.metric} ({direction} is better); ours is the mean ± std over seeds."
+    )
+    return "\n".join(lines)
+
+
+def write_results(
+    out_dir: str | Path,
+    task: type[Task],
+    runs: dict[str, list[dict[str, float]]],
+    settings: dict[str, Any],
+    title: str | None = None,
+) -> tuple[Path, Path]:
+    """Write ``results.md`` (the table and the settings) and ``results.json`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    title = title or f"{task.name}: our results beside the paper's"
+    settings_md = "\n".join(f"- {k}: `{json.dumps(v)}`" for k, v in settings.items())
+    md = f"# {title}\n\n{results_table(task, runs)}\n\nSettings:\n\n{settings_md}\n"
+    (out_dir / "results.md").write_text(md)
+    summary = {
+        name: {m: dict(zip(("mean", "std"), mean_std([r[m] for r in rs]))) for m in rs[0]}
+        for name, rs in runs.items()
+        if rs
+    }
+    payload = {
+        "task": task.name,
+        "metric": task.metric,
+        "settings": settings,
+        "runs": runs,
+        "summary": summary,
+    }
+    (out_dir / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    return out_dir / "results.md", out_dir / "results.json"

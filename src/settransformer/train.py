@@ -1,0 +1,324 @@
+"""The one training loop, shared by every task.
+
+:func:`train` takes a model, a :class:`~settransformer.tasks.base.Task` and a
+:class:`~settransformer.config.TrainConfig`, and talks to the task only through ``sample_batch``,
+``loss`` and ``evaluate``. With a ``run_dir`` it keeps the run on disk::
+
+    run_dir/config.json      task, model, task options, training settings, seed, library version
+    run_dir/metrics.jsonl    one JSON object per logged step: step, loss, lr, elapsed [, eval metrics]
+    run_dir/checkpoint.pt    the last checkpoint (written at every evaluation and at the end)
+    run_dir/best.pt          the checkpoint with the best headline metric so far
+    run_dir/results.json     the final metrics
+
+Every random number comes from the seeded data generator or torch's seeded global RNG, and both
+are checkpointed, so a resumed run reproduces an uninterrupted one exactly (on CPU).
+
+Example:
+    >>> task = MaxRegression()
+    >>> model = task.build_model("settransformer")
+    >>> config = TrainConfig(steps=200, batch_size=128)
+    >>> result = train(model, task, config, "runs/max-regression/st", model_name="settransformer")
+    >>> result["metrics"]["mae"]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from . import __version__, distributed
+from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import TrainConfig
+from .optim import WeightAverage, bound_gradients, make_optimizer, make_schedule
+from .tasks.base import Task
+
+__all__ = ["TrainConfig", "check_runnable", "evaluated_weights", "train"]
+
+
+def check_runnable(config: TrainConfig) -> None:
+    """Raise ``ValueError`` for settings this machine or launch cannot run (device, AMP, batch split)."""
+    device = distributed.resolve_device(config.device)
+    if config.amp == "fp16" and device.type != "cuda":
+        raise ValueError("amp: fp16 needs a CUDA device (use bf16 on CPU, or off)")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if config.batch_size % world_size:
+        raise ValueError(f"batch_size: {config.batch_size} is not divisible by the {world_size} processes")
+
+
+def evaluated_weights(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The weights a checkpoint's metrics were measured with: the average when there is one."""
+    average = checkpoint.get("average")
+    return average["weights"] if average else checkpoint["model"]
+
+
+def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager[Any]:
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+@contextlib.contextmanager
+def _evaluating(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Eval mode, no gradients, and randomness that does not touch the training stream."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _tensorboard(run_dir: Path | None, enabled: bool) -> Any:
+    if not enabled or run_dir is None:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        warnings.warn(
+            "tensorboard: the tensorboard package is not installed; logging to metrics.jsonl only",
+            stacklevel=3,
+        )
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _run_info(task: Task, model_name: str, config: TrainConfig) -> dict[str, Any]:
+    return {
+        "task": task.name,
+        "model": model_name,
+        "task_options": dict(task.options),
+        "train": config.to_dict(),
+        "seed": config.seed,
+        "version": __version__,
+    }
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """Drop lines logged after the checkpoint we resume from (they will be logged again)."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def _is_better(value: float, best: float | None, higher_is_better: bool) -> bool:
+    return best is None or (value > best if higher_is_better else value < best)
+
+
+def train(
+    model: nn.Module,
+    task: Task,
+    config: TrainConfig,
+    run_dir: str | Path | None = None,
+    *,
+    model_name: str | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Train ``model`` on ``task``; return ``{"step", "metrics", "best", "elapsed"}``.
+
+    Args:
+        model: any ``nn.Module`` the task's ``loss`` accepts; moved to the chosen device, trained in place.
+        task: where batches, the loss and the metrics come from.
+        config: the training settings.
+        run_dir: folder for config, metrics and checkpoints (``None``: keep nothing on disk).
+        model_name: the table row, stored with checkpoints so the CLI can rebuild the model.
+        resume: continue from ``run_dir/checkpoint.pt`` (same seed: the same losses as without a break).
+
+    ``metrics`` are the last evaluation's (``task.evaluate``), ``best`` the best value of the
+    headline metric ``task.metric`` seen at any evaluation. Under ``torchrun`` the model is wrapped
+    in ``DistributedDataParallel``, each process draws ``batch_size / world_size`` sets from its own
+    generator (seed + rank), and only rank 0 evaluates and writes files. With ``config.ema_decay``
+    the metrics are those of the moving average of the weights, which ``model`` holds at the end.
+    """
+    run_dir = None if run_dir is None else Path(run_dir)
+    model_name = model_name or type(model).__name__
+    check_runnable(config)
+    if resume and run_dir is None:
+        raise ValueError("resume: needs a run_dir holding checkpoint.pt")
+    ctx = distributed.setup(config.device)
+    device = ctx.device
+
+    # Randomness: the data generator for batches, torch's global RNG for dropout and the like.
+    torch.manual_seed(config.seed + ctx.rank)
+    generator = torch.Generator().manual_seed(config.seed + ctx.rank)
+
+    model.to(device).train()
+    optimizer = make_optimizer(model, config)
+    schedule = make_schedule(optimizer, config)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+    current_scale = [1.0]  # read by the gradient hooks; updated once per step under fp16
+
+    step, elapsed_before, metrics, best = 0, 0.0, {}, None
+    # Checkpoints are written on logged steps, so the running loss never needs saving.
+    loss_sum, loss_count = torch.zeros((), device=device), 0
+    state: dict[str, Any] = {}
+    if resume and run_dir is not None:
+        state = load_checkpoint(run_dir / "checkpoint.pt")
+        if state.get("model_name") != model_name or state.get("task") != task.name:
+            raise ValueError(
+                f"{run_dir}/checkpoint.pt: holds {state.get('task')}/{state.get('model_name')}, "
+                f"expected {task.name}/{model_name}"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        scaler.load_state_dict(state["scaler"])
+        step, elapsed_before, metrics, best = state["step"], state["elapsed"], state["metrics"], state["best"]
+        ranks = state["rng"]
+        if len(ranks) == ctx.world_size:
+            set_rng_state(ranks[ctx.rank], generator)
+        else:  # a different number of processes: a fresh, still deterministic, stream per rank
+            warnings.warn(
+                f"resume: checkpoint has {len(ranks)} RNG streams for {ctx.world_size} processes",
+                stacklevel=2,
+            )
+            generator.manual_seed(config.seed + ctx.rank + 1_000_003 * step)
+    average = None if config.ema_decay is None else WeightAverage(model, config.ema_decay)
+    if average is not None and state.get("average"):
+        average.load_state_dict(state["average"])
+    evaluated = model if average is None else average.model  # what evaluation and `metrics` see
+    hooks = bound_gradients(model, config.clip_min, config.clip_max, lambda: current_scale[0])
+
+    out = run_dir if ctx.is_main else None  # rank 0 alone writes files
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(_run_info(task, model_name, config), indent=2) + "\n")
+        if resume:
+            _keep_metrics_until(out / "metrics.jsonl", step)
+        else:
+            (out / "metrics.jsonl").write_text("")
+    log_file = None if out is None else open(out / "metrics.jsonl", "a")  # noqa: SIM115 (closed below)
+    writer = _tensorboard(out, config.tensorboard)
+
+    net: nn.Module = model
+    if ctx.enabled:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    per_process_batch = config.batch_size // ctx.world_size
+    bar = tqdm(
+        total=config.steps, initial=step, disable=not (config.progress and ctx.is_main), desc=task.name
+    )
+    start = time.perf_counter()
+
+    def snapshot(rng_states: list[dict[str, Any]]) -> dict[str, Any]:
+        """Everything needed to continue exactly here (plain types and tensors only)."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": __version__,
+            "task": task.name,
+            "model_name": model_name,
+            "task_options": dict(task.options),
+            "train": config.to_dict(),
+            "step": step,
+            "elapsed": elapsed_before + time.perf_counter() - start,
+            "metrics": metrics,
+            "best": best,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "scaler": scaler.state_dict(),
+            "average": None if average is None else average.state_dict(),
+            "rng": rng_states,
+        }
+
+    finished = False
+    try:
+        while step < config.steps:
+            batch = task.sample_batch(per_process_batch, generator).to(device)
+            with _autocast(device, config.amp):
+                loss = task.loss(net, batch)
+            optimizer.zero_grad(set_to_none=True)
+            if hooks and scaler.is_enabled():  # get_scale() syncs with the GPU: only when needed
+                current_scale[0] = scaler.get_scale()
+            scaler.scale(loss).backward()
+            if config.clip_norm is not None or config.clip_value is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                if config.clip_norm is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
+                if config.clip_value is not None:
+                    nn.utils.clip_grad_value_(model.parameters(), config.clip_value)
+            scaler.step(optimizer)
+            scaler.update()
+            if average is not None:
+                average.update(model)
+            lr = schedule.get_last_lr()[0]  # the rate this step used
+            schedule.step()
+            step += 1
+            bar.update(1)
+            loss_sum += loss.detach().float()  # no .item() here: one device sync per logged line
+            loss_count += 1
+
+            evaluate_now = step == config.steps or (config.eval_every > 0 and step % config.eval_every == 0)
+            if not (evaluate_now or step % config.log_every == 0):
+                continue
+            record: dict[str, Any] = {"step": step, "loss": ctx.mean(loss_sum).item() / loss_count, "lr": lr}
+            if not math.isfinite(record["loss"]):
+                raise FloatingPointError(
+                    f"step {step}: the loss is {record['loss']} (try a lower lr or clipping)"
+                )
+            loss_sum.zero_()
+            loss_count = 0
+            if evaluate_now and ctx.is_main:
+                with _evaluating(evaluated, device):
+                    metrics = {k: float(v) for k, v in task.evaluate(evaluated, device).items()}
+                if average is not None:  # the raw weights too, to show what the average buys
+                    with _evaluating(model, device):
+                        record.update({f"raw_{k}": float(v) for k, v in task.evaluate(model, device).items()})
+                record.update(metrics)
+            record["elapsed"] = round(elapsed_before + time.perf_counter() - start, 3)
+            shown = {"loss": f"{record['loss']:.4g}"}
+            if task.metric in metrics:
+                shown[task.metric] = f"{metrics[task.metric]:.4g}"
+            bar.set_postfix(shown)
+            if log_file is not None:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+            if writer is not None:
+                for key, value in record.items():
+                    if key != "step":
+                        writer.add_scalar(key, value, step)
+            if evaluate_now:
+                rng_states = ctx.gather(rng_state(generator))  # a collective: every rank takes part
+                if out is not None:
+                    improved = task.metric in metrics and _is_better(
+                        metrics[task.metric], best, task.higher_is_better
+                    )
+                    if improved:
+                        best = metrics[task.metric]
+                    state = snapshot(rng_states)
+                    save_checkpoint(state, out / "checkpoint.pt")
+                    if improved:
+                        save_checkpoint(state, out / "best.pt")
+                ctx.barrier()
+        finished = True
+    finally:
+        bar.close()
+        for h in hooks:
+            h.remove()
+        if log_file is not None:
+            log_file.close()
+        if writer is not None:
+            writer.close()
+        ctx.close(wait=finished)
+
+    if average is not None:  # hand back the weights that were evaluated
+        model.load_state_dict(average.model.state_dict())
+    elapsed = elapsed_before + time.perf_counter() - start
+    result = {"step": step, "metrics": metrics, "best": best, "elapsed": round(elapsed, 3)}
+    if out is not None:
+        (out / "results.json").write_text(
+            json.dumps({"task": task.name, "model": model_name, **result}, indent=2) + "\n"
+        )
+    return result

@@ -1,0 +1,257 @@
+"""``settransformer.chunked``: chunk-by-chunk evaluation equals the unchunked blocks and models.
+
+Outputs for random sizes, masks (empty sets included), chunk sizes that do not divide N (and 1),
+every ``norm`` and pooling; inputs as NumPy arrays, memmaps and h5py datasets; float64 gradients
+through the checkpointed path; the memory bound itself (largest activation in inference, tensors
+kept for backward in training); and the errors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from settransformer import ISAB, PMA, DeepSets, SetTransformer
+from settransformer.chunked import (
+    encode_chunked,
+    encode_pool_chunked,
+    induce_chunked,
+    isab_chunked,
+    iter_encode_chunked,
+    pma_chunked,
+)
+from settransformer.induced_rows import InducedRows
+
+DIM, HEADS, M = 16, 4, 5
+NORMS = ["post", "pre", None]
+SIZES = [57, 0, 23]  # a batch of sets of different sizes, one empty
+
+
+def model_of(**opt: Any) -> SetTransformer:
+    opt = {"dim_hidden": DIM, "num_heads": HEADS, "num_inducing": M, **opt}
+    return SetTransformer(3, num_outputs=2, dim_output=4, **opt).eval()
+
+
+def assert_close(a: Tensor, b: Tensor, atol: float = 2e-5) -> None:
+    assert a.shape == b.shape
+    assert torch.allclose(a, b, atol=atol), f"max difference {(a - b).abs().max().item():.2e}"
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64, 1000])
+@pytest.mark.parametrize("norm", NORMS)
+def test_set_transformer_matches_unchunked(norm: str | None, chunk_size: int, padded) -> None:
+    model = model_of(norm=norm, num_encoder_layers=3)
+    x, mask, _ = padded(SIZES, 3)
+    with torch.no_grad():
+        assert_close(model(x, mask, chunk_size=chunk_size), model(x, mask))
+        assert_close(model(x[:1], chunk_size=chunk_size), model(x[:1]))  # no mask
+
+
+@pytest.mark.parametrize(
+    "opt",
+    [
+        {"pooling": "mean"},
+        {"pooling": "max"},
+        {"pooling": "sum", "norm": "pre"},
+        {"encoder": "rff"},
+        {"ff_dim": 24, "residual": "projected", "out_proj": False},
+        {"scale": 0.7, "num_decoder_layers": 0},
+        {"num_inducing": 40},  # more inducing points than the chunk has elements
+    ],
+    ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_model_options(opt: dict[str, Any], padded) -> None:
+    model = model_of(**opt)
+    x, mask, _ = padded(SIZES, 3)
+    with torch.no_grad():
+        assert_close(encode_pool_chunked(model, x, mask, chunk_size=9), model(x, mask))
+
+
+def test_deepsets(padded) -> None:
+    model = DeepSets(3, 2, 4, dim_hidden=DIM, pool="max").eval()
+    x, mask, _ = padded(SIZES, 3)
+    with torch.no_grad():
+        assert_close(model(x, mask, chunk_size=10), model(x, mask))
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_blocks(norm: str | None, padded) -> None:
+    isab, pma = ISAB(3, DIM, HEADS, M, norm=norm).eval(), PMA(DIM, HEADS, 3, norm=norm).eval()
+    x, mask, _ = padded(SIZES, 3)
+    z, zmask, _ = padded(SIZES, DIM)
+    with torch.no_grad():
+        assert_close(isab_chunked(isab, x, mask, chunk_size=8), isab(x, mask))
+        assert_close(
+            induce_chunked(isab, x, mask, chunk_size=8), isab.induce(x.masked_fill(~mask[..., None], 0), mask)
+        )
+        assert_close(pma_chunked(pma, z, zmask, chunk_size=6), pma(z, zmask))
+
+
+@pytest.mark.parametrize("ff_dim", [None, 24])
+@pytest.mark.parametrize("residual", ["auto", "projected"])
+@pytest.mark.parametrize("norm", NORMS)
+def test_induced_rows_fast_path(norm: str | None, residual: str, ff_dim: int | None) -> None:
+    isab = ISAB(DIM, DIM, HEADS, M, norm=norm, residual=residual, ff_dim=ff_dim).eval()
+    x = torch.randn(2, 30, DIM)
+    with torch.no_grad():
+        h = isab.induce(x, None)
+        rows = InducedRows(isab.mab1, h)
+        assert rows.fast
+        assert_close(rows(x[:, :13]), isab.mab1.attend(x[:, :13], h, None))
+
+
+def test_per_element_outputs(padded) -> None:
+    model = model_of()
+    x, mask, _ = padded(SIZES, 3)
+    with torch.no_grad():
+        expected = model.encode(x.masked_fill(~mask[..., None], 0), mask)
+        assert_close(encode_chunked(model, x, mask, chunk_size=10), expected)
+        chunks = list(iter_encode_chunked(model, x, mask, chunk_size=25))
+        assert [start for start, _ in chunks] == [0, 25, 50]
+        assert_close(torch.cat([z for _, z in chunks], dim=1), expected)
+
+
+def test_one_set_from_numpy_and_memmap(tmp_path) -> None:
+    model = model_of()
+    data = np.random.default_rng(0).normal(size=(203, 3))  # float64: converted per chunk
+    path = tmp_path / "set.f32"
+    mm = np.memmap(path, dtype=np.float32, mode="w+", shape=data.shape)
+    mm[:] = data
+    mm.flush()
+    readonly = np.memmap(path, dtype=np.float32, mode="r", shape=data.shape)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(data).float()[None])[0]
+        assert_close(encode_pool_chunked(model, data, chunk_size=50), expected)
+        assert_close(model(readonly, chunk_size=64), expected)  # no batch dimension in, none out
+        out = np.lib.format.open_memmap(tmp_path / "z.npy", mode="w+", dtype=np.float32, shape=(203, DIM))
+        encode_chunked(model, readonly, chunk_size=64, out=out)
+        assert_close(torch.from_numpy(np.asarray(out)), model.encode(torch.from_numpy(data).float()[None])[0])
+
+
+def test_h5py_dataset(tmp_path, padded) -> None:
+    h5py = pytest.importorskip("h5py")
+    model = model_of()
+    x, mask, _ = padded(SIZES, 3)
+    with h5py.File(tmp_path / "sets.h5", "w") as f:
+        dset = f.create_dataset("x", data=x.numpy())
+        out = f.create_dataset("z", shape=(3, max(SIZES), DIM), dtype="f4")
+        with torch.no_grad():
+            assert_close(encode_pool_chunked(model, dset, mask.numpy(), chunk_size=16), model(x, mask))
+            encode_chunked(model, dset, mask, chunk_size=16, out=out)
+            expected = model.encode(x.masked_fill(~mask[..., None], 0), mask)
+            assert_close(torch.from_numpy(out[...]), expected)
+
+
+def _grads(model: torch.nn.Module, x: Tensor, mask: Tensor, **kw: Any) -> list[Tensor]:
+    model.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_(True)
+    out = model(x, mask, **kw)
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    return [p.grad for p in model.parameters()] + [x.grad]
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_gradients_match_unchunked(norm: str | None, padded) -> None:
+    model = model_of(norm=norm).double().train()  # train mode, no dropout: deterministic
+    x, mask, _ = padded([30, 0, 17], 3, dtype=torch.float64)
+    for expected, got in zip(_grads(model, x, mask), _grads(model, x, mask, chunk_size=7), strict=True):
+        assert expected is not None and got is not None
+        assert torch.allclose(expected, got, atol=1e-10), (expected - got).abs().max()
+
+
+def test_isab_gradients_per_element(padded) -> None:
+    isab = ISAB(3, DIM, HEADS, M).double()
+    x, mask, _ = padded([20, 11], 3, dtype=torch.float64)
+    w = torch.randn(2, 20, DIM, dtype=torch.float64)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    (isab(xa, mask) * w).sum().backward()
+    (isab_chunked(isab, xb, mask, chunk_size=6) * w).sum().backward()
+    assert torch.allclose(xa.grad, xb.grad, atol=1e-10)
+
+
+class _LargestOutput(TorchDispatchMode):
+    """Records the largest tensor any operator produces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else [out]:
+            if isinstance(t, Tensor) and not func._schema.is_mutable and t._base is None:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_inference_activations_bounded_by_chunk() -> None:
+    model = model_of(num_inducing=8)  # heads * m = 32 = 2 * width
+    n, chunk = 5000, 64
+    x = torch.randn(1, n, 3)
+    with torch.inference_mode():
+        with _LargestOutput() as unchunked:
+            model(x)
+        with _LargestOutput() as chunked:
+            model(x, chunk_size=chunk)
+    assert unchunked.largest >= n * DIM  # the check can see a full-set activation
+    assert chunked.largest <= chunk * max(DIM, HEADS * 8)
+
+
+def test_backward_keeps_no_per_element_activations() -> None:
+    model = model_of()
+    n = 4000
+    x = torch.randn(1, n, 3)
+    storages: dict[int, int] = {}  # saved storages other than the input's (chunks are views of it)
+
+    def pack(t: Tensor) -> Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() != x.untyped_storage().data_ptr():
+            storages[s.data_ptr()] = s.nbytes() // t.element_size()
+        return t
+
+    for chunk_size in (None, 100):
+        storages.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(x, chunk_size=chunk_size)
+        out.sum().backward()
+        total = sum(storages.values())
+        if chunk_size is None:
+            assert total > 5 * n * DIM
+        else:  # chunks' activations are recomputed in backward; only small per-chunk factors remain
+            assert total < n * DIM / 4, total
+
+
+def test_dropout_in_training_runs_and_backpropagates() -> None:
+    model = model_of(dropout=0.3).train()
+    x = torch.randn(2, 50, 3)
+    out = model(x, chunk_size=16)
+    out.sum().backward()
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_errors() -> None:
+    model = model_of()
+    x = torch.randn(1, 10, 3)
+    with pytest.raises(ValueError, match="chunk_size"):
+        model(x, chunk_size=0)
+    with pytest.raises(ValueError, match=r"x: expected .*\(B, N, 3\)"):
+        model(torch.randn(1, 10, 4), chunk_size=4)
+    with pytest.raises(TypeError, match="x: expected"):
+        encode_pool_chunked(model, [[1.0, 2.0, 3.0]], chunk_size=4)
+    with pytest.raises(TypeError, match="dtype"):
+        encode_pool_chunked(model, np.zeros((5, 3), dtype=np.int64), chunk_size=4)
+    with pytest.raises(ValueError, match="mask: expected shape"):
+        model(x, torch.ones(1, 9, dtype=torch.bool), chunk_size=4)
+    with pytest.raises(ValueError, match="SAB"):
+        model_of(num_inducing=None)(x, chunk_size=4)
+    with pytest.raises(ValueError, match="out: expected"), torch.no_grad():
+        encode_chunked(model, x, chunk_size=4, out=torch.empty(1, 10, DIM + 1))
+    model.encoder[1].mab0.top_k = 2  # hard attention does not decompose into chunks
+    with pytest.raises(ValueError, match=r"encoder\[1\]\.mab0: chunked evaluation supports only"):
+        model(x, chunk_size=4)

@@ -1,0 +1,267 @@
+"""The ``settransformer`` command end to end on tiny budgets, and its error paths."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from settransformer import cli
+from settransformer import tasks as registry
+
+TINY = [
+    "--steps",
+    "3",
+    "--batch-size",
+    "8",
+    "--set",
+    "test_sets=32",
+    "--set",
+    "dim_hidden=8",
+    "--no-progress",
+]
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as e:  # argparse
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def run(capsys: pytest.CaptureFixture[str]) -> Path:
+    code, out, _ = _run(capsys, "train", "max-regression", "--model", "deepsets-max", "--out", "run", *TINY)
+    assert code == 0, out
+    return Path("run")
+
+
+def test_train_writes_a_complete_run(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    names = {p.name for p in run.iterdir()}
+    assert {
+        "config.json",
+        "metrics.jsonl",
+        "checkpoint.pt",
+        "best.pt",
+        "results.json",
+        "max_regression.png",
+    } <= names
+    info = json.loads((run / "config.json").read_text())
+    assert info["model"] == "deepsets-max" and info["task_options"]["test_sets"] == 32
+    assert info["train"]["steps"] == 3 and info["train"]["lr"] == 1e-3  # the rest from the paper budget
+    assert json.loads((run / "results.json").read_text())["metrics"]["mae"] > 0
+
+
+def test_default_run_folder_and_model(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(capsys, "train", "max-regression", *TINY)
+    assert code == 0
+    (folder,) = Path("runs/max-regression").iterdir()
+    assert folder.name.startswith("settransformer-") and (folder / "checkpoint.pt").exists()
+    assert "mae:" in out
+
+
+def test_eval_and_plot(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (run / "max_regression.png").unlink()
+    (run / "results.json").unlink()
+    code, out, _ = _run(capsys, "eval", str(run), "--checkpoint", "best", "--device", "cpu")
+    assert code == 0 and "mae:" in out
+    results = json.loads((run / "results.json").read_text())
+    assert (
+        results["checkpoint"] == "best" and results["step"] == 3 and f"{results['metrics']['mae']:.6g}" in out
+    )
+    code, out, _ = _run(capsys, "plot", str(run))
+    assert code == 0 and (run / "max_regression.png").stat().st_size > 1000
+
+
+def test_resume_continues_the_run(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, _ = _run(capsys, "train", "max-regression", "--out", str(run), "--resume", "--steps", "5")
+    assert code == 0
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3, 5]  # log_every=10: a line at each evaluation (the end of each part)
+    assert json.loads((run / "config.json").read_text())["train"]["steps"] == 5
+
+
+def test_reproduce_writes_the_table_beside_the_paper(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["reproduce", "max-regression", "--models", "deepsets-mean,settransformer", "--seeds", "2"]
+    code, out, _ = _run(capsys, *argv, "--out", "rep", *TINY)
+    assert code == 0
+    md = Path("rep/results.md").read_text()
+    assert "| `deepsets-mean` |" in md and "| `settransformer` |" in md and "deepsets-max" not in md
+    assert "2.133 ± 0.19" in md and "0.2085 ± 0.013" in md  # the paper's numbers beside ours
+    results = json.loads(Path("rep/results.json").read_text())
+    assert len(results["runs"]["settransformer"]) == 2 and results["settings"]["seeds"] == [0, 1]
+    assert Path("rep/settransformer/seed0/max_regression.png").exists()
+    assert "| `settransformer` |" in out
+    # a second call reuses the finished runs: same numbers, nothing retrained
+    before = Path("rep/settransformer/seed1/checkpoint.pt").stat().st_mtime_ns
+    code, _, _ = _run(capsys, *argv, "--out", "rep", *TINY)
+    assert code == 0 and Path("rep/settransformer/seed1/checkpoint.pt").stat().st_mtime_ns == before
+    assert json.loads(Path("rep/results.json").read_text())["runs"] == results["runs"]
+    # other settings in the same folder are refused
+    code, _, err = _run(capsys, *argv, "--out", "rep", *TINY, "--lr", "0.01")
+    assert code == 2 and "holds a run with other settings" in err
+
+
+def test_demo_runs_present_tasks_and_skips_absent_ones(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(registry.TASKS, "ghost", "settransformer.tasks.ghost:Ghost")
+    code, _, err = _run(capsys, "demo", "--tasks", "max-regression,ghost", "--steps", "2", "--no-progress")
+    assert code == 0
+    assert "ghost: skipped" in err and "not part of this installation" in err
+    summary = Path("runs/demo/results.md").read_text()
+    assert "max-regression" in summary and "| `deepsets-max` |" in summary
+    assert Path("runs/demo/max-regression/settransformer/seed0/max_regression.png").exists()
+
+
+def test_config_file_and_flags_override_it(capsys: pytest.CaptureFixture[str]) -> None:
+    Path("c.yaml").write_text("model: deepsets-sum\nsteps: 2\nlr: 0.01\ntask_options:\n  max_size: 4\n")
+    code, _, _ = _run(capsys, "train", "max-regression", "--config", "c.yaml", "--out", "r", *TINY[2:])
+    assert code == 0
+    info = json.loads(Path("r/config.json").read_text())
+    assert info["model"] == "deepsets-sum" and info["train"]["lr"] == 0.01
+    assert info["train"]["steps"] == 2 and info["task_options"]["max_size"] == 4
+    code, _, _ = _run(
+        capsys, "train", "max-regression", "--config", "c.yaml", "--steps", "1", "--out", "r2", *TINY[2:]
+    )
+    assert code == 0 and json.loads(Path("r2/config.json").read_text())["train"]["steps"] == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "nope"], "unknown task 'nope'"),
+        (
+            ["train", "max-regression", "--model", "gpt"],
+            "model 'gpt': max-regression has the models deepsets-mean",
+        ),
+        (["train", "max-regression", "--set", "colour=3"], "task option 'colour'"),
+        (["train", "max-regression", "--set", "max_size=ten"], "task option 'max_size': expected int"),
+        (["train", "max-regression", "--set", "max_size"], "expected KEY=VALUE"),
+        (["train", "max-regression", "--set", "min_size=5", "--set", "max_size=2"], "min_size <= max_size"),
+        (["train", "max-regression", "--config", "missing.json"], "missing.json: config file not found"),
+        (["train", "max-regression", "--config", "bad.json"], "bad.json: cannot read it"),
+        (
+            ["train", "max-regression", "--config", "typo.json"],
+            "typo.json: unknown training setting(s) ['stepz']",
+        ),
+        (["train", "max-regression", "--config", "wrong.json"], "wrong.json: steps: expected int, got 'ten'"),
+        (["train", "max-regression", "--steps", "0"], "steps: expected a positive integer, got 0"),
+        (
+            ["train", "max-regression", "--lr-milestones", "10,x"],
+            "lr_milestones: expected comma-separated integers",
+        ),
+        (["train", "max-regression", "--steps", "abc"], "argument --steps: invalid int value: 'abc'"),
+        (["train", "max-regression", "--resume"], "--resume: needs --out RUN_DIR"),
+        (["train", "ghost"], "its module settransformer.tasks.ghost is not part of this installation"),
+        (["eval", "nowhere"], "run folder nowhere: does not exist"),
+        (["plot", "."], ".: not a run folder"),
+        (["reproduce", "max-regression", "--models", "deepsets-max,foo"], "model 'foo'"),
+        (["reproduce", "max-regression", "--seeds", "0"], "--seeds: expected a positive integer"),
+        (["demo", "--tasks", "nope"], "--tasks: unknown task 'nope'"),
+        (["demo", "--threads", "0"], "--threads: expected a positive integer"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(registry.TASKS, "ghost", "settransformer.tasks.ghost:Ghost")
+    Path("bad.json").write_text("{steps: 3")
+    Path("typo.json").write_text('{"stepz": 3}')
+    Path("wrong.json").write_text('{"steps": "ten"}')
+    before = _snapshot(Path("."))
+    code, _, err = _run(capsys, *argv, "--no-progress") if argv[0] == "train" else _run(capsys, *argv)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert _snapshot(Path(".")) == before  # nothing written
+
+
+def test_existing_run_is_never_overwritten(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = _snapshot(run)
+    code, _, err = _run(capsys, "train", "max-regression", "--out", str(run), *TINY)
+    assert code == 2 and "already exists and is not empty; pass --resume" in err
+    code, _, err = _run(
+        capsys, "train", "max-regression", "--out", str(run), "--resume", "--model", "deepsets-sum"
+    )
+    assert code == 2 and "holds a checkpoint of model deepsets-max, not deepsets-sum" in err
+    code, _, err = _run(
+        capsys, "train", "max-regression", "--out", str(run), "--resume", "--set", "max_size=3"
+    )
+    assert code == 2 and "task options cannot change" in err
+    assert _snapshot(run) == before
+
+
+def test_checkpoint_of_another_model_is_refused(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    info = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**info, "model": "settransformer"}))
+    before = _snapshot(run)
+    for command in ("eval", "plot"):
+        code, _, err = _run(capsys, command, str(run))
+        assert code == 2 and "holds a checkpoint of max-regression/deepsets-max" in err
+    (run / "checkpoint.pt").write_bytes(b"garbage")
+    code, _, err = _run(capsys, "eval", str(run))
+    assert code == 2 and "checkpoint.pt: not a readable checkpoint" in err
+    assert _snapshot(run) == {**before, "checkpoint.pt": b"garbage"}
+
+
+def test_every_flag_has_help() -> None:
+    parser = cli.build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subparsers.choices) == {"train", "eval", "plot", "reproduce", "demo"}
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+        assert sub.format_help()
+
+
+def test_python_dash_m_help() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "settransformer", "train", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0
+    for flag in (
+        "--model",
+        "--steps",
+        "--batch-size",
+        "--clip-min",
+        "--resume",
+        "--budget",
+        "--set",
+        "--amp",
+    ):
+        assert flag in done.stdout
+
+
+def test_reproduce_checks_every_folder_before_training(capsys: pytest.CaptureFixture[str]) -> None:
+    Path("rep/settransformer/seed0").mkdir(parents=True)
+    Path("rep/settransformer/seed0/notes.txt").write_text("mine")
+    argv = ["reproduce", "max-regression", "--models", "deepsets-max,settransformer", "--out", "rep", *TINY]
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and "rep/settransformer/seed0: exists and is not a run folder" in err
+    assert not Path("rep/deepsets-max").exists()
+    code, _, err = _run(capsys, *argv, "--overwrite")  # --overwrite replaces runs, never other files
+    assert code == 2 and Path("rep/settransformer/seed0/notes.txt").read_text() == "mine"

@@ -1,0 +1,316 @@
+"""The training loop: run folders, repeatability, exact resume, clipping, schedules, DDP."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from settransformer.checkpoint import load_checkpoint
+from settransformer.config import TrainConfig
+from settransformer.models import DeepSets
+from settransformer.optim import WeightAverage, bound_gradients
+from settransformer.tasks.base import Batch, Task
+from settransformer.train import evaluated_weights, train
+
+
+class Tiny(Task):
+    """Regress the sum of 5 numbers; the model has dropout, so the global RNG matters too."""
+
+    name: ClassVar[str] = "tiny"
+    model_names: ClassVar[tuple[str, ...]] = ("deepsets",)
+    metric: ClassVar[str] = "mae"
+    higher_is_better: ClassVar[bool] = False
+
+    def __init__(self, fail_at: int | None = None, **options: Any) -> None:
+        super().__init__(**options)
+        self.calls, self.fail_at = 0, fail_at
+
+    @classmethod
+    def budget(cls, name: str) -> dict[str, Any]:
+        return {"steps": 3, "batch_size": 8, "lr": 1e-2}
+
+    def build_model(self, model_name: str) -> nn.Module:
+        return DeepSets(1, 1, 1, dim_hidden=8, dropout=0.5)
+
+    def sample_batch(self, batch_size: int, generator: torch.Generator) -> Batch:
+        x = torch.rand(batch_size, 5, 1, generator=generator)
+        return Batch(x, None, x.sum(dim=(1, 2)))
+
+    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise KeyboardInterrupt  # a user pressing Ctrl-C in the middle of a step
+        return F.l1_loss(model(batch.x, batch.mask).reshape(-1), batch.target)
+
+    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        batch = self.sample_batch(64, torch.Generator().manual_seed(99)).to(device)
+        mae = F.l1_loss(model(batch.x, batch.mask).reshape(-1), batch.target)
+        return {"mae": float(mae), "touched_rng": float(torch.rand(()))}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only add contention on a shared machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def _config(**changes: Any) -> TrainConfig:
+    return TrainConfig(steps=6, batch_size=8, lr=1e-2, device="cpu", log_every=1, progress=False).replace(
+        **changes
+    )
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return Tiny().build_model("deepsets")
+
+
+def _lines(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_folder_contents(tmp_path: Path) -> None:
+    result = train(_model(), Tiny(), _config(eval_every=3), tmp_path / "run", model_name="deepsets")
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.iterdir()) == [
+        "best.pt",
+        "checkpoint.pt",
+        "config.json",
+        "metrics.jsonl",
+        "results.json",
+    ]
+    info = json.loads((run / "config.json").read_text())
+    assert info["task"] == "tiny" and info["model"] == "deepsets" and info["seed"] == 0
+    assert info["train"]["steps"] == 6 and "version" in info and info["task_options"] == {}
+    lines = _lines(run)
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6]
+    assert all(set(r) >= {"step", "loss", "lr", "elapsed"} for r in lines)
+    assert [("mae" in r) for r in lines] == [False, False, True, False, False, True]
+    assert result["step"] == 6 and result["metrics"]["mae"] == lines[-1]["mae"]
+    assert result["best"] == min(lines[2]["mae"], lines[5]["mae"])
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 6 and state["model_name"] == "deepsets" and state["task"] == "tiny"
+    assert {"model", "optimizer", "schedule", "rng", "version"} <= set(state)
+    assert state["rng"][0]["data"].dtype == torch.uint8
+    assert json.loads((run / "results.json").read_text())["metrics"] == result["metrics"]
+
+
+def test_same_seed_same_losses_other_seed_other_losses(tmp_path: Path) -> None:
+    runs = [(tmp_path / f"r{i}", seed) for i, seed in enumerate((0, 0, 1))]
+    for run, seed in runs:
+        train(_model(seed), Tiny(), _config(seed=seed), run)
+    losses = [[r["loss"] for r in _lines(run)] for run, _ in runs]
+    assert losses[0] == losses[1]
+    assert losses[0] != losses[2]
+
+
+def test_resume_gives_exactly_the_uninterrupted_losses(tmp_path: Path) -> None:
+    train(_model(), Tiny(), _config(steps=6), tmp_path / "straight", model_name="deepsets")
+    train(_model(), Tiny(), _config(steps=3), tmp_path / "resumed", model_name="deepsets")
+    # the first half ran to its end; a fresh process would rebuild the model from scratch
+    train(
+        _model(seed=123), Tiny(), _config(steps=6), tmp_path / "resumed", model_name="deepsets", resume=True
+    )
+    straight, resumed = _lines(tmp_path / "straight"), _lines(tmp_path / "resumed")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+    evaluated = {r["step"]: r["mae"] for r in straight if "mae" in r}  # steps 2, 4, 6
+    assert evaluated == {r["step"]: r["mae"] for r in resumed if r["step"] in evaluated}
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")
+    for key in ("model", "average"):
+        if a[key] is not None:
+            wa, wb = a[key].get("weights", a[key]), b[key].get("weights", b[key])
+            assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_after_interrupt_rewrites_lines_past_the_checkpoint(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):  # checkpoint at step 2, lines logged up to step 3
+        train(_model(), Tiny(fail_at=4), _config(steps=5, eval_every=2), run, model_name="deepsets")
+    assert [r["step"] for r in _lines(run)] == [1, 2, 3]
+    train(_model(), Tiny(), _config(steps=5, eval_every=2), run, model_name="deepsets", resume=True)
+    train(_model(), Tiny(), _config(steps=5, eval_every=2), tmp_path / "straight", model_name="deepsets")
+    assert [r["step"] for r in _lines(run)] == [1, 2, 3, 4, 5]
+    assert [r["loss"] for r in _lines(run)] == [r["loss"] for r in _lines(tmp_path / "straight")]
+
+
+def test_resume_refuses_another_model(tmp_path: Path) -> None:
+    train(_model(), Tiny(), _config(steps=2), tmp_path / "run", model_name="deepsets")
+    with pytest.raises(ValueError, match="holds tiny/deepsets, expected tiny/other"):
+        train(_model(), Tiny(), _config(steps=4), tmp_path / "run", model_name="other", resume=True)
+
+
+def _grads(model: nn.Module) -> Tensor:
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def test_clip_norm_and_clip_value(tmp_path: Path) -> None:
+    free = _model()
+    train(free, Tiny(), _config(steps=1))
+    assert _grads(free).norm() > 1e-3 and _grads(free).abs().max() > 1e-4  # so clipping below has work to do
+
+    clipped = _model()
+    train(clipped, Tiny(), _config(steps=1, clip_norm=1e-3))
+    assert _grads(clipped).norm() == pytest.approx(1e-3, rel=1e-4)
+
+    clipped = _model()
+    train(clipped, Tiny(), _config(steps=1, clip_value=1e-4))
+    g = _grads(clipped)
+    assert g.abs().max() <= 1e-4 + 1e-12 and (g.abs() == 1e-4).any()
+
+
+def test_clip_bounds_by_hooks_are_separate_and_removed(tmp_path: Path) -> None:
+    model = _model()
+    train(model, Tiny(), _config(steps=1, clip_min=-1e-5, clip_max=2e-4))
+    g = _grads(model)
+    assert g.min() >= -1e-5 and g.max() <= 2e-4
+    assert (g == -1e-5).any() and (g == 2e-4).any()  # both bounds were hit, independently
+    only_low = _model()
+    train(only_low, Tiny(), _config(steps=1, clip_min=-1e-5))
+    assert _grads(only_low).min() >= -1e-5 and _grads(only_low).max() > 2e-4
+    # after training the hooks are gone: a plain backward is not clipped
+    Tiny().loss(model, Tiny().sample_batch(8, torch.Generator().manual_seed(0))).backward()
+    assert _grads(model).min() < -1e-5
+
+
+def test_bound_gradients_scales_with_the_loss_scale() -> None:
+    w = nn.Linear(3, 1)
+    handles = bound_gradients(w, -1.0, 1.0, scale=lambda: 8.0)
+    (w(torch.ones(2, 3)).sum() * 100).backward()
+    assert w.weight.grad is not None and w.weight.grad.abs().max() == 8.0
+    for h in handles:
+        h.remove()
+
+
+def test_step_and_cosine_schedules(tmp_path: Path) -> None:
+    train(_model(), Tiny(), _config(steps=4, lr_milestones=[2], lr_gamma=0.1), tmp_path / "step")
+    assert [r["lr"] for r in _lines(tmp_path / "step")] == pytest.approx([1e-2, 1e-2, 1e-3, 1e-3])
+    train(_model(), Tiny(), _config(steps=4, schedule="cosine"), tmp_path / "cos")
+    assert [r["lr"] for r in _lines(tmp_path / "cos")] == pytest.approx(
+        [1e-2, 0.854e-2, 0.5e-2, 0.146e-2], rel=1e-2
+    )
+
+
+def test_log_every_averages_losses(tmp_path: Path) -> None:
+    train(_model(), Tiny(), _config(steps=4), tmp_path / "every")
+    train(_model(), Tiny(), _config(steps=4, log_every=2), tmp_path / "pairs")
+    every, pairs = _lines(tmp_path / "every"), _lines(tmp_path / "pairs")
+    assert [r["step"] for r in pairs] == [2, 4]
+    assert pairs[0]["loss"] == pytest.approx((every[0]["loss"] + every[1]["loss"]) / 2)
+
+
+def test_evaluation_does_not_disturb_training_randomness(tmp_path: Path) -> None:
+    train(_model(), Tiny(), _config(steps=4, eval_every=1), tmp_path / "a")
+    train(_model(), Tiny(), _config(steps=4), tmp_path / "b")
+    assert [r["loss"] for r in _lines(tmp_path / "a")] == [r["loss"] for r in _lines(tmp_path / "b")]
+
+
+def test_no_run_dir_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = train(_model(), Tiny(), _config(steps=2))
+    assert result["step"] == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_bad_settings() -> None:
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        train(_model(), Tiny(), _config(amp="fp16"))
+    with pytest.raises(ValueError, match="resume: needs a run_dir"):
+        train(_model(), Tiny(), _config(), resume=True)
+    with pytest.raises(ValueError, match="clip_min <= clip_max"):
+        _config(clip_min=1.0, clip_max=0.5)
+    with pytest.raises(ValueError, match="steps: expected int"):
+        TrainConfig.from_dict({"steps": "ten"})
+    with pytest.raises(ValueError, match=r"unknown training setting\(s\) \['stepz'\]"):
+        TrainConfig.from_dict({"stepz": 3})
+
+
+def test_bf16_autocast_on_cpu(tmp_path: Path) -> None:
+    result = train(_model(), Tiny(), _config(steps=2, amp="bf16"), tmp_path / "run")
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _lines(tmp_path / "run"))
+    assert result["step"] == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    model = _model()
+    # the same path on every rank, as under torchrun; only rank 0 may write into it
+    result = train(model, Tiny(), _config(steps=4, batch_size=8, eval_every=2), Path(out) / "run")
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.save({"result": result, "params": flat}, Path(out) / f"rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.multiprocessing as mp
+
+    # fork: the workers inherit the imported torch instead of paying for its import again
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["result"]["step"] == r1["result"]["step"] == 4
+    assert torch.equal(r0["params"], r1["params"])  # gradients were averaged, replicas agree
+    lines = _lines(tmp_path / "run")
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]  # one writer: no duplicated lines
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in lines)
+    assert r0["result"]["metrics"] and not r1["result"]["metrics"]  # only rank 0 evaluates
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert len(state["rng"]) == 2  # every rank's data stream, for an exact resume
+
+
+def test_tensorboard_when_installed_else_a_warning(tmp_path: Path) -> None:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.warns(UserWarning, match="tensorboard package is not installed"):
+            train(_model(), Tiny(), _config(steps=2, tensorboard=True), tmp_path / "run")
+        assert not (tmp_path / "run" / "tensorboard").exists()
+    else:
+        train(_model(), Tiny(), _config(steps=2, tensorboard=True), tmp_path / "run")
+        assert any((tmp_path / "run" / "tensorboard").iterdir())
+    assert len(_lines(tmp_path / "run")) == 2
+
+
+def test_weight_average_is_evaluated_and_handed_back(tmp_path: Path) -> None:
+    model = _model()
+    result = train(model, Tiny(), _config(steps=4, ema_decay=0.5), tmp_path / "run")
+    (last,) = [r for r in _lines(tmp_path / "run") if "mae" in r]
+    assert "raw_mae" in last and last["raw_mae"] != last["mae"]  # both the average and the raw weights
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    averaged = evaluated_weights(state)
+    assert state["average"]["updates"] == 4 and not torch.equal(
+        averaged["phi.0.weight"], state["model"]["phi.0.weight"]
+    )
+    assert torch.equal(
+        model.state_dict()["phi.0.weight"], averaged["phi.0.weight"]
+    )  # the model ends averaged
+    assert result["metrics"]["mae"] == last["mae"]
+
+
+def test_weight_average_warms_up() -> None:
+    w = nn.Linear(1, 1, bias=False)
+    nn.init.zeros_(w.weight)
+    average = WeightAverage(w, decay=0.99)
+    with torch.no_grad():
+        w.weight.fill_(1.0)
+    average.update(w)  # keep min(0.99, 2/11): mostly the new weights already
+    assert average.model.weight.item() == pytest.approx(1 - 2 / 11)
+    assert not average.model.weight.requires_grad
