@@ -127,7 +127,9 @@ def _naive_fits(block: str, n: int, mode: str) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--quick", action="store_true", help="only N <= 10k and a short training row")
     parser.add_argument("--train-steps", type=int, default=60, help="timed steps of the training row")
@@ -143,8 +145,14 @@ def main() -> None:
     sizes = {"isab": [100, 1_000, 10_000, 100_000, 1_000_000], "sab": [100, 1_000, 10_000, 16_384]}
     if args.quick:
         sizes = {"isab": [100, 1_000, 10_000], "sab": [100, 1_000, 4_096]}
-    print(f"torch {torch.__version__}, {args.threads} threads, dim {DIM}, {HEADS} heads, {INDUCING} inducing points")
-    print("| block | N | mode | ours (s) | naive (s) | speed-up | ours peak (MB) | naive peak (MB) | memory ratio |")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, "
+        f"dim {DIM}, {HEADS} heads, {INDUCING} inducing points"
+    )
+    print(
+        "| block | N | mode | ours (s) | naive (s) | speed-up "
+        "| ours peak (MB) | naive peak (MB) | memory ratio |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for block, ns in sizes.items():
         for n in ns:
@@ -172,11 +180,15 @@ def main() -> None:
     naive_t = _run_worker(args.threads, kind="train", impl="naive", steps=steps)
     if ours_t and naive_t:
         print()
-        print("| training step (B=10, N~U{300..600}, 2->4x5, width 128, ISAB(32)x2+PMA+SABx2, Adam) "
-              "| ours (steps/s) | naive (steps/s) | speed-up |")
+        print(
+            "| training step (B=10, N~U{300..600}, 2->4x5, width 128, ISAB(32)x2+PMA+SABx2, Adam) "
+            "| ours (steps/s) | naive (steps/s) | speed-up |"
+        )
         print("|---|---|---|---|")
         ratio = ours_t["steps_per_s"] / naive_t["steps_per_s"]
-        print(f"| SetTransformer | {ours_t['steps_per_s']:.1f} | {naive_t['steps_per_s']:.1f} | {ratio:.2f}x |")
+        print(
+            f"| SetTransformer | {ours_t['steps_per_s']:.1f} | {naive_t['steps_per_s']:.1f} | {ratio:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

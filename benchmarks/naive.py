@@ -29,7 +29,7 @@ class NaiveMAB(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
 
     def forward(self, q: Tensor, kv: Tensor) -> Tensor:
-        b, h, split = kv.shape[0], self.num_heads, self.dim // self.num_heads
+        b, split = kv.shape[0], self.dim // self.num_heads
         qp = self.to_q(q).expand(b, -1, -1)
         k, v = self.to_kv(kv).chunk(2, dim=-1)
         q_, k_, v_ = (torch.cat(t.split(split, 2), 0) for t in (qp, k, v))
@@ -75,7 +75,13 @@ class NaiveSetTransformer(nn.Module):
     """ISAB x2 -> PMA -> SAB x2 -> Linear, the layout of :class:`settransformer.SetTransformer`."""
 
     def __init__(
-        self, dim_input: int, num_outputs: int, dim_output: int, dim_hidden: int, num_heads: int, num_inducing: int
+        self,
+        dim_input: int,
+        num_outputs: int,
+        dim_output: int,
+        dim_hidden: int,
+        num_heads: int,
+        num_inducing: int,
     ) -> None:
         super().__init__()
         self.encoder = nn.ModuleList(
