@@ -33,7 +33,26 @@ class Oracle(nn.Module):
 
 def test_registered() -> None:
     assert get_task("max-regression") is MaxRegression
-    assert MaxRegression.model_names == ("deepsets-mean", "deepsets-sum", "deepsets-max", "settransformer")
+    assert MaxRegression.model_names[:4] == (
+        "deepsets-mean",
+        "deepsets-sum",
+        "deepsets-max",
+        "settransformer",
+    )
+    assert set(MaxRegression.model_names[4:]) == {"lstm", "janet", "indrnn", "transformer-pe"}
+
+
+def test_order_aware_baselines_are_sensitive_to_order_and_set_models_are_not() -> None:
+    torch.manual_seed(0)
+    task = MaxRegression(test_sets=64)
+    device = torch.device("cpu")
+    sens = {
+        name: task.evaluate(task.build_model(name), device)["perm_sensitivity"] for name in task.model_names
+    }
+    for name in SET_MODELS:
+        assert sens[name] < 1e-4, (name, sens[name])
+    for name in ("lstm", "janet", "indrnn", "transformer-pe"):
+        assert sens[name] > 1e-3, (name, sens[name])
 
 
 def test_batches_are_padded_sets_with_their_maximum() -> None:
@@ -52,11 +71,14 @@ def test_batches_are_padded_sets_with_their_maximum() -> None:
     assert torch.equal(again.x, batch.x) and torch.equal(again.target, batch.target)
 
 
-def test_every_model_is_a_permutation_invariant_set_function() -> None:
+SET_MODELS = ("deepsets-mean", "deepsets-sum", "deepsets-max", "settransformer")
+
+
+def test_every_set_model_is_a_permutation_invariant_set_function() -> None:
     task = MaxRegression(dim_hidden=16, test_sets=8)
     batch = task.sample_batch(6, torch.Generator().manual_seed(1))
     perm = torch.randperm(batch.x.shape[1])
-    for name in task.model_names:
+    for name in SET_MODELS:
         torch.manual_seed(0)
         model = task.build_model(name).eval()
         out = model(batch.x, batch.mask)
@@ -79,7 +101,7 @@ def test_loss_is_the_mean_absolute_error() -> None:
 
 def test_evaluate_on_a_fixed_test_set() -> None:
     task = MaxRegression(test_sets=300)
-    assert task.evaluate(Oracle(), torch.device("cpu")) == {"mae": 0.0, "rmse": 0.0}
+    assert task.evaluate(Oracle(), torch.device("cpu")) == {"mae": 0.0, "rmse": 0.0, "perm_sensitivity": 0.0}
     model = task.build_model("deepsets-mean")
     first = task.evaluate(model, torch.device("cpu"))
     assert first["mae"] > 1 and first["rmse"] >= first["mae"]

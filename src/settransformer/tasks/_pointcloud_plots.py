@@ -82,6 +82,11 @@ def plot_examples(
         if three_d:
             ax = fig.add_subplot(rows, cols, k + 1, projection="3d")
             ax.scatter(pts[:, 0], pts[:, 1], pts[:, 2], s=2, c=pts[:, 2], cmap="viridis")
+            # one scale on all axes, so a flat disc looks flat
+            centre, half = (pts.max(0) + pts.min(0)) / 2, max(float(np.ptp(pts[:, :3], 0).max()) / 2, 1e-6)
+            ax.set(
+                xlim=centre[0] + [-half, half], ylim=centre[1] + [-half, half], zlim=centre[2] + [-half, half]
+            )
             ax.set_zticks([])
         else:
             ax = fig.add_subplot(rows, cols, k + 1)

@@ -23,11 +23,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..invariance import permutation_sensitivity
 from ..models import DeepSets, SetTransformer
+from ..sequence_models import SequenceSetModel
 from .base import Batch, Task
 from .report import save_figure
 
 __all__ = ["MaxRegression"]
+
+
+_SEQUENCE = {"lstm": "lstm", "janet": "janet", "indrnn": "indrnn", "transformer-pe": "transformer"}
+_RESCALED = "; the set scaled to [0, 1], the output scaled back"
 
 
 class _Rescaled(nn.Module):
@@ -57,7 +63,13 @@ class MaxRegression(Task):
         "deepsets-sum",
         "deepsets-max",
         "settransformer",
+        "lstm",
+        "janet",
+        "indrnn",
+        "transformer-pe",
     )
+    #: Extra columns of the results table: how much the output moves when the set is reordered.
+    table_metrics: ClassVar[tuple[str, ...]] = ("perm_sensitivity",)
     metric: ClassVar[str] = "mae"
     higher_is_better: ClassVar[bool] = False
     paper: ClassVar[dict[str, dict[str, float]]] = {
@@ -68,10 +80,14 @@ class MaxRegression(Task):
     }
     default_model: ClassVar[str | None] = "settransformer"
     model_descriptions: ClassVar[dict[str, str]] = {
-        "deepsets-mean": "rFF + Pooling (mean): FC(64,ReLU)x3, mean, FC(64,ReLU), FC(1)",
-        "deepsets-sum": "rFF + Pooling (sum): FC(64,ReLU)x3, sum, FC(64,ReLU), FC(1)",
-        "deepsets-max": "rFF + Pooling (max): FC(64,ReLU)x3, max, FC(64,ReLU), FC(1)",
-        "settransformer": "SAB + PMA: SAB(64,4)x2, PMA_1(64,4), FC(1)",
+        "deepsets-mean": "rFF + Pooling (mean): FC(64,ReLU)x3, mean, FC(64,ReLU), FC(1)" + _RESCALED,
+        "deepsets-sum": "rFF + Pooling (sum): FC(64,ReLU)x3, sum, FC(64,ReLU), FC(1)" + _RESCALED,
+        "deepsets-max": "rFF + Pooling (max): FC(64,ReLU)x3, max, FC(64,ReLU), FC(1)" + _RESCALED,
+        "settransformer": "SAB + PMA: SAB(64,4)x2, PMA_1(64,4), FC(1)" + _RESCALED,
+        "lstm": "order-aware baseline: LSTM(64) over the elements in their given order" + _RESCALED,
+        "janet": "order-aware baseline: JANET(64) (forget-gate-only LSTM)" + _RESCALED,
+        "indrnn": "order-aware baseline: IndRNN(64)" + _RESCALED,
+        "transformer-pe": "order-aware baseline: Transformer encoder with sinusoidal positions" + _RESCALED,
     }
 
     def __init__(self, **options: Any) -> None:
@@ -118,6 +134,8 @@ class MaxRegression(Task):
         if model_name.startswith("deepsets-") and model_name in self.model_names:
             pool = model_name.removeprefix("deepsets-")
             model = DeepSets(1, 1, 1, dim_hidden=d, pool=pool, num_encoder_layers=3, num_decoder_layers=1)  # type: ignore[arg-type]
+        elif model_name in _SEQUENCE:
+            model = SequenceSetModel(1, 1, 1, kind=_SEQUENCE[model_name], dim_hidden=d, num_heads=h)  # type: ignore[arg-type]
         elif model_name == "settransformer":
             model = SetTransformer(
                 1, 1, 1, dim_hidden=d, num_heads=h, num_inducing=None, num_decoder_layers=0
@@ -163,9 +181,19 @@ class MaxRegression(Task):
         return torch.cat(out)
 
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
-        """``mae`` (the table's metric) and ``rmse`` on the fixed test sets."""
-        err = self.predict(model, device) - self.test_batch().target
-        return {"mae": float(err.abs().mean()), "rmse": float(err.pow(2).mean().sqrt())}
+        """``mae`` (the table's metric) and ``rmse`` on the fixed test sets, and
+        ``perm_sensitivity``: the std of the output over 8 random orderings of the first 500 test
+        sets (0 for a set model up to float rounding; order-aware baselines are clearly above)."""
+        batch = self.test_batch()
+        err = self.predict(model, device) - batch.target
+        x, mask = batch.x[:500].to(device), batch.mask[:500].to(device)  # type: ignore[index]
+        gen = torch.Generator().manual_seed(0)
+        sensitivity = permutation_sensitivity(model, x, mask, num_orders=8, generator=gen)
+        return {
+            "mae": float(err.abs().mean()),
+            "rmse": float(err.pow(2).mean().sqrt()),
+            "perm_sensitivity": float(sensitivity),
+        }
 
     def plot(self, model: nn.Module, out_dir: Path, device: torch.device) -> list[Path]:
         """``max_regression.png``: predicted against true maximum on the test sets."""

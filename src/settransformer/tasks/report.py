@@ -52,10 +52,11 @@ def _fmt(mean: float | None, std: float | None = None) -> str:
 
 
 def _metrics(task: type[Task]) -> list[str]:
-    """The headline metric, then any other metric the paper reports for this task."""
+    """The headline metric, any other metric the paper reports, then the task's ``table_metrics``."""
     names = [task.metric]
     for row in task.paper.values():
         names += [k for k in row if not k.endswith("_std") and k not in names]
+    names += [k for k in getattr(task, "table_metrics", ()) if k not in names]
     return names
 
 
