@@ -219,6 +219,7 @@ def _modelnet_tree(root: Path) -> Path:
 
 
 def test_read_off_accepts_glued_header(tmp_path: Path) -> None:
+    pytest.importorskip("trimesh")
     (tmp_path / "g.off").write_text(_off(glued=True))
     mesh = read_off(tmp_path / "g.off")
     assert mesh.vertices.shape == (8, 3) and mesh.faces.shape == (12, 3)
@@ -226,6 +227,7 @@ def test_read_off_accepts_glued_header(tmp_path: Path) -> None:
 
 
 def test_modelnet_off_samples_surfaces_and_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("trimesh")
     root = _modelnet_tree(tmp_path / "ModelNet")
     raw = load_modelnet_off(root, points_per_shape=400, normalize=False, progress=False)
     assert raw.class_names == ["box", "crate"] and raw.train.points.shape == (4, 400, 3)
@@ -251,6 +253,7 @@ def test_modelnet_off_samples_surfaces_and_caches(tmp_path: Path, monkeypatch: p
 
 
 def test_modelnet_off_bad_mesh_names_the_file(tmp_path: Path) -> None:
+    pytest.importorskip("trimesh")
     root = _modelnet_tree(tmp_path / "ModelNet")
     (root / "box" / "test" / "box_0000.off").write_text("OFF\n8 12 0\n1 2 3\n")  # truncated
     with pytest.raises(ValueError, match=r"box_0000\.off: cannot parse as an OFF mesh"):

@@ -28,6 +28,17 @@ __all__ = ["find_off_files", "load_modelnet_off", "read_off", "sample_surface"]
 _CACHE_VERSION = 1  # bump when the sampling code changes, to invalidate old caches
 
 
+def _trimesh() -> Any:
+    try:
+        import trimesh
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(
+            "reading .off meshes needs trimesh: pip install trimesh (or settransformer[train])",
+            name="trimesh",
+        ) from err
+    return trimesh
+
+
 def find_off_files(root: str | Path) -> tuple[dict[str, list[tuple[Path, int]]], list[str]]:
     """List ``{"train": [(file, label)...], "test": [...]}`` and the sorted class names under ``root``."""
     root = Path(root)
@@ -48,8 +59,7 @@ def find_off_files(root: str | Path) -> tuple[dict[str, list[tuple[Path, int]]],
 
 def read_off(path: str | Path) -> Any:
     """Parse one ``.off`` file into a ``trimesh.Trimesh`` (``ValueError`` naming the file if it is bad)."""
-    import trimesh
-
+    trimesh = _trimesh()
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -64,8 +74,7 @@ def read_off(path: str | Path) -> Any:
 
 def sample_surface(mesh: Any, num_points: int, seed: int, where: str = "mesh") -> np.ndarray:
     """``num_points`` points ``(num_points, 3)`` float32 uniform on the surface (area-weighted faces)."""
-    import trimesh
-
+    trimesh = _trimesh()
     if not mesh.area > 0:
         raise ValueError(f"{where}: mesh has zero surface area")
     points, _ = trimesh.sample.sample_surface(mesh, num_points, seed=seed)

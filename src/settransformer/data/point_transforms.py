@@ -76,7 +76,7 @@ def subsample(
 
 def _masked_moments(z: Tensor, mask: Tensor | None, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
     """Mean and (biased) std of ``z: (B, N, C)`` over ``dims``, counting only real points."""
-    w = torch.ones_like(z[..., :1])
+    w = torch.ones_like(z[..., :1]) if mask is None else mask[..., None].to(z.dtype)
     w = w.expand_as(z)
     count = w.sum(dims, keepdim=True).clamp(min=1)
     mean = (z * w).sum(dims, keepdim=True) / count
