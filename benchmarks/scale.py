@@ -58,17 +58,23 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _time(fn: Callable[[], object], budget_s: float, max_runs: int = 5) -> tuple[float, int]:
-    """Median wall time of ``fn`` and the number of runs (the first run is always timed)."""
+def _time(fn: Callable[[], object], budget_s: float, max_runs: int = 5) -> tuple[float, int, float]:
+    """Median wall time of ``fn``, the number of runs (the first is always timed), median CPU time.
+
+    CPU time is the process's, all threads: on a shared machine it shows the work done when wall
+    time mostly shows the waiting.
+    """
     times: list[float] = []
+    cpu: list[float] = []
     start = time.perf_counter()
     while len(times) < max_runs:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
         if times[0] > budget_s / 3 or time.perf_counter() - start > budget_s:
             break
-    return statistics.median(times), len(times)
+    return statistics.median(times), len(times), statistics.median(cpu)
 
 
 def _model(what: str, impl: str) -> torch.nn.Module:
@@ -106,8 +112,15 @@ def worker_point(what: str, impl: str, n: int, chunk_size: int, budget: float) -
         run(torch.randn(1, 1000, DIM_IN))  # kernels, thread pools
         base = _rss_mb()
         x = torch.randn(1, n, DIM_IN)
-        seconds, runs = _time(lambda: run(x), budget)
-    return {"time_s": seconds, "runs": runs, "peak_mb": _peak_mb(), "base_mb": base, "load": load}
+        seconds, runs, cpu = _time(lambda: run(x), budget)
+    return {
+        "time_s": seconds,
+        "runs": runs,
+        "cpu_s": cpu,
+        "peak_mb": _peak_mb(),
+        "base_mb": base,
+        "load": load,
+    }
 
 
 def _isab_flops(isab: Any, n: int, nq: int) -> float:
@@ -133,19 +146,19 @@ def worker_flops(n: int, chunk_size: int, budget: float) -> dict[str, float]:
         isab(x[:, :1000])
         isab_chunked(isab, x[:, :1000], chunk_size=chunk_size)
         torch.mm(a, w, out=out)  # touches the output pages
-        mm_s, _ = _time(lambda: torch.mm(a, w, out=out), budget)
-        un_s, _ = _time(lambda: isab(x), budget)
-        ch_s, _ = _time(lambda: isab_chunked(isab, x, chunk_size=chunk_size), budget)
+        mm_s, _, mm_cpu = _time(lambda: torch.mm(a, w, out=out), budget)
+        un_s, _, un_cpu = _time(lambda: isab(x), budget)
+        ch_s, _, ch_cpu = _time(lambda: isab_chunked(isab, x, chunk_size=chunk_size), budget)
     if isab.mab0._path(INDUCING, n) != "pooled":
         raise RuntimeError("the FLOP count assumes mab0's pooled form")
     return {
-        "mm_gflops": 2 * n * DIM * DIM / mm_s / 1e9,
-        "chunked_gflops": _isab_flops(isab, n, chunk_size) / ch_s / 1e9,
-        "unchunked_gflops": _isab_flops(isab, n, n) / un_s / 1e9,
         "flops_per_element": _isab_flops(isab, 1, chunk_size),
         "mm_s": mm_s,
         "chunked_s": ch_s,
         "unchunked_s": un_s,
+        "mm_cpu_s": mm_cpu,
+        "chunked_cpu_s": ch_cpu,
+        "unchunked_cpu_s": un_cpu,
         "load": load,
     }
 
@@ -173,9 +186,16 @@ def worker_ragged(impl: str, max_size: int, chunk_size: int, budget: float, save
             del x
             kw = {"chunk_size": chunk_size} if impl == "padded-chunked" else {}
             run = lambda: model(xp, mask, **kw)  # noqa: E731
-        seconds, runs = _time(run, budget)
+        seconds, runs, cpu = _time(run, budget)
         torch.save(run(), save)
-    return {"time_s": seconds, "runs": runs, "peak_mb": _peak_mb(), "base_mb": base, "load": load}
+    return {
+        "time_s": seconds,
+        "runs": runs,
+        "cpu_s": cpu,
+        "peak_mb": _peak_mb(),
+        "base_mb": base,
+        "load": load,
+    }
 
 
 WAIT_POLICY = "passive"
@@ -200,8 +220,10 @@ def _fmt_mb(r: dict[str, float]) -> str:
 def sweep(args: argparse.Namespace, sizes: list[int]) -> dict[tuple[str, str], list[tuple[int, dict]]]:
     limit_mb = args.mem_limit_gb * 1024
     results: dict[tuple[str, str], list[tuple[int, dict]]] = {}
-    print("| what | N | impl | time (s) | runs | Melem/s | peak RSS (MB) | above baseline (MB) | load |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| what | N | impl | time (s) | CPU (s) | runs | Melem/s | peak RSS (MB) | above base (MB) | load |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for what in [w for w in ("isab", "st") if w in args.rows]:
         for n in sizes:
             for impl in IMPLS:
@@ -211,7 +233,7 @@ def sweep(args: argparse.Namespace, sizes: list[int]) -> dict[tuple[str, str], l
                     estimate = (r0["peak_mb"] - r0["base_mb"]) * n / n0
                     if estimate > limit_mb:
                         gb = estimate / 1024
-                        print(f"| {what} | {n:,} | {impl} | skipped: ~{gb:.0f} GB estimated | | | | | |")
+                        print(f"| {what} | {n:,} | {impl} | skipped: ~{gb:.0f} GB estimated | | | | | | |")
                         continue
                 r = _run_worker(
                     args.threads, kind="point", what=what, impl=impl, n=n, chunk_size=args.chunk_size,
@@ -222,7 +244,8 @@ def sweep(args: argparse.Namespace, sizes: list[int]) -> dict[tuple[str, str], l
                 done.append((n, r))
                 rate = n / r["time_s"] / 1e6
                 print(
-                    f"| {what} | {n:,} | {impl} | {r['time_s']:.3f} | {r['runs']} | {rate:.2f} | "
+                    f"| {what} | {n:,} | {impl} | {r['time_s']:.3f} | {r['cpu_s']:.2f} | {r['runs']} | "
+                    f"{rate:.2f} | "
                     f"{_fmt_mb(r)} | {r['load']:.1f} |",
                     flush=True,
                 )
@@ -242,8 +265,8 @@ def ragged_row(args: argparse.Namespace, max_size: int) -> None:
         print(
             f"(plain padding estimated at {rows * per_row_mb / 1024:.0f} GB: padded path run with chunk_size)"
         )
-    print("| impl | time (s) | runs | peak RSS (MB) | above baseline (MB) | load |")
-    print("|---|---|---|---|---|---|")
+    print("| impl | time (s) | CPU (s) | runs | peak RSS (MB) | above base (MB) | load |")
+    print("|---|---|---|---|---|---|---|")
     res, outs = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for impl in impls:
@@ -255,9 +278,9 @@ def ragged_row(args: argparse.Namespace, max_size: int) -> None:
             if r is None:
                 return
             res[impl], outs[impl] = r, torch.load(save, weights_only=True)
-            print(
-                f"| {impl} | {r['time_s']:.3f} | {r['runs']} | {_fmt_mb(r)} | {r['load']:.1f} |", flush=True
-            )
+            row = f"| {impl} | {r['time_s']:.3f} | {r['cpu_s']:.2f} | {r['runs']} | {_fmt_mb(r)} | "
+            row += f"{r['load']:.1f} |"
+            print(row, flush=True)
     a, b = res["ragged"], res[impls[1]]
     diff = (outs["ragged"] - outs[impls[1]]).abs().max().item()
     above = (b["peak_mb"] - b["base_mb"]) / max(a["peak_mb"] - a["base_mb"], 1)
@@ -275,13 +298,20 @@ def flops_row(args: argparse.Namespace, n: int) -> None:
     print(
         f"\nISAB forward at N={n:,} ({r['flops_per_element']:.0f} FLOP/element counted), "
         f"load {r['load']:.1f}:\n"
-        f"| computation | time (s) | GFLOP/s | of matmul rate |\n|---|---|---|---|\n"
-        f"| (N,128)@(128,128) matmul | {r['mm_s']:.3f} | {r['mm_gflops']:.1f} | 100% |\n"
-        f"| ISAB chunked | {r['chunked_s']:.3f} | {r['chunked_gflops']:.1f} | "
-        f"{r['chunked_gflops'] / r['mm_gflops']:.0%} |\n"
-        f"| ISAB unchunked | {r['unchunked_s']:.3f} | {r['unchunked_gflops']:.1f} | "
-        f"{r['unchunked_gflops'] / r['mm_gflops']:.0%} |"
+        "| computation | time (s) | GFLOP/s | of matmul rate | CPU (s) | GFLOP/CPU-s | of matmul |\n"
+        "|---|---|---|---|---|---|---|"
     )
+    mm = 2 * n * DIM * DIM
+    isab = r["flops_per_element"] * n
+    rows = [("(N,128)@(128,128) matmul", mm, "mm"), ("ISAB chunked", isab, "chunked")]
+    rows.append(("ISAB unchunked", isab, "unchunked"))
+    base, base_cpu = mm / r["mm_s"], mm / r["mm_cpu_s"]
+    for name, work, key in rows:
+        wall, cpu = work / r[f"{key}_s"], work / r[f"{key}_cpu_s"]
+        print(
+            f"| {name} | {r[f'{key}_s']:.3f} | {wall / 1e9:.1f} | {wall / base:.0%} | "
+            f"{r[f'{key}_cpu_s']:.2f} | {cpu / 1e9:.1f} | {cpu / base_cpu:.0%} |"
+        )
 
 
 def plot(results: dict[tuple[str, str], list[tuple[int, dict]]], path: str) -> None:

@@ -252,6 +252,8 @@ def test_errors() -> None:
         model_of(num_inducing=None)(x, chunk_size=4)
     with pytest.raises(ValueError, match="out: expected"), torch.no_grad():
         encode_chunked(model, x, chunk_size=4, out=torch.empty(1, 10, DIM + 1))
+    with pytest.raises(ValueError, match=r"encoder\[0\]\.mab0: chunked evaluation supports only"):
+        model_of(score="gaussian")(x, chunk_size=4)
     model.encoder[1].mab0.top_k = 2  # hard attention does not decompose into chunks
     with pytest.raises(ValueError, match=r"encoder\[1\]\.mab0: chunked evaluation supports only"):
         model(x, chunk_size=4)

@@ -37,8 +37,9 @@ Memory (float32, ``c = chunk_size``, ``w = max(dim, heads * m)``):
   ``O(B c w L)``. Gradients equal the unchunked ones. Attention dropout is applied to each
   chunk's weights (the same distribution as unchunked dropout, not the same random draws).
 
-Only dot-product attention scores can be accumulated this way; other score functions raise
-``ValueError``. SAB encoder layers attend over the whole set and cannot be chunked.
+Only soft dot-product attention can be accumulated this way: an ISAB's ``mab0`` or PMA with
+another ``score`` or with ``top_k`` raises ``ValueError`` (``mab1`` may use any). SAB encoder
+layers attend over the whole set and cannot be chunked.
 
 Example:
     >>> from settransformer import SetTransformer

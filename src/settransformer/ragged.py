@@ -204,21 +204,8 @@ def size_buckets(
     return buckets
 
 
-def _min_rows(module: nn.Module) -> int:
-    """The most learned queries (inducing points, seeds) of any block in ``module``.
-
-    Buckets are padded to at least this many rows: a MAB picks its cost-based ``"induced"`` form
-    for shared learned queries only over fewer keys than queries, and that form does not
-    broadcast a batch-1 query over a batch of sets (``attention.induced_attention``).
-    """
-    counts = [m.inducing.shape[0] for m in module.modules() if isinstance(m, ISAB)]
-    counts += [m.seeds.shape[0] for m in module.modules() if isinstance(m, PMA)]
-    return max(counts, default=1)
-
-
 def _apply(
     fn: Callable[[Tensor, Tensor], Tensor],
-    module: nn.Module,
     x: Tensor,
     offsets: Tensor,
     per_element: bool,
@@ -227,11 +214,10 @@ def _apply(
 ) -> Tensor:
     """Run ``fn(x_padded, mask)`` bucket by bucket; gather per-set or scatter per-element outputs."""
     sizes = offsets.diff()
-    least = _min_rows(module)
     outs, where = [], []
-    for bucket in size_buckets(sizes.clamp_min(least).tolist(), slack=slack, max_rows=max_rows):
+    for bucket in size_buckets(sizes.tolist(), slack=slack, max_rows=max_rows):
         idx = torch.tensor(bucket, device=x.device)
-        n = max(int(sizes[idx].max()), least)
+        n = max(int(sizes[idx].max()), 1)
         xb, mask = _gather(x, offsets[idx], sizes[idx], n)
         y = fn(xb, mask)
         if per_element:
@@ -258,7 +244,7 @@ def isab_ragged(
     if not isinstance(isab, ISAB):
         raise TypeError(f"isab: expected an ISAB, got {type(isab).__name__}")
     offsets = _resolve(x, offsets, batch, num_sets)
-    return _apply(isab.encode, isab, x, offsets, True, slack, max_rows)
+    return _apply(isab.encode, x, offsets, True, slack, max_rows)
 
 
 def pma_ragged(
@@ -275,7 +261,7 @@ def pma_ragged(
     if not isinstance(pma, PMA):
         raise TypeError(f"pma: expected a PMA, got {type(pma).__name__}")
     offsets = _resolve(z, offsets, batch, num_sets)
-    return _apply(pma.pool, pma, z, offsets, False, slack, max_rows)
+    return _apply(pma.pool, z, offsets, False, slack, max_rows)
 
 
 def ragged_encode(
@@ -290,7 +276,7 @@ def ragged_encode(
 ) -> Tensor:
     """A set model's element embeddings over a ragged batch: ``(total, dim_input) -> (total, dim_hidden)``."""
     offsets = _resolve(x, offsets, batch, num_sets)
-    return _apply(model.encode, model, x, offsets, True, slack, max_rows)  # type: ignore[arg-type]
+    return _apply(model.encode, x, offsets, True, slack, max_rows)  # type: ignore[arg-type]
 
 
 def ragged_forward(
@@ -324,4 +310,4 @@ def ragged_forward(
             return model(xb, mask)
         return model(xb, mask, chunk_size=chunk_size)
 
-    return _apply(run, model, x, offsets, False, slack, max_rows)
+    return _apply(run, x, offsets, False, slack, max_rows)

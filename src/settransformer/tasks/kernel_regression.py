@@ -183,6 +183,7 @@ class KernelRegression(Task):
     )
     metric: ClassVar[str] = "mse"
     higher_is_better: ClassVar[bool] = False
+    table_metrics: ClassVar[tuple[str, ...]] = ("perm_sensitivity",)
     default_model: ClassVar[str | None] = "settransformer"
     model_descriptions: ClassVar[dict[str, str]] = {
         "average": "mean of the context y (average pooling), no parameters",
