@@ -12,7 +12,8 @@ Rows (float32, ``dim_input`` 3, width 128, 4 heads, 32 inducing points, ``ff_dim
   (``benchmarks/naive.py``), each point in its own process. A point is skipped when its memory,
   extrapolated linearly from the previous N, would exceed ``--mem-limit-gb``.
 - ``flops``: ISAB forward at N = 1e6 against a plain ``(N, 128) @ (128, 128)`` matmul in the same
-  process. FLOPs are counted for the attention forms the code runs (2 per multiply-add of every
+  process, both writing into a preallocated output (``out=``; the chunked ISAB also into a new
+  one). FLOPs are counted for the attention forms the code runs (2 per multiply-add of every
   matrix product, including the ``K = 3`` products; softmax, LayerNorm, bias and ReLU not counted).
 - ``ragged``: 64 sets with sizes log-uniform in [10, ``--ragged-max``] (seed 0) through the
   SetTransformer as a ragged batch (:func:`settransformer.ragged.ragged_forward`) and padded to
@@ -142,13 +143,15 @@ def worker_flops(n: int, chunk_size: int, budget: float) -> dict[str, float]:
     isab = _model("isab", "unchunked")
     x = torch.randn(1, n, DIM_IN)
     a, w, out = torch.randn(n, DIM), torch.randn(DIM, DIM), torch.empty(n, DIM)
+    z = torch.empty(1, n, DIM)
     with torch.inference_mode():
         isab(x[:, :1000])
-        isab_chunked(isab, x[:, :1000], chunk_size=chunk_size)
         torch.mm(a, w, out=out)  # touches the output pages
+        isab_chunked(isab, x, chunk_size=chunk_size, out=z)
         mm_s, _, mm_cpu = _time(lambda: torch.mm(a, w, out=out), budget)
         un_s, _, un_cpu = _time(lambda: isab(x), budget)
-        ch_s, _, ch_cpu = _time(lambda: isab_chunked(isab, x, chunk_size=chunk_size), budget)
+        ch_s, _, ch_cpu = _time(lambda: isab_chunked(isab, x, chunk_size=chunk_size, out=z), budget)
+        fresh_s, _, fresh_cpu = _time(lambda: isab_chunked(isab, x, chunk_size=chunk_size), budget)
     if isab.mab0._path(INDUCING, n) != "pooled":
         raise RuntimeError("the FLOP count assumes mab0's pooled form")
     return {
@@ -159,6 +162,8 @@ def worker_flops(n: int, chunk_size: int, budget: float) -> dict[str, float]:
         "mm_cpu_s": mm_cpu,
         "chunked_cpu_s": ch_cpu,
         "unchunked_cpu_s": un_cpu,
+        "fresh_s": fresh_s,
+        "fresh_cpu_s": fresh_cpu,
         "load": load,
     }
 
@@ -198,7 +203,7 @@ def worker_ragged(impl: str, max_size: int, chunk_size: int, budget: float, save
     }
 
 
-WAIT_POLICY = "passive"
+WAIT_POLICY = "default"
 
 
 def _run_worker(threads: int, **spec: Any) -> dict[str, float] | None:
@@ -226,7 +231,7 @@ def sweep(args: argparse.Namespace, sizes: list[int]) -> dict[tuple[str, str], l
     print("|---|---|---|---|---|---|---|---|---|---|")
     for what in [w for w in ("isab", "st") if w in args.rows]:
         for n in sizes:
-            for impl in IMPLS:
+            for impl in [i for i in IMPLS if i in args.impls]:
                 done = results.setdefault((what, impl), [])
                 if done:
                     n0, r0 = done[-1]
@@ -303,8 +308,8 @@ def flops_row(args: argparse.Namespace, n: int) -> None:
     )
     mm = 2 * n * DIM * DIM
     isab = r["flops_per_element"] * n
-    rows = [("(N,128)@(128,128) matmul", mm, "mm"), ("ISAB chunked", isab, "chunked")]
-    rows.append(("ISAB unchunked", isab, "unchunked"))
+    rows = [("(N,128)@(128,128) matmul, out=", mm, "mm"), ("ISAB chunked, out=", isab, "chunked")]
+    rows += [("ISAB chunked, new output", isab, "fresh"), ("ISAB unchunked", isab, "unchunked")]
     base, base_cpu = mm / r["mm_s"], mm / r["mm_cpu_s"]
     for name, work, key in rows:
         wall, cpu = work / r[f"{key}_s"], work / r[f"{key}_cpu_s"]
@@ -346,7 +351,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--quick", action="store_true", help="N <= 1e5, ragged sizes up to 1e4")
     parser.add_argument("--max-n", type=float, default=1e7, help="largest N of the sweep (default 1e7)")
-    parser.add_argument("--chunk-size", type=int, default=8192, help="elements per chunk (default 8192)")
+    parser.add_argument(
+        "--impls", default=",".join(IMPLS), help="which implementations of the sweep (default all)"
+    )
+    parser.add_argument("--min-n", type=float, default=1e3, help="smallest N of the sweep (default 1e3)")
+    parser.add_argument("--chunk-size", type=int, default=4096, help="elements per chunk (default 4096)")
     parser.add_argument("--rows", default="isab,st,flops,ragged", help="which rows to run (comma-separated)")
     parser.add_argument(
         "--ragged-max", type=int, default=100_000, help="largest ragged set size (default 1e5)"
@@ -358,10 +367,11 @@ def main() -> None:
     parser.add_argument("--plot", help="write a log-log PNG of time and peak memory against N")
     parser.add_argument(
         "--omp-wait-policy",
-        choices=["passive", "active", "default"],
-        default="passive",
-        help="OMP_WAIT_POLICY of the workers (default passive: spinning threads make timings erratic "
-        "on a shared, oversubscribed machine; 'default' leaves the environment as is)",
+        choices=["auto", "passive", "active", "default"],
+        default="auto",
+        help="OMP_WAIT_POLICY of the workers. Spinning threads make timings erratic on a shared, "
+        "oversubscribed machine, sleeping ones cost a little on a quiet one; 'auto' (default) picks "
+        "passive when the load average exceeds the CPU count at start, else leaves the environment as is",
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -374,13 +384,15 @@ def main() -> None:
 
     global WAIT_POLICY
     WAIT_POLICY = args.omp_wait_policy
+    if WAIT_POLICY == "auto":
+        WAIT_POLICY = "passive" if os.getloadavg()[0] > (os.cpu_count() or 1) else "default"
     max_n = min(int(args.max_n), 100_000) if args.quick else int(args.max_n)
-    sizes = [n for n in (1_000, 10_000, 100_000, 1_000_000, 10_000_000) if n <= max_n]
-    args.rows = args.rows.split(",")
+    sizes = [n for n in (1_000, 10_000, 100_000, 1_000_000, 10_000_000) if args.min_n <= n <= max_n]
+    args.rows, args.impls = args.rows.split(","), args.impls.split(",")
     print(
         f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, chunk {args.chunk_size}, "
         f"dim_input {DIM_IN}, width {DIM}, {HEADS} heads, {INDUCING} inducing points, "
-        f"OMP_WAIT_POLICY {args.omp_wait_policy}, load {os.getloadavg()[0]:.1f}"
+        f"OMP_WAIT_POLICY {WAIT_POLICY}, load {os.getloadavg()[0]:.1f}"
     )
     results = sweep(args, sizes)
     for n in (1_000_000, 100_000):

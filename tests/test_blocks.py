@@ -341,3 +341,20 @@ def test_masked_pool_max_of_negative_values() -> None:
     x = -torch.rand(1, 4, 2) - 1
     mask = torch.tensor([[True, True, False, False]])
     torch.testing.assert_close(masked_pool(x.masked_fill(~mask[..., None], 0), mask, "max"), x[:, :2].amax(1))
+
+
+@pytest.mark.parametrize("norm", ["post", "pre", None])
+def test_isab_row_blocks_without_autograd_equal_one_pass(monkeypatch: pytest.MonkeyPatch, norm) -> None:
+    import settransformer.blocks as blocks
+
+    torch.manual_seed(0)
+    isab = ISAB(3, 8, num_heads=2, num_inducing=4, norm=norm).eval()
+    x = torch.randn(3, 41, 3)
+    mask = torch.arange(41)[None] < torch.tensor([[41], [17], [0]])
+    whole = isab(x, mask)  # grad enabled: one pass over all rows
+    monkeypatch.setattr(blocks, "ROW_BLOCK", 20)  # 20 // 3 = 6 rows per block, not dividing 41
+    with torch.no_grad():
+        blocked = isab(x, mask)
+    assert whole.requires_grad and not blocked.requires_grad
+    torch.testing.assert_close(blocked, whole.detach(), atol=1e-6, rtol=1e-6)
+    assert blocked[1, 17:].abs().max() == 0 and blocked[2].abs().max() == 0

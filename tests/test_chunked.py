@@ -257,3 +257,17 @@ def test_errors() -> None:
     model.encoder[1].mab0.top_k = 2  # hard attention does not decompose into chunks
     with pytest.raises(ValueError, match=r"encoder\[1\]\.mab0: chunked evaluation supports only"):
         model(x, chunk_size=4)
+
+
+def test_isab_and_pma_forward_take_chunk_size() -> None:
+    torch.manual_seed(0)
+    isab, pma = ISAB(3, 8, 2, 4).eval(), PMA(8, 2, 3).eval()
+    x = torch.randn(2, 37, 3)
+    mask = torch.arange(37)[None] < torch.tensor([[37], [11]])
+    with torch.no_grad():
+        z = isab(x, mask)
+        torch.testing.assert_close(isab(x, mask, chunk_size=5), z, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pma(z, mask, chunk_size=5), pma(z, mask), atol=1e-5, rtol=1e-5)
+        assert isab(x.numpy(), mask.numpy(), chunk_size=8).shape == (2, 37, 8)  # any sliceable array
+    with pytest.raises(ValueError, match="chunk_size"):
+        isab(x, chunk_size=0)

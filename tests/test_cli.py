@@ -228,7 +228,7 @@ def test_checkpoint_of_another_model_is_refused(run: Path, capsys: pytest.Captur
 def test_every_flag_has_help() -> None:
     parser = cli.build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(subparsers.choices) == {"train", "eval", "plot", "reproduce", "demo"}
+    assert {"train", "eval", "plot", "reproduce", "demo", "predict"} <= set(subparsers.choices)
     for name, sub in subparsers.choices.items():
         for action in sub._actions:
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"

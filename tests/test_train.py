@@ -1,9 +1,8 @@
-"""The training loop: run folders, repeatability, exact resume, clipping, schedules, DDP."""
+"""The training loop: run folders, repeatability, exact resume, clipping, schedules; DDP: test_distributed."""
 
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -239,41 +238,6 @@ def test_bf16_autocast_on_cpu(tmp_path: Path) -> None:
     result = train(_model(), Tiny(), _config(steps=2, amp="bf16"), tmp_path / "run")
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _lines(tmp_path / "run"))
     assert result["step"] == 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
-    import os
-
-    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    model = _model()
-    # the same path on every rank, as under torchrun; only rank 0 may write into it
-    result = train(model, Tiny(), _config(steps=4, batch_size=8, eval_every=2), Path(out) / "run")
-    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-    torch.save({"result": result, "params": flat}, Path(out) / f"rank{rank}.pt")
-
-
-@pytest.mark.slow
-def test_ddp_two_cpu_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import torch.multiprocessing as mp
-
-    # fork: the workers inherit the imported torch instead of paying for its import again
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="fork")
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert r0["result"]["step"] == r1["result"]["step"] == 4
-    assert torch.equal(r0["params"], r1["params"])  # gradients were averaged, replicas agree
-    lines = _lines(tmp_path / "run")
-    assert [r["step"] for r in lines] == [1, 2, 3, 4]  # one writer: no duplicated lines
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in lines)
-    assert r0["result"]["metrics"] and not r1["result"]["metrics"]  # only rank 0 evaluates
-    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
-    assert len(state["rng"]) == 2  # every rank's data stream, for an exact resume
 
 
 def test_tensorboard_when_installed_else_a_warning(tmp_path: Path) -> None:

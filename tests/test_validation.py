@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from settransformer.blocks import ISAB, MAB, PMA, SAB, masked_pool
 from settransformer.models import DeepSets, SetTransformer
-from settransformer.validation import check_mask, check_set, zero_padding
+from settransformer.validation import check_finite, check_mask, check_set, zero_padding
 
 B, N = 2, 6
 
@@ -238,3 +238,157 @@ def test_zero_padding_replaces_nan_and_inf() -> None:
     out.sum().backward()
     assert x.grad is not None and x.grad.tolist() == [[[1.0], [0.0], [0.0]]]
     assert zero_padding(x, None) is x
+
+
+# ---------------------------------------------------------------- finiteness, dtype, device, empty input
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_real_element(target, bad: float) -> None:
+    forward, name, dim = target
+    x, mask = torch.randn(B, N, dim), torch.ones(B, N, dtype=torch.bool)
+    x[1, 4, 0] = bad
+    with pytest.raises(ValueError, match=expect(name, "finite", f"{name}[1, 4]", "set_finite_checks(False)")):
+        forward(x, mask)
+    mask[1, 4] = False  # the same value at a padded position is ignored
+    assert torch.isfinite(forward(x, mask)).all()
+
+
+def test_finite_check_opt_out(target) -> None:
+    from settransformer import validation
+
+    forward, _, dim = target
+    x = torch.randn(B, N, dim)
+    x[0, 0, 0] = float("nan")
+    assert validation.finite_checks_enabled()
+    with validation.finite_checks(False):
+        assert not validation.finite_checks_enabled()
+        forward(x)  # no check: NaN flows into the output
+    assert validation.finite_checks_enabled()
+    validation.set_finite_checks(False)
+    try:
+        forward(x)
+    finally:
+        validation.set_finite_checks(True)
+    with pytest.raises(TypeError, match=r"^enabled:"):
+        validation.set_finite_checks("no")  # type: ignore[arg-type]
+
+
+def test_finite_check_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    from settransformer import validation
+
+    try:
+        monkeypatch.setenv("SETTRANSFORMER_CHECK_FINITE", "0")
+        assert not importlib.reload(validation).finite_checks_enabled()
+    finally:
+        monkeypatch.delenv("SETTRANSFORMER_CHECK_FINITE")
+        assert importlib.reload(validation).finite_checks_enabled()
+
+
+def test_large_finite_input_passes() -> None:
+    # the fast path's sum overflows to inf; the exact test must still accept the input
+    x = torch.full((1, 4, 5), 3e38)
+    assert check_finite(x) is x
+    x16 = torch.full((1, 4, 5), 6e4, dtype=torch.float16)
+    assert check_finite(x16) is x16
+
+
+def test_dtype_must_match_the_module(target) -> None:
+    forward, name, dim = target
+    with pytest.raises(TypeError, match=expect(name, "torch.float32", "torch.float64", ".to(")):
+        forward(torch.randn(B, N, dim, dtype=torch.float64))
+
+
+def test_autocast_skips_the_dtype_check() -> None:
+    sab = SAB(5, 16, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert sab(torch.randn(B, N, 5, dtype=torch.bfloat16)).shape == (B, N, 16)
+
+
+def test_device_must_match_the_module(target) -> None:
+    forward, name, dim = target
+    with pytest.raises(ValueError, match=expect(name, "meta", "cpu")):
+        forward(torch.randn(B, N, dim, device="meta"))
+
+
+@pytest.mark.parametrize(("b", "n"), [(0, N), (B, 0), (0, 0)], ids=["B=0", "N=0", "both"])
+def test_empty_batches_and_sets(target, b: int, n: int) -> None:
+    forward, name, dim = target
+    if name == "kv" and b == 0:
+        pytest.skip("the MAB target's queries have batch size 2")
+    out = forward(torch.randn(b, n, dim), torch.zeros(b, n, dtype=torch.bool))
+    assert out.shape[0] == b and torch.isfinite(out).all()
+
+
+def test_chunked_forward_of_empty_sets() -> None:
+    model = SetTransformer(5, 2, 3, dim_hidden=16, num_inducing=4).eval()
+    x, mask = torch.randn(B, 0, 5), torch.zeros(B, 0, dtype=torch.bool)
+    torch.testing.assert_close(model(x, mask, chunk_size=8), model(x, mask))
+    with pytest.raises(ValueError, match=r"^chunk_size:"):
+        model(x, mask, chunk_size=0)
+
+
+def test_rff_encoder_without_layers_needs_matching_width() -> None:
+    with pytest.raises(ValueError, match=expect("num_encoder_layers", "dim_input == dim_hidden", "3 and 16")):
+        SetTransformer(3, 1, 1, dim_hidden=16, encoder="rff", num_encoder_layers=0)
+    model = SetTransformer(16, 1, 1, dim_hidden=16, encoder="rff", num_encoder_layers=0)
+    assert model(torch.randn(2, 3, 16)).shape == (2, 1, 1)
+
+
+def test_block_scale_argument() -> None:
+    for bad in (0, -1.0, float("inf"), "1", True):
+        with pytest.raises(ValueError, match=r"^scale:"):
+            MAB(3, 5, 16, 4, scale=bad)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- attention() and pad_sets()
+
+
+def test_attention_argument_checks() -> None:
+    from settransformer.attention import attention
+
+    q, k, v = torch.randn(2, 4, 3, 8), torch.randn(2, 4, 5, 8), torch.randn(2, 4, 5, 6)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    with pytest.raises(ValueError, match=expect("q", "(B, H, N, D)", "(4, 3, 8)")):
+        attention(q[0], k, v)
+    with pytest.raises(ValueError, match=expect("q", "(2 or 1, 4, Nq, D)")):
+        attention(torch.randn(3, 4, 3, 8), k, v)
+    with pytest.raises(ValueError, match=expect("q", "8 features per head")):
+        attention(torch.randn(2, 4, 3, 7), k, v)
+    with pytest.raises(ValueError, match=expect("v", "(2, 4, 5, Dv)")):
+        attention(q, k, v[:, :, :4])
+    with pytest.raises(TypeError, match=expect("k", "floating-point", "torch.int64")):
+        attention(q, k.long(), v)
+    with pytest.raises(TypeError, match=expect("q, k, v", "one dtype")):
+        attention(q.double(), k, v)
+    with pytest.raises(TypeError, match=expect("mask", "bool", "(2, 5)", "mask.bool()")):
+        attention(q, k, v, mask.long())
+    with pytest.raises(ValueError, match=expect("mask", "(2, 5)", "got shape (2, 4)")):
+        attention(q, k, v, mask[:, :4])
+    with pytest.raises(ValueError, match=r"^dropout_p:"):
+        attention(q, k, v, dropout_p=1.0)
+    with pytest.raises(ValueError, match=r"^top_k:"):
+        attention(q, k, v, top_k=0)
+
+
+def test_attention_ignores_padded_keys_and_values() -> None:
+    from settransformer.attention import attention
+
+    q, k, v = torch.randn(2, 4, 3, 8), torch.randn(2, 4, 5, 8), torch.randn(2, 4, 5, 6)
+    mask = torch.tensor([[True, True, False, True, False], [False] * 5])
+    out = attention(q, k, v, mask)
+    k[~mask[:, None, :, None].expand_as(k)] = float("nan")
+    v[~mask[:, None, :, None].expand_as(v)] = float("inf")
+    assert torch.equal(attention(q, k, v, mask), out)
+    assert (out[1] == 0).all()  # the empty set
+
+
+def test_pad_sets_argument_checks() -> None:
+    from settransformer.sets import pad_sets
+
+    with pytest.raises(TypeError, match=r"^sets:"):
+        pad_sets(torch.randn(2, 3) for _ in range(2))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^max_size:"):
+        pad_sets([torch.randn(2, 3)], max_size="4")  # type: ignore[arg-type]

@@ -73,12 +73,81 @@ def attention(
     Returns:
         ``(B, H, Nq, Dv)``. Rows of an empty set (all keys masked) are exactly zero.
 
+    Raises:
+        TypeError: a non-tensor or non-float ``q``/``k``/``v``, mixed dtypes, a non-bool ``mask``.
+        ValueError: shapes that do not fit together, ``dropout_p`` outside ``[0, 1)``, a bad ``top_k``.
+
+    Padded keys and values (``mask`` False) are zero-filled first, so they may hold anything,
+    NaN included. (The blocks call the unchecked :func:`_attention` on already zero-filled sets.)
+
     Example:
         >>> q, k = torch.randn(2, 4, 3, 8), torch.randn(2, 4, 5, 8)
         >>> mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
         >>> attention(q, k, k, mask).shape
         torch.Size([2, 4, 3, 8])
     """
+    mask = _check_attention(q, k, v, mask, dropout_p, score, top_k)
+    if mask is not None:  # padded keys must be finite (see the empty-set rule above)
+        k, v = (t.masked_fill(~mask[:, None, :, None], 0.0) for t in (k, v))
+    return _attention(q, k, v, mask, scale=scale, dropout_p=dropout_p, score=score, top_k=top_k)
+
+
+def _check_attention(
+    q: object, k: object, v: object, mask: object, dropout_p: object, score: object, top_k: object
+) -> Tensor | None:
+    """The argument checks of :func:`attention`; returns the mask."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        expected = "a floating-point tensor of shape (B, H, N, D)"
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected {expected}, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: expected {expected}, got dtype {t.dtype}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected {expected}, got shape {tuple(t.shape)}")
+    assert isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
+    b, h, nk = k.shape[:3]
+    if q.shape[0] not in (1, b) or q.shape[1] != h:
+        raise ValueError(
+            f"q: expected shape ({b} or 1, {h}, Nq, D) to match k's batch and heads, got {tuple(q.shape)}"
+        )
+    if (score is None or isinstance(score, DotForm)) and q.shape[3] != k.shape[3]:
+        raise ValueError(f"q: expected {k.shape[3]} features per head like k, got shape {tuple(q.shape)}")
+    if tuple(v.shape[:3]) != (b, h, nk):
+        raise ValueError(f"v: expected shape ({b}, {h}, {nk}, Dv) to match k, got {tuple(v.shape)}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k, v: expected one device, got {q.device}, {k.device}, {v.device}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, int | float) or not 0 <= dropout_p < 1:
+        raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k: expected a positive integer or None, got {top_k!r}")
+    if mask is None:
+        return None
+    expected = f"a bool tensor of shape (B, Nk) = ({b}, {nk}), True for real keys"
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask: expected {expected}, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask: expected {expected}, got dtype {mask.dtype} (for 0/1: mask.bool())")
+    if tuple(mask.shape) != (b, nk):
+        raise ValueError(f"mask: expected {expected}, got shape {tuple(mask.shape)}")
+    if mask.device != k.device:
+        raise ValueError(f"mask: is on {mask.device} but k is on {k.device}")
+    return mask
+
+
+def _attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    score: ScoreFn | None = None,
+    top_k: int | None = None,
+) -> Tensor:
+    """:func:`attention` without argument checks; keys and values must be finite at padded rows."""
     if q.shape[0] != k.shape[0]:
         q = q.expand(k.shape[0], -1, -1, -1)
     bias = None
@@ -105,6 +174,7 @@ def attention(
 # so the large side is never projected (fewer FLOPs, fewer stored activations) and every product
 # is one large dense GEMM instead of many tiny per-head ones. The blocks pick the cheaper form
 # by counting multiply-adds (MAB._path); results equal the standard form up to float rounding.
+# Neither checks its arguments: they are kernels behind MAB, whose forward validates its input.
 
 
 def pooled_attention(
@@ -144,7 +214,7 @@ def pooled_attention(
     q_in = torch.einsum("bhqe,hek->bhqk", split_heads(q, num_heads), w_k.view(num_heads, dh, dkv))
     q_in = q_in.reshape(bq, 1, num_heads * nq, dkv)
     kv1 = kv.unsqueeze(1)
-    o = attention(q_in, kv1, kv1, mask, scale=dh**-0.5 if scale is None else scale, dropout_p=dropout_p)
+    o = _attention(q_in, kv1, kv1, mask, scale=dh**-0.5 if scale is None else scale, dropout_p=dropout_p)
     o = o.view(b, num_heads, nq, dkv)
     out = torch.einsum("bhqk,hek->bhqe", o, w_v.view(num_heads, dh, dkv)) + b_v.view(num_heads, 1, dh)
     if mask is not None:
@@ -192,7 +262,7 @@ def induced_attention(
     k_bias = torch.einsum("bhme,he->bhm", kh, b_q.view(num_heads, dh)).reshape(b, 1, num_heads * m)
     s = dh**-0.5 if scale is None else scale
     scores = torch.baddbmm(k_bias, q, k_in.transpose(1, 2), beta=s, alpha=s)
-    scores = scores.view(b, -1, num_heads, m)
+    scores = scores.unflatten(-1, (num_heads, m))  # (B, N, H, M); view(b, -1, ...) fails for b = 0
     empty = None
     if mask is not None:
         empty = ~mask.any(dim=-1)

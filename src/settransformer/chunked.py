@@ -76,7 +76,7 @@ __all__ = [
     "pma_chunked",
 ]
 
-DEFAULT_CHUNK_SIZE = 8192
+DEFAULT_CHUNK_SIZE = 4096
 Model = SetTransformer | DeepSets
 
 
@@ -253,7 +253,7 @@ def encode_pool_chunked(
         x: ``(B, N, dim_input)`` or one set ``(N, dim_input)``; a tensor or any array-like
             sliceable along the element axis (NumPy array, ``np.memmap``, h5py dataset).
         mask: ``(B, N)`` (or ``(N,)``) bool, True for real elements; ``None``: all real.
-        chunk_size: elements per chunk (per set of the batch); 8k-16k is fast on CPU.
+        chunk_size: elements per chunk (per set of the batch); 2k-8k is fastest on CPU.
 
     Returns:
         ``(B, num_outputs, dim_output)`` (``(num_outputs, dim_output)`` for one set), equal to the
@@ -307,7 +307,8 @@ def iter_encode_chunked(
     embeddings of elements ``start .. start + c``, zero at padded positions.
     """
     plan = _Plan(model)
-    return _iter_rows(plan, plan.source(x, mask), _check_chunk_size(chunk_size))
+    for start, z in _iter_rows(plan, plan.source(x, mask), _check_chunk_size(chunk_size)):
+        yield start, z if _grad_mode() else z.clone()  # the fast path reuses its output buffer
 
 
 def encode_chunked(

@@ -39,7 +39,8 @@ class TrainConfig:
         schedule: ``"step"`` (multiply by ``lr_gamma`` at each of ``lr_milestones``, the paper's),
             ``"cosine"`` (to zero at ``steps``) or ``"constant"``.
         lr_milestones, lr_gamma: the step schedule.
-        seed: seeds the data generator (``seed + rank``) and torch's global RNG (dropout).
+        seed: seeds the data generator (the same on every DDP rank) and torch's global RNG (dropout;
+            ``seed + rank``).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         amp: mixed precision: ``"off"``, ``"bf16"`` (autocast) or ``"fp16"`` (autocast and a
             GradScaler; CUDA only).

@@ -1,8 +1,14 @@
 """Just enough of ``torch.distributed`` for data-parallel training launched by ``torchrun``.
 
-``torchrun --nproc_per_node=W ...`` sets ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
-``MASTER_PORT``; :func:`setup` reads them, joins the process group (NCCL on CUDA, Gloo on CPU) and
-picks this process's device. Without them (or with ``WORLD_SIZE=1``) everything is a no-op.
+``torchrun --nproc-per-node=W ...`` (on one machine, or on each of ``--nnodes`` machines) sets
+``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; :func:`setup` reads them,
+joins the process group (NCCL on CUDA, Gloo on CPU) and picks this process's device (``cuda:LOCAL_RANK``).
+Without them (or with ``WORLD_SIZE=1``) everything is a no-op.
+
+How the training loop uses it (:mod:`settransformer.train`): every rank draws the same global batch
+from the same seeded generator and keeps its contiguous share
+(:meth:`~settransformer.tasks.base.Batch.shard`), DistributedDataParallel averages the gradients, and
+rank 0 alone evaluates and writes files.
 """
 
 from __future__ import annotations
@@ -84,9 +90,21 @@ def setup(device: str) -> Distributed:
     resolved = resolve_device(device)
     if world_size <= 1:
         return Distributed(0, 1, resolved, owns_group=False)
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise ValueError(
+            f"WORLD_SIZE={world_size} is set but {', '.join(missing)} not: launch with torchrun "
+            "(torchrun --nproc-per-node N -m settransformer ...)"
+        )
     rank = int(os.environ["RANK"])
     if resolved.type == "cuda":
-        resolved = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(
+                f"LOCAL_RANK={local_rank}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                "start at most that many processes per node (--nproc-per-node)"
+            )
+        resolved = torch.device("cuda", local_rank)
         torch.cuda.set_device(resolved)
     owns = not dist.is_initialized()
     if owns:

@@ -14,6 +14,8 @@ calls :meth:`MAB.attend` instead; both give the same result up to float rounding
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -29,6 +31,8 @@ class InducedRows:
     Args:
         mab: an ISAB's ``mab1``.
         h: the induced set ``(B, m, dim)``.
+
+    Results of the fast path are overwritten by the next call (see :meth:`__call__`).
 
     Example:
         >>> from settransformer import ISAB
@@ -64,33 +68,69 @@ class InducedRows:
         assert isinstance(out, nn.Linear)
         v_out = torch.einsum("bhme,fhe->bhmf", split_heads(v, heads), out.weight.view(d, heads, dh))
         self.v_out = v_out.reshape(b, heads * m, d) + out.bias / heads
-        self.m = m
+        self.m, self.ws = m, _Workspace(self.v_out)
 
     def __call__(self, x: Tensor) -> Tensor:
-        """``x: (B, c, dim_q)`` -> ``(B, c, dim)``."""
+        """``x: (B, c, dim_q)`` -> ``(B, c, dim)``.
+
+        On the fast path every intermediate and the result live in buffers reused by the next
+        call: use the result (or copy it) before calling again.
+        """
         mab = self.mab
         if not self.fast:
             return mab.attend(x, self.h, None)
         b, c = x.shape[:2]
+        heads, d, ws = mab.num_heads, mab.dim, self.ws
         qn = mab.norm_q(x) if mab.norm == "pre" else x
-        scores = torch.baddbmm(self.k_bias, qn, self.k_in.transpose(1, 2))  # (B, c, H * m)
-        weights = torch.softmax(scores.view(b, c, mab.num_heads, self.m), dim=-1).view(b, c, -1)
-        if mab.residual == "projected":  # a fresh tensor: accumulate into it
-            y = mab.to_q(qn).baddbmm_(weights, self.v_out)
+        scores = ws.get("s", b, c, heads * self.m)
+        torch.baddbmm(self.k_bias, qn, self.k_in.transpose(1, 2), out=scores)
+        weights = ws.get("w", b, c, heads, self.m)
+        torch.softmax(scores.view(b, c, heads, self.m), dim=-1, out=weights)
+        weights = weights.view(b, c, -1)
+        y = ws.get("y", b, c, d)
+        if mab.residual == "projected":
+            _linear(mab.to_q, qn, y).baddbmm_(weights, self.v_out)
         else:
-            y = torch.baddbmm(x, weights, self.v_out)
+            torch.baddbmm(x, weights, self.v_out, out=y)
+        out = ws.get("out", b, c, d)
         if mab.norm == "post":
             y = mab.norm1(y)
-            return mab.norm2(_feed_forward(mab.ff, y).add_(y))
+            return mab.norm2(_feed_forward(mab.ff, y, ws).add_(y))
         if mab.norm == "pre":
-            return _feed_forward(mab.ff, mab.norm_ff(y)).add_(y)
-        return _feed_forward(mab.ff, y).add_(y)
+            return torch.add(_feed_forward(mab.ff, mab.norm_ff(y), ws), y, out=out)
+        return torch.add(_feed_forward(mab.ff, y, ws), y, out=out)
 
 
-def _feed_forward(ff: nn.Module, x: Tensor) -> Tensor:
-    """``ff(x)`` for the blocks' ``Linear, ReLU[, Linear]``, with the ReLU in place (saves a pass)."""
-    if not isinstance(ff, nn.Sequential) or not isinstance(ff[0], nn.Linear):
+class _Workspace:
+    """Buffers reused from chunk to chunk: a fresh multi-megabyte tensor per operation can cost
+    more in page faults than the operation itself, when the allocator hands memory back to the OS."""
+
+    def __init__(self, like: Tensor) -> None:
+        self.like = like
+        self.buffers: dict[str, Tensor] = {}
+
+    def get(self, name: str, *shape: int) -> Tensor:
+        n = math.prod(shape)
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < n:
+            buf = self.buffers[name] = self.like.new_empty(n)
+        return buf[:n].view(shape)
+
+
+def _linear(layer: nn.Linear, x: Tensor, out: Tensor) -> Tensor:
+    """``layer(x)`` written into ``out`` (same leading shape as ``x``)."""
+    flat = out.view(-1, layer.out_features)
+    torch.addmm(layer.bias, x.reshape(-1, layer.in_features), layer.weight.t(), out=flat)
+    return out
+
+
+def _feed_forward(ff: nn.Module, x: Tensor, ws: _Workspace) -> Tensor:
+    """``ff(x)`` for the blocks' ``Linear, ReLU[, Linear]`` into workspace buffers, ReLU in place."""
+    if not isinstance(ff, nn.Sequential) or not all(isinstance(m, nn.Linear | nn.ReLU) for m in ff):
         return ff(x)
-    for layer in ff:
-        x = x.relu_() if isinstance(layer, nn.ReLU) else layer(x)
+    for i, layer in enumerate(ff):
+        if isinstance(layer, nn.Linear):
+            x = _linear(layer, x, ws.get(f"ff{i}", *x.shape[:-1], layer.out_features))
+        else:
+            x = x.relu_()
     return x

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .blocks import ISAB, PMA, SAB, Norm, PoolKind, Residual, masked_pool
 from .scores import ScoreSpec
-from .validation import check_mask, check_positive, check_probability, check_set, zero_padding
+from .validation import check_positive, check_probability, prepare_set, zero_padding
 
 __all__ = ["DeepSets", "SetTransformer"]
 
@@ -49,14 +49,18 @@ class _SetModel(nn.Module):
 
         ``chunk_size``: evaluate ``chunk_size`` elements at a time with bounded memory (ISAB or rFF
         encoders; ``x`` may then be any sliceable array-like): see :mod:`settransformer.chunked`.
+        A tensor with ``N = 0`` takes the ordinary path (nothing to chunk).
+
+        Raises ``TypeError``/``ValueError`` naming ``x`` or ``mask`` for a bad input; see
+        :mod:`settransformer.validation` (including the opt-out of the finiteness check).
         """
         if chunk_size is not None:
-            from .chunked import encode_pool_chunked  # chunked builds on this module
+            check_positive("chunk_size", chunk_size)
+            if not (isinstance(x, Tensor) and x.dim() == 3 and x.shape[1] == 0):
+                from .chunked import encode_pool_chunked  # chunked builds on this module
 
-            return encode_pool_chunked(self, x, mask, chunk_size=chunk_size)  # type: ignore[arg-type]
-        check_set(x, self.dim_input)
-        mask = check_mask(mask, x)
-        x = zero_padding(x, mask)
+                return encode_pool_chunked(self, x, mask, chunk_size=chunk_size)  # type: ignore[arg-type]
+        x, mask = prepare_set(x, mask, self.dim_input, next(self.parameters()))
         return self.decode(self.encode(x, mask), mask)
 
     def encode(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -127,6 +131,11 @@ class SetTransformer(_SetModel):
             dim_input=dim_input, num_outputs=num_outputs, dim_output=dim_output, dim_hidden=dim_hidden
         )
         check_positive("num_encoder_layers", num_encoder_layers, allow_zero=encoder == "rff")
+        if encoder == "rff" and num_encoder_layers == 0 and dim_input != dim_hidden:
+            raise ValueError(
+                f"num_encoder_layers: 0 rFF layers pass the input straight to the decoder, which needs "
+                f"dim_input == dim_hidden, got {dim_input} and {dim_hidden}"
+            )
         check_positive("num_decoder_layers", num_decoder_layers, allow_zero=True)
         check_probability("dropout", dropout)
         check_probability("decoder_dropout", decoder_dropout)

@@ -13,13 +13,15 @@ from __future__ import annotations
 import datetime
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint
+from . import __version__
+from .checkpoint import MODEL_KEYS, RESUME_KEYS, check_checkpoint, load_checkpoint, model_config
 from .config import TrainConfig
 from .distributed import is_main_process, resolve_device
 from .tasks import get_task
@@ -33,6 +35,7 @@ __all__ = [
     "load_run",
     "new_run_dir",
     "parse_option",
+    "read_checkpoint",
     "read_run_config",
     "reproduce",
     "task_class",
@@ -129,11 +132,31 @@ def new_run_dir(task: str, model: str, out: str | Path | None = None, root: str 
     return path
 
 
+#: ``which`` -> the file of a run folder that :func:`load_run` reads.
+CHECKPOINT_FILES = {"last": "checkpoint.pt", "best": "best.pt"}
+
+
+def _missing(path: Path) -> RunError:
+    kind = "checkpoint file" if path.suffix == ".pt" else "run folder"
+    return RunError(f"{kind} {path}: does not exist")
+
+
 def read_run_config(run_dir: str | Path) -> dict[str, Any]:
-    """The ``config.json`` of a run folder, checked for the keys every run has."""
+    """What a run is: the ``config.json`` of a run folder, checked for the keys every run has; or,
+    for a checkpoint file, the same keys (``task``, ``model``, ``task_options``, ``train``,
+    ``version``) read from the checkpoint itself."""
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        state = read_checkpoint(run_dir)
+        return {
+            "task": state["task"],
+            "model": state["model_name"],
+            "task_options": state["task_options"],
+            "train": state.get("train") or {},
+            "version": state.get("version"),
+        }
     if not run_dir.is_dir():
-        raise RunError(f"run folder {run_dir}: does not exist")
+        raise _missing(run_dir)
     path = run_dir / "config.json"
     if not path.is_file():
         raise RunError(
@@ -141,44 +164,122 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
         )
     try:
         info = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RunError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise RunError(f"{path}: expected a JSON object, got {type(info).__name__}")
     missing = [k for k in ("task", "model", "task_options", "train") if k not in info]
     if missing:
         raise RunError(f"{path}: missing {', '.join(missing)}")
     return info
 
 
+def read_checkpoint(path: str | Path, resume: bool = False) -> dict[str, Any]:
+    """The training checkpoint at ``path``, safely loaded (no code from the file runs) and checked
+    for the entries rebuilding its model needs (``resume``: and continuing its run); every problem
+    is a :class:`RunError` naming the file."""
+    try:
+        return check_checkpoint(load_checkpoint(path), path, RESUME_KEYS if resume else MODEL_KEYS)
+    except (FileNotFoundError, ValueError) as e:
+        raise RunError(str(e)) from None
+
+
+def _version_note(state: dict[str, Any]) -> str:
+    written = state.get("version")
+    if written in (None, __version__):
+        return ""
+    return f" (written by settransformer {written}, this is {__version__})"
+
+
+def _misfit(model: nn.Module, weights: dict[str, Any]) -> str:
+    """Why ``weights`` do not load into ``model``: missing, unexpected and reshaped entries."""
+    own = model.state_dict()
+    parts = []
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    reshaped = [
+        f"{k} {tuple(weights[k].shape)} in the file, {tuple(own[k].shape)} in the model"
+        for k in own
+        if k in weights and weights[k].shape != own[k].shape
+    ]
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped)):
+        if keys:
+            more = f", ... ({len(keys)} in all)" if len(keys) > 3 else ""
+            parts.append(f"{label}: {', '.join(keys[:3])}{more}")
+    return "; ".join(parts)
+
+
+def _config_changes(saved: Any, built: dict[str, Any] | None) -> str:
+    """The model settings stored in the checkpoint that differ from those of the rebuilt model."""
+    if not isinstance(saved, dict) or built is None or saved.get("config") == built["config"]:
+        return ""
+    old, new = saved.get("config") or {}, built["config"]
+    keys = sorted(set(old) | set(new), key=str)
+    return ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
+
+
 def load_run(
     run_dir: str | Path, which: str = "last", device: str = "auto"
 ) -> tuple[Task, nn.Module, dict[str, Any]]:
-    """Rebuild a run's task and model and load ``checkpoint.pt`` (``which="last"``) or ``best.pt``
-    (the averaged weights when the run kept an average: those its metrics were measured with).
+    """Rebuild a run's task and model from a checkpoint and load its weights, safely.
+
+    ``run_dir`` is a run folder (its ``checkpoint.pt`` for ``which="last"``, ``best.pt`` for
+    ``"best"``; its ``config.json`` must name the same task and model) or a checkpoint file alone
+    (``which`` is then ignored): a checkpoint names its task, task options and model, so nothing
+    else is needed. The weights are the evaluated ones: the moving average when the run kept one.
 
     Returns ``(task, model on device in eval mode, checkpoint)``.
+
+    Raises:
+        RunError: with a message naming the file, for a missing file or folder, a file that is not a
+            checkpoint (truncated, another format, pickled objects that could run code), a checkpoint
+            of a newer format, of an unknown task or model, or whose weights do not fit the model.
     """
-    run_dir = Path(run_dir)
-    info = read_run_config(run_dir)
-    path = run_dir / {"last": "checkpoint.pt", "best": "best.pt"}[which]
-    try:
-        state = load_checkpoint(path, map_location="cpu")
-    except (FileNotFoundError, ValueError) as e:
-        raise RunError(str(e)) from None
-    if (state.get("task"), state.get("model_name")) != (info["task"], info["model"]):
-        raise RunError(
-            f"{path}: holds a checkpoint of {state.get('task')}/{state.get('model_name')}, but the run "
-            f"({run_dir / 'config.json'}) is {info['task']}/{info['model']}"
-        )
-    task = build_task(info["task"], info["task_options"])
-    model = task.build_model(check_model(task, info["model"]))
-    try:
-        model.load_state_dict(evaluated_weights(state))
-    except RuntimeError as e:
-        raise RunError(f"{path}: does not fit the model {info['model']} ({str(e).splitlines()[0]})") from None
+    source = Path(run_dir)
+    if which not in CHECKPOINT_FILES:
+        raise RunError(f"which: expected 'last' or 'best', got {which!r}")
     try:
         dev = resolve_device(device)
     except ValueError as e:
         raise RunError(str(e)) from None
+    if source.is_dir():
+        info: dict[str, Any] | None = read_run_config(source)
+        path = source / CHECKPOINT_FILES[which]
+    elif source.is_file():
+        info, path = None, source
+    else:
+        raise _missing(source)
+    state = read_checkpoint(path)
+    name = f"{state['task']}/{state['model_name']}"
+    if info is not None and (state["task"], state["model_name"]) != (info["task"], info["model"]):
+        raise RunError(
+            f"{path}: holds a checkpoint of {name}, but the run "
+            f"({source / 'config.json'}) is {info['task']}/{info['model']}"
+        )
+    try:
+        task = build_task(state["task"], state["task_options"])
+        model = task.build_model(check_model(task, state["model_name"]))
+    except (ValueError, TypeError) as e:  # RunError included
+        raise RunError(f"{path}: cannot rebuild its model {name}: {e}{_version_note(state)}") from None
+    weights = evaluated_weights(state)
+    changes = _config_changes(state.get("model_config"), model_config(model))
+    misfit = _misfit(model, weights)
+    if misfit:
+        changed = f"; the model's settings changed: {changes}" if changes else ""
+        raise RunError(
+            f"{path}: its weights do not fit the model {name} ({misfit}){changed}{_version_note(state)}"
+        )
+    if changes:
+        warnings.warn(
+            f"{path}: {name} is now built with other settings than when it was saved ({changes})"
+            f"{_version_note(state)}; its weights fit and are loaded",
+            stacklevel=2,
+        )
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:  # e.g. a parameter whose dtype cannot be copied
+        first = (str(e).strip().splitlines() or [""])[-1].strip()
+        raise RunError(f"{path}: its weights do not fit the model {name} ({first})") from None
     return task, model.to(dev).eval(), state
 
 

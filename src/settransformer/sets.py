@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .validation import check_positive
+
 __all__ = ["pad_sets", "unpad_sets"]
 
 
@@ -25,8 +27,12 @@ def pad_sets(sets: Sequence[Tensor], *, max_size: int | None = None) -> tuple[Te
         >>> x.shape, mask.sum(1).tolist()
         (torch.Size([2, 5, 2]), [3, 5])
     """
+    if not isinstance(sets, Sequence | Tensor):  # a generator has no len(); a (B, N, D) tensor is B sets
+        raise TypeError(f"sets: expected a list of tensors of shape (N_i, D), got {type(sets).__name__}")
     if len(sets) == 0:
         raise ValueError("sets: expected at least one set, got an empty sequence")
+    if max_size is not None:
+        check_positive("max_size", max_size, allow_zero=True)
     first = sets[0]
     for i, s in enumerate(sets):
         if not isinstance(s, Tensor):

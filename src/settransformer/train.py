@@ -6,7 +6,7 @@
 
     run_dir/config.json      task, model, task options, training settings, seed, library version
     run_dir/metrics.jsonl    one JSON object per logged step: step, loss, lr, elapsed [, eval metrics]
-    run_dir/checkpoint.pt    the last checkpoint (written at every evaluation and at the end)
+    run_dir/checkpoint.pt    the last checkpoint (at step 0, every evaluation, the end, and on SIGINT/SIGTERM)
     run_dir/best.pt          the checkpoint with the best headline metric so far
     run_dir/results.json     the final metrics
 
@@ -39,8 +39,19 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import __version__, distributed
-from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    RESUME_KEYS,
+    check_checkpoint,
+    load_checkpoint,
+    model_config,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    write_text_atomic,
+)
 from .config import TrainConfig
+from .interrupt import Interrupted, StopOnSignal
 from .optim import WeightAverage, bound_gradients, make_optimizer, make_schedule
 from .tasks.base import Task
 
@@ -108,10 +119,17 @@ def _run_info(task: Task, model_name: str, config: TrainConfig) -> dict[str, Any
 
 
 def _keep_metrics_until(path: Path, step: int) -> None:
-    """Drop lines logged after the checkpoint we resume from (they will be logged again)."""
+    """Drop lines logged after the checkpoint we resume from (they will be logged again), and a
+    last line cut short by a kill; rewrite atomically, so a kill now loses no line either."""
     if path.exists():
-        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in lines))
+        lines = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    lines.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # torn by a kill mid-write: always past the checkpoint, logged again
+        write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
 def _is_better(value: float, best: float | None, higher_is_better: bool) -> bool:
@@ -137,10 +155,17 @@ def train(
         model_name: the table row, stored with checkpoints so the CLI can rebuild the model.
         resume: continue from ``run_dir/checkpoint.pt`` (same seed: the same losses as without a break).
 
+    Raises:
+        Interrupted: SIGINT or SIGTERM arrived (:mod:`settransformer.interrupt`); the step it was in
+            was finished and saved to ``run_dir/checkpoint.pt``, from which ``resume`` continues exactly.
+
     ``metrics`` are the last evaluation's (``task.evaluate``), ``best`` the best value of the
     headline metric ``task.metric`` seen at any evaluation. Under ``torchrun`` the model is wrapped
-    in ``DistributedDataParallel``, each process draws ``batch_size / world_size`` sets from its own
-    generator (seed + rank), and only rank 0 evaluates and writes files. With ``config.ema_decay``
+    in ``DistributedDataParallel``; every process draws the same global batch of ``batch_size`` sets
+    (one data generator seeded ``seed`` on all ranks) and trains on its own contiguous
+    ``batch_size / world_size`` of it, so the averaged gradient is that of a one-process run with the
+    same batch (dropout differs: torch's global RNG is seeded ``seed + rank``). Only rank 0
+    evaluates (on the whole test set) and writes files. With ``config.ema_decay``
     the metrics are those of the moving average of the weights, which ``model`` holds at the end.
     """
     run_dir = None if run_dir is None else Path(run_dir)
@@ -151,9 +176,11 @@ def train(
     ctx = distributed.setup(config.device)
     device = ctx.device
 
-    # Randomness: the data generator for batches, torch's global RNG for dropout and the like.
+    # Randomness: the data generator for batches, torch's global RNG for dropout and the like. The
+    # data stream is the same on every rank (each keeps its shard of the global batch), so it does
+    # not depend on the number of processes; dropout masks must differ between ranks.
     torch.manual_seed(config.seed + ctx.rank)
-    generator = torch.Generator().manual_seed(config.seed + ctx.rank)
+    generator = torch.Generator().manual_seed(config.seed)
 
     model.to(device).train()
     optimizer = make_optimizer(model, config)
@@ -162,11 +189,12 @@ def train(
     current_scale = [1.0]  # read by the gradient hooks; updated once per step under fp16
 
     step, elapsed_before, metrics, best = 0, 0.0, {}, None
-    # Checkpoints are written on logged steps, so the running loss never needs saving.
+    # The losses summed since the last logged line (checkpointed: a signal may stop between lines).
     loss_sum, loss_count = torch.zeros((), device=device), 0
     state: dict[str, Any] = {}
     if resume and run_dir is not None:
-        state = load_checkpoint(run_dir / "checkpoint.pt")
+        path = run_dir / "checkpoint.pt"
+        state = check_checkpoint(load_checkpoint(path), path, RESUME_KEYS)
         if state.get("model_name") != model_name or state.get("task") != task.name:
             raise ValueError(
                 f"{run_dir}/checkpoint.pt: holds {state.get('task')}/{state.get('model_name')}, "
@@ -180,12 +208,16 @@ def train(
         ranks = state["rng"]
         if len(ranks) == ctx.world_size:
             set_rng_state(ranks[ctx.rank], generator)
-        else:  # a different number of processes: a fresh, still deterministic, stream per rank
+            if state.get("running_loss"):  # nonzero only after a signal, and then on one process
+                loss_sum, loss_count = state["running_loss"]["sum"].to(device), state["running_loss"]["count"]
+        else:  # another number of processes: the shared data stream goes on, dropout streams restart
             warnings.warn(
-                f"resume: checkpoint has {len(ranks)} RNG streams for {ctx.world_size} processes",
+                f"resume: checkpoint has {len(ranks)} RNG streams for {ctx.world_size} processes; "
+                "the batches continue exactly, dropout draws a fresh deterministic stream per process",
                 stacklevel=2,
             )
-            generator.manual_seed(config.seed + ctx.rank + 1_000_003 * step)
+            generator.set_state(ranks[0]["data"])
+            torch.manual_seed(config.seed + ctx.rank + 1_000_003 * step)
     average = None if config.ema_decay is None else WeightAverage(model, config.ema_decay)
     if average is not None and state.get("average"):
         average.load_state_dict(state["average"])
@@ -195,7 +227,8 @@ def train(
     out = run_dir if ctx.is_main else None  # rank 0 alone writes files
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(_run_info(task, model_name, config), indent=2) + "\n")
+        info = json.dumps(_run_info(task, model_name, config), indent=2) + "\n"
+        write_text_atomic(out / "config.json", info)  # atomic: a kill never leaves half of it
         if resume:
             _keep_metrics_until(out / "metrics.jsonl", step)
         else:
@@ -206,7 +239,6 @@ def train(
     net: nn.Module = model
     if ctx.enabled:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    per_process_batch = config.batch_size // ctx.world_size
     bar = tqdm(
         total=config.steps, initial=step, disable=not (config.progress and ctx.is_main), desc=task.name
     )
@@ -231,12 +263,28 @@ def train(
             "scaler": scaler.state_dict(),
             "average": None if average is None else average.state_dict(),
             "rng": rng_states,
+            "model_config": model_config(model),
+            "running_loss": {"sum": loss_sum.detach().cpu().clone(), "count": loss_count},
         }
 
+    stop = StopOnSignal().install()  # SIGINT, SIGTERM: finish the step, save it, raise Interrupted
     finished = False
     try:
+        if not resume:  # a checkpoint from the start, so a run killed before its first evaluation resumes
+            rng_states = ctx.gather(rng_state(generator))
+            if out is not None:
+                save_checkpoint(snapshot(rng_states), out / "checkpoint.pt")
         while step < config.steps:
-            batch = task.sample_batch(per_process_batch, generator).to(device)
+            # Under DDP the ranks decide together, on logged steps (no running loss to carry).
+            signum = stop.agreed(ctx, can_stop=step % config.log_every == 0)
+            if signum is not None:
+                rng_states = ctx.gather(rng_state(generator))
+                saved = None if out is None else save_checkpoint(snapshot(rng_states), out / "checkpoint.pt")
+                ctx.barrier()
+                finished = True  # every rank stops at this step: leave the process group together
+                raise Interrupted(signum, step, saved)
+            # the global batch on every rank (the same stream), this rank's shard of it on the device
+            batch = task.sample_batch(config.batch_size, generator).shard(ctx.rank, ctx.world_size).to(device)
             with _autocast(device, config.amp):
                 loss = task.loss(net, batch)
             optimizer.zero_grad(set_to_none=True)
@@ -298,12 +346,13 @@ def train(
                     if improved:
                         best = metrics[task.metric]
                     state = snapshot(rng_states)
-                    save_checkpoint(state, out / "checkpoint.pt")
-                    if improved:
+                    if improved:  # best.pt first: a kill between the two writes replays this step
                         save_checkpoint(state, out / "best.pt")
+                    save_checkpoint(state, out / "checkpoint.pt")
                 ctx.barrier()
         finished = True
     finally:
+        stop.restore()
         bar.close()
         for h in hooks:
             h.remove()
@@ -318,7 +367,6 @@ def train(
     elapsed = elapsed_before + time.perf_counter() - start
     result = {"step": step, "metrics": metrics, "best": best, "elapsed": round(elapsed, 3)}
     if out is not None:
-        (out / "results.json").write_text(
-            json.dumps({"task": task.name, "model": model_name, **result}, indent=2) + "\n"
-        )
+        results = {"task": task.name, "model": model_name, **result}
+        write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     return result

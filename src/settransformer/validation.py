@@ -1,17 +1,98 @@
 """Input checks shared by every block and model.
 
 Each check raises ``TypeError`` for the wrong kind of object or dtype and ``ValueError`` for the
-wrong shape, with a message that names the argument and the expected shape, so a user sees
-``x: expected a float tensor of shape (B, N, 3), got shape (10, 3)`` rather than an error from
-deep inside a matrix product.
+wrong shape, device or values, with a message that names the argument and what was expected, so a
+user sees ``x: expected a floating-point tensor of shape (B, N, 3), got shape (10, 3)`` rather than
+an error from deep inside a matrix product.
+
+What every public block and model checks on each call (see :func:`prepare_set`):
+
+- the set: a floating-point tensor ``(B, N, D)`` with the block's ``D``; ``B = 0`` and ``N = 0`` are
+  allowed (an empty set's attention output is zero, see :mod:`settransformer.attention`);
+- the mask: ``None`` or a *bool* tensor ``(B, N)``, True for real elements, on the set's device.
+  Integer and float 0/1 masks are rejected rather than converted: PyTorch's own float attention
+  masks are additive (0 = keep) and ``nn.MultiheadAttention``'s boolean ``key_padding_mask`` marks
+  *padding*, so guessing could silently invert a mask;
+- the set against the module: the parameters' device, and their dtype (unless autocast is on);
+- finiteness of the *real* elements: NaN or inf there would turn every output of the set into NaN.
+  Padded elements may hold anything (NaN included): they are zero-filled before use.
+
+The finiteness check reads the whole input (one ``sum`` over it, the exact element-wise test only
+when that sum is not finite), and on a GPU it synchronises with the device once per forward. It is
+on by default and can be switched off process-wide for speed::
+
+    settransformer.validation.set_finite_checks(False)        # from now on
+    with settransformer.validation.finite_checks(False): ...  # inside the block only
+    SETTRANSFORMER_CHECK_FINITE=0                             # environment, read at import
+
+It is skipped automatically while tracing, scripting, compiling or exporting (``torch.jit``,
+``torch.compile``, ``torch.export``, ONNX export), where values are not known. All other checks
+are O(1) Python and always on.
 """
 
 from __future__ import annotations
 
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor
 
-__all__ = ["check_mask", "check_positive", "check_probability", "check_set", "zero_padding"]
+__all__ = [
+    "check_finite",
+    "check_like",
+    "check_mask",
+    "check_positive",
+    "check_probability",
+    "check_set",
+    "finite_checks",
+    "finite_checks_enabled",
+    "prepare_set",
+    "set_finite_checks",
+    "zero_padding",
+]
+
+# Default from the environment, so a deployment can switch the O(N) check off without code changes.
+_finite_checks = os.environ.get("SETTRANSFORMER_CHECK_FINITE", "1").strip().lower() not in ("0", "false")
+
+
+def finite_checks_enabled() -> bool:
+    """Whether blocks and models check that the real elements of their inputs are finite."""
+    return _finite_checks
+
+
+def set_finite_checks(enabled: bool) -> None:
+    """Turn the finiteness check of inputs on or off for the whole process."""
+    global _finite_checks
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled: expected True or False, got {enabled!r}")
+    _finite_checks = enabled
+
+
+@contextmanager
+def finite_checks(enabled: bool) -> Iterator[None]:
+    """Context manager: the finiteness check on (or off) inside the ``with`` block only."""
+    previous = _finite_checks
+    set_finite_checks(enabled)
+    try:
+        yield
+    finally:
+        set_finite_checks(previous)
+
+
+def _tracing() -> bool:
+    """True while torch traces, scripts, compiles or exports: tensor values are unknown then.
+
+    Covers ONNX export too: the TorchScript exporter traces, the dynamo exporter uses torch.export.
+    """
+    return (
+        torch.jit.is_scripting()
+        or torch.jit.is_tracing()
+        or torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+    )
 
 
 def check_set(x: object, dim: int, name: str = "x") -> Tensor:
@@ -20,7 +101,7 @@ def check_set(x: object, dim: int, name: str = "x") -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: expected {expected}, got {type(x).__name__}")
     if not x.is_floating_point():
-        raise TypeError(f"{name}: expected {expected}, got dtype {x.dtype}")
+        raise TypeError(f"{name}: expected {expected}, got dtype {x.dtype} (convert with {name}.float())")
     if x.dim() != 3:
         hint = " (add a batch dimension with x.unsqueeze(0))" if x.dim() == 2 else ""
         raise ValueError(f"{name}: expected {expected}, got shape {tuple(x.shape)}{hint}")
@@ -30,7 +111,11 @@ def check_set(x: object, dim: int, name: str = "x") -> Tensor:
 
 
 def check_mask(mask: object, x: Tensor, name: str = "mask") -> Tensor | None:
-    """Check that ``mask`` is ``None`` or a boolean ``(B, N)`` tensor matching ``x: (B, N, D)``."""
+    """Check that ``mask`` is ``None`` or a boolean ``(B, N)`` tensor matching ``x: (B, N, D)``.
+
+    Only ``torch.bool`` is accepted (True = real element); see the module docstring for why 0/1
+    integer or float masks are not converted.
+    """
     if mask is None:
         return None
     b, n = x.shape[0], x.shape[1]
@@ -38,12 +123,59 @@ def check_mask(mask: object, x: Tensor, name: str = "mask") -> Tensor | None:
     if not isinstance(mask, Tensor):
         raise TypeError(f"{name}: expected {expected}, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
-        raise TypeError(f"{name}: expected {expected}, got dtype {mask.dtype}")
+        raise TypeError(
+            f"{name}: expected {expected}, got dtype {mask.dtype} "
+            f"(if 1 marks real elements, pass {name}.bool())"
+        )
     if tuple(mask.shape) != (b, n):
         raise ValueError(f"{name}: expected {expected}, got shape {tuple(mask.shape)}")
     if mask.device != x.device:
         raise ValueError(f"{name}: is on {mask.device} but the set is on {x.device}")
     return mask
+
+
+def check_like(x: Tensor, like: Tensor, name: str = "x") -> Tensor:
+    """Check that ``x`` is on the device of the module parameter ``like``, with its dtype.
+
+    The dtype is not compared while autocast is enabled for ``x``'s device (mixed precision
+    legitimately feeds float32 parameters with float16/bfloat16 activations and back).
+    """
+    if x.device != like.device:
+        raise ValueError(
+            f"{name}: is on {x.device} but the module's parameters are on {like.device} "
+            f"(move one of them with .to())"
+        )
+    if x.dtype != like.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(
+            f"{name}: expected dtype {like.dtype} like the module's parameters, got {x.dtype} "
+            f"(convert the input with {name}.to({like.dtype}) or the module with .to({x.dtype}))"
+        )
+    return x
+
+
+def check_finite(x: Tensor, name: str = "x") -> Tensor:
+    """Check that every value of ``x`` is finite (``x`` zero at padded rows, so only real ones count).
+
+    A no-op when switched off (:func:`set_finite_checks`), while tracing or compiling, and on the
+    meta device. One ``sum`` decides in the common case (any NaN or inf makes the sum non-finite);
+    only a non-finite sum, which a large finite input can also overflow to, pays for the exact test.
+    """
+    if not _finite_checks or _tracing() or x.numel() == 0 or x.device.type == "meta":
+        return x
+    x0 = x.detach()
+    if math.isfinite(x0.sum().item()):  # .item() and math: a third of the cost of bool(isfinite(...))
+        return x
+    bad = ~torch.isfinite(x0)
+    if not bool(bad.any()):
+        return x
+    where = [int(i) for i in bad.nonzero()[0]]
+    index = ", ".join(map(str, where[:-1] if x.dim() > 1 else where))
+    raise ValueError(
+        f"{name}: expected finite values in every real (unmasked) element, got NaN or inf in "
+        f"{int(bad.any(dim=-1).sum())} element(s), the first at {name}[{index}] "
+        f"(padded elements may hold anything; switch this check off with "
+        f"settransformer.validation.set_finite_checks(False))"
+    )
 
 
 def zero_padding(x: Tensor, mask: Tensor | None) -> Tensor:
@@ -55,6 +187,36 @@ def zero_padding(x: Tensor, mask: Tensor | None) -> Tensor:
     if mask is None:
         return x
     return x.masked_fill(~mask[..., None], 0.0)
+
+
+def prepare_set(
+    x: object,
+    mask: object,
+    dim: int,
+    like: Tensor | None = None,
+    *,
+    name: str = "x",
+    mask_name: str = "mask",
+) -> tuple[Tensor, Tensor | None]:
+    """Every check of a block's or model's set input, then zero padding.
+
+    Args:
+        x: the set batch, expected ``(B, N, dim)`` floating point.
+        mask: ``None`` or bool ``(B, N)``, True for real elements.
+        dim: the expected feature size.
+        like: a parameter of the module: ``x`` must share its device and (outside autocast) dtype.
+        name, mask_name: argument names for the messages.
+
+    Returns:
+        ``(x, mask)`` with ``x: (B, N, dim)`` zero at padded rows (checked finite, unless
+        switched off) and the mask unchanged.
+    """
+    xt = check_set(x, dim, name)
+    m = check_mask(mask, xt, mask_name)
+    if like is not None:
+        check_like(xt, like, name)
+    xt = zero_padding(xt, m)
+    return check_finite(xt, name), m
 
 
 def check_positive(name: str, value: object, *, allow_zero: bool = False) -> int:

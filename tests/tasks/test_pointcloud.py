@@ -48,7 +48,7 @@ def test_every_model_trains_a_step_and_scores_every_test_cloud(model_name: str) 
     logits = task.predict(model, CPU)
     assert logits.shape == (359, 10)  # 359 test digits: not a multiple of the eval chunk, none dropped
     metrics = task.evaluate(model, CPU)
-    assert 0 <= metrics["accuracy"] <= 1 and metrics["loss"] > 0
+    assert 0 <= metrics["accuracy"] <= 1 and metrics["test_loss"] > 0
     per_class = [metrics[f"class_accuracy/{d}"] for d in range(10)]
     assert metrics["mean_class_accuracy"] == pytest.approx(np.mean(per_class))
     assert model.training  # evaluation restored the mode

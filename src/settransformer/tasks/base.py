@@ -43,6 +43,31 @@ class Batch:
             {k: v.to(device) for k, v in self.extra.items()},
         )
 
+    def shard(self, rank: int, world_size: int) -> Batch:
+        """Sets ``rank * B/W`` to ``(rank + 1) * B/W - 1`` of this ``B``-set batch: one process's share.
+
+        Every tensor is cut along its first (set) axis, so ``target`` and ``extra`` must be per set.
+        The ``W`` shards of a batch are disjoint and, concatenated in rank order, give it back; with
+        equal sizes their mean losses average to the whole batch's mean loss.
+
+        Raises:
+            ValueError: ``world_size`` does not divide ``B``, or ``rank`` is not in ``[0, world_size)``.
+        """
+        if world_size == 1:
+            return self
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank: expected 0 <= rank < world_size={world_size}, got {rank}")
+        if len(self) % world_size:
+            raise ValueError(f"batch_size: {len(self)} sets do not split evenly over {world_size} processes")
+        size = len(self) // world_size
+        part = slice(rank * size, (rank + 1) * size)
+        return Batch(
+            self.x[part],
+            None if self.mask is None else self.mask[part],
+            self.target[part],
+            {k: v[part] for k, v in self.extra.items()},
+        )
+
     def __len__(self) -> int:
         return self.x.shape[0]
 

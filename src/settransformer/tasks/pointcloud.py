@@ -321,12 +321,13 @@ class PointCloudClassification(Task):
         return torch.cat(out)
 
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
-        """``accuracy``, ``mean_class_accuracy``, test ``loss`` and ``class_accuracy/<name>`` per class."""
+        """``accuracy``, ``mean_class_accuracy``, ``test_loss`` (not ``loss``: metrics.jsonl logs the
+        training loss under that name) and ``class_accuracy/<name>`` per class."""
         logits, labels = self.predict(model, device), self.test_split()[2]
         pred = logits.argmax(1)
         result = {
             "accuracy": float((pred == labels).float().mean()),
-            "loss": float(F.cross_entropy(logits, labels)),
+            "test_loss": float(F.cross_entropy(logits, labels)),
         }
         per_class = {}
         for c, name in enumerate(self.class_names):

@@ -1,0 +1,304 @@
+"""Sets read from files for inference: ``.npy``, ``.npz``, ``.h5`` and ``.csv``.
+
+Layouts (every array numeric; ``D`` = features per element):
+
+- ``.npy``: one set ``(N, D)``, or a batch of equal-size sets ``(S, N, D)``. Memory-mapped, so
+  float32 sets are only read when used. A padded batch with a mask goes in ``.npz`` / ``.h5``.
+- ``.npz`` / ``.h5`` (``.hdf5``; needs ``h5py``), by array / dataset name:
+
+  - ``x`` (or ``sets``): ``(N, D)`` or ``(S, N, D)``, with an optional bool ``mask`` ``(N,)`` /
+    ``(S, N)`` (True = real element; real elements need not come first);
+  - or the ragged form: ``values (total, D)`` with ``offsets (S+1,)``, set ``i`` being
+    ``values[offsets[i]:offsets[i+1]]``;
+  - optional ``ids (S,)``: integers or strings naming the sets.
+
+- ``.csv``: one element per row, every column a number; a first row with a non-number is a
+  header. Without ``set_column`` the file is one set; with it (a header name) rows are grouped
+  into sets by that column's value, in order of first appearance, and the value is the set's id.
+
+Set ids: those in the file (``ids``, the CSV set column); else a file holding one set is named by
+its path and the sets of a batch by their index. :func:`read_inputs` over several files prefixes
+ids from the file (``"FILE:ID"``) so that they stay unique.
+
+Files are never unpickled (``np.load(allow_pickle=False)``). A bad file (unreadable, missing or
+ambiguous arrays, wrong rank, non-numeric values, another feature size than ``dim_input``, NaN or
+inf) raises ``ValueError`` naming the file and the problem; a missing file ``FileNotFoundError``.
+
+Example:
+    >>> sets, ids = read_sets("clouds.npz", dim_input=3)   # values + offsets inside
+    >>> [s.shape for s in sets[:2]], ids[:2]
+    ([(512, 3), (87, 3)], [0, 1])
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["SUFFIXES", "SetId", "read_inputs", "read_sets"]
+
+SetId = int | str
+SUFFIXES = (".npy", ".npz", ".h5", ".hdf5", ".csv")
+
+
+def read_sets(
+    path: str | Path, *, dim_input: int | None = None, set_column: str | None = None
+) -> tuple[list[np.ndarray], list[SetId]]:
+    """The sets in one file and their ids; see the module docstring for the layouts.
+
+    Args:
+        path: a ``.npy``, ``.npz``, ``.h5``/``.hdf5`` or ``.csv`` file.
+        dim_input: the feature size ``D`` the sets must have (the model's), or ``None``.
+        set_column: for ``.csv``: the header name of the column holding set ids (ignored otherwise).
+
+    Returns:
+        ``(sets, ids)``: ``S`` float32 arrays ``(N_i, D)`` (``N_i`` may be 0) and ``S`` ids.
+    """
+    sets, ids, single = _read(Path(path), dim_input, set_column)
+    if ids is None:
+        ids = [str(path)] if single else list(range(len(sets)))
+    return sets, ids
+
+
+def read_inputs(
+    paths: Sequence[str | Path], *, dim_input: int | None = None, set_column: str | None = None
+) -> tuple[list[np.ndarray], list[SetId]]:
+    """The sets of several files, in order: ``(sets, ids)`` as :func:`read_sets`.
+
+    With more than one file, ids from a file holding several sets become ``"FILE:ID"``
+    (``"FILE:i"`` by index); a file holding one set is named by its path.
+    """
+    if len(paths) == 0:
+        raise ValueError("paths: expected at least one input file")
+    if set_column is not None and not any(Path(p).suffix.lower() == ".csv" for p in paths):
+        raise ValueError(f"set_column {set_column!r}: applies to .csv inputs, and none was given")
+    all_sets: list[np.ndarray] = []
+    all_ids: list[SetId] = []
+    for p in paths:
+        sets, ids, single = _read(Path(p), dim_input, set_column)
+        if ids is None and single:
+            ids = [str(p)]
+        elif len(paths) > 1:
+            ids = [f"{p}:{i}" for i in (ids if ids is not None else range(len(sets)))]
+        elif ids is None:
+            ids = list(range(len(sets)))
+        all_sets += sets
+        all_ids += ids
+    return all_sets, all_ids
+
+
+def _read(
+    path: Path, dim_input: int | None, set_column: str | None
+) -> tuple[list[np.ndarray], list[SetId] | None, bool]:
+    """``(sets, ids from the file or None, whether the file holds a single set)``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such input file")
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise ValueError(f"{path}: unknown input format {suffix!r}; expected one of {', '.join(SUFFIXES)}")
+    if suffix == ".csv":
+        groups, ids, single = _read_csv(path, set_column)
+        checked = _finish(path, groups, ids, dim_input)
+        return checked, ids, single
+    if suffix == ".npy":
+        try:
+            x = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise ValueError(f"{path}: not a readable .npy file without pickle ({e})") from None
+        return _split(path, {"x": x}, dim_input)
+    if suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                if not isinstance(archive, np.lib.npyio.NpzFile):
+                    raise ValueError("not a zip archive of arrays")
+                arrays = {k: archive[k] for k in archive.files}
+        except (ValueError, OSError, EOFError) as e:
+            raise ValueError(f"{path}: not a readable .npz file without pickle ({e})") from None
+        return _split(path, arrays, dim_input)
+    return _split(path, _read_h5(path), dim_input)
+
+
+def _read_h5(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import h5py
+    except ImportError:  # pragma: no cover - h5py is in the `train` extra
+        raise ValueError(f"{path}: reading HDF5 needs h5py (pip install 'settransformer[train]')") from None
+    try:
+        with h5py.File(path, "r") as f:
+            names = [k for k in ("x", "sets", "mask", "values", "offsets", "ids") if k in f]
+            if any(not isinstance(f[k], h5py.Dataset) for k in names):
+                raise ValueError(f"{path}: {', '.join(names)} must be datasets, not groups")
+            arrays = {k: f[k][()] for k in names}
+            arrays["_keys"] = np.array(sorted(f.keys()), dtype=str)
+    except OSError as e:
+        raise ValueError(f"{path}: not a readable HDF5 file ({e})") from None
+    return arrays
+
+
+def _split(
+    path: Path, arrays: dict[str, Any], dim_input: int | None
+) -> tuple[list[np.ndarray], list[SetId] | None, bool]:
+    """Sets from named arrays: dense ``x``/``sets`` (+ ``mask``) or ragged ``values`` + ``offsets``."""
+    found = [str(k) for k in arrays.pop("_keys", arrays.keys())]
+    dense: list[str] = [k for k in ("x", "sets") if k in arrays]
+    ragged: list[str] = [k for k in ("values", "offsets") if k in arrays]
+    layout = "arrays 'x' (or 'sets') with an optional 'mask', or 'values' and 'offsets'"
+    if len(dense) > 1 or (dense and ragged):
+        raise ValueError(f"{path}: holds {' and '.join(dense + ragged)}; expected only {layout}")
+    if not dense and len(ragged) < 2:
+        raise ValueError(f"{path}: expected {layout}; found {', '.join(found) or 'no arrays'}")
+    if ragged and "mask" in arrays:
+        raise ValueError(f"{path}: 'mask' goes with 'x', not with 'values' and 'offsets'")
+    if dense:
+        x = _numeric(path, dense[0], arrays[dense[0]])
+        if x.ndim not in (2, 3):
+            raise ValueError(
+                f"{path}: {dense[0]}: expected one set (N, D) or a batch (S, N, D), got shape {x.shape}"
+                + (" (one feature per element? reshape to (N, 1))" if x.ndim == 1 else "")
+            )
+        mask = _mask(path, arrays.get("mask"), x.shape[:-1])
+        single = x.ndim == 2
+        batch = x[None] if single else x
+        bmask = None if mask is None else (mask[None] if single else mask)
+        groups = [batch[i] if bmask is None else batch[i][bmask[i]] for i in range(batch.shape[0])]
+        feat, where = int(x.shape[-1]), str(dense[0])
+    else:
+        values = _numeric(path, "values", arrays["values"])
+        if values.ndim != 2:
+            raise ValueError(f"{path}: values: expected all elements (total, D), got shape {values.shape}")
+        offsets = _offsets(path, arrays["offsets"], values.shape[0])
+        groups = [values[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+        single, feat, where = False, values.shape[1], "values"
+    _check_dim(path, where, feat, dim_input)
+    ids = _ids(path, arrays.get("ids"), len(groups))
+    return _finish(path, groups, ids, None), ids, single and ids is None
+
+
+def _numeric(path: Path, name: str, a: Any) -> np.ndarray:
+    a = np.asarray(a) if not isinstance(a, np.ndarray) else a
+    if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+        raise ValueError(f"{path}: {name}: expected numbers (float or int), got dtype {a.dtype}")
+    return a
+
+
+def _mask(path: Path, mask: Any, shape: tuple[int, ...]) -> np.ndarray | None:
+    if mask is None:
+        return None
+    mask = np.asarray(mask)
+    if mask.dtype != np.bool_:
+        if not np.issubdtype(mask.dtype, np.integer) or not np.isin(mask, (0, 1)).all():
+            raise ValueError(f"{path}: mask: expected bool (True = real element), got dtype {mask.dtype}")
+        mask = mask.astype(bool)
+    if mask.shape != shape:
+        raise ValueError(f"{path}: mask: expected shape {shape} to match x, got {mask.shape}")
+    return mask
+
+
+def _offsets(path: Path, offsets: Any, total: int) -> np.ndarray:
+    o = np.asarray(offsets)
+    expected = f"integers (S+1,) from 0 to {total} (the number of values), non-decreasing"
+    if not np.issubdtype(o.dtype, np.integer) or o.ndim != 1 or o.shape[0] < 2:
+        raise ValueError(f"{path}: offsets: expected {expected}, got {o.dtype} of shape {o.shape}")
+    if o[0] != 0 or o[-1] != total or (np.diff(o) < 0).any():
+        raise ValueError(f"{path}: offsets: expected {expected}, got {o[0]} .. {o[-1]}")
+    return o.astype(np.int64)
+
+
+def _ids(path: Path, ids: Any, count: int) -> list[SetId] | None:
+    if ids is None:
+        return None
+    a = np.asarray(ids)
+    if a.shape != (count,):
+        raise ValueError(f"{path}: ids: expected one id per set, shape ({count},), got {a.shape}")
+    if np.issubdtype(a.dtype, np.integer):
+        return [int(i) for i in a.tolist()]
+    if a.dtype.kind == "S":
+        return [bytes(i).decode() for i in a.tolist()]
+    if a.dtype.kind == "U" or a.dtype == object:  # h5py returns variable-length strings as objects
+        return [i.decode() if isinstance(i, bytes) else str(i) for i in a.tolist()]
+    raise ValueError(f"{path}: ids: expected integers or strings, got dtype {a.dtype}")
+
+
+def _check_dim(path: Path, where: str, feat: int, dim_input: int | None) -> None:
+    if dim_input is not None and feat != dim_input:
+        raise ValueError(
+            f"{path}: {where}: the elements have {feat} features, but the model expects dim_input={dim_input}"
+        )
+
+
+def _finish(
+    path: Path, groups: Sequence[Any], ids: Sequence[SetId] | None, dim_input: int | None
+) -> list[np.ndarray]:
+    """Float32 sets ``(N_i, D)``, each checked for its feature size and finiteness."""
+    if len(groups) == 0:
+        raise ValueError(f"{path}: holds no sets")
+    out = []
+    for i, g in enumerate(groups):
+        name = f"set {ids[i]!r}" if ids is not None else f"set {i}"
+        _check_dim(path, name, g.shape[1], dim_input)
+        # float32 memmaps stay mapped (no copy); anything else is converted once here.
+        s = np.asarray(g, dtype=np.float32)
+        finite = np.isfinite(s)
+        if not finite.all():
+            row, col = (int(v[0]) for v in np.nonzero(~finite))
+            raise ValueError(
+                f"{path}: {name}: element {row}, feature {col} is {s[row, col]} (inputs must be finite)"
+            )
+        out.append(s)
+    return out
+
+
+def _read_csv(path: Path, set_column: str | None) -> tuple[list[np.ndarray], list[SetId] | None, bool]:
+    """Rows as float64 sets, grouped by ``set_column``; ``(sets, ids or None, single)``."""
+    try:
+        with open(path, newline="") as f:
+            rows = [(n, r) for n, r in enumerate(csv.reader(f), 1) if any(c.strip() for c in r)]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"{path}: not a readable CSV file ({e})") from None
+    if not rows:
+        raise ValueError(f"{path}: holds no rows")
+    header: list[str] | None = None
+    if not all(_is_number(c) for c in rows[0][1]):
+        header = [c.strip() for c in rows[0][1]]
+        rows = rows[1:]
+        if not rows:
+            raise ValueError(f"{path}: has a header but no data rows")
+    width = len(header) if header is not None else len(rows[0][1])
+    names = header or [str(i) for i in range(width)]
+    key = None
+    if set_column is not None:
+        if header is None:
+            raise ValueError(f"{path}: set column {set_column!r}: needs a header row naming the columns")
+        if set_column not in header:
+            raise ValueError(f"{path}: set column {set_column!r}: not in the header ({', '.join(header)})")
+        key = header.index(set_column)
+    features = [j for j in range(width) if j != key]
+    if not features:
+        raise ValueError(f"{path}: no feature columns besides the set column {set_column!r}")
+    groups: dict[str, list[list[float]]] = {}
+    for n, row in rows:
+        if len(row) != width:
+            raise ValueError(f"{path}: line {n}: expected {width} fields like the first row, got {len(row)}")
+        try:
+            values = [float(row[j]) for j in features]
+        except ValueError:
+            j = next(j for j in features if not _is_number(row[j]))
+            hint = "" if set_column else f" (if it holds set ids, use set_column / --set-column {names[j]})"
+            raise ValueError(
+                f"{path}: line {n}, column {names[j]}: {row[j]!r} is not a number{hint}"
+            ) from None
+        groups.setdefault(row[key].strip() if key is not None else "", []).append(values)
+    sets = [np.asarray(g, dtype=np.float64) for g in groups.values()]
+    return sets, (list(groups) if key is not None else None), key is None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

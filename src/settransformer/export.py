@@ -1,0 +1,419 @@
+"""Export a set model for inference outside PyTorch training code: ONNX and TorchScript files.
+
+Both formats are traced from the model and take two inputs, with a dynamic batch size ``B`` and
+set size ``N`` (``N >= 1``; express an empty set as a row of ``mask`` that is all False):
+
+- ``x``: ``(B, N, dim_input)``, the model's floating dtype (float32 for the models trained here),
+  padded sets; padded rows may hold anything, they are ignored;
+- ``mask``: ``(B, N)`` bool, True for real elements;
+
+and return the model's output (``(B, num_outputs, dim_output)`` for a
+:class:`~settransformer.SetTransformer`), named ``output`` in the ONNX graph. Both exports run
+the model in evaluation mode (no dropout).
+
+Example:
+    >>> export_onnx(model, "model.onnx", dim_input=2)            # onnxruntime.InferenceSession(...)
+    >>> export_torchscript(model, "model.pt", dim_input=2)       # torch.jit.load("model.pt")
+
+Tracing bakes Python control flow into the graph, so two things are taken care of here:
+
+- The attention blocks pick a form of the attention by cost from the set size
+  (``MAB._path``). The forms are exact rewrites of each other, but a trace keeps one of them for
+  every size: the one chosen for the example's size, or the plain form when the tracer hands
+  sizes over as tensors (about 1.5x slower in ONNX Runtime for the MoG model). During export
+  every block is given the form it uses for large sets (what ``torch.export`` picks with a
+  symbolic set size); which side of each attention grows with the set size is found by running
+  the model at two sizes first.
+- The written file is checked (``onnx.checker``), then run (in ONNX Runtime when it is
+  installed; ``torch.jit.load`` for TorchScript) on padded batches of sizes not used at export,
+  one of them with an empty set, and compared with the eager model (atol = rtol = 1e-4). A
+  model whose output depends on the sizes in a way the trace cannot follow fails here with
+  :class:`ExportError` instead of writing a wrong file.
+
+The file is written to a temporary name beside ``path`` and renamed only once it passed the
+checks, so a failed export never leaves a half-written file or replaces an existing one.
+
+ONNX export needs the ``onnx`` package (``pip install 'settransformer[onnx]'``, which also
+installs ``onnxruntime``). It uses PyTorch's TorchScript-based exporter by default (about a second
+for the paper's models); ``dynamo=True`` selects the ``torch.export``-based one (needs
+``onnxscript``; tens of seconds on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import inspect
+import itertools
+import math
+import os
+import secrets
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .blocks import MAB
+from .validation import check_positive
+
+__all__ = ["INPUT_NAMES", "OUTPUT_NAME", "ExportError", "export_onnx", "export_torchscript"]
+
+#: Names of the inputs of an exported ONNX graph, in order, and of its output.
+INPUT_NAMES = ("x", "mask")
+OUTPUT_NAME = "output"
+#: ONNX opset when none is given (ONNX Runtime >= 1.14 runs it; LayerNormalization needs 17+).
+DEFAULT_OPSET = 18
+
+_EXAMPLE = (2, 8)  # (B, N) traced; B > 1 so that broadcasting over the batch is traced as such
+_PROBE_SIZE = 11  # a second set size, to tell which attention sizes grow with N
+_CHECK_SIZES = ((3, 13), (1, 1), (5, 40))  # (B, N) compared after export; none of them traced
+_TOLERANCE = 1e-4  # atol and rtol of the comparison
+
+
+class ExportError(ValueError):
+    """The model cannot be exported, or the exported file does not agree with the model."""
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    dim_input: int,
+    opset: int | None = None,
+    overwrite: bool = False,
+    verify: bool = True,
+    dynamo: bool = False,
+) -> Path:
+    """Write ``model`` as an ONNX graph ``(x: (B, N, dim_input), mask: (B, N) bool) -> output``.
+
+    Args:
+        model: called as ``model(x, mask)``, returning one tensor.
+        path: the ``.onnx`` file to write (its folder is created).
+        dim_input: feature size of the set elements.
+        opset: ONNX opset (default :data:`DEFAULT_OPSET`; 14 to 20, or 18+ with ``dynamo``).
+        overwrite: replace an existing file (otherwise :class:`FileExistsError`).
+        verify: run the file in ONNX Runtime (when installed) on padded batches of other sizes
+            and compare with ``model`` (atol = rtol = 1e-4).
+        dynamo: use the ``torch.export``-based exporter instead of the TorchScript-based one.
+
+    Returns:
+        ``path``. Raises :class:`ExportError` (a ``ValueError``) when the export or the
+        comparison fails, ``TypeError`` for a model that is not called as ``model(x, mask)``,
+        ``ImportError`` without the ``onnx`` package.
+    """
+    if opset is None:
+        opset = DEFAULT_OPSET
+    low, high = (18, None) if dynamo else (14, 20)  # 20: the TorchScript-based exporter's newest
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < low or (high and opset > high):
+        allowed = f"{low} to {high}" if high else f"at least {low}"
+        raise ValueError(f"opset: expected an ONNX opset version {allowed}, got {opset!r}")
+    for package in ("onnx", "onnxscript") if dynamo else ("onnx",):
+        if importlib.util.find_spec(package) is None:
+            raise ImportError(f"export_onnx needs the {package} package: pip install 'settransformer[onnx]'")
+    import onnx
+
+    example, dtype = _prepare(model, dim_input)
+
+    def write(tmp: Path, wrapper: nn.Module) -> None:
+        options: dict[str, object] = {"input_names": list(INPUT_NAMES), "output_names": [OUTPUT_NAME]}
+        if dynamo:
+            batch, size = torch.export.Dim("batch"), torch.export.Dim("set")
+            options["dynamic_shapes"] = {"x": {0: batch, 1: size}, "mask": {0: batch, 1: size}}
+            options["external_data"] = False
+        else:
+            options["dynamic_axes"] = {name: {0: "batch", 1: "set"} for name in INPUT_NAMES}
+        with _stdout_to_devnull():
+            torch.onnx.export(wrapper, example, str(tmp), dynamo=dynamo, opset_version=opset, **options)  # type: ignore[arg-type]
+        onnx.checker.check_model(str(tmp), full_check=True)
+
+    def load(tmp: Path) -> Callable[[Tensor, Tensor], Tensor] | None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return None
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+
+        def run(x: Tensor, mask: Tensor) -> Tensor:
+            feed = {"x": x.cpu().numpy(), "mask": mask.cpu().numpy()}
+            return torch.from_numpy(session.run([OUTPUT_NAME], feed)[0])
+
+        return run
+
+    return _export(model, Path(path), example, dtype, write, load if verify else None, overwrite, "ONNX")
+
+
+def export_torchscript(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    dim_input: int,
+    overwrite: bool = False,
+    verify: bool = True,
+) -> Path:
+    """Write ``model`` traced as TorchScript: ``torch.jit.load(path)(x, mask)``, no Python source needed.
+
+    Args:
+        model: called as ``model(x, mask)``, returning one tensor.
+        path: the file to write (``.pt`` by convention; its folder is created).
+        dim_input: feature size of the set elements.
+        overwrite: replace an existing file (otherwise :class:`FileExistsError`).
+        verify: load the file back and compare with ``model`` on padded batches of other sizes.
+
+    Returns:
+        ``path``; errors as :func:`export_onnx`. The graph is traced on the model's device.
+    """
+    example, dtype = _prepare(model, dim_input)
+
+    def write(tmp: Path, wrapper: nn.Module) -> None:
+        traced = torch.jit.trace(wrapper, example, check_trace=False)
+        torch.jit.save(traced, str(tmp))
+
+    def load(tmp: Path) -> Callable[[Tensor, Tensor], Tensor]:
+        return torch.jit.load(str(tmp), map_location=example[0].device)
+
+    return _export(
+        model, Path(path), example, dtype, write, load if verify else None, overwrite, "TorchScript"
+    )
+
+
+class _Inference(nn.Module):
+    """``model(x, mask)`` with exactly these two inputs (models may take more, optional, ones)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """``x: (B, N, dim_input)``, ``mask: (B, N)`` bool -> the model's output."""
+        return self.model(x, mask)
+
+
+def _check_signature(model: object) -> None:
+    """``TypeError`` unless ``model`` is a module that can be called as ``model(x, mask)``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    P = inspect.Parameter
+    params = list(inspect.signature(model.forward).parameters.values())
+    positional = [p for p in params if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in params if p.default is P.empty and p.kind not in (P.VAR_POSITIONAL, P.VAR_KEYWORD)]
+    if len(required) > 2 or (len(positional) < 2 and not any(p.kind is P.VAR_POSITIONAL for p in params)):
+        raise TypeError(
+            f"model: export needs a model called as model(x, mask) -> Tensor; "
+            f"{type(model).__name__}.forward takes ({', '.join(p.name for p in params)})"
+        )
+
+
+def _example(
+    b: int, n: int, dim_input: int, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """A padded batch ``x: (b, n, dim_input)``, ``mask: (b, n)``: padding in the middle of the
+    sets, junk in the padded rows, and (for ``b > 2``) an empty last set."""
+    gen = torch.Generator().manual_seed(1000 * b + n)
+    x = torch.randn(b, n, dim_input, generator=gen)
+    mask = torch.rand(b, n, generator=gen) > 0.3
+    mask[:, 0] = True
+    if b > 2:
+        mask[-1] = False
+    x = x.masked_fill(~mask[..., None], 1e4)  # the model must ignore padded values
+    return x.to(device=device, dtype=dtype), mask.to(device)
+
+
+def _prepare(model: nn.Module, dim_input: int) -> tuple[tuple[Tensor, Tensor], torch.dtype]:
+    """Check ``model`` and ``dim_input``; the example inputs of the trace and the model's dtype."""
+    _check_signature(model)
+    check_positive("dim_input", dim_input)
+    declared = getattr(model, "dim_input", None)
+    if isinstance(declared, int) and declared != dim_input:
+        raise ValueError(f"dim_input: the model takes sets of {declared} features, got {dim_input}")
+    floats = [p for p in model.parameters() if p.is_floating_point()]
+    dtype = floats[0].dtype if floats else torch.get_default_dtype()
+    device = floats[0].device if floats else torch.device("cpu")
+    example = _example(*_EXAMPLE, dim_input, dtype, device)
+    out = _call(model, example)
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"model: export needs a model that returns one tensor; {type(model).__name__} returned "
+            f"{type(out).__name__}"
+        )
+    return example, dtype
+
+
+def _call(model: nn.Module, example: tuple[Tensor, Tensor]) -> object:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(*example)
+    except Exception as e:  # any failure of the user's model: name what it was given
+        x, mask = example
+        raise ExportError(
+            f"model: {type(model).__name__}(x, mask) failed on an example batch x: {tuple(x.shape)} "
+            f"{x.dtype}, mask: {tuple(mask.shape)} bool ({type(e).__name__}: {e})"
+        ) from e
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def _large_set_paths(model: nn.Module, example: tuple[Tensor, Tensor]) -> Iterator[None]:
+    """Make every :class:`MAB` of ``model`` use, whatever the sizes it is traced at, the form of the
+    attention it picks when the sizes that grow with the set size are symbolic (= large).
+
+    The blocks are called in the same order on every forward pass, so the ``k``-th call of a block
+    replays the form computed from its ``k``-th call at two probe sizes: a count that differs
+    between the probes grows with N and is passed to ``MAB._path`` as infinite.
+    """
+    mabs = [m for m in model.modules() if isinstance(m, MAB)]
+    x = example[0]
+    first = _attention_sizes(model, mabs, example)
+    second = _attention_sizes(model, mabs, _example(x.shape[0], _PROBE_SIZE, x.shape[2], x.dtype, x.device))
+    try:
+        for m in mabs:
+            a, b = first[id(m)], second[id(m)]
+            paths = ["standard"]  # the form whose graph holds for every size, when in doubt
+            if len(a) == len(b) and a:
+                paths = [
+                    m._path(math.inf if q1 != q2 else q1, math.inf if k1 != k2 else k1)  # type: ignore[arg-type]
+                    for (q1, k1), (q2, k2) in zip(a, b)
+                ]
+            m.__dict__["_path"] = _replay(paths)  # shadows the method
+        yield
+    finally:
+        for m in mabs:
+            m.__dict__.pop("_path", None)
+
+
+def _replay(paths: list[str]) -> Callable[[object, object], str]:
+    """A stand-in for ``MAB._path`` whose ``k``-th call returns ``paths[k % len(paths)]``."""
+    count = itertools.count()
+
+    def path(nq: object, nk: object) -> str:
+        return paths[next(count) % len(paths)]
+
+    return path
+
+
+def _attention_sizes(
+    model: nn.Module, mabs: list[MAB], example: tuple[Tensor, Tensor]
+) -> dict[int, list[tuple[int, int]]]:
+    """The ``(queries, keys)`` counts of every call of each block of ``mabs`` (by ``id``) on ``example``."""
+    calls: dict[int, list[tuple[int, int]]] = {id(m): [] for m in mabs}
+    for m in mabs:
+
+        def record(nq: int, nk: int, _m: MAB = m) -> str:
+            calls[id(_m)].append((nq, nk))
+            return MAB._path(_m, nq, nk)
+
+        m.__dict__["_path"] = record
+    try:
+        _call(model, example)
+    finally:
+        for m in mabs:
+            m.__dict__.pop("_path", None)
+    return calls
+
+
+@contextlib.contextmanager
+def _stdout_to_devnull() -> Iterator[None]:
+    """Discard what native code writes to the process's stdout (file descriptor 1).
+
+    When it fails, PyTorch's TorchScript-based ONNX exporter prints its whole graph there (its log
+    switch ends up always on), which would bury the one-line error of the CLI.
+    """
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no stdout at all
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _export(
+    model: nn.Module,
+    path: Path,
+    example: tuple[Tensor, Tensor],
+    dtype: torch.dtype,
+    write: Callable[[Path, nn.Module], None],
+    load: Callable[[Path], Callable[[Tensor, Tensor], Tensor] | None] | None,
+    overwrite: bool,
+    kind: str,
+) -> Path:
+    """Trace ``model`` into a temporary file with ``write``, check it with ``load``, rename it to ``path``."""
+    if path.is_dir():
+        raise ValueError(f"path: {path} is a folder; expected a file name")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: already exists (pass overwrite=True to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    was_training = model.training
+    model.eval()
+    try:
+        with warnings.catch_warnings():
+            # TracerWarnings about Python branches on sizes, deprecation notices of the exporters:
+            # the comparison below is what tells whether the trace is right.
+            warnings.simplefilter("ignore")
+            try:
+                with _large_set_paths(model, example), torch.no_grad():
+                    write(tmp, _Inference(model).eval())
+            except ExportError:
+                raise
+            except Exception as e:
+                raise ExportError(
+                    f"{kind} export of {type(model).__name__} failed ({type(e).__name__}: {e})"
+                ) from e
+            try:
+                run = load(tmp) if load is not None else None
+            except Exception as e:
+                raise ExportError(f"the {kind} file does not load ({type(e).__name__}: {e})") from e
+            if run is not None:
+                _compare(model, run, example[0].shape[2], dtype, example[0].device, kind)
+        os.replace(tmp, path)
+    finally:
+        model.train(was_training)
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _compare(
+    model: nn.Module,
+    run: Callable[[Tensor, Tensor], Tensor],
+    dim_input: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    kind: str,
+) -> None:
+    """:class:`ExportError` unless ``run`` agrees with ``model`` on padded batches of untraced sizes."""
+    for b, n in _CHECK_SIZES:
+        x, mask = _example(b, n, dim_input, dtype, device)
+        with torch.no_grad():
+            expected = model(x, mask)
+            try:
+                got = run(x, mask).to(expected.device)
+            except Exception as e:
+                raise ExportError(
+                    f"the {kind} export of {type(model).__name__} fails on a batch of {b} sets of size {n} "
+                    f"({type(e).__name__}: {e})"
+                ) from e
+        if got.shape != expected.shape or not torch.allclose(
+            got, expected, atol=_TOLERANCE, rtol=_TOLERANCE, equal_nan=True
+        ):
+            diff = (
+                f"max abs difference {(got - expected).abs().max().item():.3g}"
+                if got.shape == expected.shape
+                else f"output shape {tuple(got.shape)} instead of {tuple(expected.shape)}"
+            )
+            raise ExportError(
+                f"the {kind} export of {type(model).__name__} disagrees with the model on a batch of "
+                f"{b} sets of size {n} ({diff}): its output depends on the batch or set size in a way "
+                "tracing cannot capture"
+            )

@@ -1,0 +1,351 @@
+"""Batch inference over lists of variable-size sets, and writing the outputs to files.
+
+:func:`predict` runs a set model (``forward(x, mask)``) over ``S`` sets of different sizes: it sorts
+the sets by size so that each batch pads little, pads them with :func:`settransformer.pad_sets`,
+runs the model under :func:`torch.inference_mode`, and returns the outputs in the input order.
+Outputs are the model's raw ones, one ``model(x, mask)[i]`` per set (for a Set Transformer
+``(num_outputs, dim_output)``; logits, not probabilities; mixture parameters, not clusters). A
+model with per-element outputs (``(B, N, ...)``, e.g. anomaly scores) gives ``(N_i, ...)`` per set.
+
+:func:`write_outputs` writes them as ``.npy`` (one array ``(S, ...)``, rows in input order),
+``.csv`` (a ``set`` column and one column per output value; per-element outputs get one row per
+element and an ``element`` column) or ``.jsonl`` (``{"set": id, "output": [...]}`` per line),
+atomically, refusing to replace a file unless asked.
+
+Example:
+    >>> model = SetTransformer(2, num_outputs=4, dim_output=5).eval()
+    >>> sets = [torch.randn(n, 2) for n in (120, 1, 45)]
+    >>> outs = predict(model, sets, batch_size=2, progress=False)   # 3 tensors (4, 5)
+    >>> write_outputs("out.jsonl", ["a", "b", "c"], outs)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import inspect
+import io
+import itertools
+import json
+import math
+import os
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .sets import pad_sets
+from .validation import check_positive
+
+__all__ = [
+    "OUTPUT_SUFFIXES",
+    "check_forward",
+    "check_output_path",
+    "input_dim",
+    "jsonl_lines",
+    "per_element_output",
+    "predict",
+    "write_outputs",
+]
+
+OUTPUT_SUFFIXES = (".npy", ".csv", ".jsonl")
+
+
+def check_forward(model: nn.Module) -> None:
+    """Raise ``ValueError`` unless ``model`` is called as ``model(x, mask)`` (no other inputs)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    params = list(inspect.signature(model.forward).parameters.values())
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    positional = [p for p in params if p.kind in kinds]
+    required = [p for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    varargs = any(p.kind == p.VAR_POSITIONAL for p in params)
+    if len(required) > 2 or (len(positional) < 2 and not varargs):
+        raise ValueError(
+            f"model: predict supports models with forward(x, mask); {type(model).__name__} has "
+            f"forward({', '.join(p.name for p in params)})"
+        )
+
+
+def input_dim(model: nn.Module) -> int | None:
+    """The feature size ``D`` of the elements ``model`` takes, or ``None`` when it cannot tell.
+
+    Reads ``dim_input`` (set models), an image encoder's ``image_shape`` (``C*H*W``), or the
+    ``model`` a wrapper holds.
+    """
+    dim = getattr(model, "dim_input", None)
+    if isinstance(dim, int):
+        return dim
+    shape = getattr(getattr(model, "encoder", None), "image_shape", None)
+    if shape is not None:
+        return int(math.prod(shape))
+    inner = getattr(model, "model", None)
+    return input_dim(inner) if isinstance(inner, nn.Module) else None
+
+
+def _placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(model.parameters(), None)
+    if p is None:
+        return torch.device("cpu"), torch.float32
+    return p.device, p.dtype if p.is_floating_point() else torch.float32
+
+
+def per_element_output(model: nn.Module, dim_input: int) -> bool:
+    """Whether ``model`` returns one output per element (``(B, N, ...)``) rather than per set.
+
+    Found by running it on two tiny sets of sizes 2 and 3 (zeros); an output whose shape changes
+    with the set size elsewhere than the element axis is a ``ValueError``.
+    """
+    device, dtype = _placement(model)
+    shapes = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for n in (2, 3):
+                x = torch.zeros(1, n, dim_input, dtype=dtype, device=device)
+                shapes.append(tuple(model(x, torch.ones(1, n, dtype=torch.bool, device=device)).shape))
+    finally:
+        model.train(was_training)
+    if len(shapes[0]) == 0 or shapes[0][0] != 1:
+        raise ValueError(f"model: expected an output with a batch dimension (B, ...), got shape {shapes[0]}")
+    if shapes[0] == shapes[1]:
+        return False
+    if len(shapes[0]) >= 2 and (shapes[0][1], shapes[1][1]) == (2, 3) and shapes[0][2:] == shapes[1][2:]:
+        return True
+    raise ValueError(
+        f"model: its output shape changes with the set size ({shapes[0]} for 2 elements, {shapes[1]} "
+        "for 3), other than as per-element outputs (B, N, ...); predict does not support it"
+    )
+
+
+def _check_set(s: Any, i: int, dim: int | None) -> Any:
+    shape = tuple(getattr(s, "shape", ()))
+    expected = f"a set of shape (N_i, {dim if dim is not None else 'D'})"
+    if not isinstance(s, Tensor | np.ndarray):
+        raise TypeError(f"sets[{i}]: expected {expected} (tensor or NumPy array), got {type(s).__name__}")
+    if len(shape) != 2 or (dim is not None and shape[1] != dim):
+        raise ValueError(f"sets[{i}]: expected {expected}, got shape {shape}")
+    return s
+
+
+def _to_tensor(s: Any, dtype: torch.dtype) -> Tensor:
+    if isinstance(s, Tensor):
+        return s.detach().to("cpu", dtype)
+    return torch.tensor(np.asarray(s), dtype=dtype)  # a copy: memmaps are read-only
+
+
+def _batches(sizes: Sequence[int], batch_size: int, chunk_size: int | None) -> Iterator[list[int]]:
+    """Indices sorted by set size, in batches; with ``chunk_size``, a larger set goes alone."""
+    batch: list[int] = []
+    for i in sorted(range(len(sizes)), key=sizes.__getitem__):
+        if chunk_size is not None and sizes[i] > chunk_size:
+            yield [i]
+            continue
+        batch.append(i)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _bar(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return contextlib.nullcontext(None)
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is in the `train` extra: no bar without it
+        return contextlib.nullcontext(None)
+    return tqdm(total=total, desc="predict", unit="set", dynamic_ncols=True)
+
+
+def predict(
+    model: nn.Module,
+    sets: Sequence[Tensor | np.ndarray],
+    *,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    chunk_size: int | None = None,
+    progress: bool = True,
+) -> list[Tensor]:
+    """``model`` over every set, batched with masks; outputs in the order of ``sets``.
+
+    Args:
+        model: a set model called as ``model(x (B, N, D), mask (B, N))``; put in eval mode for the
+            call (its mode is restored after).
+        sets: ``S`` tensors or NumPy arrays (memmaps included) ``(N_i, D)``; ``N_i`` may be 0.
+        batch_size: sets per forward pass; sets are sorted by size first, so a batch pads little.
+        device: where to run (the model is moved there, in place); ``None``: where the model is.
+        chunk_size: evaluate ``chunk_size`` elements at a time with bounded memory (models whose
+            forward takes ``chunk_size``, see :mod:`settransformer.chunked`); a set larger than
+            this is evaluated alone, read from its array one chunk at a time.
+        progress: a tqdm bar (on stderr) over the sets, when tqdm is installed.
+
+    Returns:
+        ``S`` CPU tensors: ``model(x, mask)[i]`` of set ``i`` (e.g. ``(num_outputs, dim_output)``),
+        cut to ``(N_i, ...)`` for per-element outputs; equal to running each set alone, unpadded.
+    """
+    check_forward(model)
+    check_positive("batch_size", batch_size)
+    if chunk_size is not None:
+        check_positive("chunk_size", chunk_size)
+        if "chunk_size" not in inspect.signature(model.forward).parameters:
+            raise ValueError(
+                f"chunk_size: {type(model).__name__} has no chunked forward (SetTransformer and DeepSets do)"
+            )
+    if len(sets) == 0:
+        return []
+    dim = input_dim(model)
+    if dim is None:  # a model that does not say: every set must have the first one's size
+        dim = int(_check_set(sets[0], 0, None).shape[1])
+    sets = [_check_set(s, i, dim) for i, s in enumerate(sets)]
+    if device is not None:
+        model.to(torch.device(device))
+    dev, dtype = _placement(model)
+    per_element = per_element_output(model, dim)
+    sizes = [int(s.shape[0]) for s in sets]
+    kwargs = {} if chunk_size is None else {"chunk_size": chunk_size}
+    outputs: list[Tensor | None] = [None] * len(sets)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), _bar(len(sets), progress) as bar:
+            for batch in _batches(sizes, batch_size, chunk_size):
+                if chunk_size is not None and sizes[batch[0]] > chunk_size:
+                    out = model(sets[batch[0]], None, **kwargs)[None]  # read chunk by chunk
+                else:
+                    # At least one padded position, so that a batch of empty sets is still (B, 1, D).
+                    longest = max(1, max(sizes[i] for i in batch))
+                    x, mask = pad_sets([_to_tensor(sets[i], dtype) for i in batch], max_size=longest)
+                    out = model(x.to(dev), mask.to(dev), **kwargs)
+                out = out.cpu()
+                for j, i in enumerate(batch):
+                    outputs[i] = out[j, : sizes[i]] if per_element else out[j]
+                if bar is not None:
+                    bar.update(len(batch))
+    finally:
+        model.train(was_training)
+    # Plain tensors (not inference tensors), so callers may use them anywhere.
+    return [o.clone() for o in outputs if o is not None]
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+
+def check_output_path(path: str | Path, *, overwrite: bool = False) -> Path:
+    """``path`` as a :class:`Path` if it is a writable output: a known suffix, and no existing file
+    unless ``overwrite``. Raises ``ValueError`` otherwise."""
+    p = Path(path)
+    if p.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ValueError(f"{p}: unknown output format {p.suffix!r}; expected {', '.join(OUTPUT_SUFFIXES)}")
+    if p.is_dir():
+        raise ValueError(f"{p}: is a folder; expected an output file name")
+    if p.exists() and not overwrite:
+        raise ValueError(f"{p}: already exists; pass overwrite=True to replace it")
+    return p
+
+
+def _texts(a: np.ndarray) -> list[str]:
+    """Each value as the shortest text that reads back to the same number in its dtype."""
+    if a.dtype in (np.float32, np.float16):
+        return [str(v) for v in a.ravel()]  # NumPy prints the shortest round-trip of a float32
+    return [repr(float(v)) for v in a.ravel()]
+
+
+def _nested(a: np.ndarray) -> Any:
+    values = [float(t) for t in _texts(a)]
+    return np.array(values, dtype=np.float64).reshape(a.shape).tolist()
+
+
+def jsonl_lines(ids: Sequence[Any], outputs: Sequence[Tensor]) -> Iterator[str]:
+    """``{"set": id, "output": [...]}`` per set (no newline); NaN and inf are written as
+    ``NaN`` / ``Infinity``, which Python's json reads."""
+    for set_id, out in zip(ids, outputs):
+        yield json.dumps({"set": set_id, "output": _nested(out.numpy())})
+
+
+def _column_names(shape: tuple[int, ...]) -> list[str]:
+    if not shape:
+        return ["output"]
+    return ["output_" + "_".join(map(str, idx)) for idx in itertools.product(*(range(n) for n in shape))]
+
+
+def _write_csv(f: IO[str], ids: Sequence[Any], arrays: list[np.ndarray], per_element: bool) -> None:
+    w = csv.writer(f, lineterminator="\n")
+    inner = arrays[0].shape[1:] if per_element else arrays[0].shape
+    w.writerow(["set", *(["element"] if per_element else []), *_column_names(inner)])
+    for set_id, a in zip(ids, arrays):
+        if per_element:
+            for k, row in enumerate(a):
+                w.writerow([set_id, k, *_texts(np.asarray(row))])
+        else:
+            w.writerow([set_id, *_texts(a)])
+
+
+def write_outputs(
+    path: str | Path,
+    ids: Sequence[Any],
+    outputs: Sequence[Tensor],
+    *,
+    per_element: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``outputs`` (one tensor per set, as :func:`predict` returns) to ``path``.
+
+    The format follows the suffix: ``.npy`` (``np.stack``: every output must have the same shape),
+    ``.csv`` or ``.jsonl``; see the module docstring. ``per_element``: the outputs are
+    ``(N_i, ...)`` per element (CSV: one row per element). The file is written to a temporary
+    name and renamed, so an interrupted write leaves no partial file.
+    """
+    p = check_output_path(path, overwrite=overwrite)
+    if len(ids) != len(outputs):
+        raise ValueError(f"ids, outputs: expected one id per output, got {len(ids)} and {len(outputs)}")
+    arrays = [o.detach().cpu().numpy() for o in outputs]
+    shapes = {a.shape[1:] if per_element else a.shape for a in arrays}
+    if len(shapes) > 1:
+        what = "element" if per_element else "set"
+        raise ValueError(f"outputs: expected one shape per {what}, got {sorted(shapes)}")
+    suffix = p.suffix.lower()
+    if suffix == ".npy":
+        if len({a.shape for a in arrays}) > 1:
+            raise ValueError(
+                f"{p}: per-element outputs of sets of different sizes do not stack into one array; "
+                "write .csv or .jsonl"
+            )
+        stacked = np.stack(arrays) if arrays else np.zeros((0,), np.float32)
+        _atomic_write(p, lambda f: np.save(f, stacked, allow_pickle=False))
+    elif suffix == ".csv":
+        _atomic_write(p, _text_writer(lambda f: _write_csv(f, ids, arrays, per_element)))
+    else:
+        _atomic_write(
+            p, _text_writer(lambda f: f.writelines(line + "\n" for line in jsonl_lines(ids, outputs)))
+        )
+    return p
+
+
+def _text_writer(write: Callable[[IO[str]], None]) -> Callable[[IO[bytes]], None]:
+    def run(f: IO[bytes]) -> None:
+        text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+        write(text)
+        text.flush()
+        text.detach()  # leave the binary file open for _atomic_write to close
+
+    return run
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Beside the target (the rename stays on one file system), created with the umask's mode.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,120 @@
+"""Stop training cleanly on SIGINT (Ctrl-C) or SIGTERM (``kill``, a batch scheduler's notice).
+
+While a :class:`StopOnSignal` is active, these signals only set a flag. The training loop asks
+:meth:`StopOnSignal.agreed` between steps, and when it says stop, writes a checkpoint of the step it
+reached and raises :class:`Interrupted`; ``settransformer train`` turns that into one line naming the
+checkpoint and the exit code ``128 + signal`` (130 for SIGINT, 143 for SIGTERM: the shell's code for
+a process ended by that signal, so schedulers and scripts see that the run did not finish).
+
+A second signal while the first is being handled raises ``KeyboardInterrupt`` at once: the atomic
+checkpoint writes (:mod:`settransformer.checkpoint`) keep the last checkpoint on disk intact.
+
+Under ``torchrun`` every process gets the signal (a terminal's Ctrl-C reaches the whole process
+group; torchrun forwards SIGTERM to its workers and sends SIGKILL 30 s later). The processes must
+stop at the same step, or some would wait forever in a collective the others never join; so they
+decide together: every ``log_every`` steps, where the loop already synchronises, they all-reduce
+their flags and all stop when any has one. Rank 0 then writes the checkpoint.
+
+Example:
+    >>> with StopOnSignal() as stop:
+    ...     while step < steps and stop.signum is None:
+    ...         step = train_one_step(step)
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .distributed import Distributed
+
+__all__ = ["SIGNALS", "Interrupted", "StopOnSignal"]
+
+#: The signals that stop training cleanly.
+SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped on a signal after saving its state: ``signum``, the ``step`` reached, and the
+    ``checkpoint`` written there (``None`` without a run folder, and on ranks other than 0).
+
+    A ``KeyboardInterrupt``, so code that handles Ctrl-C handles it, and ``except Exception`` does not
+    swallow it.
+    """
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(str(self))
+
+    @property
+    def exit_code(self) -> int:
+        """``128 + signum``, the status a shell reports for a process ended by the signal."""
+        return 128 + self.signum
+
+    def __str__(self) -> str:
+        where = f"checkpoint saved: {self.checkpoint}" if self.checkpoint else "no run folder, nothing saved"
+        return f"interrupted by {signal.Signals(self.signum).name} at step {self.step}; {where}"
+
+
+class StopOnSignal:
+    """Context manager: while active, SIGINT and SIGTERM set :attr:`signum` instead of ending the
+    process; the previous handlers come back on exit.
+
+    Signal handlers can only be set in the main thread: elsewhere it installs nothing and
+    :attr:`signum` stays ``None`` (the signals then act as they did before). A signal the process
+    ignores (``SIG_IGN``, e.g. SIGINT in a background job of a script) stays ignored. ``install`` and
+    ``restore`` do the same as entering and leaving, for code that cannot indent a block.
+    """
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = SIGNALS) -> None:
+        self.signals = signals
+        #: The first signal received while active, or ``None``.
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread() and not self._previous:
+            for sig in self.signals:
+                if signal.getsignal(sig) is not signal.SIG_IGN:  # an ignored signal stays ignored
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            # None: a handler set outside Python, which cannot be put back; the default is closest
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        self._previous.clear()
+
+    def __enter__(self) -> StopOnSignal:
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None:  # asked twice: stop now, without the final checkpoint
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def agreed(self, world: Distributed, can_stop: bool = True) -> int | None:
+        """The signal to stop for now, or ``None`` to go on: the same answer on every process.
+
+        One process: :attr:`signum`. Under DDP, only where ``can_stop`` (a step where every rank
+        calls this, e.g. every ``log_every`` steps) and then through an all-reduce, a collective.
+        """
+        if not world.enabled:
+            return self.signum
+        if not can_stop:
+            return None
+        flag = torch.tensor([float(self.signum or 0)], device=world.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        signum = int(flag.item())
+        if signum:
+            self.signum = self.signum or signum
+        return signum or None
