@@ -133,6 +133,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--quick", action="store_true", help="only N <= 10k and a short training row")
     parser.add_argument("--train-steps", type=int, default=60, help="timed steps of the training row")
+    parser.add_argument(
+        "--train-repeats", type=int, default=3, help="alternating runs of the training row (default 3)"
+    )
+    parser.add_argument("--rows", default="isab,sab,train", help="which rows to run (comma-separated)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -145,6 +149,8 @@ def main() -> None:
     sizes = {"isab": [100, 1_000, 10_000, 100_000, 1_000_000], "sab": [100, 1_000, 10_000, 16_384]}
     if args.quick:
         sizes = {"isab": [100, 1_000, 10_000], "sab": [100, 1_000, 4_096]}
+    rows = args.rows.split(",")
+    sizes = {block: ns for block, ns in sizes.items() if block in rows}
     print(
         f"torch {torch.__version__}, {args.threads} threads, "
         f"dim {DIM}, {HEADS} heads, {INDUCING} inducing points"
@@ -175,21 +181,26 @@ def main() -> None:
                         f"{ours['peak_mb'] / max(naive['peak_mb'], 1e-9):.2f}x",
                     ]
                 print("| " + " | ".join(row) + " |", flush=True)
+    if "train" not in rows:
+        return
     steps = 20 if args.quick else args.train_steps
-    ours_t = _run_worker(args.threads, kind="train", impl="ours", steps=steps)
-    naive_t = _run_worker(args.threads, kind="train", impl="naive", steps=steps)
-    if ours_t and naive_t:
+    rates: dict[str, list[float]] = {"ours": [], "naive": []}
+    for _ in range(args.train_repeats):  # alternating, so a change in the machine's load hits both
+        for impl in rates:
+            r = _run_worker(args.threads, kind="train", impl=impl, steps=steps)
+            if r is not None:
+                rates[impl].append(r["steps_per_s"])
+    if rates["ours"] and rates["naive"]:
+        ours_t, naive_t = statistics.median(rates["ours"]), statistics.median(rates["naive"])
         print()
         print(
             "| training step (B=10, N~U{300..600}, 2->4x5, width 128, ISAB(32)x2+PMA+SABx2, Adam) "
             "| ours (steps/s) | naive (steps/s) | speed-up |"
         )
         print("|---|---|---|---|")
-        ratio = ours_t["steps_per_s"] / naive_t["steps_per_s"]
-        print(
-            f"| SetTransformer | {ours_t['steps_per_s']:.1f} | {naive_t['steps_per_s']:.1f} | {ratio:.2f}x |"
-        )
-
+        runs = " ".join(f"{a:.1f}/{b:.1f}" for a, b in zip(rates["ours"], rates["naive"]))
+        ratio = ours_t / naive_t
+        print(f"| SetTransformer (median; runs {runs}) | {ours_t:.1f} | {naive_t:.1f} | {ratio:.2f}x |")
 
 if __name__ == "__main__":
     main()
