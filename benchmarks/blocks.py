@@ -134,7 +134,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="only N <= 10k and a short training row")
     parser.add_argument("--train-steps", type=int, default=60, help="timed steps of the training row")
     parser.add_argument(
-        "--train-repeats", type=int, default=3, help="alternating runs of the training row (default 3)"
+        "--train-repeats", type=int, default=7, help="alternating runs of the training row (default 7)"
     )
     parser.add_argument("--rows", default="isab,sab,train", help="which rows to run (comma-separated)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)

@@ -4,6 +4,8 @@ MAB picks the cheapest form by counting multiply-adds; each must compute the sam
 including masks, empty sets and every normalisation/residual option.
 """
 
+import importlib
+
 import pytest
 import torch
 
@@ -56,3 +58,30 @@ def test_paths_agree_in_gradient(monkeypatch):
         grads[path] = torch.cat([p.grad.flatten() for p in mab.parameters() if p.grad is not None])
     for path in PATHS[1:]:
         torch.testing.assert_close(grads[path], grads["standard"], rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("nk", [0, 5, 300])
+def test_pooled_gemm_path_under_autograd_equals_the_fused_kernel(nk, monkeypatch):
+    """Under autograd small sets take two GEMMs (``_pooled_math``); masks and empty sets as fused."""
+    attention = importlib.import_module("settransformer.attention")  # the package's `attention` is a function
+
+    torch.manual_seed(0)
+    q = torch.randn(1, 3, 8, dtype=torch.float64, requires_grad=True)
+    kv = torch.randn(3, nk, 6, dtype=torch.float64, requires_grad=True)
+    w_k, w_v = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 6, dtype=torch.float64)
+    b_v = torch.randn(8, dtype=torch.float64)
+    mask = torch.rand(3, nk) < 0.7
+    mask[1] = False  # an empty set
+
+    def run(max_keys: int) -> tuple[torch.Tensor, ...]:
+        monkeypatch.setattr(attention, "POOLED_MATH_MAX_KEYS", max_keys)
+        kv_in = kv.masked_fill(~mask[..., None], 0.0)  # the blocks zero padded rows first
+        out = attention.pooled_attention(q, kv_in, w_k, w_v, b_v, 2, mask)
+        grads = torch.autograd.grad(out.square().sum(), (q, kv))
+        return (out, *grads)
+
+    gemm, fused = run(10**9), run(-1)
+    for a, b in zip(gemm, fused):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert gemm[0][1].abs().max() == 0  # the empty set's attention output is zero

@@ -177,6 +177,28 @@ def _attention(
 # Neither checks its arguments: they are kernels behind MAB, whose forward validates its input.
 
 
+# Under autograd, sets up to this many elements take two plain GEMMs instead of the fused kernel
+# in pooled_attention (see _pooled_math); larger sets keep the fused kernel, which never stores the
+# (B, H * Nq, N) weights and whose backward parallelises well at that size.
+POOLED_MATH_MAX_KEYS = 4096
+
+
+def _pooled_math(q: Tensor, kv: Tensor, mask: Tensor | None, scale: float, dropout_p: float) -> Tensor:
+    """``softmax(q kv^T * scale) kv`` for ``q: (Bq, 1, Q, D)``, ``kv: (B, 1, N, D)`` as two GEMMs.
+
+    With all heads stacked as the queries of one head, the fused CPU kernel's backward has little
+    to run in parallel; at a training shape (B = 10, N = 450, Q = D = 128) two GEMMs and a softmax
+    take about two thirds of its time, forward and backward. Masked keys get the most negative
+    finite score, so an empty set gets uniform weights over its zero rows: a zero result and
+    finite gradients, as the fused path's empty-set rule gives.
+    """
+    s = torch.matmul(q * scale, kv.transpose(-1, -2))
+    if mask is not None:
+        s = s.masked_fill(~mask[:, None, None, :], torch.finfo(s.dtype).min)
+    w = torch.softmax(s, dim=-1)
+    return torch.matmul(F.dropout(w, dropout_p) if dropout_p > 0 else w, kv)
+
+
 def pooled_attention(
     q: Tensor,
     kv: Tensor,
@@ -214,7 +236,13 @@ def pooled_attention(
     q_in = torch.einsum("bhqe,hek->bhqk", split_heads(q, num_heads), w_k.view(num_heads, dh, dkv))
     q_in = q_in.reshape(bq, 1, num_heads * nq, dkv)
     kv1 = kv.unsqueeze(1)
-    o = _attention(q_in, kv1, kv1, mask, scale=dh**-0.5 if scale is None else scale, dropout_p=dropout_p)
+    scale = dh**-0.5 if scale is None else scale
+    n = kv.shape[1]
+    small = isinstance(n, int) and n <= POOLED_MATH_MAX_KEYS
+    if small and torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad or w_k.requires_grad):
+        o = _pooled_math(q_in, kv1, mask, scale, dropout_p)
+    else:
+        o = _attention(q_in, kv1, kv1, mask, scale=scale, dropout_p=dropout_p)
     o = o.view(b, num_heads, nq, dkv)
     out = torch.einsum("bhqk,hek->bhqe", o, w_v.view(num_heads, dh, dkv)) + b_v.view(num_heads, 1, dh)
     if mask is not None:
