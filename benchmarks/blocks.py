@@ -202,5 +202,6 @@ def main() -> None:
         ratio = ours_t / naive_t
         print(f"| SetTransformer (median; runs {runs}) | {ours_t:.1f} | {naive_t:.1f} | {ratio:.2f}x |")
 
+
 if __name__ == "__main__":
     main()
