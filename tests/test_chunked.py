@@ -271,3 +271,15 @@ def test_isab_and_pma_forward_take_chunk_size() -> None:
         assert isab(x.numpy(), mask.numpy(), chunk_size=8).shape == (2, 37, 8)  # any sliceable array
     with pytest.raises(ValueError, match="chunk_size"):
         isab(x, chunk_size=0)
+
+
+@pytest.mark.parametrize("width", [1, 8])
+def test_an_empty_batch_goes_through_the_chunked_path(width: int) -> None:
+    """``B = 0`` (found by the fuzz run): the induced rows must not reshape with ``-1``."""
+    model = SetTransformer(1, 1, 1, dim_hidden=width, num_heads=1, num_inducing=1, num_decoder_layers=0)
+    model.eval()
+    x = torch.zeros(0, 3, 1)
+    with torch.no_grad():
+        out = model(x, chunk_size=1)
+    assert out.shape == (0, 1, 1)
+    assert torch.equal(out, model(x))

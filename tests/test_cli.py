@@ -127,12 +127,40 @@ def test_demo_runs_present_tasks_and_skips_absent_ones(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(registry.TASKS, "ghost", "settransformer.tasks.ghost:Ghost")
-    code, _, err = _run(capsys, "demo", "--tasks", "max-regression,ghost", "--steps", "2", "--no-progress")
+    argv = ("demo", "--tasks", "max-regression,ghost", "--steps", "2", "--no-progress", "--jobs", "1")
+    code, _, err = _run(capsys, *argv)
     assert code == 0
     assert "ghost: skipped" in err and "not part of this installation" in err
     summary = Path("runs/demo/results.md").read_text()
     assert "max-regression" in summary and "| `deepsets-max` |" in summary
     assert Path("runs/demo/max-regression/settransformer/seed0/max_regression.png").exists()
+
+
+def test_demo_in_worker_processes_gives_the_in_process_results(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ("demo", "--tasks", "max-regression", "--steps", "3", "--no-progress")
+    assert _run(capsys, *argv, "--jobs", "1", "--out", "1")[0] == 0
+    code, out, err = _run(capsys, *argv, "--jobs", "2", "--out", "2")
+    assert code == 0 and "| `settransformer` |" in out
+    assert err.count("max-regression ") >= 8  # one line per model of the table
+    one, two = (json.loads(Path(d, "max-regression/results.json").read_text())["runs"] for d in ("1", "2"))
+    assert two == one and len(two) == 8  # the same seeds on one thread each: the same numbers
+    assert Path("2/max-regression/settransformer/seed0/max_regression.png").exists()  # plots by the workers
+    assert "2 process(es) of 1 thread(s)" in Path("2/results.md").read_text()
+
+
+def test_demo_trains_the_task_demo_models_unless_all_models(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from settransformer.tasks.max_regression import MaxRegression
+
+    monkeypatch.setattr(MaxRegression, "demo_models", ("deepsets-max", "settransformer"))
+    argv = ("demo", "--tasks", "max-regression", "--steps", "2", "--no-progress", "--jobs", "1")
+    assert _run(capsys, *argv, "--out", "sub")[0] == 0
+    runs = json.loads(Path("sub/max-regression/results.json").read_text())["runs"]
+    assert sorted(runs) == ["deepsets-max", "settransformer"]
+    assert _run(capsys, *argv, "--out", "all", "--all-models")[0] == 0
+    runs = json.loads(Path("all/max-regression/results.json").read_text())["runs"]
+    assert sorted(runs) == sorted(MaxRegression.model_names)
 
 
 def test_config_file_and_flags_override_it(capsys: pytest.CaptureFixture[str]) -> None:

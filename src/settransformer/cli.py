@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ import torch
 from . import __version__
 from .config import TrainConfig, read_config_file
 from .data.set_files import read_inputs
+from .demo import run_demo
 from .distributed import is_main_process
 from .export import DEFAULT_OPSET, export_onnx, export_torchscript
 from .inference import (
@@ -256,28 +258,32 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     for name in names:
         if name not in TASKS:
             raise RunError(f"--tasks: unknown task {name!r}; expected some of {', '.join(TASKS)}")
-    out, started, sections = Path(args.out), time.perf_counter(), []
-    for name in names:
-        try:
-            cls = task_class(name)
-            task = build_task(name)
-            settings = {**cls.budget("quick"), "device": args.device, "progress": not args.no_progress}
-            if args.steps is not None:
-                settings["steps"] = args.steps
-            config = TrainConfig.from_dict(settings)
-            _log(f"== {name}: {len(cls.model_names)} models, {config.steps} steps each (quick budget)")
-            _, md = reproduce(task, list(cls.model_names), config, out / name, overwrite=True, log=_log)
-        except (RunError, FileNotFoundError, ImportError) as e:
-            _log(f"== {name}: skipped ({e})")
-            sections.append(f"## {name}\n\nskipped: {e}\n")
+    out, started = Path(args.out), time.perf_counter()
+    jobs = args.jobs if args.jobs is not None else min(2, os.cpu_count() or 1)
+    tables = run_demo(
+        names,
+        out,
+        jobs=jobs,
+        threads=args.threads,
+        device=args.device,
+        steps=args.steps,
+        all_models=args.all_models,
+        progress=not args.no_progress,
+        log=_log,
+    )
+    sections = []
+    for name, table in tables.items():
+        if table.startswith("skipped: "):
+            sections.append(f"## {name}\n\n{table}\n")
             continue
-        table = md.read_text()
         print(table)
         sections.append(table.replace("# ", "## ", 1))
     summary = out / "results.md"
     minutes = (time.perf_counter() - started) / 60
     summary.parent.mkdir(parents=True, exist_ok=True)
-    summary.write_text(f"# settransformer demo (quick budgets, {minutes:.1f} min)\n\n" + "\n".join(sections))
+    setup = f"{jobs} process(es) of {args.threads} thread(s)"
+    head = f"# settransformer demo (quick budgets, {minutes:.1f} min, {setup})"
+    summary.write_text(head + "\n\n" + "\n".join(sections))
     print(f"demo finished in {minutes:.1f} min; tables in {summary}, plots under {out}/<task>/<model>/seed0/")
     return 0
 
@@ -537,7 +543,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=_positive_int, metavar="N", default=1, help=_DEMO_THREADS_HELP)
     p.add_argument(
+        "--jobs",
+        type=_positive_int,
+        metavar="J",
+        help="worker processes, each training one model at a time (default: 2, or 1 on a 1-CPU machine)",
+    )
+    p.add_argument(
         "--steps", type=_positive_int, help="steps per model instead of the quick budget's (smoke tests)"
+    )
+    p.add_argument(
+        "--all-models",
+        action="store_true",
+        help="every row of each task's table (default: the rows that carry each table's headline "
+        "comparison, where the whole table is slow: MoG, point clouds, kernel regression)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)

@@ -60,9 +60,10 @@ class InducedRows:
         b, m = k.shape[:2]
         kh = split_heads(k, heads)  # (B, H, m, dh)
         w_q = mab.to_q.weight.view(heads, dh, -1)
-        self.k_in = torch.einsum("bhme,heq->bhmq", kh, w_q).reshape(b, heads * m, -1) * scale
+        # explicit sizes, no -1: a batch of zero sets (b = 0) must reshape too
+        self.k_in = torch.einsum("bhme,heq->bhmq", kh, w_q).reshape(b, heads * m, w_q.shape[-1]) * scale
         self.k_bias = (
-            torch.einsum("bhme,he->bhm", kh, mab.to_q.bias.view(heads, dh)).reshape(b, 1, -1) * scale
+            torch.einsum("bhme,he->bhm", kh, mab.to_q.bias.view(heads, dh)).reshape(b, 1, heads * m) * scale
         )
         out = mab.to_out
         assert isinstance(out, nn.Linear)
@@ -86,7 +87,7 @@ class InducedRows:
         torch.baddbmm(self.k_bias, qn, self.k_in.transpose(1, 2), out=scores)
         weights = ws.get("w", b, c, heads, self.m)
         torch.softmax(scores.view(b, c, heads, self.m), dim=-1, out=weights)
-        weights = weights.view(b, c, -1)
+        weights = weights.view(b, c, heads * self.m)
         y = ws.get("y", b, c, d)
         if mab.residual == "projected":
             _linear(mab.to_q, qn, y).baddbmm_(weights, self.v_out)

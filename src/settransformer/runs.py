@@ -328,12 +328,14 @@ def reproduce(
     seeds: int = 1,
     overwrite: bool = False,
     log: Any = print,
+    plots: bool = True,
 ) -> tuple[dict[str, list[dict[str, float]]], Path]:
     """Train every model in ``models`` for ``seeds`` seeds (``config.seed``, ``+1``, ...) under
     ``out/<model>/seed<k>/`` and write ``out/results.md`` and ``out/results.json``.
 
     A run folder that already holds the same run is continued (or reused when complete); one
-    holding a different run is an error unless ``overwrite``. Returns ``(runs, results.md path)``.
+    holding a different run is an error unless ``overwrite``. ``plots``: write each model's
+    figures into its first seed's folder. Returns ``(runs, results.md path)``.
     """
     for m in models:
         check_model(task, m)
@@ -360,7 +362,7 @@ def reproduce(
         if overwrite and run_dir.exists():
             shutil.rmtree(run_dir)
         resume = (run_dir / "checkpoint.pt").exists()  # continue, or reuse when already finished
-        result = train_run(task, model, cfg, run_dir, resume=resume, plots=k == 0)
+        result = train_run(task, model, cfg, run_dir, resume=resume, plots=plots and k == 0)
         runs.setdefault(model, []).append(result["metrics"])
         seconds.setdefault(model, []).append(result["elapsed"])
         shown = ", ".join(f"{key} {v:.4g}" for key, v in result["metrics"].items())

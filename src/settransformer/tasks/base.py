@@ -85,6 +85,8 @@ class Task(ABC):
             optional ``f"{metric}_std"`` entry holds the paper's standard deviation.
         model_descriptions: optional ``{model_name: "what the model is"}`` for results tables.
         default_model: optional, the model ``settransformer train`` builds without ``--model``.
+        demo_models: optional, the rows ``settransformer demo`` trains (default: every row); a
+            subset that keeps the table's headline comparison where the whole table is slow.
 
     Instances hold the task options (data sizes, ranges...): ``Task(**options)`` overlays the
     given options on :meth:`default_options` and rejects unknown names.
@@ -97,6 +99,7 @@ class Task(ABC):
     paper: ClassVar[dict[str, dict[str, float]]] = {}
     model_descriptions: ClassVar[dict[str, str]] = {}
     default_model: ClassVar[str | None] = None
+    demo_models: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, **options: Any) -> None:
         defaults = self.default_options()

@@ -185,6 +185,15 @@ class KernelRegression(Task):
     higher_is_better: ClassVar[bool] = False
     table_metrics: ClassVar[tuple[str, ...]] = ("perm_sensitivity",)
     default_model: ClassVar[str | None] = "settransformer"
+    demo_models: ClassVar[tuple[str, ...] | None] = (
+        "average",
+        "nw-fixed",
+        "nw-learned",
+        "settransformer",
+        "settransformer-gaussian",
+        "lstm",
+        "transformer-pe",
+    )
     model_descriptions: ClassVar[dict[str, str]] = {
         "average": "mean of the context y (average pooling), no parameters",
         "nw-fixed": "Nadaraya-Watson, Gaussian kernel, fixed bandwidth",

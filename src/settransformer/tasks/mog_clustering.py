@@ -177,6 +177,13 @@ class MoGClustering(Task):
 
     name: ClassVar[str] = "mog-clustering"
     model_names: ClassVar[tuple[str, ...]] = tuple(_MODELS)
+    demo_models: ClassVar[tuple[str, ...] | None] = (
+        "rff-pool",
+        "isab16-pool",
+        "rff-pma",
+        "sab-pma",
+        "isab16-pma",
+    )
     metric: ClassVar[str] = "ll0"
     higher_is_better: ClassVar[bool] = True
     paper: ClassVar[dict[str, dict[str, float]]] = {

@@ -73,6 +73,7 @@ class PointCloudClassification(Task):
 
     name: ClassVar[str] = "pointcloud"
     model_names: ClassVar[tuple[str, ...]] = ("rff-pool", "rff-pma", "isab-pool", "isab-pma")
+    demo_models: ClassVar[tuple[str, ...] | None] = ("rff-pool", "isab-pma")
     metric: ClassVar[str] = "accuracy"
     higher_is_better: ClassVar[bool] = True
     default_model: ClassVar[str | None] = "isab-pma"

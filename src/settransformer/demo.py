@@ -1,0 +1,152 @@
+"""The demo: every task's table at its quick budget, its runs spread over worker processes.
+
+Each (task, model) run is one job. With ``jobs > 1`` the jobs run in that many spawned processes
+of ``threads`` threads each (one thread per core is fastest for these small models: more threads
+per process mostly add synchronisation), longest tasks first so that no long run starts last.
+Once a task's runs are done, :func:`~settransformer.runs.reproduce` reads them back (a finished
+run is reused, not retrained) and writes the task's ``results.md`` beside the paper's numbers.
+
+Example:
+    >>> tables = run_demo(["max-regression"], Path("runs/demo"), jobs=2)  # {task: results.md text}
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+from .runs import RunError, build_task, reproduce, task_class, train_run
+
+__all__ = ["run_demo"]
+
+# Wall seconds of a task's whole quick table on one core (measured with `demo --jobs 1`): the
+# order in which jobs start. Unknown tasks go first.
+_QUICK_SECONDS = {
+    "kernel-regression": 238,
+    "pointcloud": 170,
+    "mog-clustering": 135,
+    "digits-clustering": 58,
+    "count-unique": 52,
+    "max-regression": 38,
+    "set-anomaly": 36,
+}
+
+
+def _quick_config(name: str, *, device: str, steps: int | None, progress: bool) -> TrainConfig:
+    settings = {**task_class(name).budget("quick"), "device": device, "progress": progress}
+    if steps is not None:
+        settings["steps"] = steps
+    return TrainConfig.from_dict(settings)
+
+
+def _train_one(name: str, model: str, run_dir: str, config: dict[str, Any], threads: int) -> float:
+    """A worker's job: train one model of one task into ``run_dir``; return the seconds it took."""
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    train_run(build_task(name), model, TrainConfig.from_dict(config), Path(run_dir), plots=True)
+    return time.perf_counter() - start
+
+
+def run_demo(
+    names: list[str],
+    out: Path,
+    *,
+    jobs: int = 2,
+    threads: int = 1,
+    device: str = "cpu",
+    steps: int | None = None,
+    all_models: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, str]:
+    """Train every model of each task in ``names`` at its quick budget under ``out/<task>/``.
+
+    Args:
+        names: task names (``settransformer.tasks.TASKS``).
+        out: the demo folder; earlier demo runs of these tasks' models are replaced.
+        jobs: worker processes (1: everything in this process, with per-run progress bars).
+        threads: torch threads per process.
+        device, steps: as ``settransformer train``'s ``--device`` and ``--steps``.
+        all_models: every row of each table, not just the task's ``demo_models``.
+        progress: progress bars (one over all runs when ``jobs > 1``).
+        log: where one line per finished run and per skipped task goes.
+
+    Returns:
+        ``{task: results.md text}`` in the order of ``names``; a task that cannot run (a missing
+        optional dependency, say) maps to ``"skipped: <why>"``.
+    """
+    tables: dict[str, str] = {}
+    plans: dict[str, tuple[Any, TrainConfig]] = {}
+    models: dict[str, list[str]] = {}
+    for name in names:
+        try:
+            task = build_task(name)
+            bars = progress and jobs == 1  # workers' bars would interleave: one bar over all runs instead
+            plans[name] = (task, _quick_config(name, device=device, steps=steps, progress=bars))
+            models[name] = list(task.model_names if all_models else task.demo_models or task.model_names)
+        except (RunError, FileNotFoundError, ImportError) as e:
+            log(f"== {name}: skipped ({e})")
+            tables[name] = f"skipped: {e}"
+    for name, (_, config) in plans.items():
+        log(f"== {name}: {len(models[name])} models, {config.steps} steps each (quick budget)")
+        for model in models[name]:
+            shutil.rmtree(out / name / model / "seed0", ignore_errors=True)
+    if jobs > 1:
+        _train_in_workers(plans, models, out, jobs=jobs, threads=threads, progress=progress, tables=tables)
+    for name, (task, config) in plans.items():
+        if name in tables:  # a worker found it cannot run
+            log(f"== {name}: skipped ({tables[name].removeprefix('skipped: ')})")
+            continue
+        try:  # with workers: every run is finished, so this reads them back and writes the table
+            _, md = reproduce(task, models[name], config, out / name, log=log, plots=jobs == 1)
+        except (RunError, FileNotFoundError, ImportError) as e:
+            log(f"== {name}: skipped ({e})")
+            tables[name] = f"skipped: {e}"
+            continue
+        tables[name] = md.read_text()
+    return {name: tables[name] for name in names}
+
+
+def _train_in_workers(
+    plans: dict[str, tuple[Any, TrainConfig]],
+    models: dict[str, list[str]],
+    out: Path,
+    *,
+    jobs: int,
+    threads: int,
+    progress: bool,
+    tables: dict[str, str],
+) -> None:
+    """Run every (task, model) of ``plans`` in ``jobs`` processes; failures go into ``tables``."""
+    order = sorted(plans, key=lambda n: -_QUICK_SECONDS.get(n, 10**6))
+    queue = [(name, model) for name in order for model in models[name]]
+    bar = tqdm(total=len(queue), desc="demo runs", unit="run", disable=not progress)
+    # spawn, not fork: a forked child would inherit this process's OpenMP thread pool in a broken state
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        running: dict[Future[float], str] = {}
+        for name, model in queue:
+            config = plans[name][1].to_dict()
+            run_dir = str(out / name / model / "seed0")
+            running[pool.submit(_train_one, name, model, run_dir, config, threads)] = name
+        pending = set(running)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                bar.update(1)
+                error = future.exception()
+                if isinstance(error, (RunError, FileNotFoundError, ImportError)):
+                    tables.setdefault(running[future], f"skipped: {error}")
+                elif error is not None:
+                    for other in pending:
+                        other.cancel()
+                    raise error
+    bar.close()
