@@ -43,6 +43,22 @@ def _wait_for(
         time.sleep(0.005 if proc is None else 0.05)
 
 
+@pytest.fixture(autouse=True)
+def _sigint_handled() -> Any:
+    """A shell that starts a job in the background (``cmd &``, nohup) makes it ignore SIGINT, and
+    StopOnSignal deliberately leaves an ignored signal alone; these tests need it handled."""
+    before = signal.getsignal(signal.SIGINT)
+    if before == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def _default_sigint() -> None:
+    """In a child before exec: SIGINT back to its default, whatever this process inherited."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _signal_self(sig: int) -> None:
     """Send ``sig`` to this process and wait until the training loop's handler has seen it."""
     handler = signal.getsignal(sig)
@@ -270,6 +286,7 @@ def _start(run: Path, steps: int = 100_000, resume: bool = False) -> subprocess.
         stderr=subprocess.PIPE,
         text=True,
         env=ENV,
+        preexec_fn=_default_sigint,
     )
 
 
