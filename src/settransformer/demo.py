@@ -13,7 +13,6 @@ Example:
 from __future__ import annotations
 
 import shutil
-import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from multiprocessing import get_context
@@ -48,12 +47,10 @@ def _quick_config(name: str, *, device: str, steps: int | None, progress: bool) 
     return TrainConfig.from_dict(settings)
 
 
-def _train_one(name: str, model: str, run_dir: str, config: dict[str, Any], threads: int) -> float:
-    """A worker's job: train one model of one task into ``run_dir``; return the seconds it took."""
+def _train_one(name: str, model: str, run_dir: str, config: dict[str, Any], threads: int) -> None:
+    """A worker's job: train one model of one task into ``run_dir``, plots included."""
     torch.set_num_threads(threads)
-    start = time.perf_counter()
     train_run(build_task(name), model, TrainConfig.from_dict(config), Path(run_dir), plots=True)
-    return time.perf_counter() - start
 
 
 def run_demo(
@@ -132,7 +129,7 @@ def _train_in_workers(
     bar = tqdm(total=len(queue), desc="demo runs", unit="run", disable=not progress)
     # spawn, not fork: a forked child would inherit this process's OpenMP thread pool in a broken state
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-        running: dict[Future[float], str] = {}
+        running: dict[Future[None], str] = {}
         for name, model in queue:
             config = plans[name][1].to_dict()
             run_dir = str(out / name / model / "seed0")
