@@ -44,6 +44,8 @@ from typing import Any
 
 import torch
 
+from settransformer.chunked import DEFAULT_CHUNK_SIZE
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 DIM_IN, DIM, HEADS, INDUCING = 3, 128, 4, 32
@@ -355,7 +357,12 @@ def main() -> None:
         "--impls", default=",".join(IMPLS), help="which implementations of the sweep (default all)"
     )
     parser.add_argument("--min-n", type=float, default=1e3, help="smallest N of the sweep (default 1e3)")
-    parser.add_argument("--chunk-size", type=int, default=4096, help="elements per chunk (default 4096)")
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=DEFAULT_CHUNK_SIZE,
+        help=f"elements per chunk (default {DEFAULT_CHUNK_SIZE}, the library's default)",
+    )
     parser.add_argument("--rows", default="isab,st,flops,ragged", help="which rows to run (comma-separated)")
     parser.add_argument(
         "--ragged-max", type=int, default=100_000, help="largest ragged set size (default 1e5)"

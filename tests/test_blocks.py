@@ -344,11 +344,15 @@ def test_masked_pool_max_of_negative_values() -> None:
 
 
 @pytest.mark.parametrize("norm", ["post", "pre", None])
-def test_isab_row_blocks_without_autograd_equal_one_pass(monkeypatch: pytest.MonkeyPatch, norm) -> None:
+@pytest.mark.parametrize(("num_inducing", "form"), [(4, "induced"), (16, "pooled")])
+def test_isab_row_blocks_without_autograd_equal_one_pass(
+    monkeypatch: pytest.MonkeyPatch, norm, num_inducing: int, form: str
+) -> None:
     import settransformer.blocks as blocks
 
     torch.manual_seed(0)
-    isab = ISAB(3, 8, num_heads=2, num_inducing=4, norm=norm).eval()
+    isab = ISAB(3, 8, num_heads=2, num_inducing=num_inducing, norm=norm).eval()
+    assert isab.mab1._path(6, num_inducing) == form  # both forms of the row blocks are covered
     x = torch.randn(3, 41, 3)
     mask = torch.arange(41)[None] < torch.tensor([[41], [17], [0]])
     whole = isab(x, mask)  # grad enabled: one pass over all rows

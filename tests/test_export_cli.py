@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from settransformer import cli
-from settransformer.blocks import MAB
+from settransformer.blocks import MAB, ROW_BLOCK
 from settransformer.config import TrainConfig
 from settransformer.export import (
     ExportError,
@@ -175,7 +175,7 @@ def test_export_uses_the_large_set_form_of_each_attention(model: SetTransformer)
                 m.__dict__.pop("_path")
         return chosen
 
-    large = forms(2000)
+    large = forms(ROW_BLOCK // 2)  # large, and one row block of ISAB.encode: each MAB called once
     assert large != forms(3)  # the test means something: the forms differ with the set size
     with _large_set_paths(model, _example(2, 8, DIM, torch.float32, torch.device("cpu"))):
         assert [m._path(0, 0) for m in mabs] == large

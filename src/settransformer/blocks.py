@@ -290,7 +290,7 @@ class SAB(nn.Module):
 
 
 #: Rows (over the whole batch) per block of an ISAB's ``mab1`` when autograd is off.
-ROW_BLOCK = 4096
+ROW_BLOCK = 2048
 
 
 class ISAB(nn.Module):

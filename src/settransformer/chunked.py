@@ -76,7 +76,7 @@ __all__ = [
     "pma_chunked",
 ]
 
-DEFAULT_CHUNK_SIZE = 4096
+DEFAULT_CHUNK_SIZE = 2048
 Model = SetTransformer | DeepSets
 
 

@@ -95,8 +95,8 @@ class InducedRows:
             torch.baddbmm(x, weights, self.v_out, out=y)
         out = ws.get("out", b, c, d)
         if mab.norm == "post":
-            y = mab.norm1(y)
-            return mab.norm2(_feed_forward(mab.ff, y, ws).add_(y))
+            y = _layer_norm(mab.norm1, y, ws.get("n1", b, c, d), ws)
+            return _layer_norm(mab.norm2, _feed_forward(mab.ff, y, ws).add_(y), out, ws)
         if mab.norm == "pre":
             return torch.add(_feed_forward(mab.ff, mab.norm_ff(y), ws), y, out=out)
         return torch.add(_feed_forward(mab.ff, y, ws), y, out=out)
@@ -122,6 +122,24 @@ def _linear(layer: nn.Linear, x: Tensor, out: Tensor) -> Tensor:
     """``layer(x)`` written into ``out`` (same leading shape as ``x``)."""
     flat = out.view(-1, layer.out_features)
     torch.addmm(layer.bias, x.reshape(-1, layer.in_features), layer.weight.t(), out=flat)
+    return out
+
+
+def _layer_norm(norm: nn.Module, x: Tensor, out: Tensor, ws: _Workspace) -> Tensor:
+    """``norm(x)`` written into ``out`` for a plain ``nn.LayerNorm`` (any other module: called)."""
+    if type(norm) is not nn.LayerNorm or not norm.elementwise_affine or norm.bias is None:
+        return norm(x)
+    stats = ws.get("ln_stats", 2, *x.shape[:-1], 1)
+    torch.ops.aten.native_layer_norm.out(
+        x,
+        list(norm.normalized_shape),
+        norm.weight,
+        norm.bias,
+        norm.eps,
+        out0=out,
+        out1=stats[0],
+        out2=stats[1],
+    )
     return out
 
 
