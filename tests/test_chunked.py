@@ -283,3 +283,27 @@ def test_an_empty_batch_goes_through_the_chunked_path(width: int) -> None:
         out = model(x, chunk_size=1)
     assert out.shape == (0, 1, 1)
     assert torch.equal(out, model(x))
+
+
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_chunked_under_bfloat16_autocast(norm: str) -> None:
+    """Chunked evaluation runs under CPU bfloat16 autocast and stays near float32.
+
+    Two fast paths used ops that autocast does not cover (the fused kernel that returns the
+    log-sum-exp, and ``out=`` products) and failed with a dtype error; they now cast as autocast
+    would or step aside. Tolerance as in ``test_models.test_bfloat16_autocast``: relative error
+    (Frobenius norm) 5e-2.
+    """
+    torch.manual_seed(0)
+    model = SetTransformer(3, 2, 4, dim_hidden=32, num_inducing=8, norm=norm).eval()
+    x = torch.randn(2, 300, 3)
+    mask = torch.arange(300)[None] < torch.tensor([[300], [170]])
+    with torch.no_grad():
+        expected = model(x, mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, mask, chunk_size=64)
+            rows = isab_chunked(model.encoder[0], x, mask, chunk_size=64)
+        plain_rows = model.encoder[0](x, mask)
+    assert torch.isfinite(out).all() and torch.isfinite(rows).all()
+    assert float((out.float() - expected).norm() / expected.norm()) < 5e-2
+    assert float((rows.float() - plain_rows).norm() / plain_rows.norm()) < 5e-2

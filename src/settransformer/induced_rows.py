@@ -8,8 +8,8 @@ plus the rFF, written with in-place updates where the block's own code allocates
 bias is folded into the values: each head's softmax weights sum to one, so adding ``b_o / H``
 to every folded value row adds ``b_o`` to the output.
 
-With autograd, active dropout, another score function or ``top_k``, or no output projection, it
-calls :meth:`MAB.attend` instead; both give the same result up to float rounding.
+With autograd, autocast, active dropout, another score function or ``top_k``, or no output projection,
+it calls :meth:`MAB.attend` instead; both give the same result up to float rounding.
 """
 
 from __future__ import annotations
@@ -48,8 +48,14 @@ class InducedRows:
         self.mab, self.h = mab, h
         dropout = mab.training and mab.dropout > 0
         plain = getattr(mab, "score", None) is None and getattr(mab, "top_k", None) is None
+        # out= variants do not autocast: under autocast the block's own code (which does) runs
+        autocast = torch.is_autocast_enabled(h.device.type)
         self.fast = (
-            plain and isinstance(mab.to_out, nn.Linear) and not dropout and not torch.is_grad_enabled()
+            plain
+            and isinstance(mab.to_out, nn.Linear)
+            and not dropout
+            and not torch.is_grad_enabled()
+            and not autocast
         )
         if not self.fast:
             return

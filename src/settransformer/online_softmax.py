@@ -164,11 +164,15 @@ class PooledQueries:
         """
         assert _FUSED is not None
         b = kvn.shape[0]
-        q = self.q_in.expand(b, -1, -1).unsqueeze(1)
-        kv = kvn.unsqueeze(1)
+        q, kv = self.q_in.expand(b, -1, -1).unsqueeze(1), kvn.unsqueeze(1)
+        if q.dtype != kv.dtype:  # a private op, not autocast-aware: cast as autocast would
+            dtype = torch.promote_types(q.dtype, kv.dtype)
+            if torch.is_autocast_enabled("cpu"):
+                dtype = torch.get_autocast_dtype("cpu")
+            q, kv = q.to(dtype), kv.to(dtype)
         bias = None
         if mask is not None:
-            bias = torch.zeros(b, 1, 1, kvn.shape[1], dtype=kvn.dtype, device=kvn.device)
+            bias = torch.zeros(b, 1, 1, kvn.shape[1], dtype=kv.dtype, device=kvn.device)
             bias = bias.masked_fill(~mask[:, None, None, :], float("-inf"))
         out, lse = _FUSED(q, kv, kv, 0.0, False, attn_mask=bias, scale=1.0)
         denom = torch.ones_like(lse[:, 0, :, None])
