@@ -40,8 +40,8 @@ from ..blocks import MAB, SAB
 from ..invariance import permutation_sensitivity
 from ..scores import GaussianScore, attention_weights
 from ..sequence_models import SequenceSetModel
+from ._kernel_plots import plot_kernel_regression
 from .base import Batch, Task
-from .report import save_figure
 
 __all__ = ["AverageRegressor", "KernelRegression", "NadarayaWatson", "SequenceRegressor", "SetRegressor"]
 
@@ -375,11 +375,6 @@ class KernelRegression(Task):
         pairs and each model's fitted curve (``kernel_regression_fit.png``), and the attention
         weights of grid queries against the keys sorted by ``x`` for every model that has them
         (``kernel_regression_attention.png``)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         o, test = self.options, self.test_batch()
         mask = test.mask[index]  # type: ignore[index]
         pairs = test.x[index][mask]
@@ -387,31 +382,13 @@ class KernelRegression(Task):
         params = {k: test.extra[k][index : index + 1] for k in ("amp", "freq", "phase")}
         grid = torch.linspace(o["x_low"], o["x_high"], 200)[None]
         context, queries = pairs[None].to(device), grid[..., None].to(device)
-        fig, ax = plt.subplots(figsize=(7, 4))
-        xs = grid[0].numpy()
-        ax.plot(xs, self.evaluate_function(params, grid)[0].numpy(), color="black", lw=2, label="truth f(x)")
-        ax.scatter(
-            pairs[:, 0].numpy(), pairs[:, 1].numpy(), s=14, color="gray", alpha=0.7, label="noisy pairs"
-        )
-        heat = {}
+        curves, heat = {}, {}
         for name, m in models.items():
             m.to(device).eval()
-            ax.plot(xs, m(context, None, queries)[0].float().cpu().numpy(), lw=1.5, label=name)
+            curves[name] = m(context, None, queries)[0].float().cpu()
             weights = getattr(m, "weights", None)
             if callable(weights):  # (1, heads, Q, N), heads averaged
-                heat[name] = weights(context, None, queries)[0].float().mean(0).cpu().numpy()
-        ax.set_xlabel("x")
-        ax.set_ylabel("y")
-        ax.set_title(f"kernel regression, test set {index} ({len(pairs)} pairs)")
-        ax.legend(fontsize=8, loc="best")
-        paths = [save_figure(fig, Path(out_dir) / "kernel_regression_fit.png")]
-        if heat:
-            fig, axes = plt.subplots(1, len(heat), figsize=(4 * len(heat), 3.6), squeeze=False)
-            for ax, (name, w) in zip(axes[0], heat.items()):
-                im = ax.imshow(w, aspect="auto", cmap="Reds", origin="lower")
-                ax.set_title(name)
-                ax.set_xlabel("keys (sorted by x)")
-                ax.set_ylabel("queries (grid over x)")
-                fig.colorbar(im, ax=ax)
-            paths.append(save_figure(fig, Path(out_dir) / "kernel_regression_attention.png"))
-        return paths
+                heat[name] = weights(context, None, queries)[0].float().mean(0).cpu()
+        title = f"kernel regression, test set {index} ({len(pairs)} pairs)"
+        truth = self.evaluate_function(params, grid)[0]
+        return plot_kernel_regression(grid[0], truth, pairs, curves, heat, Path(out_dir), title)
