@@ -1,0 +1,281 @@
+"""Recurrent drop-ins for ``torch.nn.LSTM``: JANET and IndRNN (order-aware baselines).
+
+- :class:`JANET` (Van der Westhuizen & Lasenby, 2018, "The unreasonable effectiveness of the
+  forget gate"): an LSTM with only a forget gate.
+- :class:`IndRNN` (Li et al., 2018): independently recurrent units, one recurrent weight each.
+
+Both take ``torch.nn.LSTM``'s constructor and ``forward(input, hx=None) -> (output, (h_n, c_n))``,
+packed sequences included, so :class:`settransformer.sequence_models.SequenceSetModel` can use
+either in place of the LSTM.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+__all__ = ["JANET", "IndRNN"]
+
+
+def _reverse(x: Tensor, lengths: Tensor) -> Tensor:
+    """Reverse each sequence of ``x: (B, T, F)`` within its length (padding stays at the end)."""
+    t = torch.arange(x.shape[1], device=x.device)[None, :]
+    idx = torch.where(t < lengths[:, None], lengths[:, None] - 1 - t, t)
+    return torch.gather(x, 1, idx[..., None].expand_as(x))
+
+
+class _Recurrent(nn.Module):
+    """``torch.nn.LSTM``'s interface around a cell stepped in Python (inputs projected all at once).
+
+    Subclasses set ``gates`` (input projections per unit) and define ``_hh_shape`` and ``_step``.
+    """
+
+    gates: int = 1
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+    ) -> None:
+        super().__init__()
+        if min(input_size, hidden_size, num_layers) < 1:
+            raise ValueError(
+                f"input_size, hidden_size, num_layers: expected positive integers, got "
+                f"{input_size}, {hidden_size}, {num_layers}"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.dropout = bias, batch_first, dropout
+        self.bidirectional = bidirectional
+        self.num_directions = 2 if bidirectional else 1
+        for layer in range(num_layers):
+            for direction in range(self.num_directions):
+                sfx = self._suffix(layer, direction)
+                size_in = input_size if layer == 0 else hidden_size * self.num_directions
+                self.register_parameter(
+                    f"weight_ih{sfx}", nn.Parameter(torch.empty(self.gates * hidden_size, size_in))
+                )
+                self.register_parameter(f"weight_hh{sfx}", nn.Parameter(torch.empty(self._hh_shape())))
+                bias_p = nn.Parameter(torch.empty(self.gates * hidden_size)) if bias else None
+                self.register_parameter(f"bias_ih{sfx}", bias_p)
+        self.reset_parameters()
+
+    @staticmethod
+    def _suffix(layer: int, direction: int) -> str:
+        return f"_l{layer}" + ("_reverse" if direction else "")
+
+    def _hh_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def reset_parameters(self) -> None:
+        """``U(-1/sqrt(hidden), 1/sqrt(hidden))`` for every weight, as ``torch.nn.LSTM``."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+
+    def _step(self, pre: Tensor, h: Tensor, w_hh: Tensor) -> Tensor:
+        """One time step: projected input ``pre: (B, gates * H)``, state ``h: (B, H)`` -> new state."""
+        raise NotImplementedError
+
+    def _run(
+        self, x: Tensor, lengths: Tensor, h: Tensor, layer: int, direction: int
+    ) -> tuple[Tensor, Tensor]:
+        """One layer and direction over ``x: (B, T, F)``: outputs ``(B, T, H)`` (zero past each
+        length) and the state after each sequence's last valid step ``(B, H)``."""
+        sfx = self._suffix(layer, direction)
+        pre = F.linear(x, getattr(self, f"weight_ih{sfx}"), getattr(self, f"bias_ih{sfx}"))
+        w_hh = getattr(self, f"weight_hh{sfx}")
+        outs = []
+        for t in range(x.shape[1]):
+            new = self._step(pre[:, t], h, w_hh)
+            valid = (lengths > t)[:, None]
+            h = torch.where(valid, new, h)
+            outs.append(torch.where(valid, new, torch.zeros_like(new)))
+        return torch.stack(outs, 1) if outs else x.new_zeros(x.shape[0], 0, self.hidden_size), h
+
+    def forward(
+        self, input: Tensor | PackedSequence, hx: Tensor | tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor | PackedSequence, tuple[Tensor, Tensor]]:
+        """As ``torch.nn.LSTM``: ``input: (T, B, input_size)`` (``(B, T, ...)`` if ``batch_first``,
+        ``(T, input_size)`` unbatched, or a ``PackedSequence``); ``hx``: ``h_0`` or ``(h_0, c_0)``
+        of shape ``(num_layers * num_directions, B, hidden_size)`` (the state is ``h``: ``c_0`` is
+        ignored). Returns ``output`` (last layer, both directions concatenated) and ``(h_n, c_n)``
+        with ``c_n = h_n``."""
+        packed = isinstance(input, PackedSequence)
+        unbatched = False
+        if isinstance(input, PackedSequence):
+            x, lengths = pad_packed_sequence(input, batch_first=True)
+            lengths = lengths.to(x.device)
+        else:
+            unbatched = input.dim() == 2
+            x = input.unsqueeze(0 if self.batch_first else 1) if unbatched else input
+            if x.dim() != 3 or x.shape[-1] != self.input_size:
+                raise ValueError(
+                    f"input: expected (T, B, {self.input_size}) or (B, T, {self.input_size}) with "
+                    f"batch_first, got {tuple(input.shape)}"
+                )
+            x = x if self.batch_first else x.transpose(0, 1)
+            lengths = torch.full((x.shape[0],), x.shape[1], device=x.device)
+        b = x.shape[0]
+        h0 = hx[0] if isinstance(hx, tuple) else hx
+        if h0 is not None and unbatched:
+            h0 = h0.unsqueeze(1)
+        shape = (self.num_layers * self.num_directions, b, self.hidden_size)
+        if h0 is None:
+            h0 = x.new_zeros(shape)
+        elif tuple(h0.shape) != shape:
+            raise ValueError(f"hx: expected h_0 of shape {shape}, got {tuple(h0.shape)}")
+        finals = []
+        for layer in range(self.num_layers):
+            outs = []
+            for d in range(self.num_directions):
+                seq = x if d == 0 else _reverse(x, lengths)
+                out, h = self._run(seq, lengths, h0[layer * self.num_directions + d], layer, d)
+                outs.append(out if d == 0 else _reverse(out, lengths))
+                finals.append(h)
+            x = torch.cat(outs, -1)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                x = F.dropout(x, self.dropout, training=True)
+        h_n = torch.stack(finals)
+        if packed:
+            out_seq: Tensor | PackedSequence = _pack_like(x, input)  # type: ignore[arg-type]
+        else:
+            out_seq = x if self.batch_first else x.transpose(0, 1)
+            if unbatched:
+                out_seq, h_n = out_seq.squeeze(0 if self.batch_first else 1), h_n.squeeze(1)
+        return out_seq, (h_n, h_n)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
+            f"batch_first={self.batch_first}, bidirectional={self.bidirectional}"
+        )
+
+
+def _pack_like(x: Tensor, like: PackedSequence) -> PackedSequence:
+    """Pack ``x: (B, T, F)`` (batch in the original order) with the layout of ``like``."""
+    if like.sorted_indices is not None:
+        x = x.index_select(0, like.sorted_indices)
+    sizes = like.batch_sizes.tolist()
+    data = torch.cat([x[:n, t] for t, n in enumerate(sizes)])
+    return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
+
+
+class JANET(_Recurrent):
+    """JANET: an LSTM with only a forget gate (Van der Westhuizen & Lasenby, 2018).
+
+    ``s_t = W_f x_t + U_f h_{t-1} + b_f``, ``c~_t = tanh(W_c x_t + U_c h_{t-1} + b_c)``,
+    ``h_t = c_t = sigmoid(s_t) * c_{t-1} + (1 - sigmoid(s_t - beta)) * c~_t``.
+
+    Args: as ``torch.nn.LSTM`` (``input_size, hidden_size, num_layers=1, bias=True,
+    batch_first=False, dropout=0.0, bidirectional=False``), plus keyword-only ``beta`` (the
+    paper's 1) and ``chrono_t_max``: when given, the forget bias starts at
+    ``log(U(1, chrono_t_max - 1))`` (chrono initialisation, as in the paper); otherwise at 1.
+    ``forward`` returns ``(output, (h_n, c_n))`` with ``c_n = h_n`` (the cell is the state).
+
+    Example:
+        >>> out, (h, c) = JANET(3, 16, num_layers=2, batch_first=True)(torch.randn(4, 10, 3))
+        >>> out.shape, h.shape
+        (torch.Size([4, 10, 16]), torch.Size([2, 4, 16]))
+    """
+
+    gates = 2
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        *,
+        beta: float = 1.0,
+        chrono_t_max: int | None = None,
+    ) -> None:
+        self.beta, self.chrono_t_max = beta, chrono_t_max
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional)
+
+    def _hh_shape(self) -> tuple[int, ...]:
+        return (2 * self.hidden_size, self.hidden_size)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        h = self.hidden_size
+        for name, p in self.named_parameters():
+            if name.startswith("bias_ih"):
+                with torch.no_grad():
+                    p[h:].zero_()
+                    if self.chrono_t_max is not None:
+                        p[:h].uniform_(1, max(self.chrono_t_max - 1, 1 + 1e-3)).log_()
+                    else:
+                        p[:h].fill_(1.0)
+
+    def _step(self, pre: Tensor, h: Tensor, w_hh: Tensor) -> Tensor:
+        s, c = (pre + h @ w_hh.t()).chunk(2, dim=-1)
+        return torch.sigmoid(s) * h + (1 - torch.sigmoid(s - self.beta)) * torch.tanh(c)
+
+
+class IndRNN(_Recurrent):
+    """Independently recurrent network (Li et al., 2018): ``h_t = relu(W x_t + u * h_{t-1} + b)``.
+
+    Each unit has one recurrent weight ``u`` (``weight_hh``: ``(hidden_size,)``), so units are
+    independent in time and can be stacked deep. ``u`` starts in ``U(0, 1)``; keyword-only
+    ``recurrent_max`` clips ``|u|`` in the forward pass (the paper uses ``2 ** (1 / T)`` for
+    ``T`` steps) and ``nonlinearity`` is ``"relu"`` or ``"tanh"``. Otherwise as ``torch.nn.LSTM``;
+    ``forward`` returns ``(output, (h_n, c_n))`` with ``c_n = h_n``.
+
+    Example:
+        >>> out, (h, _) = IndRNN(3, 16)(torch.randn(10, 4, 3))
+        >>> out.shape, h.shape
+        (torch.Size([10, 4, 16]), torch.Size([1, 4, 16]))
+    """
+
+    gates = 1
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        *,
+        nonlinearity: str = "relu",
+        recurrent_max: float | None = None,
+    ) -> None:
+        if nonlinearity not in ("relu", "tanh"):
+            raise ValueError(f"nonlinearity: expected 'relu' or 'tanh', got {nonlinearity!r}")
+        self.nonlinearity, self.recurrent_max = nonlinearity, recurrent_max
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional)
+
+    def _hh_shape(self) -> tuple[int, ...]:
+        return (self.hidden_size,)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.startswith("weight_hh"):
+                    p.uniform_(0, 1)
+                elif name.startswith("bias_ih"):
+                    p.zero_()
+
+    def _step(self, pre: Tensor, h: Tensor, w_hh: Tensor) -> Tensor:
+        if self.recurrent_max is not None:
+            w_hh = w_hh.clamp(-self.recurrent_max, self.recurrent_max)
+        z = pre + w_hh * h
+        return torch.relu(z) if self.nonlinearity == "relu" else torch.tanh(z)
