@@ -8,7 +8,8 @@ fused kernel with a per-key bias), ``additive`` (hidden 8 per head, the default)
 ``additive-h32`` (hidden = head width 32). Columns: forward (``torch.inference_mode``) and
 forward + backward, in milliseconds of CPU time (``time.process_time``: the CPU is shared, so wall
 time would measure the neighbours; with T threads it adds up the T threads' time), medians over
-repeats, and each score's ratio to ``dot``. Dimension 128, 4 heads, B = 1, float32, CPU.
+repeats timed in interleaved rounds (each round times every row once), and each score's ratio to
+``dot``. Dimension 128, 4 heads, B = 1, float32, CPU.
 """
 
 from __future__ import annotations
@@ -34,20 +35,8 @@ def _score(name: str) -> object:
     return name
 
 
-def _time(fn: Callable[[], object], budget_s: float, max_runs: int = 15) -> float:
-    """Median CPU time (ms) of ``fn`` over at least 3 runs within about ``budget_s`` of CPU time."""
-    fn()  # warm-up
-    times: list[float] = []
-    start = time.process_time()
-    while len(times) < max_runs and (len(times) < 3 or time.process_time() - start < budget_s):
-        t = time.process_time()
-        fn()
-        times.append(time.process_time() - t)
-    return 1000 * statistics.median(times)
-
-
-def measure(name: str, n: int, budget_s: float) -> dict[str, float]:
-    """Forward and forward+backward CPU ms of bare attention and of a SAB with score ``name``."""
+def cases(name: str, n: int) -> dict[str, Callable[[], None]]:
+    """Forward and forward+backward of bare attention and of a SAB with score ``name``."""
     torch.manual_seed(0)
     sab = SAB(DIM, DIM, HEADS, score=_score(name))  # type: ignore[arg-type]
     score = sab.mab.score
@@ -70,12 +59,32 @@ def measure(name: str, n: int, budget_s: float) -> dict[str, float]:
         sab(x).square().mean().backward()
         sab.zero_grad(set_to_none=True)
 
-    return {
-        "attn_fwd": _time(attn_fwd, budget_s),
-        "attn_fwdbwd": _time(attn_bwd, budget_s),
-        "sab_fwd": _time(sab_fwd, budget_s),
-        "sab_fwdbwd": _time(sab_bwd, budget_s),
-    }
+    return {"attn_fwd": attn_fwd, "attn_fwdbwd": attn_bwd, "sab_fwd": sab_fwd, "sab_fwdbwd": sab_bwd}
+
+
+def measure(
+    n: int, budget_s: float, min_rounds: int = 5, max_rounds: int = 25
+) -> dict[str, dict[str, float]]:
+    """Median CPU ms of every case of every score, timed in interleaved rounds.
+
+    Each round runs every (score, case) once, so a slow spell of the machine (a neighbour, a
+    frequency change) falls on all rows alike instead of on the one being timed.
+    """
+    fns = {name: cases(name, n) for name in SCORES}
+    for row in fns.values():
+        for fn in row.values():
+            fn()  # warm-up
+    times: dict[str, dict[str, list[float]]] = {name: {c: [] for c in row} for name, row in fns.items()}
+    start = time.process_time()
+    rounds = 0
+    while rounds < max_rounds and (rounds < min_rounds or time.process_time() - start < budget_s):
+        for name, row in fns.items():
+            for case, fn in row.items():
+                t = time.process_time()
+                fn()
+                times[name][case].append(time.process_time() - t)
+        rounds += 1
+    return {name: {c: 1000 * statistics.median(ts) for c, ts in row.items()} for name, row in times.items()}
 
 
 def main() -> None:
@@ -84,13 +93,18 @@ def main() -> None:
     )
     parser.add_argument("--n", type=int, default=1000, help="set size N (default 1000)")
     parser.add_argument("--threads", type=int, nargs="+", default=[2, 1], help="thread counts (default 2 1)")
-    parser.add_argument("--budget", type=float, default=2.0, help="CPU seconds per measurement (default 2)")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=15.0,
+        help="CPU seconds per thread count, at least 5 rounds (default 15)",
+    )
     args = parser.parse_args()
     assert make_score("dot", HEADS, DIM // HEADS) is None  # "dot" is the fused default path
     cols = ("attn_fwd", "attn_fwdbwd", "sab_fwd", "sab_fwdbwd")
     for threads in args.threads:
         torch.set_num_threads(threads)
-        rows = {name: measure(name, args.n, args.budget) for name in SCORES}
+        rows = measure(args.n, args.budget)
         print(f"\nN={args.n}, dim={DIM}, heads={HEADS}, B=1, threads={threads}: CPU ms (ratio to dot)\n")
         print("| score | " + " | ".join(cols) + " |")
         print("|---|" + "---|" * len(cols))

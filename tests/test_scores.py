@@ -78,29 +78,6 @@ def test_gaussian_fixed_bandwidth_is_a_buffer():
         GaussianScore(2, bandwidth=-1.0)
 
 
-def test_additive_matches_bahdanau_formula_and_chunking():
-    torch.manual_seed(1)
-    small = AdditiveScore(2, 4, hidden=3, chunk_elements=1).double()
-    big = AdditiveScore(2, 4, hidden=3, chunk_elements=10**9).double()
-    big.load_state_dict(small.state_dict())
-    q, k = torch.randn(3, 2, 5, 4, dtype=F64), torch.randn(3, 2, 7, 4, dtype=F64)
-    pre = (
-        torch.einsum("bhnd,hda->bhna", q, small.w_q)[:, :, :, None]
-        + torch.einsum("bhnd,hda->bhna", k, small.w_k)[:, :, None]
-        + small.bias[:, None, None]
-    )
-    expected = torch.einsum("bhqka,ha->bhqk", torch.tanh(pre), small.w)
-    torch.testing.assert_close(small(q, k), expected)
-    torch.testing.assert_close(big(q, k), expected)
-
-
-def test_additive_gradients_are_exact():
-    score = AdditiveScore(2, 3, hidden=2, chunk_elements=4).double()
-    q = torch.randn(2, 2, 3, 3, dtype=F64, requires_grad=True)
-    k = torch.randn(2, 2, 4, 3, dtype=F64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda q, k, *p: score(q, k), (q, k, *score.parameters()))
-
-
 @pytest.mark.parametrize("name", ["dot", "gaussian", "additive", "module", "callable"])
 @pytest.mark.parametrize("top_k", [None, 2])
 def test_masks_and_empty_sets(name, top_k):
@@ -234,3 +211,54 @@ def test_make_score_names():
     assert make_score("dot", 4, 8) is None and make_score(None, 4, 8) is None
     assert isinstance(make_score("gaussian", 4, 8), GaussianScore)
     assert isinstance(make_score("additive", 4, 8), AdditiveScore)
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+@pytest.mark.parametrize("masked", [False, True])
+def test_masked_softmax_in_place_writes_over_the_logits(top_k, masked):
+    torch.manual_seed(6)
+    logits = torch.randn(2, 3, 4, 5)
+    mask = torch.tensor([[True, False, True, True, False], [False] * 5]) if masked else None
+    expected = masked_softmax(logits, mask, top_k)
+    work = logits.clone()
+    out = masked_softmax(work, mask, top_k, inplace=True)
+    assert out.data_ptr() == work.data_ptr()
+    torch.testing.assert_close(out, expected)
+    if masked:
+        assert out[1].abs().max() == 0  # the empty set
+
+
+def test_masked_softmax_in_place_is_ignored_under_autograd():
+    logits = torch.randn(2, 3, 4, 5, requires_grad=True)
+    before = logits.detach().clone()
+    out = masked_softmax(logits, inplace=True)
+    assert out.data_ptr() != logits.data_ptr() and torch.equal(logits.detach(), before)
+    out[..., 0].sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["dot", "gaussian", "additive", "module", "callable"])
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_inference_gives_the_training_weights(name, top_k):
+    score = _scores()[name]
+    q, k, v, mask = _qkv()
+    trained = attention(q, k, v, mask, score=score, top_k=top_k)  # type: ignore[arg-type]
+    with torch.inference_mode():
+        inferred = attention(q, k, v, mask, score=score, top_k=top_k)  # type: ignore[arg-type]
+    torch.testing.assert_close(inferred, trained.detach())
+
+
+def test_a_custom_score_output_is_never_overwritten():
+    cached = torch.randn(1, 2, 3, 5, dtype=F64)
+    before = cached.clone()
+    q, k = torch.randn(1, 2, 3, 4, dtype=F64), torch.randn(1, 2, 5, 4, dtype=F64)
+    with torch.no_grad():
+        weights = attention_weights(q, k, score=lambda q, k: cached)
+    assert torch.equal(cached, before)
+    torch.testing.assert_close(weights, torch.softmax(before, -1))
+
+
+def test_masked_softmax_in_place_with_no_keys():
+    logits = torch.randn(2, 3, 4, 0)
+    assert masked_softmax(logits, inplace=True).shape == (2, 3, 4, 0)
+    assert masked_softmax(logits, torch.zeros(2, 0, dtype=torch.bool), inplace=True).shape == (2, 3, 4, 0)

@@ -28,12 +28,13 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+
+from .additive import AdditiveScore
 
 __all__ = [
     "AdditiveScore",
@@ -123,105 +124,6 @@ class GaussianScore(nn.Module):
         return f"heads={self.num_heads}, learnable={self.learnable}"
 
 
-class _AdditiveLogits(torch.autograd.Function):
-    """``out[b,h,i,j] = sum_a u[h,a] sigmoid(p[b,h,i,a] + r[b,h,a,j])`` in chunks of queries.
-
-    The ``(B, H, Nq, hidden, Nk)`` pre-activations are never stored: each chunk is recomputed in the
-    backward pass, so the extra memory is one chunk. Keys last (``r`` is ``(B, H, hidden, Nk)``) so
-    the elementwise work runs along long contiguous rows and the sum over ``a`` is a matrix
-    product. ``sigmoid`` rather than ``tanh``: several times faster on CPU (``tanh z = 2 sigmoid(2z) - 1``;
-    the caller folds in the 2s). Not twice differentiable.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, p: Tensor, r: Tensor, u: Tensor, rows: int) -> Tensor:
-        ctx.save_for_backward(p, r, u)
-        ctx.rows = rows
-        b, h, nq, _ = p.shape
-        out = p.new_empty(b, h, nq, r.shape[-1])
-        uu = u[None, :, None, None, :]  # (1, H, 1, 1, A)
-        for i in range(0, nq, rows):
-            s = torch.sigmoid_(p[:, :, i : i + rows, :, None] + r[:, :, None])  # (B, H, c, A, Nk)
-            out[:, :, i : i + rows] = (uu @ s).squeeze(-2)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
-        p, r, u = ctx.saved_tensors
-        rows = ctx.rows
-        grad_p, grad_r = torch.empty_like(p), torch.zeros_like(r)
-        grad_u = torch.zeros_like(u)
-        for i in range(0, p.shape[2], rows):
-            s = torch.sigmoid_(p[:, :, i : i + rows, :, None] + r[:, :, None])
-            t = s * grad[:, :, i : i + rows, None, :]  # g s
-            gs_p, gs_r = t.sum(-1), t.sum(2)
-            grad_u += gs_p.sum((0, 2))
-            t.mul_(s)  # g s^2, as d sigmoid = s - s^2
-            grad_p[:, :, i : i + rows] = gs_p - t.sum(-1)
-            grad_r += gs_r - t.sum(2)
-        return grad_p * u[None, :, None, :], grad_r * u[None, :, :, None], grad_u, None
-
-
-class AdditiveScore(nn.Module):
-    """Additive (Bahdanau) score ``w_h^T tanh(W_q,h q + W_k,h k + b_h)``, separate weights per head.
-
-    Cost: ``B * H * Nq * Nk * hidden`` sigmoids forward (and again backward, as the pre-activations
-    are recomputed chunk by chunk instead of stored). Extra memory: one chunk of at most
-    ``chunk_elements`` floats plus the ``(B, H, Nq, Nk)`` logits; a direct implementation would hold
-    ``B * H * Nq * Nk * hidden`` floats (0.5 GB for one 1000-element set, 4 heads, hidden 32).
-
-    Args:
-        num_heads: heads ``H``.
-        head_dim: per-head width ``Dh`` of queries and keys.
-        hidden: units of the score's hidden layer per head; the cost is linear in it. With the
-            default 8, a 1000-element set costs about 4-6x the fused dot product's time (see
-            ``benchmarks/scores.py``); Bahdanau's original is wider.
-        chunk_elements: pre-activations computed at once (at least one query row).
-
-    Example:
-        >>> AdditiveScore(4, 8)(torch.randn(2, 4, 3, 8), torch.randn(2, 4, 5, 8)).shape
-        torch.Size([2, 4, 3, 5])
-    """
-
-    def __init__(self, num_heads: int, head_dim: int, hidden: int = 8, chunk_elements: int = 2**18) -> None:
-        super().__init__()
-        if hidden < 1 or chunk_elements < 1:
-            raise ValueError(
-                f"hidden, chunk_elements: expected positive integers, got {hidden}, {chunk_elements}"
-            )
-        self.num_heads, self.head_dim, self.hidden, self.chunk_elements = (
-            num_heads,
-            head_dim,
-            hidden,
-            chunk_elements,
-        )
-        self.w_q = nn.Parameter(torch.empty(num_heads, head_dim, hidden))
-        self.w_k = nn.Parameter(torch.empty(num_heads, head_dim, hidden))
-        self.bias = nn.Parameter(torch.zeros(num_heads, hidden))
-        self.w = nn.Parameter(torch.empty(num_heads, hidden))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        bound = 1 / math.sqrt(self.head_dim)
-        nn.init.uniform_(self.w_q, -bound, bound)
-        nn.init.uniform_(self.w_k, -bound, bound)
-        nn.init.zeros_(self.bias)
-        nn.init.uniform_(self.w, -1 / math.sqrt(self.hidden), 1 / math.sqrt(self.hidden))
-
-    def forward(self, q: Tensor, k: Tensor) -> Tensor:
-        """``q: (B, H, Nq, Dh)``, ``k: (B, H, Nk, Dh)`` -> logits ``(B, H, Nq, Nk)``."""
-        # tanh z = 2 sigmoid(2z) - 1, so w.tanh(z) = 2w.sigmoid(2z) - sum(w).
-        p = 2 * (torch.einsum("bhnd,hda->bhna", q, self.w_q) + self.bias[:, None])
-        r = (2 * torch.einsum("bhnd,hda->bhan", k, self.w_k)).contiguous()
-        b, h, _, a = p.shape
-        rows = max(1, self.chunk_elements // max(1, b * h * k.shape[2] * a))
-        logits = _AdditiveLogits.apply(p, r, 2 * self.w, rows)
-        return logits - self.w.sum(-1).view(1, h, 1, 1)
-
-    def extra_repr(self) -> str:
-        return f"heads={self.num_heads}, head_dim={self.head_dim}, hidden={self.hidden}"
-
-
 def make_score(spec: ScoreSpec, num_heads: int, head_dim: int) -> nn.Module | ScoreFn | None:
     """Resolve a block's ``score`` option.
 
@@ -285,7 +187,9 @@ def top_k_mask(logits: Tensor, k: int, keep: Tensor | None = None) -> Tensor:
     return above | (tied & (tied.cumsum(-1) <= room))
 
 
-def masked_softmax(logits: Tensor, mask: Tensor | None = None, top_k: int | None = None) -> Tensor:
+def masked_softmax(
+    logits: Tensor, mask: Tensor | None = None, top_k: int | None = None, *, inplace: bool = False
+) -> Tensor:
     """Attention weights from ``logits: (B, H, Nq, Nk)`` over the real (and, with ``top_k``, selected) keys.
 
     Args:
@@ -294,21 +198,36 @@ def masked_softmax(logits: Tensor, mask: Tensor | None = None, top_k: int | None
         top_k: keep only each query's ``top_k`` highest-scoring real keys (see :func:`top_k_mask`);
             the others get weight exactly 0 and the kept weights are renormalised. Gradients flow
             through the kept weights; the selection itself is piecewise constant.
+        inplace: write the weights over ``logits`` (no second ``(B, H, Nq, Nk)`` tensor). Honoured
+            only where no gradient flows through ``logits``; otherwise a new tensor is returned.
 
     Returns:
         ``(B, H, Nq, Nk)``, rows summing to 1, or all zero (with zero gradient) for a query
         whose keys are all masked.
     """
+    inplace = inplace and not (logits.requires_grad and torch.is_grad_enabled())
     keep = None if mask is None else mask[:, None, None, :]
     if top_k is not None and top_k < logits.shape[-1]:
         keep = top_k_mask(logits.detach(), top_k, keep)
     if keep is None:
-        return torch.softmax(logits, dim=-1)
+        return _softmax_(logits) if inplace else torch.softmax(logits, dim=-1)
     empty = ~keep.any(dim=-1, keepdim=True)
     # Empty rows get uniform dummy logits (finite softmax), then zero weights; masked_fill passes
     # no gradient back through either fill.
+    if inplace:
+        return _softmax_(logits.masked_fill_(~keep, float("-inf")).masked_fill_(empty, 0.0)).masked_fill_(
+            empty, 0.0
+        )
     logits = logits.masked_fill(~keep, float("-inf")).masked_fill(empty, 0.0)
     return torch.softmax(logits, dim=-1).masked_fill(empty, 0.0)
+
+
+def _softmax_(x: Tensor) -> Tensor:
+    """``softmax(x, -1)`` written over ``x``; every row needs a finite entry."""
+    if x.shape[-1] == 0:  # no keys: nothing to normalise (amax has no identity)
+        return x
+    x.sub_(x.amax(-1, keepdim=True)).exp_()
+    return x.div_(x.sum(-1, keepdim=True))
 
 
 def attention_weights(
@@ -327,4 +246,8 @@ def attention_weights(
     """
     if q.shape[0] != k.shape[0]:
         q = q.expand(k.shape[0], -1, -1, -1)
-    return masked_softmax(score_logits(q, k, score, scale), mask, top_k)
+    logits = score_logits(q, k, score, scale)
+    # Logits that are surely a new tensor (ours, or scaled here) become the weights in place when
+    # no gradient is needed: inference holds one (B, H, Nq, Nk) tensor instead of two.
+    fresh = score is None or scale is not None or isinstance(score, (AdditiveScore, GaussianScore))
+    return masked_softmax(logits, mask, top_k, inplace=fresh)
