@@ -26,6 +26,15 @@ from .runs import RunError, load_run
 __all__ = ["add_export_parser", "add_predict_parser"]
 
 
+def _add_which(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--which",
+        choices=("last", "best"),
+        default="last",
+        help="for a run folder: its checkpoint.pt (last, default) or best.pt (best)",
+    )
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     # Everything about the output is checked before any work, so a refused run costs nothing.
     out = None
@@ -102,12 +111,7 @@ def add_predict_parser(sub: Any) -> None:
         "default: JSON lines on stdout",
     )
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists (default: refuse)")
-    p.add_argument(
-        "--which",
-        choices=("last", "best"),
-        default="last",
-        help="the run's checkpoint.pt (last, default) or best.pt (best)",
-    )
+    _add_which(p)
     p.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
@@ -196,12 +200,7 @@ def add_export_parser(sub: Any) -> None:
         help="the file to write (default: model.onnx or model.pt in the run folder, model-best.* with "
         "--which best; <name>-model.onnx|pt beside a checkpoint file)",
     )
-    p.add_argument(
-        "--which",
-        choices=("last", "best"),
-        default="last",
-        help="for a run folder: its checkpoint.pt (last, default) or best.pt (best)",
-    )
+    _add_which(p)
     p.add_argument(
         "--opset",
         type=positive_int,
