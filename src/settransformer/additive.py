@@ -11,6 +11,8 @@ Both kernels compute ``out[b,h,i,j] = sum_a u[h,a] sigmoid(p[b,h,i,a] + r[b,h,a,
   exponents stay within float range, which :func:`factored_range` checks.
 - :class:`_Sigmoids`, the fallback for every other case (wide-ranging pre-activations, half
   precision): one ``sigmoid`` per term.
+
+Both recompute their blocks in a hand-written backward pass, so neither is twice differentiable.
 """
 
 from __future__ import annotations
