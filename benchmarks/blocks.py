@@ -48,8 +48,12 @@ def _build(impl: str, block: str) -> torch.nn.Module:
     return SAB(DIM, DIM, HEADS) if impl == "ours" else NaiveSAB(DIM, DIM, HEADS)
 
 
-def _time(fn, budget_s: float = 6.0, max_runs: int = 7) -> float:
-    """Median wall time of ``fn`` over repeated runs (at least 2, within about ``budget_s``)."""
+def _time(fn, budget_s: float = 4.0, max_runs: int = 40) -> float:
+    """Median wall time of ``fn`` over repeated runs (at least 2, within about ``budget_s``).
+
+    Fast calls get many runs (up to ``max_runs``), so one slow spell of the machine does not
+    decide their median; slow ones (a second or more) get a few.
+    """
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < max_runs and (len(times) < 2 or time.perf_counter() - start < budget_s):
@@ -59,7 +63,43 @@ def _time(fn, budget_s: float = 6.0, max_runs: int = 7) -> float:
     return statistics.median(times)
 
 
-def worker_block(impl: str, block: str, n: int, mode: str) -> dict[str, float]:
+def _register_cpu_sdpa_flops() -> None:
+    """Teach ``FlopCounterMode`` the CPU fused attention kernel (torch counts only the CUDA ones)."""
+    from torch.utils import flop_counter as fc
+
+    ops = torch.ops.aten
+    forward, backward = (
+        ops._scaled_dot_product_flash_attention_for_cpu,
+        ops._scaled_dot_product_flash_attention_for_cpu_backward,
+    )
+    if forward not in fc.flop_registry:
+
+        @fc.register_flop_formula(forward)
+        def _fwd(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:  # type: ignore[no-untyped-def]
+            return fc.sdpa_flop_count(q_shape, k_shape, v_shape)
+
+        @fc.register_flop_formula(backward)
+        def _bwd(grad_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:  # type: ignore[no-untyped-def]
+            return fc.sdpa_backward_flop_count(grad_shape, q_shape, k_shape, v_shape)
+
+
+def _count_flops(run) -> float:
+    """Matrix-product FLOPs of one call of ``run`` (products, batched products, fused attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _register_cpu_sdpa_flops()
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return float(counter.get_total_flops())
+
+
+def _gemm_rate(n: int) -> float:
+    """GFLOP/s of a plain ``(n, DIM) @ (DIM, DIM)`` product into a preallocated output."""
+    a, w, out = torch.randn(n, DIM), torch.randn(DIM, DIM), torch.empty(n, DIM)
+    return 2 * n * DIM * DIM / _time(lambda: torch.mm(a, w, out=out), budget_s=2.0, max_runs=15) / 1e9
+
+
+def worker_block(impl: str, block: str, n: int, mode: str, flops: bool = False) -> dict[str, float]:
     torch.manual_seed(0)
     model = _build(impl, block)
     x = torch.randn(1, n, DIM, requires_grad=mode == "fwdbwd")
@@ -78,7 +118,12 @@ def worker_block(impl: str, block: str, n: int, mode: str) -> dict[str, float]:
     base = _rss_mb()
     run()
     peak = _peak_mb() - base
-    return {"time_s": _time(run), "peak_mb": peak}
+    result = {"time_s": _time(run), "peak_mb": peak}
+    if flops:
+        # counted with autograd on (the counter needs it); the forward computes the same products
+        counted = run if mode == "fwdbwd" else lambda: model(x)
+        result.update(gflop=_count_flops(counted) / 1e9, gemm_gflops=_gemm_rate(n))
+    return result
 
 
 def worker_train(impl: str, steps: int) -> dict[str, float]:
@@ -126,6 +171,25 @@ def _naive_fits(block: str, n: int, mode: str) -> bool:
     return HEADS * n * keys * 4 * copies < NAIVE_LIMIT
 
 
+def _flop_row(block: str, n: int, mode: str, ours: dict[str, float], naive: dict[str, float]) -> str:
+    rate = ours["gemm_gflops"]
+    ours_rate, naive_rate = ours["gflop"] / ours["time_s"], naive["gflop"] / naive["time_s"]
+    ceiling = naive["time_s"] / (ours["gflop"] / rate)
+    cells = [
+        block.upper(),
+        f"{n:,}",
+        mode,
+        f"{ours['gflop']:.2f}",
+        f"{naive['gflop']:.2f}",
+        f"{naive['gflop'] / ours['gflop']:.2f}x",
+        f"{rate:.0f}",
+        f"{ours_rate / rate:.0%}",
+        f"{naive_rate / rate:.0%}",
+        f"{ceiling:.2f}x",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -160,15 +224,21 @@ def main() -> None:
         "| ours peak (MB) | naive peak (MB) | memory ratio |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
+    flop_rows: list[str] = []
     for block, ns in sizes.items():
         for n in ns:
             for mode in ("fwd", "fwdbwd"):
-                ours = _run_worker(args.threads, kind="block", impl="ours", block=block, n=n, mode=mode)
+                # FLOP counts where the target applies (N >= 10k); beyond 100k they only scale with N
+                flops = block == "isab" and 10_000 <= n <= 100_000
+                spec = {"kind": "block", "block": block, "n": n, "mode": mode, "flops": flops}
+                ours = _run_worker(args.threads, impl="ours", **spec)
                 naive = None
                 if _naive_fits(block, n, mode):
-                    naive = _run_worker(args.threads, kind="block", impl="naive", block=block, n=n, mode=mode)
+                    naive = _run_worker(args.threads, impl="naive", **spec)
                 if ours is None:
                     continue
+                if flops and naive is not None:
+                    flop_rows.append(_flop_row(block, n, mode, ours, naive))
                 row = [block.upper(), f"{n:,}", mode, f"{ours['time_s']:.4f}"]
                 if naive is None:
                     row += ["(too large)", "-", f"{ours['peak_mb']:.0f}", "-", "-"]
@@ -181,6 +251,20 @@ def main() -> None:
                         f"{ours['peak_mb'] / max(naive['peak_mb'], 1e-9):.2f}x",
                     ]
                 print("| " + " | ".join(row) + " |", flush=True)
+    if flop_rows:
+        print()
+        print(
+            "FLOPs of the matrix products (torch's FlopCounterMode); GEMM rate: a plain "
+            "(N,128)@(128,128) product in the same process; ceiling: the naive time over ours "
+            "if every one of our FLOPs ran at the GEMM rate"
+        )
+        print(
+            "| block | N | mode | ours (GFLOP) | naive (GFLOP) | naive/ours | GEMM rate (GFLOP/s) "
+            "| ours: of GEMM rate | naive: of GEMM rate | speed-up ceiling |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for row_text in flop_rows:
+            print(row_text)
     if "train" not in rows:
         return
     steps = 20 if args.quick else args.train_steps

@@ -96,13 +96,25 @@ def test_blocks(norm: str | None, padded) -> None:
 @pytest.mark.parametrize("residual", ["auto", "projected"])
 @pytest.mark.parametrize("norm", NORMS)
 def test_induced_rows_fast_path(norm: str | None, residual: str, ff_dim: int | None) -> None:
-    isab = ISAB(DIM, DIM, HEADS, M, norm=norm, residual=residual, ff_dim=ff_dim).eval()
+    # 2 induced vectors: few enough for the folded form with either residual at this width
+    isab = ISAB(DIM, DIM, HEADS, 2, norm=norm, residual=residual, ff_dim=ff_dim).eval()
     x = torch.randn(2, 30, DIM)
     with torch.no_grad():
         h = isab.induce(x, None)
         rows = InducedRows(isab.mab1, h)
         assert rows.fast
         assert_close(rows(x[:, :13]), isab.mab1.attend(x[:, :13], h, None))
+
+
+@pytest.mark.parametrize("num_inducing", [2, M, 32])
+def test_induced_rows_take_the_folded_form_only_where_it_is_cheaper(num_inducing: int) -> None:
+    isab = ISAB(DIM, DIM, HEADS, num_inducing, residual="projected").eval()
+    x = torch.randn(2, 30, DIM)
+    with torch.no_grad():
+        h = isab.induce(x, None)
+        rows = InducedRows(isab.mab1, h)
+        assert rows.fast == (isab.mab1._path(30, num_inducing) == "induced") == (num_inducing == 2)
+        assert_close(rows(x), isab.mab1.attend(x, h, None))
 
 
 def test_per_element_outputs(padded) -> None:

@@ -165,14 +165,9 @@ class MAB(nn.Module):
             return "standard"
         # pooled - standard = nq * (...) + 2 nk (nq (h dkv - d) - dkv d): negative for large nk iff
         few_queries = isinstance(nq, int) and nq * (h * dkv - d) < dkv * d
-        # induced - standard = nk * (...) + nq (h nk (dq + d) + extra - dq d - d d - 2 nk d)
-        extra = dq * d if self.residual == "projected" else 0
-        few_keys = (
-            isinstance(nk, int)
-            and isinstance(self.to_out, nn.Linear)
-            and h * nk * (dq + d) + extra < dq * d + d * d + 2 * nk * d
-        )
+        few_keys = self.few_keys(nk)
         if few_queries and few_keys:  # both counts small and concrete: compare the totals
+            extra = dq * d if self.residual == "projected" else 0
             q_proj, out_proj = nq * dq * d, nq * d * d
             costs = {
                 "standard": q_proj + 2 * nk * dkv * d + 2 * nq * nk * d + out_proj,
@@ -181,6 +176,18 @@ class MAB(nn.Module):
             }
             return min(costs, key=costs.__getitem__)
         return "pooled" if few_queries else "induced" if few_keys else "standard"
+
+    def few_keys(self, nk: int) -> bool:
+        """Whether ``nk`` keys are few enough that the ``"induced"`` form costs less per query.
+
+        Per query, induced - standard = ``h nk (dq + d) + extra - dq d - d d - 2 nk d`` multiply-adds
+        (``extra``: the projected residual's ``dq d``), whatever the number of queries.
+        """
+        if not isinstance(nk, int) or not isinstance(self.to_out, nn.Linear):
+            return False
+        d, h, dq = self.dim, self.num_heads, self.dim_q
+        extra = dq * d if self.residual == "projected" else 0
+        return h * nk * (dq + d) + extra < dq * d + d * d + 2 * nk * d
 
     def attend(
         self,
@@ -342,7 +349,9 @@ class ISAB(nn.Module):
         Without autograd, ``mab1`` runs over blocks of about :data:`ROW_BLOCK` rows: each element
         attends only to ``H``, so the result is the same, and a block's intermediates stay in the
         CPU cache instead of streaming ``(B, N, dim)`` tensors through memory (about 2x faster at
-        N = 100k). With autograd the whole set goes through at once (backward needs every row).
+        N = 100k). The blocks go through :class:`~settransformer.induced_rows.InducedRows`, which
+        folds ``H`` into the projections once and reuses its buffers from block to block. With
+        autograd the whole set goes through at once (backward needs every row).
         """
         h = self.induce(x, mask)
         b, n = x.shape[:2]
@@ -351,11 +360,14 @@ class ISAB(nn.Module):
         tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
         if tracing or torch.is_grad_enabled() or n <= block:
             return zero_padding(self.mab1.attend(x, h, None), mask)
-        first = self.mab1.attend(x[:, :block], h, None)
+        from .induced_rows import InducedRows  # induced_rows builds on this module
+
+        rows = InducedRows(self.mab1, h)
+        first = rows(x[:, :block])
         out = first.new_empty(b, n, first.shape[-1])
         out[:, :block] = first
         for start in range(block, n, block):
-            out[:, start : start + block] = self.mab1.attend(x[:, start : start + block], h, None)
+            out[:, start : start + block] = rows(x[:, start : start + block])
         return zero_padding(out, mask)
 
 

@@ -8,8 +8,9 @@ plus the rFF, written with in-place updates where the block's own code allocates
 bias is folded into the values: each head's softmax weights sum to one, so adding ``b_o / H``
 to every folded value row adds ``b_o`` to the output.
 
-With autograd, autocast, active dropout, another score function or ``top_k``, or no output projection,
-it calls :meth:`MAB.attend` instead; both give the same result up to float rounding.
+With autograd, autocast, active dropout, another score function or ``top_k``, no output projection,
+or more induced vectors than :meth:`MAB.few_keys` allows (where the block's standard form costs fewer
+multiply-adds), it calls :meth:`MAB.attend` instead; both give the same result up to float rounding.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class InducedRows:
         autocast = torch.is_autocast_enabled(h.device.type)
         self.fast = (
             plain
-            and isinstance(mab.to_out, nn.Linear)
+            and mab.few_keys(h.shape[1])  # else the block's standard form is cheaper
             and not dropout
             and not torch.is_grad_enabled()
             and not autocast
