@@ -36,7 +36,7 @@ class OracleModel(nn.Module):
 
 def test_is_a_task_with_the_paper_table() -> None:
     assert issubclass(MoGClustering, Task)
-    assert MoGClustering.model_names[0] == "rff-pool" and len(MoGClustering.model_names) == 8
+    assert MoGClustering.model_names[0] == "rff-pool" and len(MoGClustering.model_names) == 9
     assert set(MoGClustering.paper) == set(MoGClustering.model_names)
     assert MoGClustering.metric == "ll0" and MoGClustering.higher_is_better
     assert MoGClustering.budget("paper")["lr_milestones"] == [35_000]
@@ -47,6 +47,20 @@ def test_is_a_task_with_the_paper_table() -> None:
         MoGClustering(colour="red")
     with pytest.raises(ValueError, match="max_size"):
         MoGClustering(min_size=50, max_size=10)
+
+
+def test_official_variant_uses_the_official_blocks() -> None:
+    from torch import nn
+
+    task = MoGClustering(dim_hidden=32)
+    ours, official = task.build_model("isab16-pma"), task.build_model("isab16-pma-official")
+    assert sum(p.numel() for p in official.parameters()) < sum(p.numel() for p in ours.parameters())
+    mabs = [m for m in official.modules() if type(m).__name__ == "MAB"]
+    assert len(mabs) == 2 * 2 + 1 + 1  # two ISABs, PMA, one decoder SAB
+    for mab in mabs:
+        assert mab.norm is None and mab.residual == "projected" and isinstance(mab.to_out, nn.Identity)
+        assert mab.scale == pytest.approx(32**-0.5)
+    assert not any(isinstance(m, nn.LayerNorm) for m in official.modules())
 
 
 @pytest.mark.parametrize(("dim", "k"), [(2, 4), (1, 5)])

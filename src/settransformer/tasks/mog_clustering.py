@@ -58,6 +58,16 @@ _MODELS: dict[str, dict[str, Any]] = {
     "isab16-pma": {"num_inducing": 16, "num_decoder_layers": 1},
     "isab32-pma": {"num_inducing": 32, "num_decoder_layers": 1},
     "isab64-pma": {"num_inducing": 64, "num_decoder_layers": 1},
+    # ISAB16 + PMA in the block layout of the official repository's code (LayerNorm off, its
+    # default): no W^O, the projected query as the residual, scores scaled by 1/sqrt(width) (set
+    # in the builder). The paper does not say which layout its table used.
+    "isab16-pma-official": {
+        "num_inducing": 16,
+        "num_decoder_layers": 1,
+        "norm": None,
+        "out_proj": False,
+        "residual": "projected",
+    },
 }
 
 
@@ -70,6 +80,7 @@ MODEL_DESCRIPTIONS = {
     "isab16-pma": "ISAB16(128,4)x2, PMA + SAB",
     "isab32-pma": "ISAB32(128,4)x2, PMA + SAB",
     "isab64-pma": "ISAB64(128,4)x2, PMA + SAB",
+    "isab16-pma-official": "ISAB16(128,4)x2, PMA + SAB, official code's blocks",
 }
 
 
@@ -79,17 +90,22 @@ def build_clustering_model(
     """A model of the clustering tables: ``(B, N, dim) -> (B, num_components, 1 + 2 dim)``.
 
     ``model_name`` is one of ``rff-pool``, ``sab-pool``, ``isab16-pool``, ``rff-pma``, ``sab-pma``,
-    ``isab16-pma``, ``isab32-pma``, ``isab64-pma`` (encoder + decoder, as in the paper's Table 3).
+    ``isab16-pma``, ``isab32-pma``, ``isab64-pma`` (encoder + decoder, as in the paper's Table 3),
+    or ``isab16-pma-official``: ``isab16-pma`` with the official code's blocks (no LayerNorm, no
+    ``W^O``, the projected query as the residual, scores scaled by ``1/sqrt(dim_hidden)``).
     """
     if model_name not in _MODELS:
         raise ValueError(f"model_name: expected one of {sorted(_MODELS)}, got {model_name!r}")
+    options = dict(_MODELS[model_name])
+    if model_name.endswith("-official"):
+        options["scale"] = dim_hidden**-0.5
     return SetTransformer(
         dim_input=dim,
         num_outputs=num_components,
         dim_output=1 + 2 * dim,
         dim_hidden=dim_hidden,
         num_heads=num_heads,
-        **_MODELS[model_name],
+        **options,
     )
 
 
@@ -197,6 +213,7 @@ class MoGClustering(Task):
             "isab16-pma": (-1.5009, 0.0068, -1.4530, 0.0037),
             "isab32-pma": (-1.4963, 0.0064, -1.4524, 0.0044),
             "isab64-pma": (-1.5042, 0.0158, -1.4535, 0.0053),
+            "isab16-pma-official": (-1.5009, 0.0068, -1.4530, 0.0037),
         }.items()
     }
     model_descriptions: ClassVar[dict[str, str]] = MODEL_DESCRIPTIONS
