@@ -9,6 +9,7 @@ import importlib
 import pytest
 import torch
 
+from settransformer.attention import FormSizes, cheapest_form, induced_is_cheaper
 from settransformer.blocks import MAB
 
 PATHS = ("standard", "pooled", "induced")
@@ -85,3 +86,15 @@ def test_pooled_gemm_path_under_autograd_equals_the_fused_kernel(nk, monkeypatch
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     assert gemm[0][1].abs().max() == 0  # the empty set's attention output is zero
+
+
+def test_cheapest_form_for_the_set_transformer_shapes() -> None:
+    sizes = FormSizes(dim=128, num_heads=4, dim_q=128, dim_kv=128, projected_residual=False, out_proj=True)
+    assert cheapest_form(32, 10_000, sizes) == "pooled"  # inducing points over a set
+    assert cheapest_form(10_000, 32, sizes) == "induced"  # a set over its induced vectors
+    assert cheapest_form(500, 500, sizes) == "standard"  # SAB
+    assert cheapest_form(32, float("inf"), sizes) == "pooled"  # type: ignore[arg-type]  # symbolic: large
+    assert cheapest_form(0, 32, sizes) == "standard"
+    assert induced_is_cheaper(32, sizes) and not induced_is_cheaper(64, sizes)
+    # without W^O there is nothing to fold the values into
+    assert not induced_is_cheaper(1, sizes._replace(out_proj=False))

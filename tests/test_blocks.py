@@ -1,4 +1,4 @@
-"""``settransformer.blocks``: MAB, SAB, ISAB, PMA and ``masked_pool``.
+"""``settransformer.blocks``: MAB, SAB, ISAB, PMA.
 
 Symmetry (permutation equivariance / invariance), masking (padding is invisible), agreement with the
 float64 reference of the paper's equations in ``reference.py``, and gradients.
@@ -13,7 +13,7 @@ import reference as ref
 import torch
 from torch import Tensor, nn
 
-from settransformer.blocks import ISAB, MAB, PMA, SAB, masked_pool
+from settransformer.blocks import ISAB, MAB, PMA, SAB
 
 DIM, HEADS, NUM_INDUCING, NUM_SEEDS, NQ = 16, 4, 3, 2, 4
 KINDS = ["mab", "sab", "isab", "pma"]
@@ -303,44 +303,6 @@ def test_dropout_only_in_training() -> None:
     assert not torch.allclose(a, b)
     block.eval()
     torch.testing.assert_close(block(x), block(x))
-
-
-# ---------------------------------------------------------------- masked_pool
-
-
-@pytest.mark.parametrize("how", ["mean", "sum", "max"])
-def test_masked_pool_matches_per_set(how: str, padded) -> None:
-    x, mask, sets = padded([4, 1, 0, 6], 3, n=6)
-    x = x.masked_fill(~mask[..., None], 0.0)  # masked_pool expects zeroed padding
-    x.requires_grad_()
-    pooled = masked_pool(x, mask, how)
-    for i, s in enumerate(sets):
-        torch.testing.assert_close(pooled[i], ref.pool(s, how))
-    assert (pooled[2] == 0).all()
-    pooled.sum().backward()
-    assert x.grad is not None and torch.isfinite(x.grad).all()
-
-
-@pytest.mark.parametrize("how", ["mean", "sum", "max"])
-def test_masked_pool_without_mask(how: str) -> None:
-    x = torch.randn(3, 5, 4)
-    full = torch.ones(3, 5, dtype=torch.bool)
-    torch.testing.assert_close(masked_pool(x, None, how), masked_pool(x, full, how))
-    torch.testing.assert_close(masked_pool(x, None, how)[1], ref.pool(x[1], how))
-
-
-@pytest.mark.parametrize("how", ["mean", "sum", "max"])
-def test_masked_pool_of_zero_elements(how: str) -> None:
-    """``N = 0`` (every set empty): zeros, like an all-padding set."""
-    out = masked_pool(torch.zeros(2, 0, 3), torch.zeros(2, 0, dtype=torch.bool), how)
-    torch.testing.assert_close(out, torch.zeros(2, 3))
-
-
-def test_masked_pool_max_of_negative_values() -> None:
-    """Padding must not win the max when every real value is negative."""
-    x = -torch.rand(1, 4, 2) - 1
-    mask = torch.tensor([[True, True, False, False]])
-    torch.testing.assert_close(masked_pool(x.masked_fill(~mask[..., None], 0), mask, "max"), x[:, :2].amax(1))
 
 
 @pytest.mark.parametrize("norm", ["post", "pre", None])

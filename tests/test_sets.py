@@ -1,11 +1,12 @@
-"""``settransformer.sets``: ``pad_sets`` / ``unpad_sets``."""
+"""``settransformer.sets``: ``pad_sets`` / ``unpad_sets`` and ``masked_pool``."""
 
 from __future__ import annotations
 
 import pytest
+import reference as ref
 import torch
 
-from settransformer.sets import pad_sets, unpad_sets
+from settransformer.sets import masked_pool, pad_sets, unpad_sets
 
 
 def test_pad_sets_layout() -> None:
@@ -110,3 +111,41 @@ def test_unpad_sets_rejects_a_non_bool_mask() -> None:
 def test_unpad_sets_rejects_non_tensors() -> None:
     with pytest.raises(TypeError, match=r"^x: "):
         unpad_sets([[[1.0]]], torch.ones(1, 1, dtype=torch.bool))  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- masked_pool
+
+
+@pytest.mark.parametrize("how", ["mean", "sum", "max"])
+def test_masked_pool_matches_per_set(how: str, padded) -> None:
+    x, mask, sets = padded([4, 1, 0, 6], 3, n=6)
+    x = x.masked_fill(~mask[..., None], 0.0)  # masked_pool expects zeroed padding
+    x.requires_grad_()
+    pooled = masked_pool(x, mask, how)
+    for i, s in enumerate(sets):
+        torch.testing.assert_close(pooled[i], ref.pool(s, how))
+    assert (pooled[2] == 0).all()
+    pooled.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("how", ["mean", "sum", "max"])
+def test_masked_pool_without_mask(how: str) -> None:
+    x = torch.randn(3, 5, 4)
+    full = torch.ones(3, 5, dtype=torch.bool)
+    torch.testing.assert_close(masked_pool(x, None, how), masked_pool(x, full, how))
+    torch.testing.assert_close(masked_pool(x, None, how)[1], ref.pool(x[1], how))
+
+
+@pytest.mark.parametrize("how", ["mean", "sum", "max"])
+def test_masked_pool_of_zero_elements(how: str) -> None:
+    """``N = 0`` (every set empty): zeros, like an all-padding set."""
+    out = masked_pool(torch.zeros(2, 0, 3), torch.zeros(2, 0, dtype=torch.bool), how)
+    torch.testing.assert_close(out, torch.zeros(2, 3))
+
+
+def test_masked_pool_max_of_negative_values() -> None:
+    """Padding must not win the max when every real value is negative."""
+    x = -torch.rand(1, 4, 2) - 1
+    mask = torch.tensor([[True, True, False, False]])
+    torch.testing.assert_close(masked_pool(x.masked_fill(~mask[..., None], 0), mask, "max"), x[:, :2].amax(1))

@@ -12,8 +12,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from settransformer.blocks import ISAB, MAB, PMA, SAB, masked_pool
+from settransformer.blocks import ISAB, MAB, PMA, SAB
 from settransformer.models import DeepSets, SetTransformer
+from settransformer.sets import masked_pool
 from settransformer.validation import check_finite, check_mask, check_set, zero_padding
 
 B, N = 2, 6

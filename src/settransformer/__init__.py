@@ -11,9 +11,9 @@ Permutation-invariant attention models for sets, with masks for variable-size se
 """
 
 from .attention import attention
-from .blocks import ISAB, MAB, PMA, SAB, masked_pool
+from .blocks import ISAB, MAB, PMA, SAB
 from .models import DeepSets, SetTransformer
-from .sets import pad_sets, unpad_sets
+from .sets import masked_pool, pad_sets, unpad_sets
 
 __version__ = "0.1.0"
 

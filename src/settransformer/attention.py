@@ -17,6 +17,7 @@ which passes no gradient back through the replaced rows.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,16 @@ from torch import Tensor
 
 from .scores import DotForm, ScoreFn, attention_weights
 
-__all__ = ["attention", "induced_attention", "merge_heads", "pooled_attention", "split_heads"]
+__all__ = [
+    "FormSizes",
+    "attention",
+    "cheapest_form",
+    "induced_attention",
+    "induced_is_cheaper",
+    "merge_heads",
+    "pooled_attention",
+    "split_heads",
+]
 
 
 def split_heads(x: Tensor, num_heads: int) -> Tensor:
@@ -173,8 +183,66 @@ def _attention(
 # one side of the attention is a handful of vectors. Both fold a projection into the small side,
 # so the large side is never projected (fewer FLOPs, fewer stored activations) and every product
 # is one large dense GEMM instead of many tiny per-head ones. The blocks pick the cheaper form
-# by counting multiply-adds (MAB._path); results equal the standard form up to float rounding.
+# by counting multiply-adds (cheapest_form); results equal the standard form up to float rounding.
 # Neither checks its arguments: they are kernels behind MAB, whose forward validates its input.
+
+
+class FormSizes(NamedTuple):
+    """The widths of a multi-head attention block that decide which exact form costs least.
+
+    ``dim``: the block's width ``d``; ``dim_q``, ``dim_kv``: raw query and key/value widths;
+    ``projected_residual``: the residual adds the projected query (one more ``dq d`` per query
+    in the induced form); ``out_proj``: the block has ``W^O`` (the induced form folds it in).
+    """
+
+    dim: int
+    num_heads: int
+    dim_q: int
+    dim_kv: int
+    projected_residual: bool
+    out_proj: bool
+
+
+def induced_is_cheaper(nk: int, s: FormSizes) -> bool:
+    """Whether ``nk`` keys are few enough that :func:`induced_attention` costs less per query.
+
+    Per query, induced - standard = ``h nk (dq + d) + extra - dq d - d d - 2 nk d`` multiply-adds
+    (``extra``: the projected residual's ``dq d``), whatever the number of queries. A symbolic
+    ``nk`` counts as large.
+    """
+    if not isinstance(nk, int) or not s.out_proj:
+        return False
+    d, h, dq = s.dim, s.num_heads, s.dim_q
+    extra = dq * d if s.projected_residual else 0
+    return h * nk * (dq + d) + extra < dq * d + d * d + 2 * nk * d
+
+
+def cheapest_form(nq: int, nk: int, s: FormSizes) -> str:
+    """``"standard"``, ``"pooled"`` or ``"induced"``: the form with the fewest multiply-adds.
+
+    Counting projections, scores, weighted sum and output projection, the pooled form
+    (:func:`pooled_attention`) beats the standard one for every set size once the queries are
+    few (PMA seeds, inducing points) and the induced form once the keys are few (a set attending
+    to inducing points). Each test looks only at the count on its small side, and a symbolic
+    count (``torch.export`` with a dynamic set size) counts as large, so tracing adds no guard on
+    the set size. Both rewrites hold only for plain dot-product softmax; the caller checks that.
+    """
+    d, h, dq, dkv = s.dim, s.num_heads, s.dim_q, s.dim_kv
+    if isinstance(nq, int) and isinstance(nk, int) and (nq == 0 or nk == 0):
+        return "standard"
+    # pooled - standard = nq * (...) + 2 nk (nq (h dkv - d) - dkv d): negative for large nk iff
+    few_queries = isinstance(nq, int) and nq * (h * dkv - d) < dkv * d
+    few_keys = induced_is_cheaper(nk, s)
+    if few_queries and few_keys:  # both counts small and concrete: compare the totals
+        extra = dq * d if s.projected_residual else 0
+        q_proj, out_proj = nq * dq * d, nq * d * d
+        costs = {
+            "standard": q_proj + 2 * nk * dkv * d + 2 * nq * nk * d + out_proj,
+            "pooled": q_proj + h * nq * d * dkv + 2 * h * nq * nk * dkv + nq * dkv * d + out_proj,
+            "induced": 2 * nk * dkv * d + nk * d * (dq + d) + h * nq * nk * (dq + d) + extra,
+        }
+        return min(costs, key=costs.__getitem__)
+    return "pooled" if few_queries else "induced" if few_keys else "standard"
 
 
 # Under autograd, sets up to this many elements take two plain GEMMs instead of the fused kernel

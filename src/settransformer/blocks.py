@@ -30,12 +30,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import _attention, induced_attention, merge_heads, pooled_attention, split_heads
+from .attention import (
+    FormSizes,
+    _attention,
+    cheapest_form,
+    induced_attention,
+    induced_is_cheaper,
+    merge_heads,
+    pooled_attention,
+    split_heads,
+)
 from .scores import ScoreSpec, make_score
+from .sets import masked_pool  # re-exported: it lived here before
 from .validation import (
     check_finite,
     check_like,
-    check_mask,
     check_positive,
     check_probability,
     check_set,
@@ -47,7 +56,6 @@ __all__ = ["ISAB", "MAB", "PMA", "SAB", "Norm", "masked_pool"]
 
 Norm = Literal["post", "pre"] | None
 Residual = Literal["auto", "input", "projected"]
-PoolKind = Literal["mean", "sum", "max"]
 
 
 def _feed_forward(dim: int, ff_dim: int | None) -> nn.Sequential:
@@ -148,46 +156,22 @@ class MAB(nn.Module):
         return self.to_q(q), k, v
 
     def _path(self, nq: int, nk: int) -> str:
-        """The cheapest exact form of the attention for ``nq`` queries and ``nk`` keys.
-
-        Counting multiply-adds (projections, scores, weighted sum, output projection), the
-        ``"pooled"`` form beats the standard one for every set size once the queries are few
-        (PMA seeds, inducing points) and ``"induced"`` once the keys are few (a set attending to
-        inducing points); see :mod:`settransformer.attention`. Each test looks only at the count
-        on its small side, and a symbolic count (``torch.export`` with a dynamic set size) counts
-        as large, so tracing adds no guard on the set size. Both rewrites hold only for plain
-        dot-product softmax: other scores and ``top_k`` use ``"standard"``.
-        """
+        """The cheapest exact form for ``nq`` queries and ``nk`` keys (:func:`~.attention.cheapest_form`);
+        other scores and ``top_k`` always use ``"standard"``."""
         if self.score is not None or self.top_k is not None:
             return "standard"
-        d, h, dq, dkv = self.dim, self.num_heads, self.dim_q, self.dim_kv
-        if isinstance(nq, int) and isinstance(nk, int) and (nq == 0 or nk == 0):
-            return "standard"
-        # pooled - standard = nq * (...) + 2 nk (nq (h dkv - d) - dkv d): negative for large nk iff
-        few_queries = isinstance(nq, int) and nq * (h * dkv - d) < dkv * d
-        few_keys = self.few_keys(nk)
-        if few_queries and few_keys:  # both counts small and concrete: compare the totals
-            extra = dq * d if self.residual == "projected" else 0
-            q_proj, out_proj = nq * dq * d, nq * d * d
-            costs = {
-                "standard": q_proj + 2 * nk * dkv * d + 2 * nq * nk * d + out_proj,
-                "pooled": q_proj + h * nq * d * dkv + 2 * h * nq * nk * dkv + nq * dkv * d + out_proj,
-                "induced": 2 * nk * dkv * d + nk * d * (dq + d) + h * nq * nk * (dq + d) + extra,
-            }
-            return min(costs, key=costs.__getitem__)
-        return "pooled" if few_queries else "induced" if few_keys else "standard"
+        return cheapest_form(nq, nk, self._sizes())
 
     def few_keys(self, nk: int) -> bool:
-        """Whether ``nk`` keys are few enough that the ``"induced"`` form costs less per query.
+        """Whether ``nk`` keys are few enough for the ``"induced"`` form
+        (:func:`~.attention.induced_is_cheaper`)."""
+        return induced_is_cheaper(nk, self._sizes())
 
-        Per query, induced - standard = ``h nk (dq + d) + extra - dq d - d d - 2 nk d`` multiply-adds
-        (``extra``: the projected residual's ``dq d``), whatever the number of queries.
-        """
-        if not isinstance(nk, int) or not isinstance(self.to_out, nn.Linear):
-            return False
-        d, h, dq = self.dim, self.num_heads, self.dim_q
-        extra = dq * d if self.residual == "projected" else 0
-        return h * nk * (dq + d) + extra < dq * d + d * d + 2 * nk * d
+    def _sizes(self) -> FormSizes:
+        out_proj = isinstance(self.to_out, nn.Linear)
+        return FormSizes(
+            self.dim, self.num_heads, self.dim_q, self.dim_kv, self.residual == "projected", out_proj
+        )
 
     def attend(
         self,
@@ -413,34 +397,3 @@ class PMA(nn.Module):
     def pool(self, z: Tensor, mask: Tensor | None) -> Tensor:
         """:meth:`forward` without input checks; ``z`` must be zero at padded rows."""
         return self.mab.attend(self.seeds[None], z, mask)
-
-
-def masked_pool(x: Tensor, mask: Tensor | None, how: PoolKind = "mean") -> Tensor:
-    """Pool a padded set batch over its elements.
-
-    Args:
-        x: ``(B, N, D)``; padded rows may hold anything (they are ignored, and get zero gradient).
-        mask: ``(B, N)`` boolean, True for real elements, or ``None``.
-        how: ``"mean"``, ``"sum"`` or ``"max"``.
-
-    Returns:
-        ``(B, D)``. An empty set pools to zeros (all three kinds), with zero gradient.
-    """
-    if how not in ("mean", "sum", "max"):
-        raise ValueError(f"how: expected 'mean', 'sum' or 'max', got {how!r}")
-    check_set(x, x.shape[-1] if isinstance(x, Tensor) and x.dim() > 0 else 1)
-    mask = check_mask(mask, x)
-    if x.shape[1] == 0:
-        return x.new_zeros(x.shape[0], x.shape[2])
-    x = zero_padding(x, mask)
-    if how == "sum":
-        return x.sum(dim=1)
-    if how == "mean":
-        if mask is None:
-            return x.mean(dim=1)
-        count = mask.sum(dim=1, keepdim=True).clamp_min(1).to(x.dtype)
-        return x.sum(dim=1) / count
-    if mask is None:
-        return x.amax(dim=1)
-    pooled = x.masked_fill(~mask[..., None], torch.finfo(x.dtype).min).amax(dim=1)
-    return pooled.masked_fill(~mask.any(dim=1, keepdim=True), 0.0)

@@ -11,8 +11,9 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
-from .blocks import ISAB, PMA, SAB, Norm, PoolKind, Residual, masked_pool
+from .blocks import ISAB, PMA, SAB, Norm, Residual
 from .scores import ScoreSpec
+from .sets import PoolKind, masked_pool
 from .validation import check_positive, check_probability, prepare_set, zero_padding
 
 __all__ = ["DeepSets", "SetTransformer"]

@@ -1,15 +1,19 @@
-"""Converting between lists of variable-size sets and padded batches with masks."""
+"""Variable-size sets: converting between lists of sets and padded batches with masks, and pooling a
+padded batch over its real elements."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from .validation import check_positive
+from .validation import check_mask, check_positive, check_set, zero_padding
 
-__all__ = ["pad_sets", "unpad_sets"]
+__all__ = ["PoolKind", "masked_pool", "pad_sets", "unpad_sets"]
+
+PoolKind = Literal["mean", "sum", "max"]
 
 
 def pad_sets(sets: Sequence[Tensor], *, max_size: int | None = None) -> tuple[Tensor, Tensor]:
@@ -72,3 +76,34 @@ def unpad_sets(x: Tensor, mask: Tensor) -> list[Tensor]:
             f"{mask.dtype} {tuple(mask.shape)}"
         )
     return [xi[mi] for xi, mi in zip(x, mask)]
+
+
+def masked_pool(x: Tensor, mask: Tensor | None, how: PoolKind = "mean") -> Tensor:
+    """Pool a padded set batch over its elements.
+
+    Args:
+        x: ``(B, N, D)``; padded rows may hold anything (they are ignored, and get zero gradient).
+        mask: ``(B, N)`` boolean, True for real elements, or ``None``.
+        how: ``"mean"``, ``"sum"`` or ``"max"``.
+
+    Returns:
+        ``(B, D)``. An empty set pools to zeros (all three kinds), with zero gradient.
+    """
+    if how not in ("mean", "sum", "max"):
+        raise ValueError(f"how: expected 'mean', 'sum' or 'max', got {how!r}")
+    check_set(x, x.shape[-1] if isinstance(x, Tensor) and x.dim() > 0 else 1)
+    mask = check_mask(mask, x)
+    if x.shape[1] == 0:
+        return x.new_zeros(x.shape[0], x.shape[2])
+    x = zero_padding(x, mask)
+    if how == "sum":
+        return x.sum(dim=1)
+    if how == "mean":
+        if mask is None:
+            return x.mean(dim=1)
+        count = mask.sum(dim=1, keepdim=True).clamp_min(1).to(x.dtype)
+        return x.sum(dim=1) / count
+    if mask is None:
+        return x.amax(dim=1)
+    pooled = x.masked_fill(~mask[..., None], torch.finfo(x.dtype).min).amax(dim=1)
+    return pooled.masked_fill(~mask.any(dim=1, keepdim=True), 0.0)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from settransformer.blocks import masked_pool
 from settransformer.config import TrainConfig
+from settransformer.sets import masked_pool
 from settransformer.tasks import get_task
 from settransformer.tasks.max_regression import MaxRegression
 from settransformer.train import train

@@ -37,8 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..blocks import MAB, PMA, SAB, masked_pool
+from ..blocks import MAB, PMA, SAB
 from ..data.image_samplers import AttributePairSampler
+from ..sets import masked_pool
 from ..validation import zero_padding
 from ._image_sets import ImageSetModel, ImageSetTask, save_figure
 from .base import Batch
