@@ -23,7 +23,7 @@ Tracing bakes Python control flow into the graph, so two things are taken care o
   sizes over as tensors (about 1.5x slower in ONNX Runtime for the MoG model). During export
   every block is given the form it uses for large sets (what ``torch.export`` picks with a
   symbolic set size); which side of each attention grows with the set size is found by running
-  the model at two sizes first.
+  the model at two sizes first (:mod:`settransformer.trace_forms`).
 - The written file is checked (``onnx.checker``), then run (in ONNX Runtime when it is
   installed; ``torch.jit.load`` for TorchScript) on padded batches of sizes not used at export,
   one of them with an empty set, and compared with the eager model (atol = rtol = 1e-4). A
@@ -44,8 +44,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import inspect
-import itertools
-import math
 import os
 import secrets
 import sys
@@ -56,7 +54,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .blocks import MAB
+from .trace_forms import large_set_forms
 from .validation import check_positive
 
 __all__ = ["INPUT_NAMES", "OUTPUT_NAME", "ExportError", "export_onnx", "export_torchscript"]
@@ -257,63 +255,14 @@ def _call(model: nn.Module, example: tuple[Tensor, Tensor]) -> object:
         model.train(was_training)
 
 
-@contextlib.contextmanager
-def _large_set_paths(model: nn.Module, example: tuple[Tensor, Tensor]) -> Iterator[None]:
-    """Make every :class:`MAB` of ``model`` use, whatever the sizes it is traced at, the form of the
-    attention it picks when the sizes that grow with the set size are symbolic (= large).
-
-    The blocks are called in the same order on every forward pass, so the ``k``-th call of a block
-    replays the form computed from its ``k``-th call at two probe sizes: a count that differs
-    between the probes grows with N and is passed to ``MAB._path`` as infinite.
-    """
-    mabs = [m for m in model.modules() if isinstance(m, MAB)]
+def _large_set_paths(
+    model: nn.Module, example: tuple[Tensor, Tensor]
+) -> contextlib.AbstractContextManager[None]:
+    """:func:`~settransformer.trace_forms.large_set_forms`, probing at ``example``'s size and at
+    ``_PROBE_SIZE`` elements."""
     x = example[0]
-    first = _attention_sizes(model, mabs, example)
-    second = _attention_sizes(model, mabs, _example(x.shape[0], _PROBE_SIZE, x.shape[2], x.dtype, x.device))
-    try:
-        for m in mabs:
-            a, b = first[id(m)], second[id(m)]
-            paths = ["standard"]  # the form whose graph holds for every size, when in doubt
-            if len(a) == len(b) and a:
-                paths = [
-                    m._path(math.inf if q1 != q2 else q1, math.inf if k1 != k2 else k1)  # type: ignore[arg-type]
-                    for (q1, k1), (q2, k2) in zip(a, b)
-                ]
-            m.__dict__["_path"] = _replay(paths)  # shadows the method
-        yield
-    finally:
-        for m in mabs:
-            m.__dict__.pop("_path", None)
-
-
-def _replay(paths: list[str]) -> Callable[[object, object], str]:
-    """A stand-in for ``MAB._path`` whose ``k``-th call returns ``paths[k % len(paths)]``."""
-    count = itertools.count()
-
-    def path(nq: object, nk: object) -> str:
-        return paths[next(count) % len(paths)]
-
-    return path
-
-
-def _attention_sizes(
-    model: nn.Module, mabs: list[MAB], example: tuple[Tensor, Tensor]
-) -> dict[int, list[tuple[int, int]]]:
-    """The ``(queries, keys)`` counts of every call of each block of ``mabs`` (by ``id``) on ``example``."""
-    calls: dict[int, list[tuple[int, int]]] = {id(m): [] for m in mabs}
-    for m in mabs:
-
-        def record(nq: int, nk: int, _m: MAB = m) -> str:
-            calls[id(_m)].append((nq, nk))
-            return MAB._path(_m, nq, nk)
-
-        m.__dict__["_path"] = record
-    try:
-        _call(model, example)
-    finally:
-        for m in mabs:
-            m.__dict__.pop("_path", None)
-    return calls
+    probe = _example(x.shape[0], _PROBE_SIZE, x.shape[2], x.dtype, x.device)
+    return large_set_forms(model, example, probe, lambda batch: _call(model, batch))
 
 
 @contextlib.contextmanager
