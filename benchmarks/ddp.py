@@ -4,7 +4,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ddp.py --steps 20 --repeats 1   # a smoke test
 
 Trains the point-cloud task's default model (``isab-pma`` on procedural shapes, 128 points, width
-64) with :func:`settransformer.train.train`, the loop ``settransformer train`` runs, in ``W``
+64) with :func:`settransformer.training.loop.train`, the loop ``settransformer train`` runs, in ``W``
 processes joined by gloo exactly as ``torchrun --nproc-per-node W`` would (``WORLD_SIZE``, ``RANK``,
 ``MASTER_ADDR``/``MASTER_PORT``), each with one thread. The global batch is ``W x --batch-size``,
 so every process computes the same amount per step. Sets per second are timed on rank 0 from the
@@ -59,8 +59,8 @@ def _worker(rank: int, world: int, port: int, out: str, settings: dict[str, Any]
             MASTER_PORT=str(port),
         )  # fmt: skip
     torch.set_num_threads(1)
-    from settransformer.config import TrainConfig
-    from settransformer.train import train
+    from settransformer.training.config import TrainConfig
+    from settransformer.training.loop import train
 
     task = _task()
     torch.manual_seed(0)

@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from settransformer.export import DEFAULT_OPSET, export_onnx, export_torchscript
-from settransformer.runs import build_task, load_run
+from settransformer.deploy.export import DEFAULT_OPSET, export_onnx, export_torchscript
+from settransformer.tasks.runs import build_task, load_run
 
 BATCH, SET_SIZE, DIM_INPUT = 10, 500, 2
 

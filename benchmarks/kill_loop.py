@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-from settransformer.checkpoint import RESUME_KEYS, check_checkpoint, load_checkpoint
-from settransformer.runs import load_run
+from settransformer.tasks.runs import load_run
+from settransformer.training.checkpoint import RESUME_KEYS, check_checkpoint, load_checkpoint
 
 TASK_OPTIONS = ["--set", "dim_hidden=32", "--set", "test_sets=200"]
 FLAGS = [

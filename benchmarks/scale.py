@@ -8,7 +8,7 @@ Rows (float32, ``dim_input`` 3, width 128, 4 heads, 32 inducing points, ``ff_dim
 
 - ``isab``: ISAB forward, every element's output; ``st``: SetTransformer (2 ISABs, PMA with one
   seed, 2 SABs, linear head) forward, i.e. encode + PMA. Each as ``chunked``
-  (:mod:`settransformer.chunked`), ``unchunked`` (the blocks as is) and ``naive``
+  (:mod:`settransformer.nn.streaming`), ``unchunked`` (the blocks as is) and ``naive``
   (``benchmarks/naive.py``), each point in its own process. A point is skipped when its memory,
   extrapolated linearly from the previous N, would exceed ``--mem-limit-gb``.
 - ``flops``: ISAB forward at N = 1e6 against a plain ``(N, 128) @ (128, 128)`` matmul in the same
@@ -16,7 +16,7 @@ Rows (float32, ``dim_input`` 3, width 128, 4 heads, 32 inducing points, ``ff_dim
   one). FLOPs are counted for the attention forms the code runs (2 per multiply-add of every
   matrix product, including the ``K = 3`` products; softmax, LayerNorm, bias and ReLU not counted).
 - ``ragged``: 64 sets with sizes log-uniform in [10, ``--ragged-max``] (seed 0) through the
-  SetTransformer as a ragged batch (:func:`settransformer.ragged.ragged_forward`) and padded to
+  SetTransformer as a ragged batch (:func:`settransformer.large.ragged.ragged_forward`) and padded to
   the largest set (``model(x, mask)``; if that would exceed the memory limit, the padded batch
   evaluated with ``chunk_size`` instead). Both include their input in the peak; outputs compared.
 
@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from settransformer.chunked import DEFAULT_CHUNK_SIZE
+from settransformer.nn.streaming import DEFAULT_CHUNK_SIZE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -98,7 +98,7 @@ def _model(what: str, impl: str) -> torch.nn.Module:
 
 
 def _runner(what: str, impl: str, model: torch.nn.Module, chunk_size: int) -> Callable[[torch.Tensor], Any]:
-    from settransformer.chunked import isab_chunked
+    from settransformer.nn.streaming import isab_chunked
 
     if impl != "chunked":
         return model
@@ -139,7 +139,7 @@ def _isab_flops(isab: Any, n: int, nq: int) -> float:
 
 
 def worker_flops(n: int, chunk_size: int, budget: float) -> dict[str, float]:
-    from settransformer.chunked import isab_chunked
+    from settransformer.nn.streaming import isab_chunked
 
     load = os.getloadavg()[0]
     isab = _model("isab", "unchunked")
@@ -176,7 +176,7 @@ def ragged_sizes(max_size: int, count: int = 64) -> torch.Tensor:
 
 
 def worker_ragged(impl: str, max_size: int, chunk_size: int, budget: float, save: str) -> dict[str, float]:
-    from settransformer.ragged import ragged_forward, ragged_to_padded
+    from settransformer.large.ragged import ragged_forward, ragged_to_padded
 
     load = os.getloadavg()[0]
     model = _model("st", "unchunked")

@@ -21,9 +21,9 @@ from collections.abc import Callable
 
 import torch
 
-from settransformer.attention import attention
-from settransformer.blocks import SAB
-from settransformer.scores import AdditiveScore, make_score
+from settransformer.nn.attention import attention
+from settransformer.nn.blocks import SAB
+from settransformer.nn.scores import AdditiveScore, make_score
 
 DIM, HEADS = 128, 4
 SCORES = ("dot", "gaussian", "additive", "additive-h32")

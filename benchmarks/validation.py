@@ -5,7 +5,7 @@
 
 "No checks" calls ``model.decode(model.encode(zero_padding(x, mask), mask), mask)`` (the forward
 without any validation); "O(1) checks" is the forward with the finiteness check switched off
-(``settransformer.validation.finite_checks(False)``); "all checks" is the default forward. Times
+(``settransformer.nn.validation.finite_checks(False)``); "all checks" is the default forward. Times
 are medians over ``--repeats`` rounds of interleaved runs, CPU, float32, under
 ``torch.inference_mode``, ``--threads`` threads (default 1). A second table times each check of
 ``prepare_set`` alone (best of 20 rounds), which a loaded machine's noise hides in the first.
@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from settransformer import SAB, SetTransformer
-from settransformer import validation as v
-from settransformer.validation import finite_checks, zero_padding
+from settransformer.nn import validation as v
+from settransformer.nn.validation import finite_checks, zero_padding
 
 
 def cases() -> list[tuple[str, nn.Module, Tensor, Tensor, Callable[[Tensor, Tensor], Tensor]]]:

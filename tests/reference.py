@@ -1,7 +1,7 @@
 """A plain float64 reference of the Set Transformer's equations, for tests only.
 
 Written from the paper (Lee et al., 2019, section 3) and the options documented in
-``settransformer.blocks``, independently of the library's code: one set at a time, no padding, no
+``settransformer.nn.blocks``, independently of the library's code: one set at a time, no padding, no
 masks, no fused products, heads handled by an explicit loop. Parameters are read from a module's
 ``named_parameters()`` (``params_of``), so the reference runs with exactly the module's weights:
 
@@ -41,7 +41,7 @@ def params_of(module: nn.Module, prefix: str = "") -> Params:
 
 @dataclass(frozen=True)
 class BlockOptions:
-    """The block options of ``settransformer.blocks`` (``residual`` still unresolved: may be "auto")."""
+    """The block options of ``settransformer.nn.blocks`` (``residual`` still unresolved: may be "auto")."""
 
     num_heads: int
     norm: str | None = "post"

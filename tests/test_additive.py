@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from settransformer import additive
-from settransformer.additive import AdditiveScore, factored_range
+from settransformer.nn import scores as additive
+from settransformer.nn.scores import AdditiveScore, factored_range
 
 F64 = torch.float64
 

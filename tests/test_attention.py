@@ -1,4 +1,4 @@
-"""``settransformer.attention``: scaled dot-product attention with masks and the empty-set rule."""
+"""``settransformer.nn.attention``: scaled dot-product attention with masks and the empty-set rule."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from settransformer.attention import attention, merge_heads, split_heads
+from settransformer.nn.attention import attention, merge_heads, split_heads
 
 
 def manual(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:

@@ -9,8 +9,8 @@ import importlib
 import pytest
 import torch
 
-from settransformer.attention import FormSizes, cheapest_form, induced_is_cheaper
-from settransformer.blocks import MAB
+from settransformer.nn.attention import FormSizes, cheapest_form, induced_is_cheaper
+from settransformer.nn.blocks import MAB
 
 PATHS = ("standard", "pooled", "induced")
 
@@ -64,7 +64,7 @@ def test_paths_agree_in_gradient(monkeypatch):
 @pytest.mark.parametrize("nk", [0, 5, 300])
 def test_pooled_gemm_path_under_autograd_equals_the_fused_kernel(nk, monkeypatch):
     """Under autograd small sets take two GEMMs (``_pooled_math``); masks and empty sets as fused."""
-    attention = importlib.import_module("settransformer.attention")  # the package's `attention` is a function
+    attention = importlib.import_module("settransformer.nn.attention")  # `attention` is also a function
 
     torch.manual_seed(0)
     q = torch.randn(1, 3, 8, dtype=torch.float64, requires_grad=True)

@@ -1,4 +1,4 @@
-"""``settransformer.blocks``: MAB, SAB, ISAB, PMA.
+"""``settransformer.nn.blocks``: MAB, SAB, ISAB, PMA.
 
 Symmetry (permutation equivariance / invariance), masking (padding is invisible), agreement with the
 float64 reference of the paper's equations in ``reference.py``, and gradients.
@@ -13,7 +13,7 @@ import reference as ref
 import torch
 from torch import Tensor, nn
 
-from settransformer.blocks import ISAB, MAB, PMA, SAB
+from settransformer.nn.blocks import ISAB, MAB, PMA, SAB
 
 DIM, HEADS, NUM_INDUCING, NUM_SEEDS, NQ = 16, 4, 3, 2, 4
 KINDS = ["mab", "sab", "isab", "pma"]
@@ -310,7 +310,7 @@ def test_dropout_only_in_training() -> None:
 def test_isab_row_blocks_without_autograd_equal_one_pass(
     monkeypatch: pytest.MonkeyPatch, norm, num_inducing: int, form: str
 ) -> None:
-    import settransformer.blocks as blocks
+    import settransformer.nn.blocks as blocks
 
     torch.manual_seed(0)
     isab = ISAB(3, 8, num_heads=2, num_inducing=num_inducing, norm=norm).eval()

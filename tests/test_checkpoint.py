@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from settransformer import checkpoint as ckpt
-from settransformer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from settransformer.training import checkpoint as ckpt
+from settransformer.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 
 def _state(value: float) -> dict:

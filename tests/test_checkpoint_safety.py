@@ -15,7 +15,10 @@ import pytest
 import torch
 
 from settransformer import cli
-from settransformer.checkpoint import (
+from settransformer.nn.models import DeepSets, SetTransformer
+from settransformer.nn.scores import GaussianScore
+from settransformer.tasks.runs import RunError, build_task, load_run, read_run_config, train_run
+from settransformer.training.checkpoint import (
     _HOST,
     CHECKPOINT_FORMAT,
     load_checkpoint,
@@ -23,10 +26,7 @@ from settransformer.checkpoint import (
     save_checkpoint,
     write_text_atomic,
 )
-from settransformer.config import TrainConfig
-from settransformer.models import DeepSets, SetTransformer
-from settransformer.runs import RunError, build_task, load_run, read_run_config, train_run
-from settransformer.scores import GaussianScore
+from settransformer.training.config import TrainConfig
 
 OPTIONS = {"dim_hidden": 8, "test_sets": 32}
 
@@ -221,7 +221,7 @@ def test_model_config_is_plain_and_found_inside_wrappers() -> None:
     assert described is not None
     assert described["class"] == "SetTransformer" and described["module"] == "0"
     assert described["config"]["num_inducing"] == 4
-    assert described["config"]["score"] == "<settransformer.scores.GaussianScore>"
+    assert described["config"]["score"] == "<settransformer.nn.scores.GaussianScore>"
     assert model_config(DeepSets(1, 1, 1))["config"]["pool"] == "mean"  # type: ignore[index]
     assert model_config(torch.nn.Linear(2, 2)) is None
 

@@ -1,4 +1,4 @@
-"""``settransformer.chunked``: chunk-by-chunk evaluation equals the unchunked blocks and models.
+"""``settransformer.nn.streaming``: chunk-by-chunk evaluation equals the unchunked blocks and models.
 
 Outputs for random sizes, masks (empty sets included), chunk sizes that do not divide N (and 1),
 every ``norm`` and pooling; inputs as NumPy arrays, memmaps and h5py datasets; float64 gradients
@@ -17,7 +17,8 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from settransformer import ISAB, PMA, DeepSets, SetTransformer
-from settransformer.chunked import (
+from settransformer.nn.blocks import InducedRows
+from settransformer.nn.streaming import (
     encode_chunked,
     encode_pool_chunked,
     induce_chunked,
@@ -25,7 +26,6 @@ from settransformer.chunked import (
     iter_encode_chunked,
     pma_chunked,
 )
-from settransformer.induced_rows import InducedRows
 
 DIM, HEADS, M = 16, 4, 5
 NORMS = ["post", "pre", None]

@@ -19,7 +19,7 @@ from settransformer.compat import (
     official_set_transformer,
     to_official_state_dict,
 )
-from settransformer.models import SetTransformer
+from settransformer.nn.models import SetTransformer
 
 
 class OfficialMAB(nn.Module):

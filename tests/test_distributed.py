@@ -18,12 +18,12 @@ import pytest
 import torch
 from torch import Tensor
 
-from settransformer import distributed
-from settransformer.checkpoint import load_checkpoint
-from settransformer.config import TrainConfig
 from settransformer.tasks.base import Batch
 from settransformer.tasks.pointcloud import PointCloudClassification
-from settransformer.train import train
+from settransformer.training import distributed
+from settransformer.training.checkpoint import load_checkpoint
+from settransformer.training.config import TrainConfig
+from settransformer.training.loop import train
 
 # Small clouds and a narrow model without dropout, so that 1 and 2 processes compute the same thing.
 OPTIONS: dict[str, Any] = {

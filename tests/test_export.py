@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch.export import Dim, ExportedProgram, export
 
-from settransformer.models import SetTransformer
+from settransformer.nn.models import SetTransformer
 
 DIM_INPUT = 3
 SIZES = [(1, 1), (2, 5), (4, 37), (3, 130)]  # (batch, set size), none of them the traced (3, 10)

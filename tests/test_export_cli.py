@@ -20,17 +20,17 @@ import torch
 from torch import Tensor, nn
 
 from settransformer import cli
-from settransformer.blocks import MAB, ROW_BLOCK
-from settransformer.config import TrainConfig
-from settransformer.export import (
+from settransformer.deploy.export import (
     ExportError,
     _example,
     _large_set_paths,
     export_onnx,
     export_torchscript,
 )
-from settransformer.models import SetTransformer
-from settransformer.runs import build_task, load_run, train_run
+from settransformer.nn.blocks import MAB, ROW_BLOCK
+from settransformer.nn.models import SetTransformer
+from settransformer.tasks.runs import build_task, load_run, train_run
+from settransformer.training.config import TrainConfig
 
 DIM = 3
 SIZES = [(1, 1), (3, 5), (4, 37), (6, 130)]  # (batch, set size); export traced (2, 8)

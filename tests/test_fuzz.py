@@ -40,9 +40,9 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from settransformer import ISAB, MAB, PMA, SAB, DeepSets, SetTransformer, attention, masked_pool
-from settransformer.scores import make_score
-from settransformer.sets import pad_sets, unpad_sets
-from settransformer.validation import finite_checks
+from settransformer.nn.scores import make_score
+from settransformer.nn.sets import pad_sets, unpad_sets
+from settransformer.nn.validation import finite_checks
 
 FUZZ = int(os.environ.get("SETTRANSFORMER_FUZZ_EXAMPLES", "1000"))
 SHRINK = [Phase.shrink] if os.environ.get("SETTRANSFORMER_FUZZ_SHRINK") != "0" else []

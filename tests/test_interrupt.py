@@ -20,13 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from settransformer.checkpoint import load_checkpoint
-from settransformer.config import TrainConfig
-from settransformer.interrupt import Interrupted, StopOnSignal
-from settransformer.models import DeepSets
-from settransformer.runs import build_task, load_run, train_run
+from settransformer.nn.models import DeepSets
 from settransformer.tasks.base import Batch, Task
-from settransformer.train import train
+from settransformer.tasks.runs import build_task, load_run, train_run
+from settransformer.training.checkpoint import load_checkpoint
+from settransformer.training.config import TrainConfig
+from settransformer.training.interrupt import Interrupted, StopOnSignal
+from settransformer.training.loop import train
 
 
 def _wait_for(

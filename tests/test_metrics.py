@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from settransformer.metrics import adjusted_rand_index, contingency_tables, normalized_mutual_info
+from settransformer.tasks.metrics import adjusted_rand_index, contingency_tables, normalized_mutual_info
 
 
 def _random_labelling(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
-from settransformer.mixture import (
+from settransformer.data.mixtures import (
     MIN_SIGMA,
     MixtureParams,
     component_log_prob,

@@ -1,4 +1,4 @@
-"""``settransformer.models``: SetTransformer and DeepSets.
+"""``settransformer.nn.models``: SetTransformer and DeepSets.
 
 Permutation invariance, masking (padding is invisible, empty sets are finite), agreement with the
 float64 reference in ``reference.py``, gradients, and bfloat16.
@@ -13,8 +13,8 @@ import reference as ref
 import torch
 from torch import nn
 
-from settransformer.models import DeepSets, SetTransformer
-from settransformer.sets import pad_sets
+from settransformer.nn.models import DeepSets, SetTransformer
+from settransformer.nn.sets import pad_sets
 
 DIM_INPUT, NUM_OUTPUTS, DIM_OUTPUT = 3, 2, 5
 SMALL = {"dim_hidden": 16, "num_heads": 4, "num_inducing": 4}

@@ -15,9 +15,9 @@ import torch
 
 from settransformer import SAB, DeepSets, SetTransformer, cli
 from settransformer.data.set_files import read_inputs, read_sets
-from settransformer.inference import per_element_output, predict, write_outputs
-from settransformer.runs import load_run
+from settransformer.deploy.inference import per_element_output, predict, write_outputs
 from settransformer.tasks import get_task
+from settransformer.tasks.runs import load_run
 
 # -- reading sets -----------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""``settransformer.ragged``: ragged batches give the padded path's outputs; the conversions round-trip."""
+"""``settransformer.large.ragged``: ragged batches give the padded path's outputs; conversions round-trip."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from settransformer import ISAB, PMA, SetTransformer
-from settransformer.ragged import (
+from settransformer.large.ragged import (
     batch_to_offsets,
     isab_ragged,
     offsets_to_batch,

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from settransformer import MAB, PMA, SAB, SetTransformer
-from settransformer.attention import attention
-from settransformer.scores import (
+from settransformer.nn.attention import attention
+from settransformer.nn.scores import (
     AdditiveScore,
     GaussianScore,
     attention_weights,

@@ -11,8 +11,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from settransformer import DeepSets, SetTransformer
-from settransformer.invariance import permutation_sensitivity, permute_sets
-from settransformer.sequence_models import (
+from settransformer.nn.sequence import (
     JANET,
     IndRNN,
     PositionalTransformer,
@@ -20,6 +19,7 @@ from settransformer.sequence_models import (
     SinusoidalPositionalEncoding,
     compact,
 )
+from settransformer.tasks.metrics import permutation_sensitivity, permute_sets
 
 RNNS = (JANET, IndRNN)
 LSTM_ARGS = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")

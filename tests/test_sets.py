@@ -1,4 +1,4 @@
-"""``settransformer.sets``: ``pad_sets`` / ``unpad_sets`` and ``masked_pool``."""
+"""``settransformer.nn.sets``: ``pad_sets`` / ``unpad_sets`` and ``masked_pool``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import reference as ref
 import torch
 
-from settransformer.sets import masked_pool, pad_sets, unpad_sets
+from settransformer.nn.sets import masked_pool, pad_sets, unpad_sets
 
 
 def test_pad_sets_layout() -> None:

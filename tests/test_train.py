@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from settransformer.checkpoint import load_checkpoint
-from settransformer.config import TrainConfig
-from settransformer.models import DeepSets
-from settransformer.optim import WeightAverage, bound_gradients
+from settransformer.nn.models import DeepSets
 from settransformer.tasks.base import Batch, Task
-from settransformer.train import evaluated_weights, train
+from settransformer.training.checkpoint import load_checkpoint
+from settransformer.training.config import TrainConfig
+from settransformer.training.loop import evaluated_weights, train
+from settransformer.training.optim import WeightAverage, bound_gradients
 
 
 class Tiny(Task):

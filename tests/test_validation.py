@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from settransformer.blocks import ISAB, MAB, PMA, SAB
-from settransformer.models import DeepSets, SetTransformer
-from settransformer.sets import masked_pool
-from settransformer.validation import check_finite, check_mask, check_set, zero_padding
+from settransformer.nn.blocks import ISAB, MAB, PMA, SAB
+from settransformer.nn.models import DeepSets, SetTransformer
+from settransformer.nn.sets import masked_pool
+from settransformer.nn.validation import check_finite, check_mask, check_set, zero_padding
 
 B, N = 2, 6
 
@@ -256,7 +256,7 @@ def test_non_finite_real_element(target, bad: float) -> None:
 
 
 def test_finite_check_opt_out(target) -> None:
-    from settransformer import validation
+    from settransformer.nn import validation
 
     forward, _, dim = target
     x = torch.randn(B, N, dim)
@@ -278,7 +278,7 @@ def test_finite_check_opt_out(target) -> None:
 def test_finite_check_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib
 
-    from settransformer import validation
+    from settransformer.nn import validation
 
     try:
         monkeypatch.setenv("SETTRANSFORMER_CHECK_FINITE", "0")
@@ -348,7 +348,7 @@ def test_block_scale_argument() -> None:
 
 
 def test_attention_argument_checks() -> None:
-    from settransformer.attention import attention
+    from settransformer.nn.attention import attention
 
     q, k, v = torch.randn(2, 4, 3, 8), torch.randn(2, 4, 5, 8), torch.randn(2, 4, 5, 6)
     mask = torch.ones(2, 5, dtype=torch.bool)
@@ -375,7 +375,7 @@ def test_attention_argument_checks() -> None:
 
 
 def test_attention_ignores_padded_keys_and_values() -> None:
-    from settransformer.attention import attention
+    from settransformer.nn.attention import attention
 
     q, k, v = torch.randn(2, 4, 3, 8), torch.randn(2, 4, 5, 8), torch.randn(2, 4, 5, 6)
     mask = torch.tensor([[True, True, False, True, False], [False] * 5])
@@ -387,7 +387,7 @@ def test_attention_ignores_padded_keys_and_values() -> None:
 
 
 def test_pad_sets_argument_checks() -> None:
-    from settransformer.sets import pad_sets
+    from settransformer.nn.sets import pad_sets
 
     with pytest.raises(TypeError, match=r"^sets:"):
         pad_sets(torch.randn(2, 3) for _ in range(2))  # type: ignore[arg-type]

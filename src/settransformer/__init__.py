@@ -10,10 +10,10 @@ Permutation-invariant attention models for sets, with masks for variable-size se
     out = model(x, mask)  # (3, 4, 5), independent of element order and padding
 """
 
-from .attention import attention
-from .blocks import ISAB, MAB, PMA, SAB
-from .models import DeepSets, SetTransformer
-from .sets import masked_pool, pad_sets, unpad_sets
+from .nn.attention import attention
+from .nn.blocks import ISAB, MAB, PMA, SAB
+from .nn.models import DeepSets, SetTransformer
+from .nn.sets import masked_pool, pad_sets, unpad_sets
 
 __version__ = "0.1.0"
 

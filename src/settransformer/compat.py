@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .models import SetTransformer
+from .nn.models import SetTransformer
 
 __all__ = ["load_official", "official_options", "official_set_transformer", "to_official_state_dict"]
 

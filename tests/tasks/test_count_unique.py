@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from settransformer.config import TrainConfig
 from settransformer.tasks.count_unique import CountUnique, poisson_mode
-from settransformer.train import train
+from settransformer.training.config import TrainConfig
+from settransformer.training.loop import train
 
 
 @pytest.fixture(scope="module")

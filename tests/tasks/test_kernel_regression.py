@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from settransformer.config import TrainConfig
 from settransformer.tasks import get_task
 from settransformer.tasks.kernel_regression import KernelRegression, NadarayaWatson
-from settransformer.train import train
+from settransformer.training.config import TrainConfig
+from settransformer.training.loop import train
 
 SMALL = {
     "test_sets": 24,

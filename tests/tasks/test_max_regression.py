@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from settransformer.config import TrainConfig
-from settransformer.sets import masked_pool
+from settransformer.nn.sets import masked_pool
 from settransformer.tasks import get_task
 from settransformer.tasks.max_regression import MaxRegression
-from settransformer.train import train
+from settransformer.training.config import TrainConfig
+from settransformer.training.loop import train
 
 
 @pytest.fixture(autouse=True)

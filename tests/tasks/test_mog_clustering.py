@@ -123,8 +123,8 @@ def test_varying_number_of_clusters_is_counted(tmp_path: Path) -> None:
 
 
 def test_the_shared_training_loop_runs_the_task(task: MoGClustering, tmp_path: Path) -> None:
-    train_mod = pytest.importorskip("settransformer.train")
-    from settransformer.config import TrainConfig
+    train_mod = pytest.importorskip("settransformer.training.loop")
+    from settransformer.training.config import TrainConfig
 
     model = task.build_model("rff-pma")
     config = TrainConfig(steps=4, batch_size=2, lr=1e-3, device="cpu", progress=False)

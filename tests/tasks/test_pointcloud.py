@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from settransformer.tasks.pointcloud import PointCloudClassification
-from settransformer.train import TrainConfig, train
+from settransformer.training.loop import TrainConfig, train
 
 CPU = torch.device("cpu")
 SMALL = {"dim_hidden": 16, "num_heads": 2, "num_inducing": 4}

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from settransformer.config import TrainConfig
 from settransformer.tasks.set_anomaly import ElementScorer, SetAnomaly
-from settransformer.train import train
+from settransformer.training.config import TrainConfig
+from settransformer.training.loop import train
 
 
 @pytest.fixture(scope="module")

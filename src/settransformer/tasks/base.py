@@ -1,7 +1,7 @@
 """What every experiment provides: data, models, loss, metrics and plots.
 
 A task is one module in :mod:`settransformer.tasks` with one :class:`Task` subclass. The training
-loop (:mod:`settransformer.train`) and the CLI only talk to tasks through this interface, so a new
+loop (:mod:`settransformer.training.loop`) and the CLI only talk to tasks through this interface, so a new
 experiment is a new module and a line in the registry (``settransformer.tasks.TASKS``).
 """
 

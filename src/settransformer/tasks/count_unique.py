@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models import SetTransformer
-from ._image_sets import ImageSetModel, ImageSetTask, save_figure
+from ..nn.models import SetTransformer
 from .base import Batch
+from .image_sets import ImageSetModel, ImageSetTask, save_figure
 
 __all__ = ["CountUnique", "poisson_mode"]
 

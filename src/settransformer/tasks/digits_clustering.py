@@ -35,12 +35,15 @@ import torch
 from torch import Generator, Tensor, nn
 
 from ..data.features import FeatureData, load_features
-from ..data.mixtures import default_cache_dir
-from ..metrics import adjusted_rand_index, normalized_mutual_info
-from ..mixture import MixtureParams, hard_assignments, mixture_nll
-from ._mixture_plots import plot_mixture_grid
+from ..data.mixtures import MixtureParams, default_cache_dir, hard_assignments, mixture_nll
 from .base import Batch, Task
-from .mog_clustering import MODEL_DESCRIPTIONS, build_clustering_model, evaluate_mixture_model
+from .metrics import adjusted_rand_index, normalized_mutual_info
+from .mog_clustering import (
+    MODEL_DESCRIPTIONS,
+    build_clustering_model,
+    evaluate_mixture_model,
+    plot_mixture_grid,
+)
 
 __all__ = ["DigitsClustering", "classical_baselines"]
 

@@ -17,13 +17,15 @@ Rows (the classic attention-pooling comparison, then attention variants and orde
   the encoded set through a MAB, and a linear head reads ``y``; ``-gaussian``, ``-additive`` and
   ``-top8`` use those scores / hard attention in every block.
 - ``lstm``, ``janet``, ``indrnn``, ``transformer-pe``: order-aware encoders of the pairs in their
-  given order (:mod:`settransformer.sequence_models`) whose summary conditions an MLP on ``x``.
+  given order (:mod:`settransformer.nn.sequence`) whose summary conditions an MLP on ``x``.
 
 ``evaluate`` also reports ``perm_sensitivity``: the standard deviation of predictions over
-orderings of the context (:func:`settransformer.invariance.permutation_sensitivity`).
+orderings of the context (:func:`settransformer.tasks.metrics.permutation_sensitivity`).
 Batches: ``x: (B, N, 2)`` pairs, ``mask: (B, N)``, ``target: (B, Q)``; ``extra["queries"]: (B, Q, 1)``,
 ``extra["clean"]: (B, Q)`` and the functions' ``amp``, ``freq``, ``phase`` ``(B, num_sines)``.
-"""
+
+
+Figures for kernel regression: fitted curves over the noisy pairs, and attention heat maps."""
 
 from __future__ import annotations
 
@@ -35,15 +37,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attention import split_heads
-from ..blocks import MAB, SAB
-from ..invariance import permutation_sensitivity
-from ..scores import GaussianScore, attention_weights
-from ..sequence_models import SequenceSetModel
-from ._kernel_plots import plot_kernel_regression
+from ..nn.attention import split_heads
+from ..nn.blocks import MAB, SAB
+from ..nn.scores import GaussianScore, attention_weights
+from ..nn.sequence import SequenceSetModel
 from .base import Batch, Task
+from .metrics import permutation_sensitivity
+from .report import save_figure
 
-__all__ = ["AverageRegressor", "KernelRegression", "NadarayaWatson", "SequenceRegressor", "SetRegressor"]
+__all__ = [
+    "AverageRegressor",
+    "KernelRegression",
+    "NadarayaWatson",
+    "SequenceRegressor",
+    "SetRegressor",
+    "plot_kernel_regression",
+]
 
 
 def _mlp(dim_in: int, dim: int, dim_out: int) -> nn.Sequential:
@@ -96,7 +105,7 @@ class SetRegressor(nn.Module):
 
     Args:
         dim_hidden, num_heads, num_layers: encoder width, heads and depth.
-        score, top_k: block options of every block (see :mod:`settransformer.blocks`).
+        score, top_k: block options of every block (see :mod:`settransformer.nn.blocks`).
 
     Shapes: ``context: (B, N, 2)``, ``mask: (B, N)``, ``queries: (B, Q, 1)`` -> ``(B, Q)``.
     """
@@ -135,7 +144,7 @@ class SetRegressor(nn.Module):
 class SequenceRegressor(nn.Module):
     """Order-aware regressor: a sequence model reads the pairs in order; its summary and an MLP
     embedding of each query feed an MLP. ``kind``: as in
-    :class:`~settransformer.sequence_models.SequenceSetModel`.
+    :class:`~settransformer.nn.sequence.SequenceSetModel`.
 
     Shapes: ``context: (B, N, 2)``, ``mask: (B, N)``, ``queries: (B, Q, 1)`` -> ``(B, Q)``.
     """
@@ -392,3 +401,53 @@ class KernelRegression(Task):
         title = f"kernel regression, test set {index} ({len(pairs)} pairs)"
         truth = self.evaluate_function(params, grid)[0]
         return plot_kernel_regression(grid[0], truth, pairs, curves, heat, Path(out_dir), title)
+
+
+def plot_kernel_regression(
+    grid: Tensor,
+    truth: Tensor,
+    pairs: Tensor,
+    curves: dict[str, Tensor],
+    heat: dict[str, Tensor],
+    out_dir: Path,
+    title: str,
+) -> list[Path]:
+    """The classic attention-pooling figure and the attention weights.
+
+    Args:
+        grid: query positions ``(Q,)``; truth: the true function on them ``(Q,)``.
+        pairs: the noisy context pairs ``(N, 2)`` (x, y), sorted by x.
+        curves: each model's predictions on the grid ``(Q,)``.
+        heat: attention weights ``(Q, N)`` of the models that have them (keys in ``pairs`` order).
+        out_dir: folder for ``kernel_regression_fit.png`` and ``kernel_regression_attention.png``
+            (the second only when ``heat`` is not empty).
+
+    Returns:
+        The paths written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = grid.numpy()
+    ax.plot(xs, truth.numpy(), color="black", lw=2, label="truth f(x)")
+    ax.scatter(pairs[:, 0].numpy(), pairs[:, 1].numpy(), s=14, color="gray", alpha=0.7, label="noisy pairs")
+    for name, curve in curves.items():
+        ax.plot(xs, curve.numpy(), lw=1.5, label=name)
+    ax.set_xlabel("x")
+    ax.set_ylabel("y")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="best")
+    paths = [save_figure(fig, out_dir / "kernel_regression_fit.png")]
+    if heat:
+        fig, axes = plt.subplots(1, len(heat), figsize=(4 * len(heat), 3.6), squeeze=False)
+        for ax, (name, w) in zip(axes[0], heat.items()):
+            im = ax.imshow(w.numpy(), aspect="auto", cmap="Reds", origin="lower")
+            ax.set_title(name)
+            ax.set_xlabel("keys (sorted by x)")
+            ax.set_ylabel("queries (grid over x)")
+            fig.colorbar(im, ax=ax)
+        paths.append(save_figure(fig, out_dir / "kernel_regression_attention.png"))
+    return paths

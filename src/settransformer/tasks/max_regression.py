@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..invariance import permutation_sensitivity
-from ..models import DeepSets, SetTransformer
-from ..sequence_models import SequenceSetModel
+from ..nn.models import DeepSets, SetTransformer
+from ..nn.sequence import SequenceSetModel
 from .base import Batch, Task
+from .metrics import permutation_sensitivity
 from .report import save_figure
 
 __all__ = ["MaxRegression"]

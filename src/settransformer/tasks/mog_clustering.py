@@ -1,7 +1,7 @@
 """Amortized clustering of mixtures of Gaussians (paper section 5.3, Table 3).
 
 The network reads a set of points drawn from a random Gaussian mixture and emits that mixture's
-parameters in one forward pass (:mod:`settransformer.mixture`): ``K`` vectors of ``1 + 2D`` numbers
+parameters in one forward pass (:mod:`settransformer.data.mixtures`): ``K`` vectors of ``1 + 2D`` numbers
 (logit of the weight, mean, raw per-dimension scale). It is trained by the negative log-likelihood
 of the points under its output.
 
@@ -20,7 +20,9 @@ mixing weight above ``count_threshold`` (0.01), where components whose means lie
 ``count_separation`` (2) scales of each other count once (the likelihood gives no reason to empty a
 spare component: it may duplicate a cluster at no cost); ``k_accuracy`` is how often the count
 equals the true number. ``count_separation=0`` counts the weights alone.
-"""
+
+
+Figures for the clustering tasks: sets coloured by assigned component, with component ellipses."""
 
 from __future__ import annotations
 
@@ -30,21 +32,27 @@ from typing import Any, ClassVar
 import torch
 from torch import Generator, Tensor, nn
 
-from ..data.mixtures import load_benchmark, sample_mog
-from ..metrics import adjusted_rand_index, normalized_mutual_info
-from ..mixture import (
+from ..data.mixtures import (
     MixtureParams,
     em_step,
     hard_assignments,
+    load_benchmark,
     mean_log_likelihood,
     mixture_nll,
     num_active_components,
+    sample_mog,
 )
-from ..models import SetTransformer
-from ._mixture_plots import plot_mixture_grid
+from ..nn.models import SetTransformer
 from .base import Batch, Task
+from .metrics import adjusted_rand_index, normalized_mutual_info
 
-__all__ = ["MODEL_DESCRIPTIONS", "MoGClustering", "build_clustering_model", "evaluate_mixture_model"]
+__all__ = [
+    "MODEL_DESCRIPTIONS",
+    "MoGClustering",
+    "build_clustering_model",
+    "evaluate_mixture_model",
+    "plot_mixture_grid",
+]
 
 _ORACLE = -1.4726
 _MODELS: dict[str, dict[str, Any]] = {
@@ -380,3 +388,74 @@ class MoGClustering(Task):
             ]
         plot_mixture_grid(x, mask, params, path, titles=titles)
         return [path]
+
+
+def plot_mixture_grid(
+    x: Tensor,
+    mask: Tensor,
+    params: MixtureParams,
+    path: Path,
+    *,
+    titles: list[str] | None = None,
+    assignments: Tensor | None = None,
+) -> Path:
+    """Save a grid of sets as a PNG: points coloured by their most probable component, and
+    ellipses at 1, 2 and 3 standard deviations of each component with weight above 1%.
+
+    Args:
+        x: ``(S, N, D)`` points (only the first two dimensions are drawn; D = 1 draws a histogram
+            and the component densities instead).
+        mask: ``(S, N)``; params: ``S`` mixtures of ``K`` components.
+        path: the PNG to write. titles: one per set.
+        assignments: ``(S, N)`` colours of the points; default: argmax responsibility under ``params``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Ellipse
+
+    s, dim = x.shape[0], x.shape[-1]
+    cols = min(3, s)
+    rows = -(-s // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False)
+    pred = hard_assignments(x, params, mask) if assignments is None else assignments
+    colours = plt.get_cmap("tab10")
+    for i, ax in enumerate(axes.flat):
+        if i >= s:
+            ax.axis("off")
+            continue
+        pts, lab = x[i][mask[i]].numpy(), pred[i][mask[i]].numpy()
+        pi, mu, sig = params.pi[i].numpy(), params.mu[i].numpy(), params.sigma[i].numpy()
+        if dim == 1:
+            grid = torch.linspace(float(pts.min()) - 1, float(pts.max()) + 1, 400)
+            ax.hist(pts[:, 0], bins=40, density=True, color="0.8")
+            for k in range(len(pi)):
+                dens = (
+                    pi[k] * torch.distributions.Normal(float(mu[k, 0]), float(sig[k, 0])).log_prob(grid).exp()
+                )
+                ax.plot(grid.numpy(), dens.numpy(), color=colours(k % 10))
+        else:
+            ax.scatter(pts[:, 0], pts[:, 1], c=[colours(int(k) % 10) for k in lab], s=6, alpha=0.7)
+            for k in range(len(pi)):
+                if pi[k] < 0.01:
+                    continue
+                for n_sd in (1, 2, 3):
+                    ax.add_patch(
+                        Ellipse(
+                            (float(mu[k, 0]), float(mu[k, 1])),
+                            2 * n_sd * float(sig[k, 0]),
+                            2 * n_sd * float(sig[k, 1]),
+                            fill=False,
+                            color=colours(k % 10),
+                            lw=1.2 / n_sd,
+                        )
+                    )
+            ax.set_aspect("equal", adjustable="datalim")
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -37,12 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..blocks import MAB, PMA, SAB
 from ..data.image_samplers import AttributePairSampler
-from ..sets import masked_pool
-from ..validation import zero_padding
-from ._image_sets import ImageSetModel, ImageSetTask, save_figure
+from ..nn.blocks import MAB, PMA, SAB
+from ..nn.sets import masked_pool
+from ..nn.validation import zero_padding
 from .base import Batch
+from .image_sets import ImageSetModel, ImageSetTask, save_figure
 
 __all__ = ["ElementScorer", "SetAnomaly"]
 

@@ -8,7 +8,7 @@ an error from deep inside a matrix product.
 What every public block and model checks on each call (see :func:`prepare_set`):
 
 - the set: a floating-point tensor ``(B, N, D)`` with the block's ``D``; ``B = 0`` and ``N = 0`` are
-  allowed (an empty set's attention output is zero, see :mod:`settransformer.attention`);
+  allowed (an empty set's attention output is zero, see :mod:`settransformer.nn.attention`);
 - the mask: ``None`` or a *bool* tensor ``(B, N)``, True for real elements, on the set's device.
   Integer and float 0/1 masks are rejected rather than converted: PyTorch's own float attention
   masks are additive (0 = keep) and ``nn.MultiheadAttention``'s boolean ``key_padding_mask`` marks
@@ -21,8 +21,8 @@ The finiteness check reads the whole input (one ``sum`` over it, the exact eleme
 when that sum is not finite), and on a GPU it synchronises with the device once per forward. It is
 on by default and can be switched off process-wide for speed::
 
-    settransformer.validation.set_finite_checks(False)        # from now on
-    with settransformer.validation.finite_checks(False): ...  # inside the block only
+    settransformer.nn.validation.set_finite_checks(False)        # from now on
+    with settransformer.nn.validation.finite_checks(False): ...  # inside the block only
     SETTRANSFORMER_CHECK_FINITE=0                             # environment, read at import
 
 It is skipped automatically while tracing, scripting, compiling or exporting (``torch.jit``,
@@ -174,7 +174,7 @@ def check_finite(x: Tensor, name: str = "x") -> Tensor:
         f"{name}: expected finite values in every real (unmasked) element, got NaN or inf in "
         f"{int(bad.any(dim=-1).sum())} element(s), the first at {name}[{index}] "
         f"(padded elements may hold anything; switch this check off with "
-        f"settransformer.validation.set_finite_checks(False))"
+        f"settransformer.nn.validation.set_finite_checks(False))"
     )
 
 

@@ -7,7 +7,7 @@ checkpoint and the exit code ``128 + signal`` (130 for SIGINT, 143 for SIGTERM: 
 a process ended by that signal, so schedulers and scripts see that the run did not finish).
 
 A second signal while the first is being handled raises ``KeyboardInterrupt`` at once: the atomic
-checkpoint writes (:mod:`settransformer.checkpoint`) keep the last checkpoint on disk intact.
+checkpoint writes (:mod:`settransformer.training.checkpoint`) keep the last checkpoint on disk intact.
 
 Under ``torchrun`` every process gets the signal (a terminal's Ctrl-C reaches the whole process
 group; torchrun forwards SIGTERM to its workers and sends SIGKILL 30 s later). The processes must

@@ -30,8 +30,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .blocks import ISAB, PMA
-from .validation import zero_padding
+from ..nn.blocks import ISAB, PMA
+from ..nn.validation import zero_padding
 
 __all__ = [
     "batch_to_offsets",
@@ -297,7 +297,7 @@ def ragged_forward(
         x: ``(total, dim_input)``, the sets' rows concatenated.
         offsets: ``(S + 1,)``; or ``batch: (total,)`` sorted set indices (``num_sets`` counts
             trailing empty sets).
-        chunk_size: also evaluate each bucket chunk by chunk (see :mod:`settransformer.chunked`).
+        chunk_size: also evaluate each bucket chunk by chunk (see :mod:`settransformer.nn.streaming`).
         slack, max_rows: bucketing, see :func:`size_buckets`.
 
     Returns:

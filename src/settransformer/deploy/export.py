@@ -23,7 +23,7 @@ Tracing bakes Python control flow into the graph, so two things are taken care o
   sizes over as tensors (about 1.5x slower in ONNX Runtime for the MoG model). During export
   every block is given the form it uses for large sets (what ``torch.export`` picks with a
   symbolic set size); which side of each attention grows with the set size is found by running
-  the model at two sizes first (:mod:`settransformer.trace_forms`).
+  the model at two sizes first (:mod:`settransformer.nn.blocks`).
 - The written file is checked (``onnx.checker``), then run (in ONNX Runtime when it is
   installed; ``torch.jit.load`` for TorchScript) on padded batches of sizes not used at export,
   one of them with an empty set, and compared with the eager model (atol = rtol = 1e-4). A
@@ -54,8 +54,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .trace_forms import large_set_forms
-from .validation import check_positive
+from ..nn.blocks import large_set_forms
+from ..nn.validation import check_positive
 
 __all__ = ["INPUT_NAMES", "OUTPUT_NAME", "ExportError", "export_onnx", "export_torchscript"]
 
@@ -258,7 +258,7 @@ def _call(model: nn.Module, example: tuple[Tensor, Tensor]) -> object:
 def _large_set_paths(
     model: nn.Module, example: tuple[Tensor, Tensor]
 ) -> contextlib.AbstractContextManager[None]:
-    """:func:`~settransformer.trace_forms.large_set_forms`, probing at ``example``'s size and at
+    """:func:`~settransformer.nn.blocks.large_set_forms`, probing at ``example``'s size and at
     ``_PROBE_SIZE`` elements."""
     x = example[0]
     probe = _example(x.shape[0], _PROBE_SIZE, x.shape[2], x.dtype, x.device)

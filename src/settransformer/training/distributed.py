@@ -5,7 +5,7 @@
 joins the process group (NCCL on CUDA, Gloo on CPU) and picks this process's device (``cuda:LOCAL_RANK``).
 Without them (or with ``WORLD_SIZE=1``) everything is a no-op.
 
-How the training loop uses it (:mod:`settransformer.train`): every rank draws the same global batch
+How the training loop uses it (:mod:`settransformer.training.loop`): every rank draws the same global batch
 from the same seeded generator and keeps its contiguous share
 (:meth:`~settransformer.tasks.base.Batch.shard`), DistributedDataParallel averages the gradients, and
 rank 0 alone evaluates and writes files.

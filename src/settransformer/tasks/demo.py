@@ -3,7 +3,7 @@
 Each (task, model) run is one job. With ``jobs > 1`` the jobs run in that many spawned processes
 of ``threads`` threads each (one thread per core is fastest for these small models: more threads
 per process mostly add synchronisation), longest tasks first so that no long run starts last.
-Once a task's runs are done, :func:`~settransformer.runs.reproduce` reads them back (a finished
+Once a task's runs are done, :func:`~settransformer.tasks.runs.reproduce` reads them back (a finished
 run is reused, not retrained) and writes the task's ``results.md`` beside the paper's numbers.
 
 Example:
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .config import TrainConfig
+from ..training.config import TrainConfig
 from .runs import RunError, build_task, reproduce, task_class, train_run
 
 __all__ = ["run_demo"]

@@ -76,7 +76,7 @@ def attention(
             ``score``, it multiplies the score's logits (default 1).
         dropout_p: dropout on the attention weights (pass 0 in evaluation).
         score: ``score(q, k) -> (B, H, Nq, Nk)`` logits instead of the dot product (see
-            :mod:`settransformer.scores`); ``None`` is the dot product on the fused kernel.
+            :mod:`settransformer.nn.scores`); ``None`` is the dot product on the fused kernel.
         top_k: hard attention: each query keeps only its ``top_k`` highest-scoring real keys
             (ties to the lower key index), renormalised; the others get weight exactly 0.
 

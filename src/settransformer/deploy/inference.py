@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .sets import pad_sets
-from .validation import check_positive
+from ..nn.sets import pad_sets
+from ..nn.validation import check_positive
 
 __all__ = [
     "OUTPUT_SUFFIXES",
@@ -182,7 +182,7 @@ def predict(
         batch_size: sets per forward pass; sets are sorted by size first, so a batch pads little.
         device: where to run (the model is moved there, in place); ``None``: where the model is.
         chunk_size: evaluate ``chunk_size`` elements at a time with bounded memory (models whose
-            forward takes ``chunk_size``, see :mod:`settransformer.chunked`); a set larger than
+            forward takes ``chunk_size``, see :mod:`settransformer.nn.streaming`); a set larger than
             this is evaluated alone, read from its array one chunk at a time.
         progress: a tqdm bar (on stderr) over the sets, when tqdm is installed.
 

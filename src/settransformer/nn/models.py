@@ -49,16 +49,16 @@ class _SetModel(nn.Module):
         """``x: (B, N, dim_input)``, ``mask: (B, N)`` bool -> ``(B, num_outputs, dim_output)``.
 
         ``chunk_size``: evaluate ``chunk_size`` elements at a time with bounded memory (ISAB or rFF
-        encoders; ``x`` may then be any sliceable array-like): see :mod:`settransformer.chunked`.
+        encoders; ``x`` may then be any sliceable array-like): see :mod:`settransformer.nn.streaming`.
         A tensor with ``N = 0`` takes the ordinary path (nothing to chunk).
 
         Raises ``TypeError``/``ValueError`` naming ``x`` or ``mask`` for a bad input; see
-        :mod:`settransformer.validation` (including the opt-out of the finiteness check).
+        :mod:`settransformer.nn.validation` (including the opt-out of the finiteness check).
         """
         if chunk_size is not None:
             check_positive("chunk_size", chunk_size)
             if not (isinstance(x, Tensor) and x.dim() == 3 and x.shape[1] == 0):
-                from .chunked import encode_pool_chunked  # chunked builds on this module
+                from .streaming import encode_pool_chunked  # chunked builds on this module
 
                 return encode_pool_chunked(self, x, mask, chunk_size=chunk_size)  # type: ignore[arg-type]
         x, mask = prepare_set(x, mask, self.dim_input, next(self.parameters()))
@@ -94,7 +94,7 @@ class SetTransformer(_SetModel):
         num_encoder_layers, num_decoder_layers: depth of encoder and decoder.
         decoder_dropout: dropout before pooling and before the head (the paper's point-cloud model).
         norm, ff_dim, dropout, scale, residual, out_proj, score, top_k: block options, see
-            :mod:`settransformer.blocks` (a ``score`` module is shared by every block; pass a name
+            :mod:`settransformer.nn.blocks` (a ``score`` module is shared by every block; pass a name
             for a separate score per block).
 
     Example:

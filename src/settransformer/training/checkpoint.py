@@ -11,7 +11,7 @@ file in the target's folder, flushes and fsyncs it, then renames it over the tar
 is atomic on POSIX and Windows): a crash, ``kill -9`` or a full disk during the write leaves the
 previous file intact. Temporaries left by writers that were killed are removed by the next write.
 
-A training checkpoint (see :mod:`settransformer.train`) also says what it holds: ``format``,
+A training checkpoint (see :mod:`settransformer.training.loop`) also says what it holds: ``format``,
 ``version``, ``task``, ``task_options``, ``model_name`` and ``model_config`` (:func:`model_config`),
 which :func:`check_checkpoint` validates, so the model can be rebuilt from the file alone.
 
@@ -51,7 +51,7 @@ __all__ = [
     "write_text_atomic",
 ]
 
-#: Bumped when the layout of the dict written by :mod:`settransformer.train` changes incompatibly.
+#: Bumped when the layout of the dict written by :mod:`settransformer.training.loop` changes incompatibly.
 CHECKPOINT_FORMAT = 1
 #: What every training checkpoint holds: enough to rebuild the task and model and load the weights.
 MODEL_KEYS = ("format", "task", "task_options", "model_name", "step", "model")
@@ -192,7 +192,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise ValueError(f"{path}: expected a checkpoint dict, got {type(state).__name__}")
     fmt = state.get("format")
     if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt > CHECKPOINT_FORMAT:
-        from . import __version__  # here: the package imports its modules before defining it
+        from .. import __version__  # here: the package imports its modules before defining it
 
         raise ValueError(
             f"{path}: written by a newer settransformer (version {state.get('version', '?')}, "
@@ -263,8 +263,8 @@ def model_config(model: nn.Module) -> dict[str, Any] | None:
 
     Returns ``{"class", "module", "config"}`` for the first module of ``model`` (``model`` itself
     first, then its submodules in order; ``module`` is its name, ``""`` for ``model``) that keeps
-    its settings in a ``config`` dict (:class:`~settransformer.models.SetTransformer`,
-    :class:`~settransformer.models.DeepSets` and the sequence baselines do), or ``None``.
+    its settings in a ``config`` dict (:class:`~settransformer.nn.models.SetTransformer`,
+    :class:`~settransformer.nn.models.DeepSets` and the sequence baselines do), or ``None``.
     """
     for name, module in model.named_modules():
         config = getattr(module, "config", None)

@@ -1,6 +1,6 @@
 """Run folders: create, validate, rebuild and reproduce. The layer under :mod:`settransformer.cli`.
 
-A run lives in ``runs/<task>/<name>/`` (see :mod:`settransformer.train` for its files). This module
+A run lives in ``runs/<task>/<name>/`` (see :mod:`settransformer.training.loop` for its files). This module
 turns names and settings into tasks, models and run folders, checks every piece of user input
 (raising :class:`RunError` with one clear line), and runs the ``reproduce`` protocol: every model
 of a task's table, for a number of seeds, and the table beside the paper's.
@@ -20,14 +20,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
-from .checkpoint import MODEL_KEYS, RESUME_KEYS, check_checkpoint, load_checkpoint, model_config
-from .config import TrainConfig
-from .distributed import is_main_process, resolve_device
-from .tasks import get_task
-from .tasks.base import Task
-from .tasks.report import write_results
-from .train import check_runnable, evaluated_weights, train
+from .. import __version__
+from ..training.checkpoint import MODEL_KEYS, RESUME_KEYS, check_checkpoint, load_checkpoint, model_config
+from ..training.config import TrainConfig
+from ..training.distributed import is_main_process, resolve_device
+from ..training.loop import check_runnable, evaluated_weights, train
+from . import get_task
+from .base import Task
+from .report import write_results
 
 __all__ = [
     "RunError",

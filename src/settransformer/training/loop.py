@@ -1,7 +1,7 @@
 """The one training loop, shared by every task.
 
 :func:`train` takes a model, a :class:`~settransformer.tasks.base.Task` and a
-:class:`~settransformer.config.TrainConfig`, and talks to the task only through ``sample_batch``,
+:class:`~settransformer.training.config.TrainConfig`, and talks to the task only through ``sample_batch``,
 ``loss`` and ``evaluate``. With a ``run_dir`` it keeps the run on disk::
 
     run_dir/config.json      task, model, task options, training settings, seed, library version
@@ -38,7 +38,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from . import __version__, distributed
+from .. import __version__
+from ..tasks.base import Task
+from . import distributed
 from .checkpoint import (
     CHECKPOINT_FORMAT,
     RESUME_KEYS,
@@ -53,7 +55,6 @@ from .checkpoint import (
 from .config import TrainConfig
 from .interrupt import Interrupted, StopOnSignal
 from .optim import WeightAverage, bound_gradients, make_optimizer, make_schedule
-from .tasks.base import Task
 
 __all__ = ["TrainConfig", "check_runnable", "evaluated_weights", "train"]
 
@@ -156,7 +157,7 @@ def train(
         resume: continue from ``run_dir/checkpoint.pt`` (same seed: the same losses as without a break).
 
     Raises:
-        Interrupted: SIGINT or SIGTERM arrived (:mod:`settransformer.interrupt`); the step it was in
+        Interrupted: SIGINT or SIGTERM arrived (:mod:`settransformer.training.interrupt`); the step it was in
             was finished and saved to ``run_dir/checkpoint.pt``, from which ``resume`` continues exactly.
 
     ``metrics`` are the last evaluation's (``task.evaluate``), ``best`` the best value of the

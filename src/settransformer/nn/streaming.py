@@ -4,7 +4,7 @@ A set of millions of elements is read ``chunk_size`` elements at a time; only on
 activations exist at any moment. Two facts make this exact:
 
 - The attention of a few learned queries (inducing points, PMA seeds) over the whole set is
-  accumulated with an online softmax (:mod:`settransformer.online_softmax`).
+  accumulated with an online softmax (:mod:`settransformer.nn.blocks`).
 - Everything else acts row by row: ``mab1`` of an ISAB (each element attends to the ``m`` induced
   vectors), the rFF, and every LayerNorm.
 
@@ -48,26 +48,30 @@ Example:
     >>> with torch.no_grad():
     ...     torch.allclose(encode_pool_chunked(model, x, chunk_size=300), model(x), atol=1e-5)
     True
-"""
+
+
+A set batch read chunk by chunk from any array-like sliceable along the element axis.
+
+Accepts a tensor, a NumPy array or ``np.memmap``, an h5py dataset, or anything with ``shape``,
+``dtype`` and slicing; only the requested chunk is ever turned into a tensor."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Any, cast
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .blocks import ISAB, PMA, SAB
-from .chunk_source import ChunkSource
-from .induced_rows import InducedRows
+from .blocks import ISAB, PMA, SAB, InducedRows, OnlineSoftmax, PooledQueries, check_dot_product
 from .models import DeepSets, SetTransformer
-from .online_softmax import OnlineSoftmax, PooledQueries, check_dot_product
 from .validation import zero_padding
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "ChunkSource",
     "encode_chunked",
     "encode_pool_chunked",
     "induce_chunked",
@@ -371,3 +375,84 @@ def isab_chunked(
     if not isinstance(isab, ISAB):
         raise TypeError(f"isab: expected an ISAB, got {type(isab).__name__}")
     return encode_chunked(isab, x, mask, chunk_size=chunk_size, out=out)
+
+
+def _is_float(x: Any) -> bool:
+    if isinstance(x, Tensor):
+        return x.is_floating_point()
+    try:
+        return bool(np.issubdtype(np.dtype(x.dtype), np.floating))
+    except TypeError:
+        return False
+
+
+def _to_tensor(a: Any, dtype: torch.dtype, device: torch.device) -> Tensor:
+    if not isinstance(a, Tensor):
+        # a copy: memmaps may be read-only, and h5py / other array-likes return NumPy arrays anyway
+        a = torch.from_numpy(np.array(a))
+    return a.to(device=device, dtype=dtype)
+
+
+class ChunkSource:
+    """``x: (B, N, dim)`` or one set ``(N, dim)``, with an optional mask, read in chunks.
+
+    Args:
+        x: the set(s), any floating-point array-like.
+        mask: ``None`` or a bool ``(B, N)`` (``(N,)`` for one set) tensor or NumPy array.
+        dim: the expected feature size.
+        dtype, device: what each chunk is converted to (the model's).
+
+    Example:
+        >>> src = ChunkSource(np.ones((10, 3), np.float64), None, 3, dtype=torch.float32, device="cpu")
+        >>> x, mask = src.chunk(8, 12)
+        >>> x.shape, x.dtype, mask
+        (torch.Size([1, 2, 3]), torch.float32, None)
+    """
+
+    def __init__(
+        self, x: Any, mask: Any, dim: int, *, dtype: torch.dtype, device: torch.device | str
+    ) -> None:
+        shape = getattr(x, "shape", None)
+        expected = f"a floating-point array of shape (B, N, {dim}) or (N, {dim})"
+        if shape is None or not hasattr(x, "__getitem__") or not hasattr(x, "dtype"):
+            raise TypeError(
+                f"x: expected {expected} (tensor, NumPy array, memmap, h5py dataset), got {type(x).__name__}"
+            )
+        shape = tuple(int(s) for s in shape)
+        if len(shape) not in (2, 3) or shape[-1] != dim:
+            raise ValueError(f"x: expected {expected}, got shape {shape}")
+        if not _is_float(x):
+            raise TypeError(f"x: expected {expected}, got dtype {x.dtype}")
+        if shape[-2] == 0:
+            raise ValueError(f"x: expected at least one element per set, got shape {shape}")
+        self.x, self.single = x, len(shape) == 2
+        self.b, self.n = (1 if self.single else shape[0]), shape[-2]
+        self.dtype, self.device = dtype, torch.device(device)
+        self.mask = self._check_mask(mask, shape[:-1])
+
+    def _check_mask(self, mask: Any, shape: tuple[int, ...]) -> Tensor | None:
+        if mask is None:
+            return None
+        if not isinstance(mask, Tensor):
+            if not isinstance(mask, np.ndarray):
+                raise TypeError(
+                    f"mask: expected a bool tensor or NumPy array of shape {shape}, got {type(mask).__name__}"
+                )
+            mask = torch.from_numpy(np.asarray(mask))
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask: expected a bool array of shape {shape}, got dtype {mask.dtype}")
+        if tuple(mask.shape) != shape:
+            raise ValueError(
+                f"mask: expected shape {shape} (True for real elements), got {tuple(mask.shape)}"
+            )
+        mask = mask.to(self.device)
+        return mask[None] if self.single else mask
+
+    def chunk(self, start: int, stop: int) -> tuple[Tensor, Tensor | None]:
+        """Elements ``start:stop`` of every set: ``x (B, c, dim)`` zero at padded rows, ``mask (B, c)``."""
+        part = self.x[start:stop] if self.single else self.x[:, start:stop]
+        x = _to_tensor(part, self.dtype, self.device)
+        if self.single:
+            x = x.unsqueeze(0)
+        mask = None if self.mask is None else self.mask[:, start:stop]
+        return zero_padding(x, mask), mask
