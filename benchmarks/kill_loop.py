@@ -48,7 +48,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 def _start(run: Path, steps: int, resume: bool) -> subprocess.Popen[str]:
     command = [sys.executable, "-m", "settransformer", "train", "max-regression", "--out", str(run)]
-    command += [*FLAGS, "--steps", str(steps), *(["--resume"] if resume else TASK_OPTIONS)]
+    command += [*FLAGS, "--steps", str(steps), *(["--resume", "--allow-changes"] if resume else TASK_OPTIONS)]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
 
 

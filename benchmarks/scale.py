@@ -131,7 +131,7 @@ def _isab_flops(isab: Any, n: int, nq: int) -> float:
     mab0, mab1 = isab.mab0, isab.mab1
     h, d, m, dkv, dq = mab0.num_heads, mab0.dim, isab.inducing.shape[0], mab0.dim_kv, mab1.dim_q
     induce = 2 * h * m * dkv * 2  # pooled form: scores and weighted sum over raw rows
-    if mab1._path(nq, m) != "induced":
+    if mab1.choose_form(nq, m) != "induced":
         raise RuntimeError("the FLOP count assumes mab1's induced form")
     rows = 2 * dq * h * m + 2 * h * m * d + 2 * d * d  # scores, values folded with W_O, rFF
     rows += 2 * dq * d if mab1.residual == "projected" else 0  # projected residual
@@ -154,7 +154,7 @@ def worker_flops(n: int, chunk_size: int, budget: float) -> dict[str, float]:
         un_s, _, un_cpu = _time(lambda: isab(x), budget)
         ch_s, _, ch_cpu = _time(lambda: isab_chunked(isab, x, chunk_size=chunk_size, out=z), budget)
         fresh_s, _, fresh_cpu = _time(lambda: isab_chunked(isab, x, chunk_size=chunk_size), budget)
-    if isab.mab0._path(INDUCING, n) != "pooled":
+    if isab.mab0.choose_form(INDUCING, n) != "pooled":
         raise RuntimeError("the FLOP count assumes mab0's pooled form")
     return {
         "flops_per_element": _isab_flops(isab, 1, chunk_size),

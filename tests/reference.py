@@ -20,7 +20,6 @@ Sets are ``(N, D)`` float64 tensors (``N`` may be 0); the learned queries ``I`` 
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -158,11 +157,9 @@ def pool(z: Tensor, how: str) -> Tensor:
     return z.max(dim=0).values
 
 
-def _with_defaults(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
-    sig = inspect.signature(cls.__init__)
-    full = {k: v.default for k, v in sig.parameters.items() if v.default is not inspect.Parameter.empty}
-    full.update(kwargs)
-    return full
+def _with_defaults(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Every constructor setting of ``model`` (its ``config``), updated with ``kwargs``."""
+    return {**model.config, **kwargs}
 
 
 def set_transformer(model: nn.Module, x: Tensor, **kwargs: Any) -> Tensor:
@@ -170,7 +167,7 @@ def set_transformer(model: nn.Module, x: Tensor, **kwargs: Any) -> Tensor:
 
     ``x: (N, dim_input)`` float64 -> ``(num_outputs, dim_output)``; ``model`` supplies the weights.
     """
-    cfg = _with_defaults(type(model), kwargs)
+    cfg = _with_defaults(model, kwargs)
     p = params_of(model)
     o = BlockOptions.from_kwargs(cfg["num_heads"], cfg)
     pre = cfg["norm"] == "pre"
@@ -195,7 +192,7 @@ def set_transformer(model: nn.Module, x: Tensor, **kwargs: Any) -> Tensor:
 
 def deep_sets(model: nn.Module, x: Tensor, **kwargs: Any) -> Tensor:
     """Reference ``DeepSets(..., **kwargs)``: ``rho(pool(phi(x)))`` -> ``(num_outputs, dim_output)``."""
-    cfg = _with_defaults(type(model), kwargs)
+    cfg = _with_defaults(model, kwargs)
     p = params_of(model)
     z = pool(mlp(p, "phi", x), cfg["pool"])
     out = linear(p, "rho.1", mlp(p, "rho.0", z))

@@ -19,7 +19,7 @@ PATHS = ("standard", "pooled", "induced")
 @pytest.mark.parametrize("residual", ["auto", "projected"])
 @pytest.mark.parametrize(("dim_q", "dim_kv"), [(16, 16), (3, 16), (16, 2)])
 @pytest.mark.parametrize(("nq", "nk"), [(2, 40), (40, 2), (7, 9)])
-def test_paths_agree(norm, residual, dim_q, dim_kv, nq, nk, monkeypatch):
+def test_paths_agree(norm, residual, dim_q, dim_kv, nq, nk):
     torch.manual_seed(0)
     mab = MAB(dim_q, dim_kv, 16, 4, norm=norm, residual=residual).double()
     q = torch.randn(3, nq, dim_q, dtype=torch.float64)
@@ -30,21 +30,21 @@ def test_paths_agree(norm, residual, dim_q, dim_kv, nq, nk, monkeypatch):
     kv = kv.masked_fill(~mask[..., None], 0.0)
     outputs = {}
     for path in PATHS:
-        monkeypatch.setattr(mab, "_path", lambda nq, nk, p=path: p)
-        outputs[path] = mab.attend(q, kv, mask)
+        mab.form = path
+        outputs[path] = mab.forward_unchecked(q, kv, mask)
     for path in PATHS[1:]:
         torch.testing.assert_close(outputs[path], outputs["standard"], rtol=0, atol=1e-10)
 
 
 def test_path_choice_follows_shape():
     mab = MAB(128, 128, 128, 4)
-    assert mab._path(4, 10_000) == "pooled"  # PMA seeds over a large set
-    assert mab._path(10_000, 32) == "induced"  # a set attending to 32 inducing points
-    assert mab._path(1_000, 1_000) == "standard"  # self-attention
-    assert MAB(128, 128, 128, 4, out_proj=False)._path(10_000, 32) != "induced"  # needs W^O to fold
+    assert mab.choose_form(4, 10_000) == "pooled"  # PMA seeds over a large set
+    assert mab.choose_form(10_000, 32) == "induced"  # a set attending to 32 inducing points
+    assert mab.choose_form(1_000, 1_000) == "standard"  # self-attention
+    assert MAB(128, 128, 128, 4, out_proj=False).choose_form(10_000, 32) != "induced"  # needs W^O to fold
 
 
-def test_paths_agree_in_gradient(monkeypatch):
+def test_paths_agree_in_gradient():
     torch.manual_seed(1)
     mab = MAB(8, 8, 8, 2).double()
     q = torch.randn(2, 3, 8, dtype=torch.float64)
@@ -53,9 +53,9 @@ def test_paths_agree_in_gradient(monkeypatch):
     kv = kv.masked_fill(~mask[..., None], 0.0)
     grads = {}
     for path in PATHS:
-        monkeypatch.setattr(mab, "_path", lambda nq, nk, p=path: p)
+        mab.form = path
         mab.zero_grad()
-        mab.attend(q, kv, mask).square().sum().backward()
+        mab.forward_unchecked(q, kv, mask).square().sum().backward()
         grads[path] = torch.cat([p.grad.flatten() for p in mab.parameters() if p.grad is not None])
     for path in PATHS[1:]:
         torch.testing.assert_close(grads[path], grads["standard"], rtol=1e-9, atol=1e-10)

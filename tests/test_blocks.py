@@ -314,7 +314,7 @@ def test_isab_row_blocks_without_autograd_equal_one_pass(
 
     torch.manual_seed(0)
     isab = ISAB(3, 8, num_heads=2, num_inducing=num_inducing, norm=norm).eval()
-    assert isab.mab1._path(6, num_inducing) == form  # both forms of the row blocks are covered
+    assert isab.mab1.choose_form(6, num_inducing) == form  # both forms of the row blocks are covered
     x = torch.randn(3, 41, 3)
     mask = torch.arange(41)[None] < torch.tensor([[41], [17], [0]])
     whole = isab(x, mask)  # grad enabled: one pass over all rows

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from settransformer.data import files
 from settransformer.training import checkpoint as ckpt
 from settransformer.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
@@ -57,7 +58,7 @@ def test_interrupt_before_rename_keeps_previous_checkpoint(
     def interrupted(*args: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ckpt.os, "fsync", interrupted)
+    monkeypatch.setattr(files.os, "fsync", interrupted)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(_state(2.0), path)
     monkeypatch.undo()

@@ -15,16 +15,15 @@ import pytest
 import torch
 
 from settransformer import cli
+from settransformer.data.files import _HOST, write_text_atomic
 from settransformer.nn.models import DeepSets, SetTransformer
 from settransformer.nn.scores import GaussianScore
 from settransformer.tasks.runs import RunError, build_task, load_run, read_run_config, train_run
 from settransformer.training.checkpoint import (
-    _HOST,
     CHECKPOINT_FORMAT,
     load_checkpoint,
     model_config,
     save_checkpoint,
-    write_text_atomic,
 )
 from settransformer.training.config import TrainConfig
 

@@ -103,7 +103,7 @@ def test_induced_rows_fast_path(norm: str | None, residual: str, ff_dim: int | N
         h = isab.induce(x, None)
         rows = InducedRows(isab.mab1, h)
         assert rows.fast
-        assert_close(rows(x[:, :13]), isab.mab1.attend(x[:, :13], h, None))
+        assert_close(rows(x[:, :13]), isab.mab1.forward_unchecked(x[:, :13], h, None))
 
 
 @pytest.mark.parametrize("num_inducing", [2, M, 32])
@@ -113,8 +113,8 @@ def test_induced_rows_take_the_folded_form_only_where_it_is_cheaper(num_inducing
     with torch.no_grad():
         h = isab.induce(x, None)
         rows = InducedRows(isab.mab1, h)
-        assert rows.fast == (isab.mab1._path(30, num_inducing) == "induced") == (num_inducing == 2)
-        assert_close(rows(x), isab.mab1.attend(x, h, None))
+        assert rows.fast == (isab.mab1.choose_form(30, num_inducing) == "induced") == (num_inducing == 2)
+        assert_close(rows(x), isab.mab1.forward_unchecked(x, h, None))
 
 
 def test_per_element_outputs(padded) -> None:

@@ -95,7 +95,9 @@ def test_eval_and_plot(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_resume_continues_the_run(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, _ = _run(capsys, "train", "max-regression", "--out", str(run), "--resume", "--steps", "5")
+    code, _, _ = _run(
+        capsys, "train", "max-regression", "--out", str(run), "--resume", "--steps", "5", "--allow-changes"
+    )
     assert code == 0
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [3, 5]  # log_every=10: a line at each evaluation (the end of each part)
@@ -195,7 +197,7 @@ def test_config_file_and_flags_override_it(capsys: pytest.CaptureFixture[str]) -
             "typo.json: unknown training setting(s) ['stepz']",
         ),
         (["train", "max-regression", "--config", "wrong.json"], "wrong.json: steps: expected int, got 'ten'"),
-        (["train", "max-regression", "--steps", "0"], "steps: expected a positive integer, got 0"),
+        (["train", "max-regression", "--steps", "0"], "steps: expected an integer from 1 to"),
         (
             ["train", "max-regression", "--lr-milestones", "10,x"],
             "lr_milestones: expected comma-separated integers",
@@ -293,3 +295,48 @@ def test_reproduce_checks_every_folder_before_training(capsys: pytest.CaptureFix
     assert not Path("rep/deepsets-max").exists()
     code, _, err = _run(capsys, *argv, "--overwrite")  # --overwrite replaces runs, never other files
     assert code == 2 and Path("rep/settransformer/seed0/notes.txt").read_text() == "mine"
+
+
+def test_tasks_list_and_did_you_mean(capsys: pytest.CaptureFixture[str]) -> None:
+    from settransformer.tasks import TASKS
+
+    assert cli.main(["tasks"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in TASKS) and "Regress the maximum of a set of reals." in out
+    assert cli.main(["train", "max-regression", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "settransformer (default): SAB + PMA" in out
+    assert "max_size (int, default 10): set sizes" in out and "quick: 1000 steps" in out
+    for argv, hint in (
+        (["train", "max-regresion"], "did you mean 'max-regression'?"),
+        (["train", "max-regression", "--model", "setransformer"], "did you mean 'settransformer'?"),
+        (["train", "max-regression", "--set", "max_sise=3"], "did you mean 'max_size'?"),
+    ):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert hint in err and len(err.strip().splitlines()) == 1
+
+
+def test_budget_milestones_scale_with_steps() -> None:
+    parser = cli.build_parser()
+    for extra, milestones in (
+        ([], (700,)),
+        (["--steps", "600"], (420,)),
+        (["--steps", "600", "--lr-milestones", "50"], (50,)),
+    ):
+        args = parser.parse_args(["train", "max-regression", "--budget", "quick", *extra])
+        assert cli._settings(args, {}, "paper")[0].lr_milestones == milestones
+
+
+def test_piped_progress_is_plain_lines_and_every_run_plots_its_curve(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    argv = ["train", "max-regression", "--steps", "40", "--batch-size", "8", "--eval-every", "20"]
+    assert cli.main([*argv, "--out", str(run), "--set", "test_sets=16"]) == 0
+    err = capsys.readouterr().err  # stderr is captured, not a terminal
+    assert "\r" not in err and "max-regression step 20/40: loss" in err
+    assert (run / "training_curve.png").is_file()
+    (run / "training_curve.png").unlink()
+    assert cli.main(["plot", str(run)]) == 0
+    assert "training_curve.png" in capsys.readouterr().out and (run / "training_curve.png").is_file()

@@ -23,7 +23,7 @@ from settransformer import cli
 from settransformer.deploy.export import (
     ExportError,
     _example,
-    _large_set_paths,
+    _large_set_forms,
     export_onnx,
     export_torchscript,
 )
@@ -51,7 +51,7 @@ def padded_batch(b: int, n: int, dim: int = DIM) -> tuple[Tensor, Tensor]:
 @pytest.fixture(scope="module")
 def model() -> SetTransformer:
     torch.manual_seed(0)
-    # ISAB + PMA: small sets take other forms of the attention than large ones (MAB._path)
+    # ISAB + PMA: small sets take other forms of the attention than large ones (MAB.choose_form)
     return SetTransformer(DIM, 2, 4, dim_hidden=16, num_heads=4, num_inducing=4).eval()
 
 
@@ -164,21 +164,21 @@ def test_export_uses_the_large_set_form_of_each_attention(model: SetTransformer)
         for m in mabs:
 
             def path(nq: int, nk: int, _m: MAB = m) -> str:
-                chosen.append(MAB._path(_m, nq, nk))
+                chosen.append(MAB.choose_form(_m, nq, nk))
                 return chosen[-1]
 
-            m.__dict__["_path"] = path
+            m.__dict__["choose_form"] = path
         try:
             eager(model, *padded_batch(2, n))
         finally:
             for m in mabs:
-                m.__dict__.pop("_path")
+                m.__dict__.pop("choose_form")
         return chosen
 
-    large = forms(ROW_BLOCK // 2)  # large, and one row block of ISAB.encode: each MAB called once
+    large = forms(ROW_BLOCK // 2)  # large, and one row block of ISAB.forward_unchecked: each MAB called once
     assert large != forms(3)  # the test means something: the forms differ with the set size
-    with _large_set_paths(model, _example(2, 8, DIM, torch.float32, torch.device("cpu"))):
-        assert [m._path(0, 0) for m in mabs] == large
+    with _large_set_forms(model, _example(2, 8, DIM, torch.float32, torch.device("cpu"))):
+        assert [m.choose_form(0, 0) for m in mabs] == large
 
 
 class _Context(nn.Module):  # the kernel-regression models' interface

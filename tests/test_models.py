@@ -221,3 +221,26 @@ def test_model_converted_to_bfloat16(case: tuple[str, dict[str, Any]], padded) -
     assert out.dtype == torch.bfloat16
     assert torch.isfinite(out).all()
     assert rel_err(out, expected) < 5e-2
+
+
+def test_state_dict_keys_of_checkpoints_written_before_stay_loadable() -> None:
+    """Parameter names are the checkpoint format: a state dict with the established keys loads."""
+    model = SetTransformer(
+        2, 1, 1, dim_hidden=8, num_heads=2, num_inducing=2, num_encoder_layers=1, num_decoder_layers=1
+    )
+    keys = set(model.state_dict())
+    for key in (
+        "encoder.0.inducing",
+        "encoder.0.mab0.to_q.weight",
+        "encoder.0.mab1.to_kv.weight",
+        "encoder.0.mab0.norm1.weight",
+        "pma.seeds",
+        "pma.mab.to_kv.weight",
+        "pma.mab.to_out.bias",
+        "decoder.0.mab.ff.0.weight",
+        "head.weight",
+    ):
+        assert key in keys
+    state = {k: v.clone() + 1 for k, v in model.state_dict().items()}
+    model.load_state_dict(state, strict=True)
+    assert torch.equal(model.state_dict()["pma.mab.to_kv.weight"], state["pma.mab.to_kv.weight"])

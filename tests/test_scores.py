@@ -126,10 +126,10 @@ def test_block_options_own_and_train_the_score():
 
 
 def test_non_dot_scores_and_top_k_use_the_standard_path():
-    assert MAB(128, 128, 128, 4)._path(4, 10_000) == "pooled"
-    assert MAB(128, 128, 128, 4, score="gaussian")._path(4, 10_000) == "standard"
-    assert MAB(128, 128, 128, 4, score="additive")._path(10_000, 32) == "standard"
-    assert MAB(128, 128, 128, 4, top_k=3)._path(10_000, 32) == "standard"
+    assert MAB(128, 128, 128, 4).choose_form(4, 10_000) == "pooled"
+    assert MAB(128, 128, 128, 4, score="gaussian").choose_form(4, 10_000) == "standard"
+    assert MAB(128, 128, 128, 4, score="additive").choose_form(10_000, 32) == "standard"
+    assert MAB(128, 128, 128, 4, top_k=3).choose_form(10_000, 32) == "standard"
 
 
 def test_bad_options():

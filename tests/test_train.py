@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import settransformer
 from settransformer.nn.models import DeepSets
 from settransformer.tasks.base import Batch, Task
-from settransformer.training.checkpoint import load_checkpoint
+from settransformer.training.checkpoint import library_version, load_checkpoint
 from settransformer.training.config import TrainConfig
 from settransformer.training.loop import evaluated_weights, train
 from settransformer.training.optim import WeightAverage, bound_gradients
@@ -278,3 +279,11 @@ def test_weight_average_warms_up() -> None:
     average.update(w)  # keep min(0.99, 2/11): mostly the new weights already
     assert average.model.weight.item() == pytest.approx(1 - 2 / 11)
     assert not average.model.weight.requires_grad
+
+
+def test_run_files_carry_the_library_version(tmp_path: Path) -> None:
+    assert library_version() == settransformer.__version__
+    train(_model(), Tiny(), _config(steps=2), tmp_path / "run")
+    info = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert info["version"] == settransformer.__version__
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["version"] == settransformer.__version__

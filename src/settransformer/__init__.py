@@ -10,23 +10,33 @@ Permutation-invariant attention models for sets, with masks for variable-size se
     out = model(x, mask)  # (3, 4, 5), independent of element order and padding
 """
 
+from .deploy.saved import load_model, save_model
+from .large.aggregation import SetAggregation
+from .large.ragged import ragged_forward
 from .nn.attention import attention
-from .nn.blocks import ISAB, MAB, PMA, SAB
+from .nn.blocks import ISAB, MAB, PMA, SAB, BlockOptions
 from .nn.models import DeepSets, SetTransformer
 from .nn.sets import masked_pool, pad_sets, unpad_sets
+from .nn.validation import finite_checks
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ISAB",
     "MAB",
     "PMA",
     "SAB",
+    "BlockOptions",
     "DeepSets",
+    "SetAggregation",
     "SetTransformer",
     "__version__",
     "attention",
+    "finite_checks",
+    "load_model",
     "masked_pool",
     "pad_sets",
+    "ragged_forward",
+    "save_model",
     "unpad_sets",
 ]

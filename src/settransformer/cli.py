@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from . import __version__
+from .data.files import WriteError, write_text_atomic
 from .data.set_files import read_inputs
 from .deploy.export import DEFAULT_OPSET, export_onnx, export_torchscript
 from .deploy.inference import (
@@ -37,20 +37,29 @@ from .deploy.inference import (
 )
 from .tasks import TASKS, available_tasks
 from .tasks.demo import run_demo
+from .tasks.report import plot_training_curve
 from .tasks.runs import (
     RunError,
     build_task,
+    check_buildable,
     check_model,
+    check_resume,
     default_model,
+    describe_task,
+    load_for_inference,
     load_run,
+    lock_if_run,
     new_run_dir,
     parse_option,
     read_checkpoint,
     read_run_config,
     reproduce,
+    run_lock,
     task_class,
+    task_summaries,
     train_run,
 )
+from .training.checkpoint import library_version
 from .training.config import TrainConfig, read_config_file
 from .training.distributed import is_main_process
 from .training.interrupt import Interrupted
@@ -121,7 +130,8 @@ def _settings(
     """Merge ``base`` < the budget (``--budget``, else the file's, else ``default_budget``) < the
     ``--config`` file < flags. Returns the training settings, the task options (file and ``--set``)
     and the file's other entries (``model``, ``models``, ``budget``)."""
-    values = dict(base)
+    values: dict[str, Any] = dict(base)
+    preset: dict[str, Any] = {}  # the budget's settings
     try:
         file_values: dict[str, Any] = read_config_file(args.config) if args.config else {}
     except ValueError as e:
@@ -135,9 +145,19 @@ def _settings(
     if budget is not None:
         if budget not in ("quick", "paper"):
             raise RunError(f"{source}: budget must be quick or paper, got {budget!r}")
-        values.update(task_class(args.task).budget(budget))
+        preset = task_class(args.task).budget(budget)
+        values.update(preset)
     values.update(file_values)
     values.update({k: getattr(args, k) for k in _TRAIN_KEYS if getattr(args, k, None) is not None})
+    milestones = preset.get("lr_milestones")
+    if (
+        milestones is not None
+        and values["lr_milestones"] is milestones
+        and values["steps"] != preset["steps"]
+    ):
+        # milestones of the budget, steps of the user: decay at the same fractions of the run
+        scale = values["steps"] / preset["steps"]
+        values["lr_milestones"] = [max(1, round(m * scale)) for m in milestones]
     for text in args.set:
         key, value = parse_option(text)
         task_options[key] = value
@@ -148,6 +168,9 @@ def _settings(
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    if args.list:
+        print(describe_task(args.task))
+        return 0
     cls = task_class(args.task)
     if args.resume:
         if args.out is None:
@@ -172,12 +195,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         config, options, extra = _settings(args, {}, "paper")
         model = check_model(cls, args.model or extra.get("model") or default_model(cls))
         task = build_task(args.task, options)
+        check_buildable(task, model)
         run_dir = new_run_dir(args.task, model, args.out)
-    if is_main_process():  # under torchrun, one report for the job
-        print(
-            f"{'resuming' if args.resume else 'training'} {args.task}/{model} in {run_dir}", file=sys.stderr
-        )
-    result = train_run(task, model, config, run_dir, resume=args.resume)
+    with run_lock(run_dir):
+        if args.resume:
+            check_resume(run_dir, info, config, allow_changes=args.allow_changes)
+        if is_main_process():  # under torchrun, one report for the job
+            what = "resuming" if args.resume else "training"
+            print(f"{what} {args.task}/{model} in {run_dir}", file=sys.stderr)
+        result = train_run(task, model, config, run_dir, resume=args.resume)
     if not is_main_process():
         return 0
     _print_metrics(
@@ -195,6 +221,11 @@ def _print_metrics(metrics: dict[str, float], title: str) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    with lock_if_run(args.run):
+        return _eval(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
     task, model, state = load_run(args.run, args.checkpoint, args.device)
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[]), torch.no_grad():
@@ -211,14 +242,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         "metrics": metrics,
     }
     if folder is not None:  # beside a checkpoint file we print only: its folder may not be ours
-        (folder / "results.json").write_text(json.dumps(out, indent=2) + "\n")
+        write_text_atomic(folder / "results.json", json.dumps(out, indent=2) + "\n")
     return 0
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    task, model, _ = load_run(args.run, args.checkpoint, args.device)
     folder = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent  # or beside the file
-    paths = task.plot(model, folder, next(model.parameters()).device)
+    with lock_if_run(folder):
+        task, model, _ = load_run(args.run, args.checkpoint, args.device)
+        paths = task.plot(model, folder, next(model.parameters()).device)
+        if Path(args.run).is_dir():  # the curve of a run folder's metrics.jsonl
+            curve = plot_training_curve(folder, task.metric)
+            paths += [curve] if curve is not None else []
     for p in paths:
         print(f"plot: {p}")
     if not paths:
@@ -235,6 +270,15 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     _, md = reproduce(task, models, config, out, seeds=args.seeds, overwrite=args.overwrite, log=log)
     print(md.read_text())
     print(f"written: {md} and {md.with_suffix('.json')}")
+    return 0
+
+
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    summaries = task_summaries()
+    width = max(len(name) for name, _ in summaries)
+    for name, line in summaries:
+        print(f"{name:<{width}}  {line}")
+    print("\nsettransformer train TASK --list: a task's models and options")
     return 0
 
 
@@ -268,7 +312,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     summary.parent.mkdir(parents=True, exist_ok=True)
     setup = f"{jobs} process(es) of {args.threads} thread(s)"
     head = f"# settransformer demo (quick budgets, {minutes:.1f} min, {setup})"
-    summary.write_text(head + "\n\n" + "\n".join(sections))
+    write_text_atomic(summary, head + "\n\n" + "\n".join(sections))
     print(f"demo finished in {minutes:.1f} min; tables in {summary}, plots under {out}/<task>/<model>/seed0/")
     return 0
 
@@ -282,6 +326,7 @@ _REPRODUCE_DOC = (
     "(our table beside the paper's) and results.json. Runs already in --out with the same settings are "
     "continued or reused."
 )
+_TASKS_DOC = "Every task (experiment) with a one-line description; `train TASK --list` tells more."
 _DEMO_DOC = (
     "Quick budgets of every available task on CPU (a few minutes): prints each table beside the "
     "paper's and writes plots under --out, replacing earlier demo runs there."
@@ -292,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``settransformer`` argument parser (subcommands train, eval, plot, reproduce, demo)."""
     tasks = ", ".join(TASKS)
     parser = Parser(prog="settransformer", description=_MAIN_DOC)
-    parser.add_argument("--version", action="version", version=f"settransformer {__version__}")
+    parser.add_argument("--version", action="version", version=f"settransformer {library_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     p = sub.add_parser("train", help="train one model of a task", description=_TRAIN_DOC)
@@ -302,6 +347,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", metavar="DIR", help="the run folder (must not exist or be empty, unless --resume)"
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument(
+        "--list",
+        action="store_true",
+        help="list the task's models, options (with defaults) and budgets; train nothing",
+    )
+    p.add_argument(
+        "--allow-changes",
+        action="store_true",
+        help="with --resume: accept settings that differ from the checkpoint's, recorded with their step "
+        "in RUN/changes.jsonl (default: refuse them)",
+    )
     _add_train_flags(p)
     p.set_defaults(func=_cmd_train)
 
@@ -358,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("tasks", help="list the tasks, one line each", description=_TASKS_DOC)
+    p.set_defaults(func=_cmd_tasks)
     add_predict_parser(sub)
     add_export_parser(sub)
     return parser
@@ -370,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return int(args.func(args))
-    except (RunError, FileNotFoundError) as e:  # bad input, or a data set that is not there
+    except (RunError, FileNotFoundError, WriteError) as e:  # bad input, a missing data set, a full disk
         print(f"settransformer {args.command}: error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:  # SIGINT/SIGTERM in training: the step reached is saved
@@ -434,7 +493,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     missing = [p for p in args.input if not Path(p).is_file()]
     if missing:
         raise RunError(f"--input {missing[0]}: no such file")
-    task, model, state = load_run(args.run, which=args.which, device=args.device)
+    _, model, what = load_for_inference(args.run, which=args.which, device=args.device)
     try:
         check_forward(model)
         dim = input_dim(model)
@@ -455,9 +514,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         for line in jsonl_lines(ids, outputs):
             print(line)
     else:
-        write_outputs(out, ids, outputs, per_element=per_element, overwrite=args.overwrite)
+        with lock_if_run(out.parent):
+            write_outputs(out, ids, outputs, per_element=per_element, overwrite=args.overwrite)
     where = f"written to {out}" if out is not None else "written to stdout"
-    log(f"{task.name}/{state.get('model_name')} (step {state.get('step')}): {len(outputs)} sets {where}")
+    log(f"{what}: {len(outputs)} sets {where}")
     return 0
 
 
@@ -547,11 +607,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise RunError(f"--output {output}: already exists; pass --overwrite to replace it")
     if args.opset is not None and args.format != "onnx":
         raise RunError("--opset: only for --format onnx")
-    task, model, state = load_run(run, which=args.which, device="cpu")
-    name = f"{task.name}/{state.get('model_name')}"
+    with lock_if_run(output.parent):
+        return _export(args, run, output)
+
+
+def _export(args: argparse.Namespace, run: Path, output: Path) -> int:
+    task, model, name = load_for_inference(run, which=args.which, device="cpu")
     dim = input_dim(model)
-    if dim is None:  # a model that does not say: the task's own batches do
+    if dim is None and task is not None:  # a model that does not say: the task's own batches do
         dim = int(task.sample_batch(2, torch.Generator().manual_seed(0)).x.shape[-1])
+    if dim is None:
+        raise RunError(f"{name}: cannot export: the model does not say its input feature size")
     try:
         if args.format == "onnx":
             export_onnx(model, output, dim_input=dim, opset=args.opset, overwrite=args.overwrite)
@@ -559,9 +625,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
             export_torchscript(model, output, dim_input=dim, overwrite=args.overwrite)
     except (ImportError, TypeError, ValueError, FileExistsError) as e:  # ExportError is a ValueError
         raise RunError(f"{name}: cannot export: {e}") from None
-    source = f"{args.which} checkpoint" if run.is_dir() else str(run)
+    source = f"{args.which} checkpoint, " if task is not None and run.is_dir() else ""
     kind = f"ONNX (opset {args.opset or DEFAULT_OPSET})" if args.format == "onnx" else "TorchScript"
-    print(f"exported {name} ({source}, step {state.get('step')}) as {kind}: {output}")
+    print(f"exported {name} ({source}{run}) as {kind}: {output}")
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     print(f"  inputs: x {dtype} (batch, set, {dim}), mask bool (batch, set), True for real elements")
     if args.format == "onnx" and importlib.util.find_spec("onnxruntime") is None:

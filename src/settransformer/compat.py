@@ -169,10 +169,45 @@ def _unwrap(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return sd
 
 
-def _count(sd: Mapping[str, Any], pattern: str, default: int) -> int:
-    """1 + the largest index ``i`` among keys matching ``pattern`` (``default`` when none match)."""
-    indices = {int(m.group(1)) for k in sd if (m := re.fullmatch(pattern, k))}
-    return max(indices) + 1 if indices else default
+# Every key of an official SetTransformer: enc.i = ISAB i; dec.0 = the PMA, dec.1 .. dec.L the SABs,
+# dec.(L+1) the final Linear.
+_OFFICIAL_KEY = re.compile(
+    r"enc\.(\d+)\.(?:I|mab[01]\.(?:fc_[qkvo]|ln[01])\.(?:weight|bias))"
+    r"|dec\.0\.S|dec\.(\d+)\.(?:mab\.(?:fc_[qkvo]|ln[01])\.)?(?:weight|bias)"
+)
+
+
+def _layer_counts(sd: Mapping[str, Any]) -> tuple[int, int]:
+    """``(encoder ISABs, decoder SABs)`` read from the keys, before anything is built.
+
+    Refuses keys of no official layer and layer indices with gaps, so the layer counts are at most
+    the number of keys (a stray ``enc.400.I`` never builds 401 ISABs)."""
+    enc: set[int] = set()
+    dec: set[int] = set()
+    foreign = []
+    for key in sd:
+        m = _OFFICIAL_KEY.fullmatch(key) if isinstance(key, str) else None
+        if m is None:
+            foreign.append(str(key))
+            continue
+        if m.group(1) is not None:
+            enc.add(int(m.group(1)))
+        if m.group(2) is not None:
+            dec.add(int(m.group(2)))
+    if foreign:
+        shown = ", ".join(repr(k[:60]) for k in sorted(foreign)[:8])  # keys quoted short
+        raise ValueError(
+            f"state_dict: not an official SetTransformer: unexpected keys: [{shown}]"
+            f"{' ...' if len(foreign) > 8 else ''}"
+        )
+    for prefix, indices in (("enc", enc), ("dec", dec)):
+        if indices != set(range(len(indices))):
+            gap = next(i for i in range(len(indices)) if i not in indices)
+            raise ValueError(
+                f"state_dict: the {prefix}.<i> layers must be numbered 0, 1, 2, ... without gaps; "
+                f"{prefix}.{gap} is missing while the keys go up to {prefix}.{str(max(indices))[:20]}"
+            )
+    return len(enc) or 2, max(len(dec) - 2, 0) if dec else 2
 
 
 def load_official(
@@ -211,9 +246,7 @@ def load_official(
     for key, value in sd.items():
         if not isinstance(value, Tensor):
             raise TypeError(f"state_dict[{key!r}]: expected a tensor, got {type(value).__name__}")
-    # enc.i are ISABs; dec.0 is the PMA and dec.1 .. dec.L the SABs
-    num_encoder_layers = _count(sd, r"enc\.(\d+)\.I", 2)
-    num_decoder_layers = _count(sd, r"dec\.(\d+)\.mab\.fc_q\.weight", 3) - 1
+    num_encoder_layers, num_decoder_layers = _layer_counts(sd)
     model = official_set_transformer(
         dim_input,
         num_outputs,

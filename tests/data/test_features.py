@@ -83,7 +83,7 @@ def test_pickled_objects_are_refused(tmp_path: Path) -> None:
 
 
 def test_missing_and_unsupported_files(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="nothere"):
+    with pytest.raises(ValueError, match="nothere"):
         load_features(tmp_path / "nothere.npz")
     (tmp_path / "f.csv").write_text("1,2\n")
     with pytest.raises(ValueError, match="unsupported"):

@@ -10,17 +10,24 @@ Accepted sources (all read without pickle):
 Labels are non-negative integers (integral floats are accepted); features must be finite.
 
 Example:
-    >>> data = load_features("my_features.npz")
-    >>> data.features.shape, data.labels.shape      # (M, F) float32, (M,) int64
+    >>> np.savez("features.npz", features=np.random.rand(100, 16), labels=np.arange(100) % 4)
+    >>> data = load_features("features.npz")
+    >>> data.features.shape, data.features.dtype, data.labels.shape, data.labels.dtype
+    ((100, 16), dtype('float32'), (100,), dtype('int64'))
 """
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from . import hdf5
+from .files import short
 
 __all__ = ["FeatureData", "load_features"]
 
@@ -47,18 +54,25 @@ class FeatureData:
         return len(np.unique(self.labels))
 
 
+#: What reading a damaged ``.npy``/``.npz`` raises (truncated, not a zip, a bad CRC, bad compression).
+_READ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
 def _npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
-    except ValueError as err:  # object arrays need pickle, which is refused
-        raise ValueError(f"{path}: cannot read without pickle ({err}); save plain numeric arrays") from None
+    except _READ_ERRORS as err:  # object arrays need pickle, which is refused
+        raise ValueError(
+            f"{path}: not a .npy file readable without pickle ({short(str(err), 120)}); "
+            "save plain numeric arrays"
+        ) from None
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable .npz archive ({err})") from None
+    except _READ_ERRORS as err:
+        raise ValueError(f"{path}: not a readable .npz archive ({short(str(err), 120)})") from None
     with archive:
         missing = [k for k in ("features", "labels") if k not in archive.files]
         if missing:
@@ -67,28 +81,21 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
             )
         try:
             return archive["features"], archive["labels"]
-        except ValueError as err:
+        except _READ_ERRORS as err:
             raise ValueError(
-                f"{path}: cannot read without pickle ({err}); save plain numeric arrays"
+                f"{path}: cannot read without pickle, or damaged ({short(str(err), 120)}); "
+                "save plain numeric arrays"
             ) from None
 
 
 def _read_h5(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        import h5py
-    except ImportError:  # pragma: no cover - h5py is in the `train` extra
-        raise ValueError(f"{path}: reading HDF5 needs h5py (pip install 'settransformer[train]')") from None
-    try:
-        f = h5py.File(path, "r")
-    except OSError as err:
-        raise ValueError(f"{path}: not a readable HDF5 file ({err})") from None
-    with f:
+    with hdf5.open_file(path) as f:
         missing = [k for k in ("features", "labels") if k not in f]
         if missing:
             raise ValueError(
                 f"{path}: missing dataset(s) {missing}; expected 'features' and 'labels', found {list(f)}"
             )
-        return np.asarray(f["features"]), np.asarray(f["labels"])
+        return hdf5.read(f, path, "features"), hdf5.read(f, path, "labels")
 
 
 def _resolve(source: PathLike | Sequence[PathLike]) -> tuple[str, tuple[Path, ...]]:
@@ -138,14 +145,14 @@ def load_features(source: PathLike | Sequence[PathLike]) -> FeatureData:
     """Read features ``(M, F)`` and labels ``(M,)`` from a ``.npz``, an ``.h5`` or two ``.npy`` files.
 
     Raises:
-        FileNotFoundError: a named file does not exist.
-        ValueError: unknown file type, missing keys, wrong shapes, non-finite features, or labels
-            that are not non-negative integers; the message names the file.
+        ValueError: a named file does not exist or is damaged, unknown file type, missing keys,
+            wrong shapes, non-finite features, or labels that are not non-negative integers; the
+            message names the file.
     """
     name, paths = _resolve(source)
     for path in paths:
         if not path.is_file():
-            raise FileNotFoundError(f"features_path: {path} does not exist")
+            raise ValueError(f"features_path: {path} does not exist")
     if len(paths) == 2:
         return _check(_npy(paths[0]), _npy(paths[1]), name)
     path = paths[0]

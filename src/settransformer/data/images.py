@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import hdf5
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "ImageData",
@@ -209,11 +211,9 @@ def load_image_array(path: str | Path, image_size: SizeArg = None) -> ImageData:
         except ValueError as err:  # object arrays need pickle, which is refused
             raise ValueError(f"data: {path}: cannot read without pickle ({err})") from None
     elif suffix in (".h5", ".hdf5"):
-        import h5py
-
-        with h5py.File(path, "r") as f:
+        with hdf5.open_file(path) as f:
             keys = list(f.keys())
-            arrays = {k: np.asarray(f[k]) for k in ("images", "labels", "label_names") if k in keys}
+            arrays = {k: hdf5.read(f, path, k) for k in ("images", "labels", "label_names") if k in keys}
     else:
         raise ValueError(f"data: {path}: expected a .npz, .h5 or .hdf5 file")
     missing = [k for k in ("images", "labels") if k not in arrays]

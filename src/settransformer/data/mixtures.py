@@ -1,35 +1,31 @@
-"""Synthetic mixtures of Gaussians for amortized clustering (paper section 5.3).
+"""Mixtures of Gaussians for amortized clustering (paper section 5.3): the data and the mixture math.
 
-Each set is drawn from its own mixture: mixing weights ``pi ~ Dirichlet(1, ..., 1)`` (flat), means
-``mu_k ~ U(-4, 4)^D``, one standard deviation ``sigma = 0.3`` for every component and dimension,
-labels ``z_i ~ Categorical(pi)`` and points ``x_i ~ N(mu_{z_i}, sigma^2 I)``.
+**The data.** Each set is drawn from its own mixture: mixing weights ``pi ~ Dirichlet(1, ..., 1)``
+(flat), means ``mu_k ~ U(-4, 4)^D``, one standard deviation ``sigma = 0.3`` for every component and
+dimension, labels ``z_i ~ Categorical(pi)`` and points ``x_i ~ N(mu_{z_i}, sigma^2 I)``. Training
+batches (:func:`sample_mog`) share one set size ``n`` across the batch, as the official code does,
+so they need no mask; the size varies from batch to batch. The fixed test benchmark
+(:func:`load_benchmark`) has a different ``n`` per set and is stored padded, with a mask. Beyond the
+paper, ``vary_components=True`` draws the number of clusters of each set, ``K ~ U{1..num_components}``:
+the unused mixture slots get weight 0.
 
-Training batches (:func:`sample_mog`) share one set size ``n`` across the batch, as the official
-code does, so they need no mask; the size varies from batch to batch. The fixed test benchmark
-(:func:`load_benchmark`) has a different ``n`` per set and is stored padded, with a mask.
-
-Beyond the paper, ``vary_components=True`` draws the number of clusters of each set,
-``K ~ U{1..num_components}``: the unused mixture slots get weight 0.
-
-
-Diagonal Gaussian mixtures for amortized clustering (paper section 5.3).
-
-A network emits, per set, ``K`` vectors of ``1 + 2D`` numbers: the logit of the mixing weight, the
-mean (``D``) and a raw scale (``D``) that goes through softplus. Each component has its own scale
-*per dimension*; the official code's parser shares one scale across dimensions (its network emits
-``2D`` numbers per component while the parser reads ``1 + 2D``), which is not copied here.
-
-Everything works on padded batches, ``x: (B, N, D)`` with ``mask: (B, N)`` (True = real point), and is
-vectorised over the batch: no Python loop over sets.
+**The math.** A network emits, per set, ``K`` vectors of ``1 + 2D`` numbers: the logit of the mixing
+weight, the mean (``D``) and a raw scale (``D``) that goes through softplus
+(:meth:`MixtureParams.from_output`). Each component has its own scale *per dimension*; the official
+code's parser shares one scale across dimensions (its network emits ``2D`` numbers per component
+while the parser reads ``1 + 2D``), which is not copied here. The likelihoods, responsibilities and
+the EM step work on padded batches, ``x: (B, N, D)`` with ``mask: (B, N)`` (True = real point), and
+are vectorised over the batch: no Python loop over sets.
 
 Example:
-    >>> out = torch.randn(3, 4, 1 + 2 * 2)          # network output, 4 components in 2-D
+    >>> s = sample_mog(3, 100, torch.Generator().manual_seed(0))  # 3 sets of 100 points in 2-D
+    >>> out = torch.randn(3, 4, 1 + 2 * 2)          # a network's output: 4 components in 2-D
     >>> params = MixtureParams.from_output(out)
-    >>> x = torch.randn(3, 100, 2)
-    >>> log_likelihood(x, params).shape               # per point
+    >>> log_likelihood(s.x, params).shape           # per point
     torch.Size([3, 100])
-    >>> em_step(x, params).mu.shape
-    torch.Size([3, 4, 2])"""
+    >>> em_step(s.x, params).mu.shape
+    torch.Size([3, 4, 2])
+"""
 
 from __future__ import annotations
 
@@ -45,6 +41,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Generator, Tensor
+
+from .files import atomic_write
 
 __all__ = [
     "MIN_SIGMA",
@@ -63,7 +61,13 @@ __all__ = [
     "sample_mog",
 ]
 
-BENCHMARK_VERSION = 1
+#: Bumped when the benchmark's generation changes, so that old cache files are not reused.
+BENCHMARK_VERSION = 2
+MIN_SIGMA = 1e-3
+"""Floor on every standard deviation, so a component cannot collapse onto one point (infinite
+likelihood). EM's M-step clamps to the same floor, which keeps it an exact (constrained) maximisation."""
+
+_LOG_2PI = math.log(2 * math.pi)
 
 
 @dataclass
@@ -154,7 +158,8 @@ def sample_mog(
 
 
 def default_cache_dir() -> Path:
-    """``$SETTRANSFORMER_CACHE`` if set, else ``~/.cache/settransformer``."""
+    """Where :func:`load_benchmark` caches by default: ``$SETTRANSFORMER_CACHE`` if set, else
+    ``~/.cache/settransformer``."""
     env = os.environ.get("SETTRANSFORMER_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "settransformer"
 
@@ -192,6 +197,17 @@ def _generate_benchmark(config: dict[str, float | int | bool]) -> dict[str, Tens
     }
 
 
+def _digest(data: dict[str, Tensor]) -> str:
+    """sha256 of every tensor's name, dtype, shape and bytes: a cache whose values (e.g. the
+    ``oracle_ll`` it reports) were edited no longer matches the digest stored beside them."""
+    h = hashlib.sha256()
+    for name in sorted(data):
+        t = data[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
 def load_benchmark(
     cache_dir: str | Path | None = None,
     *,
@@ -207,14 +223,23 @@ def load_benchmark(
 ) -> dict[str, Tensor]:
     """The fixed test sets: generated once from ``seed`` and cached as a ``.pt`` file.
 
-    The file name hashes every setting, so a changed setting makes a new file. A cache directory
-    that cannot be written only costs the re-generation (a warning, not an error).
+    The file name hashes every setting, so a changed setting makes a new file. The file stores a
+    sha256 of its tensors: a cache that was edited (e.g. its ``oracle_ll``), truncated or damaged is
+    regenerated (with a warning), never reported as is. A cache directory that cannot be written
+    only costs the re-generation (a warning, not an error).
 
     Returns:
         ``x: (S, N_max, D)``, ``mask: (S, N_max)``, ``labels: (S, N_max)`` (-1 at padding),
         ``sizes: (S,)``, the true ``log_pi: (S, K)``, ``mu``/``sigma: (S, K, D)``,
         ``num_clusters: (S,)`` and ``oracle_ll: (S,)``, the log-likelihood per point of each set
         under its true parameters (computed in float64).
+
+    Example:
+        >>> data = load_benchmark("cache", num_sets=8, min_size=10, max_size=20)  # written to cache/
+        >>> data["x"].shape, data["mask"].shape, data["mu"].shape
+        (torch.Size([8, 20, 2]), torch.Size([8, 20]), torch.Size([8, 4, 2]))
+        >>> torch.equal(load_benchmark("cache", num_sets=8, min_size=10, max_size=20)["x"], data["x"])
+        True
     """
     if not 1 <= min_size <= max_size:
         raise ValueError(
@@ -238,27 +263,24 @@ def load_benchmark(
     path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / f"mog-benchmark-{key}.pt"
     if path.is_file():
         try:
-            data = torch.load(path, weights_only=True)
-            if isinstance(data, dict) and "oracle_ll" in data:
+            stored = torch.load(path, weights_only=True)
+            data = stored["data"]
+            if stored["sha256"] == _digest(data):
                 return data
+            warnings.warn(
+                f"{path}: benchmark cache edited or damaged (checksum mismatch); regenerating", stacklevel=2
+            )
         except Exception as err:  # a truncated or foreign file: regenerate
-            warnings.warn(f"{path}: unreadable benchmark cache ({err}); regenerating", stacklevel=2)
+            warnings.warn(
+                f"{path}: unreadable benchmark cache ({str(err)[:200]}); regenerating", stacklevel=2
+            )
     data = _generate_benchmark(config)
+    stored = {"data": data, "sha256": _digest(data)}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(data, tmp)
-        tmp.replace(path)  # atomic, so concurrent runs never read half a file
+        atomic_write(path, lambda f: torch.save(stored, f))  # concurrent runs never read half a file
     except OSError as err:
         warnings.warn(f"{path}: could not cache the MoG benchmark ({err}); using it uncached", stacklevel=2)
     return data
-
-
-MIN_SIGMA = 1e-3
-"""Floor on every standard deviation, so a component cannot collapse onto one point (infinite
-likelihood). EM's M-step clamps to the same floor, which keeps it an exact (constrained) maximisation."""
-
-_LOG_2PI = math.log(2 * math.pi)
 
 
 class MixtureParams(NamedTuple):

@@ -5,10 +5,15 @@ split where the rule is deterministic) and per batch where it is random, in the 
 / Set Transformer code: subsample, standardise, augment (training only).
 
 Example:
+    >>> from settransformer.data.pointclouds import load_array
+    >>> points = np.random.default_rng(0).normal(size=(50, 200, 3)).astype(np.float32)
+    >>> np.savez("clouds.npz", points=points, labels=np.arange(50) % 5)
     >>> prep = Preprocessing(num_points=100, subsample="random", augment=True)
-    >>> clouds = PreparedClouds(load_array("clouds.npz"), prep)  # doctest: +SKIP
+    >>> clouds = PreparedClouds(load_array("clouds.npz"), prep)
     >>> gen = torch.Generator().manual_seed(0)
-    >>> x, mask, y = clouds.train_batch(torch.tensor([0, 5, 7]), gen)  # doctest: +SKIP
+    >>> x, mask, y = clouds.train_batch(torch.tensor([0, 5, 7]), gen)  # 100 of each cloud's 200 points
+    >>> x.shape, mask, y.shape
+    (torch.Size([3, 100, 3]), None, torch.Size([3]))
 """
 
 from __future__ import annotations
@@ -104,6 +109,8 @@ class PreparedClouds:
                     "standardize='train': the training split is empty and nothing to fit on was given"
                 )
             self.standardizer = Standardizer.fit(fit[0], fit[1], prep.spatial_dims)
+        #: The test clouds after the test subsample, before standardisation: what a deployed model takes.
+        self.raw_test: Clouds = (test_x, test_mask, test_labels)
         self.test: Clouds = (self.standardize(test_x, test_mask), test_mask, test_labels)
         if prep.subsample == "fixed" or p is None:
             train_x = self.standardize(train_x, train_mask)  # deterministic, so done once

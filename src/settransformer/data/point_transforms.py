@@ -110,8 +110,12 @@ class Standardizer:
     """The same rule with statistics of a whole (training) split: clip, one scalar mean, one scalar std.
 
     Example:
-        >>> st = Standardizer.fit(train_x)  # doctest: +SKIP
-        >>> test_x = st(test_x)  # doctest: +SKIP
+        >>> train_x = torch.arange(12.0).reshape(2, 2, 3)  # 2 clouds of 2 points in 3-D
+        >>> st = Standardizer.fit(train_x)
+        >>> st.mean, round(st.std, 3)
+        (5.5, 3.452)
+        >>> st(torch.tensor([[[5.5, 0.0, 11.0]]]))  # a test cloud, with the training statistics
+        tensor([[[ 0.0000, -1.5933,  1.5933]]])
     """
 
     clip: float

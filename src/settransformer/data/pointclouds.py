@@ -12,14 +12,17 @@ Formats (see ``shared/reference/paper.md``, "Data formats"):
 - :func:`load_array`: any user ``.npy``/``.npz`` with points ``(S, N, D)`` and labels ``(S,)``.
 
 Example:
-    >>> data = load_array("clouds.npz")  # doctest: +SKIP
-    >>> data.train.points.shape, data.num_classes  # doctest: +SKIP
-    ((800, 1024, 3), 10)
+    >>> points = np.random.default_rng(0).normal(size=(50, 200, 3)).astype(np.float32)
+    >>> np.savez("clouds.npz", points=points, labels=np.arange(50) % 5)  # 50 clouds of 5 classes
+    >>> data = load_array("clouds.npz")  # a stratified 80/20 split
+    >>> data.train.points.shape, data.test.points.shape, data.num_classes
+    ((40, 200, 3), (10, 200, 3), 5)
 """
 
 from __future__ import annotations
 
 import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from . import hdf5
+from .files import short
 from .point_transforms import fixed_indices
 
 __all__ = [
@@ -91,6 +96,10 @@ def check_split(
         raise ValueError(
             f"{where}: expected numeric points of shape (S, N, D), got {points.dtype} {points.shape}"
         )
+    if points.shape[2] < 2:
+        raise ValueError(
+            f"{where}: expected points of at least 2 coordinates (D >= 2), got D={points.shape[2]}"
+        )
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
     if labels.shape != (points.shape[0],):
@@ -127,6 +136,13 @@ def _check_classes(train: PointSplit, test: PointSplit, names: Sequence[str] | N
             f"{where}: train points have D={train.points.shape[2]} but test points D={test.points.shape[2]}"
         )
     num = len(names) if names is not None else int(train.labels.max()) + 1
+    clouds = len(train) + len(test)
+    if names is None and num > clouds:
+        # The model gets one output per class: a stray huge label would allocate a huge classifier.
+        raise ValueError(
+            f"{where}: the largest label is {num - 1} but there are only {clouds} clouds; "
+            "number the classes 0..K-1"
+        )
     for split, part in (("train", train), ("test", test)):
         if part.labels.max() >= num:
             raise ValueError(
@@ -134,18 +150,6 @@ def _check_classes(train: PointSplit, test: PointSplit, names: Sequence[str] | N
                 + (" (the number of class names)" if names is not None else " (the training labels)")
             )
     return list(names) if names is not None else [str(i) for i in range(num)]
-
-
-def _open_h5(path: Path) -> Any:
-    """``h5py.File(path, "r")`` with a clear error for missing, truncated or corrupt files."""
-    import h5py
-
-    if not path.is_file():
-        raise ValueError(f"{path}: file not found")
-    try:
-        return h5py.File(path, "r")
-    except OSError as err:
-        raise ValueError(f"{path}: cannot read as HDF5 (truncated or corrupt?): {err}") from err
 
 
 def _read_h5(
@@ -156,16 +160,13 @@ def _read_h5(
     key = next((k for k in keys if k in f), None)
     if key is None:
         raise ValueError(f"{path}: missing dataset {' or '.join(map(repr, keys))}; found {sorted(f.keys())}")
-    ds = f[key]
-    try:
-        if num_points is None or ds.ndim != 3 or ds.shape[1] <= num_points:
-            return key, np.asarray(ds[()])
-        idx = fixed_indices(ds.shape[1], num_points)
-        chunk = max(1, 2**24 // max(1, ds.shape[1] * ds.shape[2]))
-        parts = [np.asarray(ds[i : i + chunk])[:, idx] for i in range(0, ds.shape[0], chunk)]
-        return key, np.concatenate(parts) if parts else np.zeros((0, num_points, ds.shape[2]), ds.dtype)
-    except (OSError, RuntimeError) as err:
-        raise ValueError(f"{path}: cannot read {key!r} (truncated or corrupt?): {err}") from err
+    ds = hdf5.dataset(f, path, key)
+    if num_points is None or ds.ndim != 3 or ds.shape[1] <= num_points:
+        return key, hdf5.read(f, path, key)
+    idx = fixed_indices(ds.shape[1], num_points)
+    chunk = max(1, 2**24 // max(1, ds.shape[1] * ds.shape[2]))
+    parts = [hdf5.read(f, path, key, slice(i, i + chunk))[:, idx] for i in range(0, ds.shape[0], chunk)]
+    return key, np.concatenate(parts) if parts else np.zeros((0, num_points, ds.shape[2]), ds.dtype)
 
 
 def load_deepsets_h5(path: str | Path, num_points: int | None = None) -> PointCloudData:
@@ -180,7 +181,7 @@ def load_deepsets_h5(path: str | Path, num_points: int | None = None) -> PointCl
             ``N/num_points``-th point, as the DeepSets code subsamples), which saves memory.
     """
     path = Path(path)
-    with _open_h5(path) as f:
+    with hdf5.open_file(path) as f:
         splits = []
         for cloud, labels in (
             ("tr_cloud", ("tr_labels", "tr_label")),
@@ -242,7 +243,7 @@ def load_pointnet_h5(
         xs: list[np.ndarray] = []
         ys: list[np.ndarray] = []
         for shard in _shard_list(folder, split):
-            with _open_h5(shard) as f:
+            with hdf5.open_file(shard) as f:
                 _, x = _read_h5(f, shard, ["data"], num_points)
                 _, y = _read_h5(f, shard, ["label"])
                 if with_normals:
@@ -286,6 +287,11 @@ def _load_npy(path: Path, what: str) -> np.ndarray:
         raise ValueError(f"{path}: cannot read {what} as .npy (corrupt, or an object array?): {err}") from err
 
 
+_ARRAY_KEYS = {
+    f"{prefix}{name}" for prefix in ("", "train_", "test_") for name in ("points", "labels", "mask")
+} | {"class_names"}
+
+
 def load_array(
     path: str | Path,
     labels_path: str | Path | None = None,
@@ -312,12 +318,17 @@ def load_array(
             raise ValueError(f"{path}: a .npy file holds only the points; give labels_path, or use a .npz")
         arrays: dict[str, np.ndarray] = {"points": _load_npy(path, "points")}
         arrays["labels"] = _load_npy(Path(labels_path), "labels")
+        found = sorted(arrays)
     elif path.suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
-            raise ValueError(f"{path}: cannot read as .npz (corrupt, or object arrays?): {err}") from err
+                # Only the arrays this loader uses are decompressed (never unused, possibly huge ones).
+                arrays = {k: z[k] for k in z.files if k in _ARRAY_KEYS}
+                found = sorted(z.files)
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+            raise ValueError(
+                f"{path}: cannot read as .npz (corrupt, or object arrays?): {short(str(err), 120)}"
+            ) from None
     else:
         raise ValueError(f"{path}: expected a .npz or .npy file")
     names = [str(n) for n in arrays["class_names"]] if "class_names" in arrays else None
@@ -341,6 +352,6 @@ def load_array(
     else:
         raise ValueError(
             f"{path}: expected keys train_points/train_labels/test_points/test_labels or points/labels, "
-            f"found {sorted(arrays)}"
+            f"found {short(found, 120)}"
         )
     return PointCloudData(train, test, _check_classes(train, test, names, str(path)))

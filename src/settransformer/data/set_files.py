@@ -25,8 +25,10 @@ ambiguous arrays, wrong rank, non-numeric values, another feature size than ``di
 inf) raises ``ValueError`` naming the file and the problem; a missing file ``FileNotFoundError``.
 
 Example:
-    >>> sets, ids = read_sets("clouds.npz", dim_input=3)   # values + offsets inside
-    >>> [s.shape for s in sets[:2]], ids[:2]
+    >>> values = np.random.default_rng(0).normal(size=(599, 3)).astype("float32")
+    >>> np.savez("clouds.npz", values=values, offsets=np.array([0, 512, 599]))
+    >>> sets, ids = read_sets("clouds.npz", dim_input=3)   # ragged: values + offsets
+    >>> [tuple(s.shape) for s in sets], ids
     ([(512, 3), (87, 3)], [0, 1])
 """
 
@@ -39,6 +41,9 @@ from typing import Any
 
 import numpy as np
 
+from . import hdf5
+from .files import short
+
 __all__ = ["SUFFIXES", "SetId", "read_inputs", "read_sets"]
 
 SetId = int | str
@@ -46,7 +51,11 @@ SUFFIXES = (".npy", ".npz", ".h5", ".hdf5", ".csv")
 
 
 def read_sets(
-    path: str | Path, *, dim_input: int | None = None, set_column: str | None = None
+    path: str | Path,
+    *,
+    dim_input: int | None = None,
+    set_column: str | None = None,
+    skip_columns: Sequence[str] = (),
 ) -> tuple[list[np.ndarray], list[SetId]]:
     """The sets in one file and their ids; see the module docstring for the layouts.
 
@@ -54,11 +63,12 @@ def read_sets(
         path: a ``.npy``, ``.npz``, ``.h5``/``.hdf5`` or ``.csv`` file.
         dim_input: the feature size ``D`` the sets must have (the model's), or ``None``.
         set_column: for ``.csv``: the header name of the column holding set ids (ignored otherwise).
+        skip_columns: for ``.csv``: header names of columns that are not features (e.g. a target).
 
     Returns:
         ``(sets, ids)``: ``S`` float32 arrays ``(N_i, D)`` (``N_i`` may be 0) and ``S`` ids.
     """
-    sets, ids, single = _read(Path(path), dim_input, set_column)
+    sets, ids, single = _read(Path(path), dim_input, set_column, tuple(skip_columns))
     if ids is None:
         ids = [str(path)] if single else list(range(len(sets)))
     return sets, ids
@@ -92,7 +102,7 @@ def read_inputs(
 
 
 def _read(
-    path: Path, dim_input: int | None, set_column: str | None
+    path: Path, dim_input: int | None, set_column: str | None, skip_columns: tuple[str, ...] = ()
 ) -> tuple[list[np.ndarray], list[SetId] | None, bool]:
     """``(sets, ids from the file or None, whether the file holds a single set)``."""
     if not path.is_file():
@@ -101,7 +111,7 @@ def _read(
     if suffix not in SUFFIXES:
         raise ValueError(f"{path}: unknown input format {suffix!r}; expected one of {', '.join(SUFFIXES)}")
     if suffix == ".csv":
-        groups, ids, single = _read_csv(path, set_column)
+        groups, ids, single = _read_csv(path, set_column, skip_columns)
         checked = _finish(path, groups, ids, dim_input)
         return checked, ids, single
     if suffix == ".npy":
@@ -115,27 +125,23 @@ def _read(
             with np.load(path, allow_pickle=False) as archive:
                 if not isinstance(archive, np.lib.npyio.NpzFile):
                     raise ValueError("not a zip archive of arrays")
-                arrays = {k: archive[k] for k in archive.files}
+                # Only the arrays a set file can hold are decompressed (never unused, possibly huge ones).
+                arrays = {k: archive[k] for k in archive.files if k in _KNOWN_ARRAYS}
+                arrays["_keys"] = np.array(sorted(archive.files)[:20], dtype=str)
         except (ValueError, OSError, EOFError) as e:
             raise ValueError(f"{path}: not a readable .npz file without pickle ({e})") from None
         return _split(path, arrays, dim_input)
     return _split(path, _read_h5(path), dim_input)
 
 
+_KNOWN_ARRAYS = ("x", "sets", "mask", "values", "offsets", "ids")
+
+
 def _read_h5(path: Path) -> dict[str, np.ndarray]:
-    try:
-        import h5py
-    except ImportError:  # pragma: no cover - h5py is in the `train` extra
-        raise ValueError(f"{path}: reading HDF5 needs h5py (pip install 'settransformer[train]')") from None
-    try:
-        with h5py.File(path, "r") as f:
-            names = [k for k in ("x", "sets", "mask", "values", "offsets", "ids") if k in f]
-            if any(not isinstance(f[k], h5py.Dataset) for k in names):
-                raise ValueError(f"{path}: {', '.join(names)} must be datasets, not groups")
-            arrays = {k: f[k][()] for k in names}
-            arrays["_keys"] = np.array(sorted(f.keys()), dtype=str)
-    except OSError as e:
-        raise ValueError(f"{path}: not a readable HDF5 file ({e})") from None
+    with hdf5.open_file(path) as f:
+        names = [k for k in _KNOWN_ARRAYS if k in f]
+        arrays = {k: hdf5.read(f, path, k) for k in names}
+        arrays["_keys"] = np.array(sorted(f.keys())[:20], dtype=str)
     return arrays
 
 
@@ -203,8 +209,9 @@ def _offsets(path: Path, offsets: Any, total: int) -> np.ndarray:
     expected = f"integers (S+1,) from 0 to {total} (the number of values), non-decreasing"
     if not np.issubdtype(o.dtype, np.integer) or o.ndim != 1 or o.shape[0] < 2:
         raise ValueError(f"{path}: offsets: expected {expected}, got {o.dtype} of shape {o.shape}")
-    if o[0] != 0 or o[-1] != total or (np.diff(o) < 0).any():
-        raise ValueError(f"{path}: offsets: expected {expected}, got {o[0]} .. {o[-1]}")
+    # Compared pairwise, not through np.diff: the difference of unsigned integers wraps around.
+    if o[0] != 0 or o[-1] != total or (o[1:] < o[:-1]).any():
+        raise ValueError(f"{path}: offsets: expected {expected}, got {short(o.tolist())}")
     return o.astype(np.int64)
 
 
@@ -252,7 +259,9 @@ def _finish(
     return out
 
 
-def _read_csv(path: Path, set_column: str | None) -> tuple[list[np.ndarray], list[SetId] | None, bool]:
+def _read_csv(
+    path: Path, set_column: str | None, skip_columns: tuple[str, ...] = ()
+) -> tuple[list[np.ndarray], list[SetId] | None, bool]:
     """Rows as float64 sets, grouped by ``set_column``; ``(sets, ids or None, single)``."""
     try:
         with open(path, newline="") as f:
@@ -276,7 +285,11 @@ def _read_csv(path: Path, set_column: str | None) -> tuple[list[np.ndarray], lis
         if set_column not in header:
             raise ValueError(f"{path}: set column {set_column!r}: not in the header ({', '.join(header)})")
         key = header.index(set_column)
-    features = [j for j in range(width) if j != key]
+    missing = [c for c in skip_columns if header is None or c not in header]
+    if missing:
+        raise ValueError(f"{path}: column {missing[0]!r}: not in the header ({', '.join(header or [])})")
+    skipped = {header.index(c) for c in skip_columns} if header is not None else set()
+    features = [j for j in range(width) if j != key and j not in skipped]
     if not features:
         raise ValueError(f"{path}: no feature columns besides the set column {set_column!r}")
     groups: dict[str, list[list[float]]] = {}

@@ -12,18 +12,23 @@ and return the model's output (``(B, num_outputs, dim_output)`` for a
 the model in evaluation mode (no dropout).
 
 Example:
-    >>> export_onnx(model, "model.onnx", dim_input=2)            # onnxruntime.InferenceSession(...)
-    >>> export_torchscript(model, "model.pt", dim_input=2)       # torch.jit.load("model.pt")
+    >>> from settransformer import SetTransformer
+    >>> model = SetTransformer(2, num_outputs=1, dim_output=3, dim_hidden=16, num_inducing=4)
+    >>> export_onnx(model, "model.onnx", dim_input=2)  # doctest: +SKIP
+    PosixPath('model.onnx')
+    >>> export_torchscript(model, "model.pt", dim_input=2)  # doctest: +SKIP
+    PosixPath('model.pt')
 
 Tracing bakes Python control flow into the graph, so two things are taken care of here:
 
 - The attention blocks pick a form of the attention by cost from the set size
-  (``MAB._path``). The forms are exact rewrites of each other, but a trace keeps one of them for
-  every size: the one chosen for the example's size, or the plain form when the tracer hands
-  sizes over as tensors (about 1.5x slower in ONNX Runtime for the MoG model). During export
-  every block is given the form it uses for large sets (what ``torch.export`` picks with a
-  symbolic set size); which side of each attention grows with the set size is found by running
-  the model at two sizes first (:mod:`settransformer.nn.blocks`).
+  (:meth:`~settransformer.nn.blocks.MAB.choose_form`). The forms are exact rewrites of each
+  other, but a trace keeps one of them for every size: the one chosen for the example's size, or
+  the plain form when the tracer hands sizes over as tensors (about 1.5x slower in ONNX Runtime
+  for the MoG model). During export every block is pinned to the form it uses for large sets
+  (:func:`~settransformer.nn.blocks.large_set_forms`, what ``torch.export`` picks with a symbolic
+  set size); which side of each attention grows with the set size is found by running the model
+  at two sizes first.
 - The written file is checked (``onnx.checker``), then run (in ONNX Runtime when it is
   installed; ``torch.jit.load`` for TorchScript) on padded batches of sizes not used at export,
   one of them with an empty set, and compared with the eager model (atol = rtol = 1e-4). A
@@ -45,7 +50,6 @@ import contextlib
 import importlib.util
 import inspect
 import os
-import secrets
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -54,6 +58,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..data.files import atomic_path
 from ..nn.blocks import large_set_forms
 from ..nn.validation import check_positive
 
@@ -255,7 +260,7 @@ def _call(model: nn.Module, example: tuple[Tensor, Tensor]) -> object:
         model.train(was_training)
 
 
-def _large_set_paths(
+def _large_set_forms(
     model: nn.Module, example: tuple[Tensor, Tensor]
 ) -> contextlib.AbstractContextManager[None]:
     """:func:`~settransformer.nn.blocks.large_set_forms`, probing at ``example``'s size and at
@@ -302,17 +307,15 @@ def _export(
         raise ValueError(f"path: {path} is a folder; expected a file name")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: already exists (pass overwrite=True to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     was_training = model.training
     model.eval()
     try:
-        with warnings.catch_warnings():
+        with atomic_path(path) as tmp, warnings.catch_warnings():
             # TracerWarnings about Python branches on sizes, deprecation notices of the exporters:
             # the comparison below is what tells whether the trace is right.
             warnings.simplefilter("ignore")
             try:
-                with _large_set_paths(model, example), torch.no_grad():
+                with _large_set_forms(model, example), torch.no_grad():
                     write(tmp, _Inference(model).eval())
             except ExportError:
                 raise
@@ -326,10 +329,8 @@ def _export(
                 raise ExportError(f"the {kind} file does not load ({type(e).__name__}: {e})") from e
             if run is not None:
                 _compare(model, run, example[0].shape[2], dtype, example[0].device, kind)
-        os.replace(tmp, path)
     finally:
         model.train(was_training)
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -13,10 +13,12 @@ element and an ``element`` column) or ``.jsonl`` (``{"set": id, "output": [...]}
 atomically, refusing to replace a file unless asked.
 
 Example:
+    >>> from settransformer import SetTransformer
     >>> model = SetTransformer(2, num_outputs=4, dim_output=5).eval()
     >>> sets = [torch.randn(n, 2) for n in (120, 1, 45)]
     >>> outs = predict(model, sets, batch_size=2, progress=False)   # 3 tensors (4, 5)
     >>> write_outputs("out.jsonl", ["a", "b", "c"], outs)
+    PosixPath('out.jsonl')
 """
 
 from __future__ import annotations
@@ -28,8 +30,6 @@ import io
 import itertools
 import json
 import math
-import os
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..data.files import atomic_write
+from ..large.ragged import size_buckets
 from ..nn.sets import pad_sets
 from ..nn.validation import check_positive
 
@@ -139,21 +141,6 @@ def _to_tensor(s: Any, dtype: torch.dtype) -> Tensor:
     return torch.tensor(np.asarray(s), dtype=dtype)  # a copy: memmaps are read-only
 
 
-def _batches(sizes: Sequence[int], batch_size: int, chunk_size: int | None) -> Iterator[list[int]]:
-    """Indices sorted by set size, in batches; with ``chunk_size``, a larger set goes alone."""
-    batch: list[int] = []
-    for i in sorted(range(len(sizes)), key=sizes.__getitem__):
-        if chunk_size is not None and sizes[i] > chunk_size:
-            yield [i]
-            continue
-        batch.append(i)
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def _bar(total: int, enabled: bool) -> Any:
     if not enabled:
         return contextlib.nullcontext(None)
@@ -215,7 +202,7 @@ def predict(
     model.eval()
     try:
         with torch.inference_mode(), _bar(len(sets), progress) as bar:
-            for batch in _batches(sizes, batch_size, chunk_size):
+            for batch in size_buckets(sizes, slack=math.inf, max_sets=batch_size, alone_above=chunk_size):
                 if chunk_size is not None and sizes[batch[0]] > chunk_size:
                     out = model(sets[batch[0]], None, **kwargs)[None]  # read chunk by chunk
                 else:
@@ -280,11 +267,20 @@ def _write_csv(f: IO[str], ids: Sequence[Any], arrays: list[np.ndarray], per_ele
     inner = arrays[0].shape[1:] if per_element else arrays[0].shape
     w.writerow(["set", *(["element"] if per_element else []), *_column_names(inner)])
     for set_id, a in zip(ids, arrays):
+        cell = _csv_safe(set_id)
         if per_element:
             for k, row in enumerate(a):
-                w.writerow([set_id, k, *_texts(np.asarray(row))])
+                w.writerow([cell, k, *_texts(np.asarray(row))])
         else:
-            w.writerow([set_id, *_texts(a)])
+            w.writerow([cell, *_texts(a)])
+
+
+def _csv_safe(value: Any) -> Any:
+    """A set id as a CSV cell that a spreadsheet shows as text: ids starting with ``= + - @`` (or a
+    tab or carriage return) get a leading ``'`` so they are never run as formulas."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
 
 
 def write_outputs(
@@ -318,11 +314,11 @@ def write_outputs(
                 "write .csv or .jsonl"
             )
         stacked = np.stack(arrays) if arrays else np.zeros((0,), np.float32)
-        _atomic_write(p, lambda f: np.save(f, stacked, allow_pickle=False))
+        atomic_write(p, lambda f: np.save(f, stacked, allow_pickle=False))
     elif suffix == ".csv":
-        _atomic_write(p, _text_writer(lambda f: _write_csv(f, ids, arrays, per_element)))
+        atomic_write(p, _text_writer(lambda f: _write_csv(f, ids, arrays, per_element)))
     else:
-        _atomic_write(
+        atomic_write(
             p, _text_writer(lambda f: f.writelines(line + "\n" for line in jsonl_lines(ids, outputs)))
         )
     return p
@@ -333,19 +329,6 @@ def _text_writer(write: Callable[[IO[str]], None]) -> Callable[[IO[bytes]], None
         text = io.TextIOWrapper(f, encoding="utf-8", newline="")
         write(text)
         text.flush()
-        text.detach()  # leave the binary file open for _atomic_write to close
+        text.detach()  # leave the binary file open for atomic_write to close
 
     return run
-
-
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Beside the target (the rename stays on one file system), created with the umask's mode.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

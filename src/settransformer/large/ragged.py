@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.blocks import ISAB, PMA
-from ..nn.validation import zero_padding
+from ..nn.validation import check_positive, zero_padding
 
 __all__ = [
     "batch_to_offsets",
@@ -138,6 +138,11 @@ def ragged_to_padded(
     """Ragged ``x: (total, D)`` -> zero-padded ``(S, N, D)`` and ``mask: (S, N)`` (True = real).
 
     ``N`` is the largest set size (or ``max_size``, at least that). Pass ``offsets`` or ``batch``.
+
+    Example:
+        >>> x, mask = ragged_to_padded(torch.randn(5, 2), torch.tensor([0, 2, 5]))
+        >>> x.shape, mask.sum(1).tolist()
+        (torch.Size([2, 3, 2]), [2, 3])
     """
     offsets = _resolve(x, offsets, batch, num_sets)
     sizes = offsets.diff()
@@ -175,32 +180,46 @@ def _gather(x: Tensor, starts: Tensor, sizes: Tensor, n: int) -> tuple[Tensor, T
 
 
 def size_buckets(
-    sizes: Sequence[int], *, slack: float = DEFAULT_SLACK, max_rows: int = DEFAULT_MAX_ROWS
+    sizes: Sequence[int],
+    *,
+    slack: float = DEFAULT_SLACK,
+    max_rows: float = DEFAULT_MAX_ROWS,
+    max_sets: int | None = None,
+    alone_above: int | None = None,
 ) -> list[list[int]]:
     """Group set indices into buckets of similar sizes, largest first.
 
     A bucket padded to its largest set holds at most ``slack`` times its real rows (empty sets
-    count as one row) and at most ``max_rows`` rows in all, unless its one set is larger.
+    count as one row), at most ``max_rows`` rows in all unless its one set is larger, and at most
+    ``max_sets`` sets; a set of more than ``alone_above`` elements is a bucket of its own.
 
     Example:
         >>> size_buckets([5, 100, 4, 90, 5], slack=1.25)
         [[1, 3], [0, 4, 2]]
+        >>> size_buckets([5, 100, 4, 90, 5], slack=float("inf"), max_sets=2, alone_above=50)
+        [[1], [3], [0, 4], [2]]
     """
     if slack < 1:
         raise ValueError(f"slack: expected a number >= 1, got {slack}")
     if max_rows < 1:
         raise ValueError(f"max_rows: expected a positive integer, got {max_rows}")
+    if max_sets is not None:
+        check_positive("max_sets", max_sets)
     order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
     buckets: list[list[int]] = []
     top = real = 0
+    closed = False  # the last bucket takes no more sets
     for i in order:
         n = max(int(sizes[i]), 1)
+        alone = alone_above is not None and sizes[i] > alone_above
         rows = (len(buckets[-1]) + 1) * top if buckets else 0
-        if not buckets or rows > slack * (real + n) or rows > max_rows:
+        full = bool(buckets) and max_sets is not None and len(buckets[-1]) >= max_sets
+        if not buckets or closed or alone or full or rows > slack * (real + n) or rows > max_rows:
             buckets.append([])
             top, real = n, 0
         buckets[-1].append(i)
         real += n
+        closed = alone
     return buckets
 
 
@@ -244,7 +263,7 @@ def isab_ragged(
     if not isinstance(isab, ISAB):
         raise TypeError(f"isab: expected an ISAB, got {type(isab).__name__}")
     offsets = _resolve(x, offsets, batch, num_sets)
-    return _apply(isab.encode, x, offsets, True, slack, max_rows)
+    return _apply(isab.forward_unchecked, x, offsets, True, slack, max_rows)
 
 
 def pma_ragged(
@@ -261,7 +280,7 @@ def pma_ragged(
     if not isinstance(pma, PMA):
         raise TypeError(f"pma: expected a PMA, got {type(pma).__name__}")
     offsets = _resolve(z, offsets, batch, num_sets)
-    return _apply(pma.pool, z, offsets, False, slack, max_rows)
+    return _apply(pma.forward_unchecked, z, offsets, False, slack, max_rows)
 
 
 def ragged_encode(
@@ -302,6 +321,12 @@ def ragged_forward(
 
     Returns:
         ``(S, num_outputs, dim_output)``, equal to ``model(*ragged_to_padded(x, offsets))``.
+
+    Example:
+        >>> from settransformer import DeepSets
+        >>> model = DeepSets(2, num_outputs=1, dim_output=3, dim_hidden=8)
+        >>> ragged_forward(model, torch.randn(7, 2), batch=torch.tensor([0, 0, 0, 1, 2, 2, 2])).shape
+        torch.Size([3, 1, 3])
     """
     offsets = _resolve(x, offsets, batch, num_sets)
 

@@ -16,14 +16,15 @@ which passes no gradient back through the replaced rows.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .scores import DotForm, ScoreFn, attention_weights
+from .scores import DotForm, ScoreFn, attention_weights, softmax_scale
+from .validation import check_probability, check_top_k
 
 __all__ = [
     "FormSizes",
@@ -128,10 +129,8 @@ def _check_attention(
         raise TypeError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not q.device == k.device == v.device:
         raise ValueError(f"q, k, v: expected one device, got {q.device}, {k.device}, {v.device}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, int | float) or not 0 <= dropout_p < 1:
-        raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k: expected a positive integer or None, got {top_k!r}")
+    check_probability("dropout_p", dropout_p)
+    check_top_k(top_k)
     if mask is None:
         return None
     expected = f"a bool tensor of shape (B, Nk) = ({b}, {nk}), True for real keys"
@@ -167,8 +166,7 @@ def _attention(
     if score is not None:  # a dot product plus a per-key bias: still the fused kernel
         q, k, bias = score.as_dot(q, k)
         scale, bias = (1.0, bias) if scale is None else (scale, bias * scale)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+    scale = softmax_scale(q.shape[-1], scale)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
     empty = ~mask.any(dim=-1)  # (B,)
@@ -203,21 +201,22 @@ class FormSizes(NamedTuple):
     out_proj: bool
 
 
-def induced_is_cheaper(nk: int, s: FormSizes) -> bool:
+def induced_is_cheaper(nk: float, s: FormSizes) -> bool:
     """Whether ``nk`` keys are few enough that :func:`induced_attention` costs less per query.
 
     Per query, induced - standard = ``h nk (dq + d) + extra - dq d - d d - 2 nk d`` multiply-adds
-    (``extra``: the projected residual's ``dq d``), whatever the number of queries. A symbolic
-    ``nk`` counts as large.
+    (``extra``: the projected residual's ``dq d``), whatever the number of queries. A symbolic count
+    (``torch.compile(dynamic=True)``, ``torch.export``) or an infinite one counts as large: the test
+    adds no guard on it, so a compiled model is not recompiled for a new set size.
     """
-    if not isinstance(nk, int) or not s.out_proj:
+    if not s.out_proj:
         return False
     d, h, dq = s.dim, s.num_heads, s.dim_q
     extra = dq * d if s.projected_residual else 0
-    return h * nk * (dq + d) + extra < dq * d + d * d + 2 * nk * d
+    return statically_known_true(h * nk * (dq + d) + extra < dq * d + d * d + 2 * nk * d)
 
 
-def cheapest_form(nq: int, nk: int, s: FormSizes) -> str:
+def cheapest_form(nq: float, nk: float, s: FormSizes) -> str:
     """``"standard"``, ``"pooled"`` or ``"induced"``: the form with the fewest multiply-adds.
 
     Counting projections, scores, weighted sum and output projection, the pooled form
@@ -228,21 +227,26 @@ def cheapest_form(nq: int, nk: int, s: FormSizes) -> str:
     the set size. Both rewrites hold only for plain dot-product softmax; the caller checks that.
     """
     d, h, dq, dkv = s.dim, s.num_heads, s.dim_q, s.dim_kv
-    if isinstance(nq, int) and isinstance(nk, int) and (nq == 0 or nk == 0):
+    if statically_known_true(nq == 0) or statically_known_true(nk == 0):
         return "standard"
     # pooled - standard = nq * (...) + 2 nk (nq (h dkv - d) - dkv d): negative for large nk iff
-    few_queries = isinstance(nq, int) and nq * (h * dkv - d) < dkv * d
-    few_keys = induced_is_cheaper(nk, s)
-    if few_queries and few_keys:  # both counts small and concrete: compare the totals
+    queries_few = statically_known_true(nq * (h * dkv - d) < dkv * d)
+    keys_few = induced_is_cheaper(nk, s)
+    if queries_few and keys_few:  # both counts small and concrete: compare the totals
         extra = dq * d if s.projected_residual else 0
         q_proj, out_proj = nq * dq * d, nq * d * d
-        costs = {
-            "standard": q_proj + 2 * nk * dkv * d + 2 * nq * nk * d + out_proj,
-            "pooled": q_proj + h * nq * d * dkv + 2 * h * nq * nk * dkv + nq * dkv * d + out_proj,
-            "induced": 2 * nk * dkv * d + nk * d * (dq + d) + h * nq * nk * (dq + d) + extra,
-        }
-        return min(costs, key=costs.__getitem__)
-    return "pooled" if few_queries else "induced" if few_keys else "standard"
+        costs = [
+            (q_proj + 2 * nk * dkv * d + 2 * nq * nk * d + out_proj, "standard"),
+            (q_proj + h * nq * d * dkv + 2 * h * nq * nk * dkv + nq * dkv * d + out_proj, "pooled"),
+            (2 * nk * dkv * d + nk * d * (dq + d) + h * nq * nk * (dq + d) + extra, "induced"),
+        ]
+        # a loop, not min(key=...): torch.compile traces it without a graph break
+        best = costs[0]
+        for cost in costs[1:]:
+            if cost[0] < best[0]:
+                best = cost
+        return best[1]
+    return "pooled" if queries_few else "induced" if keys_few else "standard"
 
 
 # Under autograd, sets up to this many elements take two plain GEMMs instead of the fused kernel
@@ -304,9 +308,9 @@ def pooled_attention(
     q_in = torch.einsum("bhqe,hek->bhqk", split_heads(q, num_heads), w_k.view(num_heads, dh, dkv))
     q_in = q_in.reshape(bq, 1, num_heads * nq, dkv)
     kv1 = kv.unsqueeze(1)
-    scale = dh**-0.5 if scale is None else scale
+    scale = softmax_scale(dh, scale)
     n = kv.shape[1]
-    small = isinstance(n, int) and n <= POOLED_MATH_MAX_KEYS
+    small = statically_known_true(n <= POOLED_MATH_MAX_KEYS)
     if small and torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad or w_k.requires_grad):
         o = _pooled_math(q_in, kv1, mask, scale, dropout_p)
     else:
@@ -356,7 +360,7 @@ def induced_attention(
     kh = split_heads(k, num_heads)  # (B, H, M, Dh)
     k_in = torch.einsum("bhme,heq->bhmq", kh, w_q.view(num_heads, dh, dq)).reshape(b, num_heads * m, dq)
     k_bias = torch.einsum("bhme,he->bhm", kh, b_q.view(num_heads, dh)).reshape(b, 1, num_heads * m)
-    s = dh**-0.5 if scale is None else scale
+    s = softmax_scale(dh, scale)
     scores = torch.baddbmm(k_bias, q, k_in.transpose(1, 2), beta=s, alpha=s)
     scores = scores.unflatten(-1, (num_heads, m))  # (B, N, H, M); view(b, -1, ...) fails for b = 0
     empty = None

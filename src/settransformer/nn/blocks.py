@@ -1,10 +1,15 @@
-"""The Set Transformer's blocks: MAB, SAB, ISAB and PMA (Lee et al., 2019, section 3), plus masked pooling.
+"""The Set Transformer's blocks: MAB, SAB, ISAB and PMA (Lee et al., 2019, section 3), with every form
+of the MAB's attention.
 
 Every block takes sets as ``(B, N, D)`` tensors with an optional boolean ``mask: (B, N)`` (True =
 real element). Outputs at padded positions are exactly zero, and padded inputs (whatever their
 values, NaN included) have no influence on any output and receive zero gradient.
 
-Shared keyword options (all blocks):
+Each block's ``forward`` checks its input (:mod:`settransformer.nn.validation`); its
+``forward_unchecked`` is the same computation on input already checked and zero at padded rows,
+which is what blocks call on each other.
+
+Options (:class:`BlockOptions`, or the same names as keywords of every block):
 
 - ``norm``: ``"post"`` (the paper: ``LN(H + rFF(H))``, ``H = LN(X + Multihead(X, Y, Y))``), ``"pre"``
   (``H = X + Multihead(LN(X), LN(Y))``, ``H + rFF(LN(H))``; steadier for deep stacks) or ``None``.
@@ -22,59 +27,27 @@ Shared keyword options (all blocks):
   :mod:`settransformer.nn.scores`.
 - ``top_k``: hard attention: each query keeps only its ``top_k`` highest-scoring keys (``None``: all).
 
+Forms of the attention. A MAB computes its dot-product attention in one of three exact forms
+(:mod:`settransformer.nn.attention`), chosen by cost from the numbers of queries and keys
+(:meth:`MAB.choose_form`): ``"standard"``; ``"pooled"`` for a few queries over a large set (PMA
+seeds, inducing points); ``"induced"`` for a large set attending to a few keys (an ISAB's second
+block). Two more forms serve sets read in chunks (:mod:`settransformer.nn.streaming`):
+:class:`PooledQueries` (a few queries over raw chunks, accumulated by an online softmax) and
+:class:`InducedRows` (chunk after chunk attending to the same few keys, with everything that depends
+only on them computed once and buffers reused). All agree up to float rounding.
 
-Attention of a few queries over a set that arrives in chunks: the online (streaming) softmax.
-
-A MAB whose queries are a handful of learned vectors (an ISAB's inducing points, PMA's seeds)
-attends over the whole set, so its softmax normalises over every element. Written in the pooled
-form of :func:`settransformer.nn.attention.pooled_attention` (queries moved into the input space, the
-set itself never projected), one query row ``j`` needs only three running statistics over the
-raw rows ``x_i`` it has seen:
-
-- ``r_j``: a reference score (the running maximum, for numerical stability),
-- ``S_j = sum_i exp(s_ij - r_j)``: the softmax denominator,
-- ``A_j = sum_i exp(s_ij - r_j) x_i``: the un-normalised weighted sum of raw rows,
-
-and two partial results combine exactly by rescaling both to the larger reference. The softmax
-output is ``A_j / S_j`` whatever the chunking, up to float rounding.
-
-Autograd: the references are detached. They cancel out of ``A / S`` exactly, so treating them
-as constants gives the true gradient, and it makes every rescaling factor a constant, so that
-combining a chunk's statistics saves only its ``(B, queries, 1)`` factors for backward, never
-the chunk's ``(B, queries, D)`` sums. Each chunk's statistics can thus come from a checkpointed
-function (:func:`torch.utils.checkpoint.checkpoint`) and the backward pass recomputes one chunk at
-a time.
-
-An ISAB's second block, ``mab1(X, H)``, applied to chunk after chunk of ``X`` (inference fast path).
-
-Each element attends to the same ``m`` induced vectors ``H``, so everything that depends only on
-``H`` -- its keys folded with the query projection, its values folded with the output projection
-(the ``"induced"`` form of :func:`settransformer.nn.attention.induced_attention`) -- is computed once
-per layer instead of once per chunk, and each chunk costs two large products (scores, output)
-plus the rFF, written with in-place updates where the block's own code allocates. The output
-bias is folded into the values: each head's softmax weights sum to one, so adding ``b_o / H``
-to every folded value row adds ``b_o`` to the output.
-
-With autograd, autocast, active dropout, another score function or ``top_k``, no output projection,
-or more induced vectors than :meth:`MAB.few_keys` allows (where the block's standard form costs fewer
-multiply-adds), it calls :meth:`MAB.attend` instead; both give the same result up to float rounding.
-
-Pinning the form of every attention block while a model is traced (used by :mod:`.export`).
-
-A :class:`~settransformer.nn.blocks.MAB` picks one of three exact forms of its attention by cost from
-the numbers of queries and keys (``MAB._path``). A trace records the form chosen for the traced
-sizes and keeps it for every size, so :func:`large_set_forms` makes each block use, whatever the
-sizes it is traced at, the form it picks when the sizes that grow with the set are large -- what
-``torch.export`` picks with a symbolic set size. Which counts grow with the set is found by running
-the model at two sizes first."""
+A form can be pinned (:attr:`MAB.form`, :func:`attention_forms`): a trace (TorchScript, ONNX) keeps
+the form chosen at the traced size for every size, so :func:`large_set_forms` pins each block, while
+a model is traced, to the form it uses for large sets.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
-from collections.abc import Callable, Iterator
-from typing import Literal
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Literal, TypedDict, Unpack, cast, get_args
 
 import torch
 import torch.nn.functional as F
@@ -90,41 +63,125 @@ from .attention import (
     pooled_attention,
     split_heads,
 )
-from .scores import ScoreSpec, make_score
-from .sets import masked_pool  # re-exported: it lived here before
+from .scores import ScoreSpec, check_score, make_score, softmax_scale
+from .streaming import Pipeline, isab_chunked, pma_chunked
 from .validation import (
     check_finite,
     check_like,
     check_positive,
     check_probability,
+    check_scale,
     check_set,
+    check_top_k,
     prepare_set,
     zero_padding,
 )
 
 __all__ = [
+    "FORMS",
     "ISAB",
     "MAB",
     "PMA",
     "SAB",
+    "BlockKeywords",
+    "BlockOptions",
+    "Form",
     "InducedRows",
     "Norm",
-    "OnlineSoftmax",
     "PooledQueries",
+    "attention_forms",
     "check_dot_product",
     "large_set_forms",
-    "mab_tail",
-    "masked_pool",
 ]
 
 Norm = Literal["post", "pre"] | None
 Residual = Literal["auto", "input", "projected"]
+Form = Literal["standard", "pooled", "induced"]
+#: The exact forms of a MAB's attention (see the module docstring).
+FORMS: tuple[Form, ...] = get_args(Form)
+
+
+class BlockKeywords(TypedDict, total=False):
+    """The fields of :class:`BlockOptions`, as keyword arguments of the blocks and models."""
+
+    norm: Norm
+    ff_dim: int | None
+    dropout: float
+    scale: float | None
+    residual: Residual
+    out_proj: bool
+    score: ScoreSpec
+    top_k: int | None
+
+
+@dataclass(frozen=True)
+class BlockOptions:
+    """The options shared by every attention block (see the module docstring), checked once.
+
+    Example:
+        >>> options = BlockOptions(norm="pre", ff_dim=64)
+        >>> SAB(3, 16, num_heads=4, options=options).mab.norm
+        'pre'
+        >>> BlockOptions(dropout=1.5)
+        Traceback (most recent call last):
+        ...
+        ValueError: dropout: expected a probability in [0, 1), got 1.5
+    """
+
+    norm: Norm = "post"
+    ff_dim: int | None = None
+    dropout: float = 0.0
+    scale: float | None = None
+    residual: Residual = "auto"
+    out_proj: bool = True
+    score: ScoreSpec = "dot"
+    top_k: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.norm not in ("post", "pre", None):
+            raise ValueError(f"norm: expected 'post', 'pre' or None, got {self.norm!r}")
+        if self.ff_dim is not None:
+            check_positive("ff_dim", self.ff_dim)
+        check_probability("dropout", self.dropout)
+        check_scale(self.scale)
+        if self.residual not in ("auto", "input", "projected"):
+            raise ValueError(f"residual: expected 'auto', 'input' or 'projected', got {self.residual!r}")
+        check_score(self.score)
+        check_top_k(self.top_k)
+
+    @classmethod
+    def of(cls, options: BlockOptions | None, keywords: BlockKeywords) -> BlockOptions:
+        """``options`` (default: the defaults) with the fields named in ``keywords`` replaced."""
+        base = cls() if options is None else options
+        if not isinstance(base, BlockOptions):
+            raise TypeError(f"options: expected a BlockOptions, got {type(base).__name__}")
+        return replace(base, **keywords) if keywords else base
+
+    def as_dict(self) -> dict[str, object]:
+        """The options as keywords (values as given, a score module not copied)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def _feed_forward(dim: int, ff_dim: int | None) -> nn.Sequential:
     if ff_dim is None:
         return nn.Sequential(nn.Linear(dim, dim), nn.ReLU())
     return nn.Sequential(nn.Linear(dim, ff_dim), nn.ReLU(), nn.Linear(ff_dim, dim))
+
+
+class _Ops:
+    """The operations of a block's tail (:meth:`MAB._norm_ff`): new tensors, autograd, dropout."""
+
+    def norm(self, layer: nn.Module, x: Tensor, name: str) -> Tensor:
+        return cast(Tensor, layer(x))
+
+    def ff(self, mab: MAB, x: Tensor) -> Tensor:
+        return cast(Tensor, mab.drop(mab.ff(x)))
+
+    def add(self, stream: Tensor, branch: Tensor) -> Tensor:
+        return stream + branch
+
+
+_NEW_TENSORS = _Ops()
 
 
 class MAB(nn.Module):
@@ -135,12 +192,13 @@ class MAB(nn.Module):
         dim_kv: feature size of the keys/values (the set attended to).
         dim: width of the block and of its output.
         num_heads: number of heads; must divide ``dim``.
-        norm, ff_dim, dropout, scale, residual, out_proj, score, top_k: see the module docstring.
+        options: :class:`BlockOptions`; keywords of the same names override its fields.
 
     Shapes: ``q: (B, Nq, dim_q)`` (or ``(1, Nq, dim_q)``, shared by the batch), ``kv: (B, Nk, dim_kv)``,
     ``mask: (B, Nk)`` over ``kv`` -> ``(B, Nq, dim)``.
 
     Example:
+        >>> import torch
         >>> mab = MAB(3, 5, 16, num_heads=4)
         >>> mab(torch.randn(2, 7, 3), torch.randn(2, 9, 5)).shape
         torch.Size([2, 7, 16])
@@ -153,54 +211,40 @@ class MAB(nn.Module):
         dim: int,
         num_heads: int,
         *,
-        norm: Norm = "post",
-        ff_dim: int | None = None,
-        dropout: float = 0.0,
-        scale: float | None = None,
-        residual: Residual = "auto",
-        out_proj: bool = True,
-        score: ScoreSpec = "dot",
-        top_k: int | None = None,
+        options: BlockOptions | None = None,
+        **keywords: Unpack[BlockKeywords],
     ) -> None:
         super().__init__()
+        o = BlockOptions.of(options, keywords)
         for name, value in [("dim_q", dim_q), ("dim_kv", dim_kv), ("dim", dim), ("num_heads", num_heads)]:
             check_positive(name, value)
-        if ff_dim is not None:
-            check_positive("ff_dim", ff_dim)
         if dim % num_heads != 0:
             raise ValueError(f"num_heads: must divide dim={dim}, got {num_heads}")
-        if norm not in ("post", "pre", None):
-            raise ValueError(f"norm: expected 'post', 'pre' or None, got {norm!r}")
-        if residual not in ("auto", "input", "projected"):
-            raise ValueError(f"residual: expected 'auto', 'input' or 'projected', got {residual!r}")
-        if residual == "input" and dim_q != dim:
+        if o.residual == "input" and dim_q != dim:
             raise ValueError(f"residual='input' needs dim_q == dim, got dim_q={dim_q}, dim={dim}")
-        check_probability("dropout", dropout)
-        if scale is not None and (
-            isinstance(scale, bool) or not isinstance(scale, int | float) or not 0 < scale < float("inf")
-        ):
-            raise ValueError(f"scale: expected a positive number or None, got {scale!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k: expected a positive integer or None, got {top_k!r}")
+        self.options = o
         self.dim_q, self.dim_kv, self.dim, self.num_heads = dim_q, dim_kv, dim, num_heads
-        self.norm, self.scale, self.dropout = norm, scale, dropout
-        self.residual = "input" if residual == "auto" and dim_q == dim else residual
+        self.norm, self.scale, self.dropout = o.norm, o.scale, o.dropout
+        self.residual: Residual = "input" if o.residual == "auto" and dim_q == dim else o.residual
         if self.residual == "auto":
             self.residual = "projected"
-        self.score, self.top_k = make_score(score, num_heads, dim // num_heads), top_k
+        self.score, self.top_k = make_score(o.score, num_heads, dim // num_heads), o.top_k
         self.to_q = nn.Linear(dim_q, dim)
         self.to_kv = nn.Linear(dim_kv, 2 * dim)  # keys and values in one product
-        self.to_out: nn.Module = nn.Linear(dim, dim) if out_proj else nn.Identity()
-        self.ff = _feed_forward(dim, ff_dim)
-        self.drop: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        if norm == "post":
+        self.to_out: nn.Module = nn.Linear(dim, dim) if o.out_proj else nn.Identity()
+        self.ff = _feed_forward(dim, o.ff_dim)
+        self.drop: nn.Module = nn.Dropout(o.dropout) if o.dropout > 0 else nn.Identity()
+        if o.norm == "post":
             self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        elif norm == "pre":
+        elif o.norm == "pre":
             self.norm_q, self.norm_kv, self.norm_ff = (
                 nn.LayerNorm(dim_q),
                 nn.LayerNorm(dim_kv),
                 nn.LayerNorm(dim),
             )
+        self._form: Form | tuple[Form, ...] | None = None
+        self._form_calls = 0
+        self._size_log: list[tuple[int, int]] | None = None  # see large_set_forms
 
     def forward(self, q: Tensor, kv: Tensor, mask: Tensor | None = None) -> Tensor:
         """``q: (B, Nq, dim_q)``, ``kv: (B, Nk, dim_kv)``, ``mask: (B, Nk)`` -> ``(B, Nq, dim)``."""
@@ -209,7 +253,7 @@ class MAB(nn.Module):
         if q.shape[0] not in (1, kv.shape[0]):
             raise ValueError(f"q: batch size {q.shape[0]} does not match kv's {kv.shape[0]}")
         check_finite(check_like(q, self.to_q.weight, "q"), "q")
-        return self.attend(q, kv, mask)
+        return self.forward_unchecked(q, kv, mask)
 
     def project(self, q: Tensor, kv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Projected queries, keys and values, each ``(B, N, dim)``."""
@@ -218,48 +262,88 @@ class MAB(nn.Module):
         k, v = self.to_kv(kv).chunk(2, dim=-1)
         return self.to_q(q), k, v
 
-    def _path(self, nq: int, nk: int) -> str:
-        """The cheapest exact form for ``nq`` queries and ``nk`` keys (:func:`~.attention.cheapest_form`);
-        other scores and ``top_k`` always use ``"standard"``."""
+    @property
+    def form(self) -> Form | tuple[Form, ...] | None:
+        """The pinned form of the attention: ``None`` (default: the cheapest for each call's sizes),
+        one of :data:`FORMS` for every call, or a tuple of them replayed call after call.
+
+        Blocks with another score or ``top_k`` always use ``"standard"``.
+
+        Example:
+            >>> mab = MAB(8, 8, 8, num_heads=2)
+            >>> mab.choose_form(4, 10_000)
+            'pooled'
+            >>> mab.form = "standard"
+            >>> mab.choose_form(4, 10_000)
+            'standard'
+        """
+        return self._form
+
+    @form.setter
+    def form(self, value: Form | Sequence[Form] | None) -> None:
+        pinned: tuple[object, ...] = (
+            () if value is None else (value,) if isinstance(value, str) else tuple(value)
+        )
+        for f in pinned:
+            if f not in FORMS:
+                raise ValueError(f"form: expected None or one of {', '.join(FORMS)}, got {f!r}")
+            if f == "induced" and not isinstance(self.to_out, nn.Linear):
+                raise ValueError("form: 'induced' folds the output projection in; this block has none")
+        if value is not None and not pinned:
+            raise ValueError("form: expected at least one form, got an empty sequence")
+        self._form = value if value is None or isinstance(value, str) else cast(tuple[Form, ...], pinned)
+        self._form_calls = 0
+
+    def choose_form(self, nq: int, nk: int) -> Form:
+        """The form of the attention for ``nq`` queries and ``nk`` keys: the pinned :attr:`form`, or
+        the cheapest exact one (:func:`~settransformer.nn.attention.cheapest_form`)."""
+        if self._size_log is not None:
+            self._size_log.append((nq, nk))
         if self.score is not None or self.top_k is not None:
             return "standard"
-        return cheapest_form(nq, nk, self._sizes())
+        if self._form is None:
+            return self._cheapest(nq, nk)
+        if isinstance(self._form, str):
+            return self._form
+        self._form_calls += 1
+        return self._form[(self._form_calls - 1) % len(self._form)]
 
-    def few_keys(self, nk: int) -> bool:
-        """Whether ``nk`` keys are few enough for the ``"induced"`` form
-        (:func:`~.attention.induced_is_cheaper`)."""
-        return induced_is_cheaper(nk, self._sizes())
+    def _cheapest(self, nq: float, nk: float) -> Form:
+        if self.score is not None or self.top_k is not None:
+            return "standard"
+        return cast(Form, cheapest_form(nq, nk, self.form_sizes()))
 
-    def _sizes(self) -> FormSizes:
+    def form_sizes(self) -> FormSizes:
+        """The widths that decide the cost of each form."""
         out_proj = isinstance(self.to_out, nn.Linear)
         return FormSizes(
             self.dim, self.num_heads, self.dim_q, self.dim_kv, self.residual == "projected", out_proj
         )
 
-    def attend(
+    def forward_unchecked(
         self,
         q: Tensor,
         kv: Tensor,
         mask: Tensor | None,
         projected: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> Tensor:
-        """The block without input checks; ``kv`` must already be zero at padded rows.
+        """:meth:`forward` without input checks; ``kv`` must already be zero at padded rows.
 
         ``projected`` lets a caller that already computed ``(q', k, v)`` (in one fused product,
-        say) skip the projections; otherwise the cheapest exact form of the attention is used.
+        say) skip the projections; otherwise the form of :meth:`choose_form` is used.
         """
         h, p = self.num_heads, self.dropout if self.training else 0.0
-        path = "standard" if projected is not None else self._path(q.shape[1], kv.shape[1])
+        form = "standard" if projected is not None else self.choose_form(q.shape[1], kv.shape[1])
         qn, kvn = (self.norm_q(q), self.norm_kv(kv)) if self.norm == "pre" else (q, kv)
         qp: Tensor | None = None
-        if path == "pooled":
+        if form == "pooled":
             qp = self.to_q(qn)
             w_k, w_v = self.to_kv.weight.chunk(2)
             o = pooled_attention(
                 qp, kvn, w_k, w_v, self.to_kv.bias[self.dim :], h, mask, scale=self.scale, dropout_p=p
             )
             o = self.to_out(o)
-        elif path == "induced":
+        elif form == "induced":
             if qn.shape[0] != kvn.shape[0]:  # queries shared by the batch
                 qn = qn.expand(kvn.shape[0], -1, -1)
             k, v = self.to_kv(kvn).chunk(2, dim=-1)
@@ -293,13 +377,28 @@ class MAB(nn.Module):
                 top_k=self.top_k,
             )
             o = self.to_out(merge_heads(o))
-        x = (q if self.residual == "input" or qp is None else qp) + self.drop(o)
+        return self._after_attention(q, qp, o)
+
+    def _after_attention(self, q: Tensor, qp: Tensor | None, o: Tensor) -> Tensor:
+        """The block after its attention: residual, then :meth:`_norm_ff`.
+
+        ``q``: the raw queries ``(Bq, Nq, dim_q)``; ``qp``: the projected ones (the residual when
+        :attr:`residual` is ``"projected"``); ``o``: the attention output after ``W^O``, ``(B, Nq, dim)``.
+        """
+        residual = q if self.residual == "input" or qp is None else qp
+        return self._norm_ff(residual + self.drop(o))
+
+    def _norm_ff(self, h: Tensor, ops: _Ops = _NEW_TENSORS) -> Tensor:
+        """The rFF and the norms around it, on ``h`` = residual + attention output ``(B, Nq, dim)``.
+
+        ``ops`` computes each step: new tensors by default, workspace buffers in :class:`InducedRows`.
+        """
         if self.norm == "post":
-            x = self.norm1(x)
-            return self.norm2(x + self.drop(self.ff(x)))
+            h = ops.norm(self.norm1, h, "n1")
+            return ops.norm(self.norm2, ops.add(h, ops.ff(self, h)), "out")
         if self.norm == "pre":
-            return x + self.drop(self.ff(self.norm_ff(x)))
-        return x + self.drop(self.ff(x))
+            return ops.add(h, ops.ff(self, ops.norm(self.norm_ff, h, "nff")))
+        return ops.add(h, ops.ff(self, h))
 
     def extra_repr(self) -> str:
         top_k = "" if self.top_k is None else f", top_k={self.top_k}"
@@ -313,34 +412,51 @@ def _fused_linear(x: Tensor, q: nn.Linear, kv: nn.Linear) -> tuple[Tensor, Tenso
     return out[..., :d], out[..., d : 2 * d], out[..., 2 * d :]
 
 
+def _chunked_input(x: object, chunk_size: int | None) -> bool:
+    """Whether a block's ``forward`` takes the chunked path: ``chunk_size`` given and something to
+    chunk (a tensor with ``N = 0`` takes the ordinary path)."""
+    if chunk_size is None:
+        return False
+    check_positive("chunk_size", chunk_size)
+    return not (isinstance(x, Tensor) and x.dim() == 3 and x.shape[1] == 0)
+
+
 class SAB(nn.Module):
     """Set attention block ``SAB(X) = MAB(X, X)``: permutation equivariant, cost quadratic in N.
 
-    Shapes: ``x: (B, N, dim_in)``, ``mask: (B, N)`` -> ``(B, N, dim)``. Keyword options as in :class:`MAB`.
+    Shapes: ``x: (B, N, dim_in)``, ``mask: (B, N)`` -> ``(B, N, dim)``. Options as in :class:`MAB`.
 
     Example:
+        >>> import torch
         >>> SAB(3, 16, num_heads=4)(torch.randn(2, 10, 3)).shape
         torch.Size([2, 10, 16])
     """
 
-    def __init__(self, dim_in: int, dim: int, num_heads: int, **options: object) -> None:
+    def __init__(
+        self,
+        dim_in: int,
+        dim: int,
+        num_heads: int,
+        *,
+        options: BlockOptions | None = None,
+        **keywords: Unpack[BlockKeywords],
+    ) -> None:
         super().__init__()
         self.dim_in = dim_in
-        self.mab = MAB(dim_in, dim_in, dim, num_heads, **options)  # type: ignore[arg-type]
+        self.mab = MAB(dim_in, dim_in, dim, num_heads, options=BlockOptions.of(options, keywords))
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """``x: (B, N, dim_in)``, ``mask: (B, N)`` -> ``(B, N, dim)``, zero at padded positions."""
         x, mask = prepare_set(x, mask, self.dim_in, self.mab.to_q.weight)
-        return self.encode(x, mask)
+        return self.forward_unchecked(x, mask)
 
-    def encode(self, x: Tensor, mask: Tensor | None) -> Tensor:
+    def forward_unchecked(self, x: Tensor, mask: Tensor | None) -> Tensor:
         """:meth:`forward` without input checks; ``x`` must be zero at padded rows."""
         mab = self.mab
         projected = None
         if mab.norm != "pre":  # queries, keys and values from one product
-            q, k, v = _fused_linear(x, mab.to_q, mab.to_kv)
-            projected = (q, k, v)
-        return zero_padding(mab.attend(x, x, mask, projected), mask)
+            projected = _fused_linear(x, mab.to_q, mab.to_kv)
+        return zero_padding(mab.forward_unchecked(x, x, mask, projected), mask)
 
 
 #: Rows (over the whole batch) per block of an ISAB's ``mab1`` when autograd is off.
@@ -351,22 +467,33 @@ class ISAB(nn.Module):
     """Induced set attention block: ``ISAB_m(X) = MAB(X, H)``, ``H = MAB(I, X)``.
 
     ``m = num_inducing`` learned inducing points ``I`` summarise the set, so time and memory are
-    linear in N (``O(N m)`` instead of ``O(N^2)``).
+    linear in N (``O(N m)`` instead of ``O(N^2)``). ``mab0`` computes ``H``, ``mab1`` the output.
 
-    Shapes: ``x: (B, N, dim_in)``, ``mask: (B, N)`` -> ``(B, N, dim)``. Keyword options as in :class:`MAB`.
+    Shapes: ``x: (B, N, dim_in)``, ``mask: (B, N)`` -> ``(B, N, dim)``. Options as in :class:`MAB`.
 
     Example:
+        >>> import torch
         >>> ISAB(3, 16, num_heads=4, num_inducing=8)(torch.randn(2, 1000, 3)).shape
         torch.Size([2, 1000, 16])
     """
 
-    def __init__(self, dim_in: int, dim: int, num_heads: int, num_inducing: int, **options: object) -> None:
+    def __init__(
+        self,
+        dim_in: int,
+        dim: int,
+        num_heads: int,
+        num_inducing: int,
+        *,
+        options: BlockOptions | None = None,
+        **keywords: Unpack[BlockKeywords],
+    ) -> None:
         super().__init__()
         check_positive("num_inducing", num_inducing)
+        o = BlockOptions.of(options, keywords)
         self.dim_in = dim_in
         self.inducing = nn.Parameter(torch.empty(num_inducing, dim))
-        self.mab0 = MAB(dim, dim_in, dim, num_heads, **options)  # type: ignore[arg-type]
-        self.mab1 = MAB(dim_in, dim, dim, num_heads, **options)  # type: ignore[arg-type]
+        self.mab0 = MAB(dim, dim_in, dim, num_heads, options=o)
+        self.mab1 = MAB(dim_in, dim, dim, num_heads, options=o)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -379,27 +506,24 @@ class ISAB(nn.Module):
         so that no activation larger than one chunk exists
         (see :func:`settransformer.nn.streaming.isab_chunked`).
         """
-        if chunk_size is not None and not (isinstance(x, Tensor) and x.dim() == 3 and x.shape[1] == 0):
-            check_positive("chunk_size", chunk_size)
-            from .streaming import isab_chunked  # chunked builds on this module
-
-            return isab_chunked(self, x, mask, chunk_size=chunk_size)
+        if _chunked_input(x, chunk_size):
+            return cast(Tensor, isab_chunked(self, x, mask, chunk_size=cast(int, chunk_size)))
         x, mask = prepare_set(x, mask, self.dim_in, self.inducing)
-        return self.encode(x, mask)
+        return self.forward_unchecked(x, mask)
 
     def induce(self, x: Tensor, mask: Tensor | None) -> Tensor:
         """``H = MAB(I, X)``: ``(B, num_inducing, dim)``; ``x`` zero at padded rows."""
-        return self.mab0.attend(self.inducing[None], x, mask)
+        return self.mab0.forward_unchecked(self.inducing[None], x, mask)
 
-    def encode(self, x: Tensor, mask: Tensor | None) -> Tensor:
+    def forward_unchecked(self, x: Tensor, mask: Tensor | None) -> Tensor:
         """:meth:`forward` without input checks; ``x`` must be zero at padded rows.
 
         Without autograd, ``mab1`` runs over blocks of about :data:`ROW_BLOCK` rows: each element
         attends only to ``H``, so the result is the same, and a block's intermediates stay in the
         CPU cache instead of streaming ``(B, N, dim)`` tensors through memory (about 2x faster at
-        N = 100k). The blocks go through :class:`~settransformer.nn.blocks.InducedRows`, which
-        folds ``H`` into the projections once and reuses its buffers from block to block. With
-        autograd the whole set goes through at once (backward needs every row).
+        N = 100k). The blocks go through :class:`InducedRows`, which folds ``H`` into the
+        projections once and reuses its buffers from block to block. With autograd the whole set
+        goes through at once (backward needs every row).
         """
         h = self.induce(x, mask)
         b, n = x.shape[:2]
@@ -407,7 +531,7 @@ class ISAB(nn.Module):
         # tracers and compilers see one graph: no Python loop over a size that varies between calls
         tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
         if tracing or torch.is_grad_enabled() or n <= block:
-            return zero_padding(self.mab1.attend(x, h, None), mask)
+            return zero_padding(self.mab1.forward_unchecked(x, h, None), mask)
 
         rows = InducedRows(self.mab1, h)
         first = rows(x[:, :block])
@@ -416,6 +540,19 @@ class ISAB(nn.Module):
         for start in range(block, n, block):
             out[:, start : start + block] = rows(x[:, start : start + block])
         return zero_padding(out, mask)
+
+    def pipeline(self) -> Pipeline:
+        """The block as chunked evaluation sees it (:class:`~settransformer.nn.streaming.Chunkable`)."""
+        return Pipeline(self.dim_in, self.mab1.dim, self.inducing, stages=[self])
+
+    def summary_queries(self, name: str) -> PooledQueries:
+        """The inducing points prepared to attend over chunks of the set (``H``, chunk by chunk)."""
+        check_dot_product(self.mab0, f"{name}.mab0")
+        return PooledQueries(self.mab0, self.inducing[None])
+
+    def rows_given(self, summary: Tensor) -> InducedRows:
+        """The block's output row by row, given its induced set ``H = summary: (B, m, dim)``."""
+        return InducedRows(self.mab1, summary)
 
 
 class PMA(nn.Module):
@@ -428,16 +565,25 @@ class PMA(nn.Module):
     the seeds passed through the block with a zero attention output (finite).
 
     Example:
+        >>> import torch
         >>> PMA(16, num_heads=4, num_seeds=2)(torch.randn(3, 10, 16)).shape
         torch.Size([3, 2, 16])
     """
 
-    def __init__(self, dim: int, num_heads: int, num_seeds: int, **options: object) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_seeds: int,
+        *,
+        options: BlockOptions | None = None,
+        **keywords: Unpack[BlockKeywords],
+    ) -> None:
         super().__init__()
         check_positive("num_seeds", num_seeds)
         self.dim = dim
         self.seeds = nn.Parameter(torch.empty(num_seeds, dim))
-        self.mab = MAB(dim, dim, dim, num_heads, **options)  # type: ignore[arg-type]
+        self.mab = MAB(dim, dim, dim, num_heads, options=BlockOptions.of(options, keywords))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -449,17 +595,23 @@ class PMA(nn.Module):
         ``chunk_size``: accumulate the attention over ``chunk_size`` elements at a time with an online
         softmax (see :func:`settransformer.nn.streaming.pma_chunked`); ``z`` may be any sliceable array-like.
         """
-        if chunk_size is not None and not (isinstance(z, Tensor) and z.dim() == 3 and z.shape[1] == 0):
-            check_positive("chunk_size", chunk_size)
-            from .streaming import pma_chunked  # chunked builds on this module
-
-            return pma_chunked(self, z, mask, chunk_size=chunk_size)
+        if _chunked_input(z, chunk_size):
+            return pma_chunked(self, z, mask, chunk_size=cast(int, chunk_size))
         z, mask = prepare_set(z, mask, self.dim, self.seeds, name="z")
-        return self.pool(z, mask)
+        return self.forward_unchecked(z, mask)
 
-    def pool(self, z: Tensor, mask: Tensor | None) -> Tensor:
+    def forward_unchecked(self, z: Tensor, mask: Tensor | None) -> Tensor:
         """:meth:`forward` without input checks; ``z`` must be zero at padded rows."""
-        return self.mab.attend(self.seeds[None], z, mask)
+        return self.mab.forward_unchecked(self.seeds[None], z, mask)
+
+    def pipeline(self) -> Pipeline:
+        """The block as chunked evaluation sees it (:class:`~settransformer.nn.streaming.Chunkable`)."""
+        return Pipeline(self.dim, self.dim, self.seeds, pooling=self)
+
+    def summary_queries(self, name: str) -> PooledQueries:
+        """The seeds prepared to attend over chunks of the set."""
+        check_dot_product(self.mab, f"{name}.mab")
+        return PooledQueries(self.mab, self.seeds[None])
 
 
 # Fused CPU attention that also returns the log-sum-exp (a private op: absent -> plain products).
@@ -472,6 +624,12 @@ def check_dot_product(mab: MAB, name: str) -> None:
     The online softmax accumulates ``exp(q . x)`` over raw rows; other score functions (a MAB's
     ``score`` other than ``None``, i.e. ``"dot"``) and hard ``top_k`` attention do not decompose
     that way.
+
+    Example:
+        >>> check_dot_product(MAB(4, 4, 8, 2, top_k=2), "pma.mab")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: pma.mab: chunked evaluation supports only dot-product softmax attention, ...
     """
     score, top_k = getattr(mab, "score", None), getattr(mab, "top_k", None)
     if score is None and top_k is None:
@@ -482,72 +640,26 @@ def check_dot_product(mab: MAB, name: str) -> None:
     )
 
 
-def mab_tail(mab: MAB, q: Tensor, qp: Tensor | None, o: Tensor) -> Tensor:
-    """The part of :meth:`MAB.attend` after the attention: output projection, residual, rFF, norms.
-
-    ``q``: the raw queries ``(Bq, Nq, dim_q)``; ``qp``: the projected queries ``(Bq, Nq, dim)`` (used
-    as the residual when ``mab.residual == "projected"``); ``o``: the heads' concatenated attention
-    output ``(B, Nq, dim)``. Returns ``(B, Nq, dim)``.
-    """
-    residual = q if mab.residual == "input" or qp is None else qp
-    x = residual + mab.drop(mab.to_out(o))
-    if mab.norm == "post":
-        x = mab.norm1(x)
-        return mab.norm2(x + mab.drop(mab.ff(x)))
-    if mab.norm == "pre":
-        return x + mab.drop(mab.ff(mab.norm_ff(x)))
-    return x + mab.drop(mab.ff(x))
-
-
-class OnlineSoftmax:
-    """Running softmax statistics of ``Q`` query rows over a set seen chunk by chunk.
-
-    Feed it each chunk's ``(ref, denom, acc)`` from :meth:`PooledQueries.stats` with :meth:`add`;
-    :meth:`result` returns the softmax-weighted sums ``(B, Q, D)`` and which sets were empty.
-    """
-
-    def __init__(self) -> None:
-        self.ref: Tensor | None = None  # (B, Q, 1), detached, finite
-        self.denom: Tensor | None = None  # (B, Q, 1)
-        self.acc: Tensor | None = None  # (B, Q, D)
-
-    def add(self, ref: Tensor, denom: Tensor, acc: Tensor) -> None:
-        """Merge one chunk's statistics (``ref`` detached, ``denom`` and ``acc`` relative to it)."""
-        if self.ref is None or self.denom is None or self.acc is None:
-            self.ref, self.denom, self.acc = ref, denom, acc
-            return
-        new_ref = torch.maximum(self.ref, ref)
-        old_scale, scale = torch.exp(self.ref - new_ref), torch.exp(ref - new_ref)
-        self.denom = self.denom * old_scale + denom * scale
-        self.acc = self.acc * old_scale + acc * scale
-        self.ref = new_ref
-
-    def result(self) -> tuple[Tensor, Tensor]:
-        """``(weighted sums (B, Q, D), empty (B,) bool)``; an empty set's sums are zero."""
-        if self.denom is None or self.acc is None:
-            raise ValueError("x: the set has no elements (chunked evaluation saw no chunk)")
-        seen = self.denom > 0  # the running maximum contributes exp(0) = 1 unless all are masked
-        out = self.acc / torch.where(seen, self.denom, torch.ones_like(self.denom))
-        return out, ~seen[:, 0, 0]
-
-
 class PooledQueries:
     """A MAB's few queries prepared to attend over raw chunks of a large set (pooled form).
 
     ``q~_h = (q W_q + b_q)_h W_k,h * scale`` is computed once; each chunk then costs one
-    ``(c, D_kv) x (D_kv, H * Nq)`` product for the scores and one for the weighted sum.
+    ``(c, D_kv) x (D_kv, H * Nq)`` product for the scores and one for the weighted sum. Implements
+    :class:`~settransformer.nn.streaming.SummaryQueries`.
 
     Args:
         mab: the block, with dot-product scores.
         q: its raw queries ``(Bq, Nq, dim_q)``, ``Bq`` = 1 (learned, shared) or ``B``.
 
     Example:
+        >>> import torch
+        >>> from settransformer.nn.streaming import OnlineSoftmax
         >>> mab = MAB(8, 3, 8, num_heads=2).eval()
         >>> q, x = torch.randn(1, 4, 8), torch.randn(2, 100, 3)
         >>> pq, acc = PooledQueries(mab, q), OnlineSoftmax()
         >>> for s in range(0, 100, 30):
         ...     acc.add(*pq.stats(x[:, s : s + 30], None))
-        >>> torch.allclose(pq.finish(*acc.result()), mab.attend(q, x, None), atol=1e-5)
+        >>> torch.allclose(pq.finish(*acc.result()), mab.forward_unchecked(q, x, None), atol=1e-5)
         True
     """
 
@@ -559,8 +671,8 @@ class PooledQueries:
         self.qp = mab.to_q(qn)  # (Bq, Nq, dim)
         w_k, self.w_v = mab.to_kv.weight.chunk(2)
         self.b_v = mab.to_kv.bias[d:]
-        scale = dh**-0.5 if mab.scale is None else mab.scale
         q_in = torch.einsum("bhqe,hek->bhqk", split_heads(self.qp, h), w_k.view(h, dh, dkv))
+        scale = softmax_scale(dh, mab.scale)
         self.q_in = (q_in * scale).reshape(q.shape[0], h * q.shape[1], dkv)  # (Bq, H * Nq, D_kv)
 
     def stats(self, kv: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -621,11 +733,23 @@ class PooledQueries:
         pooled = pooled.to(self.w_v.dtype)  # the fused kernel keeps half-precision statistics in float32
         o = torch.einsum("bhqk,hek->bhqe", pooled.view(b, h, nq, dkv), self.w_v.view(h, dh, dkv))
         o = (o + self.b_v.view(h, 1, dh)).masked_fill(empty[:, None, None, None], 0.0)
-        return mab_tail(mab, self.q, self.qp, merge_heads(o))
+        return mab._after_attention(self.q, self.qp, mab.to_out(merge_heads(o)))
 
 
 class InducedRows:
-    """``mab.attend(x, h, None)`` for many chunks ``x: (B, c, dim_q)`` of one set batch.
+    """``mab.forward_unchecked(x, h, None)`` for many chunks ``x: (B, c, dim_q)`` of one set batch.
+
+    Each element attends to the same ``m`` induced vectors ``h``, so everything that depends only
+    on ``h`` -- its keys folded with the query projection, its values folded with the output
+    projection (the ``"induced"`` form of :func:`settransformer.nn.attention.induced_attention`) --
+    is computed once instead of once per chunk, and each chunk costs two large products (scores,
+    output) plus the rFF, written into buffers reused from call to call. The output bias is folded
+    into the values: each head's softmax weights sum to one, so adding ``b_o / H`` to every folded
+    value row adds ``b_o`` to the output.
+
+    With autograd, autocast, active dropout, another score function or ``top_k``, no output
+    projection, or more induced vectors than :func:`~settransformer.nn.attention.induced_is_cheaper`
+    allows, it calls :meth:`MAB.forward_unchecked` instead; both agree up to float rounding.
 
     Args:
         mab: an ISAB's ``mab1``.
@@ -634,24 +758,25 @@ class InducedRows:
     Results of the fast path are overwritten by the next call (see :meth:`__call__`).
 
     Example:
-        >>> from settransformer import ISAB
+        >>> import torch
         >>> isab = ISAB(3, 16, num_heads=4, num_inducing=8).eval()
         >>> x = torch.randn(2, 50, 3)
         >>> with torch.no_grad():
         ...     h = isab.induce(x, None)
-        ...     torch.allclose(InducedRows(isab.mab1, h)(x), isab.mab1.attend(x, h, None), atol=1e-5)
+        ...     rows = InducedRows(isab.mab1, h)(x)
+        ...     torch.allclose(rows, isab.mab1.forward_unchecked(x, h, None), atol=1e-5)
         True
     """
 
     def __init__(self, mab: MAB, h: Tensor) -> None:
         self.mab, self.h = mab, h
         dropout = mab.training and mab.dropout > 0
-        plain = getattr(mab, "score", None) is None and getattr(mab, "top_k", None) is None
+        plain = mab.score is None and mab.top_k is None
         # out= variants do not autocast: under autocast the block's own code (which does) runs
         autocast = torch.is_autocast_enabled(h.device.type)
         self.fast = (
             plain
-            and mab.few_keys(h.shape[1])  # else the block's standard form is cheaper
+            and induced_is_cheaper(h.shape[1], mab.form_sizes())  # else the standard form is cheaper
             and not dropout
             and not torch.is_grad_enabled()
             and not autocast
@@ -660,7 +785,7 @@ class InducedRows:
             return
         heads, d = mab.num_heads, mab.dim
         dh = d // heads
-        scale = dh**-0.5 if mab.scale is None else mab.scale
+        scale = softmax_scale(dh, mab.scale)
         k, v = mab.to_kv(mab.norm_kv(h) if mab.norm == "pre" else h).chunk(2, dim=-1)
         b, m = k.shape[:2]
         kh = split_heads(k, heads)  # (B, H, m, dh)
@@ -684,7 +809,7 @@ class InducedRows:
         """
         mab = self.mab
         if not self.fast:
-            return mab.attend(x, self.h, None)
+            return mab.forward_unchecked(x, self.h, None)
         b, c = x.shape[:2]
         heads, d, ws = mab.num_heads, mab.dim, self.ws
         qn = mab.norm_q(x) if mab.norm == "pre" else x
@@ -693,18 +818,12 @@ class InducedRows:
         weights = ws.get("w", b, c, heads, self.m)
         torch.softmax(scores.view(b, c, heads, self.m), dim=-1, out=weights)
         weights = weights.view(b, c, heads * self.m)
-        y = ws.get("y", b, c, d)
+        y = ws.get("y", b, c, d)  # residual + attention output, the residual added by the product
         if mab.residual == "projected":
             _linear(mab.to_q, qn, y).baddbmm_(weights, self.v_out)
         else:
             torch.baddbmm(x, weights, self.v_out, out=y)
-        out = ws.get("out", b, c, d)
-        if mab.norm == "post":
-            y = _layer_norm(mab.norm1, y, ws.get("n1", b, c, d), ws)
-            return _layer_norm(mab.norm2, _feed_forward_into(mab.ff, y, ws).add_(y), out, ws)
-        if mab.norm == "pre":
-            return torch.add(_feed_forward_into(mab.ff, mab.norm_ff(y), ws), y, out=out)
-        return torch.add(_feed_forward_into(mab.ff, y, ws), y, out=out)
+        return mab._norm_ff(y, _BufferOps(ws))
 
 
 class _Workspace:
@@ -721,6 +840,22 @@ class _Workspace:
         if buf is None or buf.numel() < n:
             buf = self.buffers[name] = self.like.new_empty(n)
         return buf[:n].view(shape)
+
+
+class _BufferOps(_Ops):
+    """:class:`_Ops` writing into workspace buffers (no autograd, no dropout), ReLU and sums in place."""
+
+    def __init__(self, ws: _Workspace) -> None:
+        self.ws = ws
+
+    def norm(self, layer: nn.Module, x: Tensor, name: str) -> Tensor:
+        return _layer_norm(layer, x, self.ws.get(name, *x.shape), self.ws)
+
+    def ff(self, mab: MAB, x: Tensor) -> Tensor:
+        return _feed_forward_into(mab.ff, x, self.ws)
+
+    def add(self, stream: Tensor, branch: Tensor) -> Tensor:
+        return branch.add_(stream)
 
 
 def _linear(layer: nn.Linear, x: Tensor, out: Tensor) -> Tensor:
@@ -760,6 +895,39 @@ def _feed_forward_into(ff: nn.Module, x: Tensor, ws: _Workspace) -> Tensor:
     return x
 
 
+@contextlib.contextmanager
+def attention_forms(model: nn.Module, forms: Form | Mapping[MAB, Form | Sequence[Form]]) -> Iterator[None]:
+    """Within the context, the attention blocks of ``model`` use pinned forms (:attr:`MAB.form`).
+
+    Args:
+        model: the module whose :class:`MAB` s are pinned.
+        forms: one of :data:`FORMS` for every block of ``model``, or a form (or a sequence of
+            forms, replayed call after call) per block; blocks not named keep choosing by cost.
+
+    The forms are exact rewrites of each other, so results agree up to float rounding; what
+    changes is the cost, and which form a trace records.
+
+    Example:
+        >>> import torch
+        >>> from settransformer import SetTransformer
+        >>> model, x = SetTransformer(2, 1, 1, dim_hidden=16, num_inducing=4).eval(), torch.randn(2, 50, 2)
+        >>> with attention_forms(model, "standard"):
+        ...     standard = model(x)
+        >>> torch.allclose(standard, model(x), atol=1e-5)
+        True
+    """
+    mabs = [m for m in model.modules() if isinstance(m, MAB)]
+    pins = dict.fromkeys(mabs, forms) if isinstance(forms, str) else dict(forms)
+    saved = {m: m.form for m in pins}
+    try:
+        for m, f in pins.items():
+            m.form = f
+        yield
+    finally:
+        for m, previous in saved.items():
+            m.form = previous
+
+
 Batch = tuple[Tensor, Tensor]
 
 
@@ -767,7 +935,10 @@ Batch = tuple[Tensor, Tensor]
 def large_set_forms(
     model: nn.Module, example: Batch, probe: Batch, call: Callable[[Batch], object]
 ) -> Iterator[None]:
-    """Within the context, every :class:`MAB` of ``model`` uses its large-set form.
+    """Within the context, every :class:`MAB` of ``model`` uses the form it picks for large sets.
+
+    That is the form ``torch.export`` picks with a symbolic set size; a trace at ``example``'s
+    size then holds for every size.
 
     Args:
         model: the model to be traced.
@@ -775,53 +946,44 @@ def large_set_forms(
         call: runs ``model`` on a batch (in evaluation mode, without gradients).
 
     The blocks are called in the same order on every forward pass, so the ``k``-th call of a block
-    replays the form computed from its ``k``-th call at the two sizes: a count that differs between
-    them grows with N and is passed to ``MAB._path`` as infinite.
+    is given the form computed from its ``k``-th call at the two sizes: a count that differs between
+    them grows with N and counts as infinite.
+
+    Example:
+        >>> import torch
+        >>> from settransformer import SetTransformer
+        >>> model = SetTransformer(2, 1, 1, dim_hidden=16, num_inducing=4).eval()
+        >>> def batch(n):
+        ...     return torch.randn(2, n, 2), torch.ones(2, n, dtype=torch.bool)
+        >>> with large_set_forms(model, batch(8), batch(11), lambda b: model(*b)):
+        ...     model.pma.mab.choose_form(1, 8)  # what it picks for a large set
+        'pooled'
     """
     mabs = [m for m in model.modules() if isinstance(m, MAB)]
     first = _attention_sizes(mabs, example, call)
     second = _attention_sizes(mabs, probe, call)
-    try:
-        for m in mabs:
-            a, b = first[id(m)], second[id(m)]
-            paths = ["standard"]  # the form whose graph holds for every size, when in doubt
-            if len(a) == len(b) and a:
-                paths = [
-                    m._path(math.inf if q1 != q2 else q1, math.inf if k1 != k2 else k1)  # type: ignore[arg-type]
-                    for (q1, k1), (q2, k2) in zip(a, b)
-                ]
-            m.__dict__["_path"] = _replay(paths)  # shadows the method
+    forms: dict[MAB, tuple[Form, ...]] = {}
+    for m in mabs:
+        a, b = first[m], second[m]
+        forms[m] = ("standard",)  # the form whose graph holds for every size, when in doubt
+        if len(a) == len(b) and a:
+            forms[m] = tuple(
+                m._cheapest(math.inf if q1 != q2 else q1, math.inf if k1 != k2 else k1)
+                for (q1, k1), (q2, k2) in zip(a, b)
+            )
+    with attention_forms(model, forms):
         yield
-    finally:
-        for m in mabs:
-            m.__dict__.pop("_path", None)
-
-
-def _replay(paths: list[str]) -> Callable[[object, object], str]:
-    """A stand-in for ``MAB._path`` whose ``k``-th call returns ``paths[k % len(paths)]``."""
-    count = itertools.count()
-
-    def path(nq: object, nk: object) -> str:
-        return paths[next(count) % len(paths)]
-
-    return path
 
 
 def _attention_sizes(
     mabs: list[MAB], batch: Batch, call: Callable[[Batch], object]
-) -> dict[int, list[tuple[int, int]]]:
-    """The ``(queries, keys)`` counts of every call of each block of ``mabs`` (by ``id``) on ``batch``."""
-    calls: dict[int, list[tuple[int, int]]] = {id(m): [] for m in mabs}
+) -> dict[MAB, list[tuple[int, int]]]:
+    """The ``(queries, keys)`` counts of every :meth:`MAB.choose_form` call of each block on ``batch``."""
     for m in mabs:
-
-        def record(nq: int, nk: int, _m: MAB = m) -> str:
-            calls[id(_m)].append((nq, nk))
-            return MAB._path(_m, nq, nk)
-
-        m.__dict__["_path"] = record
+        m._size_log = []
     try:
         call(batch)
+        return {m: list(m._size_log or ()) for m in mabs}
     finally:
         for m in mabs:
-            m.__dict__.pop("_path", None)
-    return calls
+            m._size_log = None

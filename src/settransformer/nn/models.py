@@ -7,13 +7,13 @@ not depend on the order of the elements, nor on padding.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Unpack
 
 from torch import Tensor, nn
 
-from .blocks import ISAB, PMA, SAB, Norm, Residual
-from .scores import ScoreSpec
+from .blocks import ISAB, PMA, SAB, BlockKeywords, BlockOptions
 from .sets import PoolKind, masked_pool
+from .streaming import Pipeline, encode_pool_chunked
 from .validation import check_positive, check_probability, prepare_set, zero_padding
 
 __all__ = ["DeepSets", "SetTransformer"]
@@ -38,7 +38,12 @@ def _mlp(dim_in: int, dim_hidden: int, num_layers: int, dropout: float = 0.0) ->
 
 
 class _SetModel(nn.Module):
-    """Input checks and the ``(B, N, D) -> (B, num_outputs, dim_output)`` contract shared by models."""
+    """Input checks and the ``(B, N, D) -> (B, num_outputs, dim_output)`` contract shared by models.
+
+    A model is an encoder (:meth:`encode`, element-wise embeddings), a pooling and a decoder of
+    the pooled vectors (:meth:`decode_pooled`); :meth:`pipeline` describes the same to the chunked
+    evaluation (:mod:`settransformer.nn.streaming`).
+    """
 
     dim_input: int
     num_outputs: int
@@ -58,9 +63,7 @@ class _SetModel(nn.Module):
         if chunk_size is not None:
             check_positive("chunk_size", chunk_size)
             if not (isinstance(x, Tensor) and x.dim() == 3 and x.shape[1] == 0):
-                from .streaming import encode_pool_chunked  # chunked builds on this module
-
-                return encode_pool_chunked(self, x, mask, chunk_size=chunk_size)  # type: ignore[arg-type]
+                return encode_pool_chunked(self, x, mask, chunk_size=chunk_size)
         x, mask = prepare_set(x, mask, self.dim_input, next(self.parameters()))
         return self.decode(self.encode(x, mask), mask)
 
@@ -69,7 +72,15 @@ class _SetModel(nn.Module):
         raise NotImplementedError
 
     def decode(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Pool embeddings ``z: (B, N, dim_hidden)`` to ``(B, num_outputs, dim_output)``."""
+        """Pool embeddings ``z: (B, N, dim_hidden)`` and decode: ``(B, num_outputs, dim_output)``."""
+        raise NotImplementedError
+
+    def decode_pooled(self, pooled: Tensor) -> Tensor:
+        """From the pooled vectors to ``(B, num_outputs, dim_output)``."""
+        raise NotImplementedError
+
+    def pipeline(self) -> Pipeline:
+        """The model as chunked evaluation sees it (:class:`~settransformer.nn.streaming.Chunkable`)."""
         raise NotImplementedError
 
 
@@ -93,11 +104,14 @@ class SetTransformer(_SetModel):
         num_inducing: inducing points per ISAB, or ``None`` for SABs.
         num_encoder_layers, num_decoder_layers: depth of encoder and decoder.
         decoder_dropout: dropout before pooling and before the head (the paper's point-cloud model).
-        norm, ff_dim, dropout, scale, residual, out_proj, score, top_k: block options, see
-            :mod:`settransformer.nn.blocks` (a ``score`` module is shared by every block; pass a name
-            for a separate score per block).
+        options: :class:`~settransformer.nn.blocks.BlockOptions` of every block; keywords of the
+            same names (``norm``, ``ff_dim``, ``dropout``, ``scale``, ``residual``, ``out_proj``,
+            ``score``, ``top_k``) override its fields. ``dropout`` also applies inside an rFF
+            encoder. A ``score`` module is shared by every block; pass a name for a separate
+            score per block.
 
     Example:
+        >>> import torch
         >>> model = SetTransformer(2, num_outputs=4, dim_output=5, dim_hidden=32, num_inducing=8)
         >>> x, mask = torch.randn(3, 50, 2), torch.rand(3, 50) > 0.2
         >>> model(x, mask).shape
@@ -117,15 +131,9 @@ class SetTransformer(_SetModel):
         num_decoder_layers: int = 2,
         encoder: EncoderKind = "attention",
         pooling: PoolingKind = "pma",
-        norm: Norm = "post",
-        ff_dim: int | None = None,
-        dropout: float = 0.0,
         decoder_dropout: float = 0.0,
-        scale: float | None = None,
-        residual: Residual = "auto",
-        out_proj: bool = True,
-        score: ScoreSpec = "dot",
-        top_k: int | None = None,
+        options: BlockOptions | None = None,
+        **block: Unpack[BlockKeywords],
     ) -> None:
         super().__init__()
         _check_sizes(
@@ -138,45 +146,50 @@ class SetTransformer(_SetModel):
                 f"dim_input == dim_hidden, got {dim_input} and {dim_hidden}"
             )
         check_positive("num_decoder_layers", num_decoder_layers, allow_zero=True)
-        check_probability("dropout", dropout)
+        opts = BlockOptions.of(options, block)
         check_probability("decoder_dropout", decoder_dropout)
         if encoder not in ("attention", "rff"):
             raise ValueError(f"encoder: expected 'attention' or 'rff', got {encoder!r}")
         if pooling not in ("pma", "mean", "sum", "max"):
             raise ValueError(f"pooling: expected 'pma', 'mean', 'sum' or 'max', got {pooling!r}")
-        self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        self.dim_input, self.num_outputs, self.dim_output = dim_input, num_outputs, dim_output
-        self.pooling = pooling
-        block = {
-            "norm": norm,
-            "ff_dim": ff_dim,
-            "dropout": dropout,
-            "scale": scale,
-            "residual": residual,
-            "out_proj": out_proj,
-            "score": score,
-            "top_k": top_k,
+        self.config = {
+            "dim_input": dim_input,
+            "num_outputs": num_outputs,
+            "dim_output": dim_output,
+            "dim_hidden": dim_hidden,
+            "num_heads": num_heads,
+            "num_inducing": num_inducing,
+            "num_encoder_layers": num_encoder_layers,
+            "num_decoder_layers": num_decoder_layers,
+            "encoder": encoder,
+            "pooling": pooling,
+            "decoder_dropout": decoder_dropout,
+            **opts.as_dict(),
         }
+        self.dim_input, self.num_outputs, self.dim_output = dim_input, num_outputs, dim_output
+        self.dim_hidden, self.pooling = dim_hidden, pooling
+        self.options = opts
 
         self.encoder = nn.ModuleList()
         if encoder == "rff":
-            self.encoder.append(_mlp(dim_input, dim_hidden, num_encoder_layers, dropout))
+            self.encoder.append(_mlp(dim_input, dim_hidden, num_encoder_layers, opts.dropout))
         for i in range(num_encoder_layers if encoder == "attention" else 0):
             d_in = dim_input if i == 0 else dim_hidden
             if num_inducing is None:
-                self.encoder.append(SAB(d_in, dim_hidden, num_heads, **block))
+                self.encoder.append(SAB(d_in, dim_hidden, num_heads, options=opts))
             else:
-                self.encoder.append(ISAB(d_in, dim_hidden, num_heads, num_inducing, **block))
+                self.encoder.append(ISAB(d_in, dim_hidden, num_heads, num_inducing, options=opts))
         # Pre-norm stacks end with a LayerNorm, or the residual stream is never normalised.
-        self.encoder_norm: nn.Module = nn.LayerNorm(dim_hidden) if norm == "pre" else nn.Identity()
+        self.encoder_norm: nn.Module = nn.LayerNorm(dim_hidden) if opts.norm == "pre" else nn.Identity()
 
         self.decoder_drop: nn.Module = nn.Dropout(decoder_dropout) if decoder_dropout > 0 else nn.Identity()
-        self.pma = PMA(dim_hidden, num_heads, num_outputs, **block) if pooling == "pma" else None
+        self.pma = PMA(dim_hidden, num_heads, num_outputs, options=opts) if pooling == "pma" else None
+        self.pool_kind: PoolKind | None = None if pooling == "pma" else pooling
         if pooling == "pma":
             self.decoder = nn.ModuleList(
-                SAB(dim_hidden, dim_hidden, num_heads, **block) for _ in range(num_decoder_layers)
+                SAB(dim_hidden, dim_hidden, num_heads, options=opts) for _ in range(num_decoder_layers)
             )
-            self.decoder_norm: nn.Module = nn.LayerNorm(dim_hidden) if norm == "pre" else nn.Identity()
+            self.decoder_norm: nn.Module = nn.LayerNorm(dim_hidden) if opts.norm == "pre" else nn.Identity()
             self.head = nn.Linear(dim_hidden, dim_output)
         else:
             self.decoder = nn.ModuleList([_mlp(dim_hidden, dim_hidden, num_decoder_layers, decoder_dropout)])
@@ -186,21 +199,51 @@ class SetTransformer(_SetModel):
     def encode(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """``x: (B, N, dim_input)`` zero at padded rows -> ``(B, N, dim_hidden)`` (no input checks)."""
         for layer in self.encoder:
-            x = layer.encode(x, mask) if isinstance(layer, SAB | ISAB) else zero_padding(layer(x), mask)
+            if isinstance(layer, SAB | ISAB):
+                x = layer.forward_unchecked(x, mask)
+            else:
+                x = zero_padding(layer(x), mask)
         return zero_padding(self.encoder_norm(x), mask)
 
     def decode(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
         """``z: (B, N, dim_hidden)`` zero at padded rows -> ``(B, num_outputs, dim_output)``."""
         z = self.decoder_drop(z)
+        if self.pma is not None:
+            return self.decode_pooled(self.pma.forward_unchecked(z, mask))
+        assert self.pool_kind is not None
+        return self.decode_pooled(masked_pool(z, mask, self.pool_kind))
+
+    def decode_pooled(self, pooled: Tensor) -> Tensor:
+        """From the pooled ``(B, num_outputs, dim_hidden)`` (PMA) or ``(B, dim_hidden)`` (masked
+        pooling) to ``(B, num_outputs, dim_output)``."""
         if self.pma is None:
-            pooled = masked_pool(z, mask, self.pooling)  # type: ignore[arg-type]
             out = self.head(self.decoder[0](pooled))
-            return out.view(z.shape[0], self.num_outputs, self.dim_output)
-        y = self.pma.pool(z, mask)
+            return out.view(pooled.shape[0], self.num_outputs, self.dim_output)
         for layer in self.decoder:
             assert isinstance(layer, SAB)
-            y = layer.encode(y, None)
-        return self.head(self.decoder_drop(self.decoder_norm(y)))
+            pooled = layer.forward_unchecked(pooled, None)
+        return self.head(self.decoder_drop(self.decoder_norm(pooled)))
+
+    def pipeline(self) -> Pipeline:
+        """The encoder layers and its final norm as stages, the pooling and :meth:`decode_pooled`.
+
+        Raises ``ValueError`` for SAB encoder layers, which attend over the whole set at once.
+        """
+        for i, layer in enumerate(self.encoder):
+            if isinstance(layer, SAB):
+                raise ValueError(
+                    f"model.encoder[{i}]: a SAB attends over the whole set and cannot be chunked; "
+                    "use ISAB encoder layers (num_inducing=...) or evaluate without chunk_size"
+                )
+        return Pipeline(
+            self.dim_input,
+            self.dim_hidden,
+            next(self.parameters()),
+            stages=[*self.encoder, self.encoder_norm],
+            pooling=self.pma if self.pma is not None else self.pool_kind,
+            pool_input=self.decoder_drop,
+            decode_pooled=self.decode_pooled,
+        )
 
 
 class DeepSets(_SetModel):
@@ -217,6 +260,7 @@ class DeepSets(_SetModel):
         dropout: dropout after each hidden layer of ``rho``.
 
     Example:
+        >>> import torch
         >>> DeepSets(1, 1, 1, dim_hidden=64, pool="max")(torch.rand(8, 10, 1)).shape
         torch.Size([8, 1, 1])
     """
@@ -257,5 +301,19 @@ class DeepSets(_SetModel):
 
     def decode(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
         """``z: (B, N, dim_hidden)`` -> ``(B, num_outputs, dim_output)``."""
-        out = self.rho(masked_pool(z, mask, self.pool))
-        return out.view(z.shape[0], self.num_outputs, self.dim_output)
+        return self.decode_pooled(masked_pool(z, mask, self.pool))
+
+    def decode_pooled(self, pooled: Tensor) -> Tensor:
+        """From the pooled ``(B, dim_hidden)`` to ``(B, num_outputs, dim_output)``."""
+        return self.rho(pooled).view(pooled.shape[0], self.num_outputs, self.dim_output)
+
+    def pipeline(self) -> Pipeline:
+        """``phi`` as the one stage, the masked pooling and :meth:`decode_pooled`."""
+        return Pipeline(
+            self.dim_input,
+            self.config["dim_hidden"],
+            next(self.parameters()),
+            stages=[self.phi],
+            pooling=self.pool,
+            decode_pooled=self.decode_pooled,
+        )

@@ -51,6 +51,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from .validation import check_top_k
+
 __all__ = [
     "AdditiveScore",
     "DotForm",
@@ -58,10 +60,12 @@ __all__ = [
     "ScoreFn",
     "ScoreSpec",
     "attention_weights",
+    "check_score",
     "factored_range",
     "make_score",
     "masked_softmax",
     "score_logits",
+    "softmax_scale",
     "top_k_mask",
 ]
 
@@ -70,6 +74,16 @@ ScoreFn = Callable[[Tensor, Tensor], Tensor]
 ScoreSpec = str | nn.Module | ScoreFn | None
 
 SCORE_NAMES = ("dot", "additive", "gaussian")
+
+
+def softmax_scale(head_dim: int, scale: float | None = None) -> float:
+    """The dot product's softmax temperature: ``scale``, or ``1 / sqrt(head_dim)`` when ``None``.
+
+    Example:
+        >>> softmax_scale(16), softmax_scale(16, 0.5)
+        (0.25, 0.5)
+    """
+    return 1.0 / math.sqrt(head_dim) if scale is None else scale
 
 
 @runtime_checkable
@@ -140,29 +154,49 @@ class GaussianScore(nn.Module):
         return f"heads={self.num_heads}, learnable={self.learnable}"
 
 
+def check_score(spec: object) -> ScoreSpec:
+    """Check a block's ``score`` option: ``None``, a name of :data:`SCORE_NAMES`, a module or a callable.
+
+    Example:
+        >>> check_score("gaussian")
+        'gaussian'
+    """
+    if spec is None or isinstance(spec, nn.Module):
+        return spec
+    if isinstance(spec, str):
+        if spec not in SCORE_NAMES:
+            raise ValueError(
+                f"score: expected one of {', '.join(SCORE_NAMES)}, a module or a callable, got {spec!r}"
+            )
+        return spec
+    if callable(spec):
+        return spec
+    raise TypeError(
+        f"score: expected a name, an nn.Module or a callable (q, k) -> logits, got {type(spec).__name__}"
+    )
+
+
 def make_score(spec: ScoreSpec, num_heads: int, head_dim: int) -> nn.Module | ScoreFn | None:
-    """Resolve a block's ``score`` option.
+    """Resolve a block's ``score`` option (checked by :func:`check_score`).
 
     ``None`` or ``"dot"`` -> ``None`` (the fused dot product); ``"gaussian"`` -> a
     :class:`GaussianScore` with learnable bandwidth starting at ``head_dim ** 0.25``;
     ``"additive"`` -> an :class:`AdditiveScore`; an ``nn.Module`` or callable is used as is (one
     module passed to several blocks is shared by them).
+
+    Example:
+        >>> make_score("dot", 4, 8) is None, type(make_score("gaussian", 4, 8)).__name__
+        (True, 'GaussianScore')
     """
+    spec = check_score(spec)
     if spec is None or spec == "dot":
         return None
-    if isinstance(spec, str):
-        if spec == "gaussian":
-            return GaussianScore(num_heads, bandwidth=head_dim**0.25)
-        if spec == "additive":
-            return AdditiveScore(num_heads, head_dim)
-        raise ValueError(
-            f"score: expected one of {', '.join(SCORE_NAMES)}, a module or a callable, got {spec!r}"
-        )
-    if isinstance(spec, nn.Module) or callable(spec):
-        return spec
-    raise TypeError(
-        f"score: expected a name, an nn.Module or a callable (q, k) -> logits, got {type(spec).__name__}"
-    )
+    if spec == "gaussian":
+        return GaussianScore(num_heads, bandwidth=head_dim**0.25)
+    if spec == "additive":
+        return AdditiveScore(num_heads, head_dim)
+    assert not isinstance(spec, str)
+    return spec
 
 
 def score_logits(q: Tensor, k: Tensor, score: ScoreFn | None = None, scale: float | None = None) -> Tensor:
@@ -172,8 +206,7 @@ def score_logits(q: Tensor, k: Tensor, score: ScoreFn | None = None, scale: floa
     score, ``scale`` (default 1) multiplies the score's logits.
     """
     if score is None:
-        s = q.shape[-1] ** -0.5 if scale is None else scale
-        return (q @ k.transpose(-1, -2)) * s
+        return (q @ k.transpose(-1, -2)) * softmax_scale(q.shape[-1], scale)
     logits = score(q, k)
     expected = (*k.shape[:2], q.shape[2], k.shape[2])
     if not isinstance(logits, Tensor) or tuple(logits.shape) != expected:
@@ -190,8 +223,7 @@ def top_k_mask(logits: Tensor, k: int, keep: Tensor | None = None) -> Tensor:
     only in exact ties depends on the order of the keys). ``keep`` (broadcastable bool) excludes
     keys from selection; a row with fewer than ``k`` kept keys selects all of them.
     """
-    if k < 1:
-        raise ValueError(f"top_k: expected a positive integer, got {k}")
+    check_top_k(k)
     if keep is not None:
         logits = logits.masked_fill(~keep, float("-inf"))
     kth = logits.topk(min(k, logits.shape[-1]), dim=-1).values[..., -1:]

@@ -11,7 +11,16 @@ from torch import Tensor
 
 from .validation import check_mask, check_positive, check_set, zero_padding
 
-__all__ = ["PoolKind", "masked_pool", "pad_sets", "unpad_sets"]
+__all__ = [
+    "PoolKind",
+    "finish_pool",
+    "masked_pool",
+    "merge_pooled",
+    "pad_sets",
+    "pool_count",
+    "pool_partial",
+    "unpad_sets",
+]
 
 PoolKind = Literal["mean", "sum", "max"]
 
@@ -63,6 +72,11 @@ def unpad_sets(x: Tensor, mask: Tensor) -> list[Tensor]:
     """Inverse of :func:`pad_sets`: ``x: (B, N, D)``, ``mask: (B, N)`` -> ``B`` tensors ``(N_i, D)``.
 
     Real elements need not come first: each set keeps its elements where ``mask`` is True, in order.
+
+    Example:
+        >>> x, mask = pad_sets([torch.randn(3, 2), torch.randn(5, 2)])
+        >>> [s.shape[0] for s in unpad_sets(x, mask)]
+        [3, 5]
     """
     if not isinstance(x, Tensor) or not isinstance(mask, Tensor):
         raise TypeError(
@@ -88,6 +102,11 @@ def masked_pool(x: Tensor, mask: Tensor | None, how: PoolKind = "mean") -> Tenso
 
     Returns:
         ``(B, D)``. An empty set pools to zeros (all three kinds), with zero gradient.
+
+    Example:
+        >>> x, mask = torch.tensor([[[1.0], [3.0], [99.0]]]), torch.tensor([[True, True, False]])
+        >>> masked_pool(x, mask, "mean"), masked_pool(x, mask, "max")
+        (tensor([[2.]]), tensor([[3.]]))
     """
     if how not in ("mean", "sum", "max"):
         raise ValueError(f"how: expected 'mean', 'sum' or 'max', got {how!r}")
@@ -96,14 +115,39 @@ def masked_pool(x: Tensor, mask: Tensor | None, how: PoolKind = "mean") -> Tenso
     if x.shape[1] == 0:
         return x.new_zeros(x.shape[0], x.shape[2])
     x = zero_padding(x, mask)
-    if how == "sum":
-        return x.sum(dim=1)
-    if how == "mean":
-        if mask is None:
-            return x.mean(dim=1)
-        count = mask.sum(dim=1, keepdim=True).clamp_min(1).to(x.dtype)
-        return x.sum(dim=1) / count
+    return finish_pool(pool_partial(x, mask, how), pool_count(x, mask), how)
+
+
+# Masked pooling in three steps, so that a set read in chunks pools exactly like a whole one:
+# pool_partial per chunk, merge_pooled across chunks, finish_pool once at the end.
+
+
+def pool_count(x: Tensor, mask: Tensor | None) -> Tensor:
+    """The number of real elements of each set of ``x: (B, N, D)``: ``(B, 1)`` in ``x``'s dtype."""
     if mask is None:
-        return x.amax(dim=1)
-    pooled = x.masked_fill(~mask[..., None], torch.finfo(x.dtype).min).amax(dim=1)
-    return pooled.masked_fill(~mask.any(dim=1, keepdim=True), 0.0)
+        return x.new_full((x.shape[0], 1), x.shape[1])
+    return mask.sum(dim=1, keepdim=True).to(x.dtype)
+
+
+def pool_partial(x: Tensor, mask: Tensor | None, how: PoolKind) -> Tensor:
+    """The sum (``"mean"``, ``"sum"``) or maximum (``"max"``) of the real rows of ``x: (B, N, D)``
+    (zero at padded rows): ``(B, D)``; an all-padding set's maximum is the dtype's lowest value."""
+    if how != "max":
+        return x.sum(dim=1)
+    low = x if mask is None else x.masked_fill(~mask[..., None], torch.finfo(x.dtype).min)
+    return low.amax(dim=1)
+
+
+def merge_pooled(a: Tensor, b: Tensor, how: PoolKind) -> Tensor:
+    """Two :func:`pool_partial` results of disjoint parts of the same sets, combined."""
+    return torch.maximum(a, b) if how == "max" else a + b
+
+
+def finish_pool(partial: Tensor, count: Tensor, how: PoolKind) -> Tensor:
+    """The pooled ``(B, D)`` from :func:`pool_partial` over every element and the counts ``(B, 1)``;
+    an empty set pools to zero."""
+    if how == "sum":
+        return partial
+    if how == "mean":
+        return partial / count.clamp_min(1)
+    return partial.masked_fill(count == 0, 0.0)

@@ -1,12 +1,12 @@
-"""Chunked, memory-bounded evaluation of ISAB, PMA and the Set Transformer over huge sets.
+"""Chunked, memory-bounded evaluation of set models over huge sets.
 
 A set of millions of elements is read ``chunk_size`` elements at a time; only one chunk's
 activations exist at any moment. Two facts make this exact:
 
 - The attention of a few learned queries (inducing points, PMA seeds) over the whole set is
-  accumulated with an online softmax (:mod:`settransformer.nn.blocks`).
-- Everything else acts row by row: ``mab1`` of an ISAB (each element attends to the ``m`` induced
-  vectors), the rFF, and every LayerNorm.
+  accumulated with an online softmax (:class:`OnlineSoftmax`).
+- Everything else acts row by row: the second MAB of an ISAB (each element attends to the ``m``
+  induced vectors), the rFF, and every LayerNorm.
 
 A stack of ``L`` ISABs followed by pooling is evaluated in ``L + 1`` passes over the input, each
 recomputing the earlier layers chunk by chunk instead of storing their ``(N, dim)`` outputs::
@@ -18,11 +18,18 @@ recomputing the earlier layers chunk by chunk instead of storing their ``(N, dim
 
 So the chunked path computes ``L (L + 1) / 2`` row-wise ``mab1`` passes instead of ``L``.
 
+This module knows no concrete block or model: it sees a module through :class:`Chunkable`, whose
+:meth:`~Chunkable.pipeline` describes it as row-wise stages (some of which first need a summary of
+the whole set, :class:`InducedStage`), a pooling and a decoder of the pooled vectors
+(:class:`Pipeline`). :class:`~settransformer.nn.blocks.ISAB`, :class:`~settransformer.nn.blocks.PMA`,
+:class:`~settransformer.nn.models.SetTransformer` and :class:`~settransformer.nn.models.DeepSets`
+implement it.
+
 The input ``x`` may be any array-like sliceable along the element axis: a tensor, a NumPy array
-or ``np.memmap``, an ``h5py`` dataset. Only one chunk is turned into a tensor at a time (in the
-model's dtype and on its device), so a set larger than memory can be encoded. ``x`` is either a
-batch ``(B, N, D)`` (with an optional ``mask: (B, N)``, True = real element) or one set ``(N, D)``
-(mask ``(N,)``); for one set, results have no batch dimension.
+or ``np.memmap``, an ``h5py`` dataset (:class:`ChunkSource`). Only one chunk is turned into a tensor
+at a time (in the model's dtype and on its device), so a set larger than memory can be encoded.
+``x`` is either a batch ``(B, N, D)`` (with an optional ``mask: (B, N)``, True = real element) or
+one set ``(N, D)`` (mask ``(N,)``); for one set, results have no batch dimension.
 
 Memory (float32, ``c = chunk_size``, ``w = max(dim, heads * m)``):
 
@@ -37,41 +44,52 @@ Memory (float32, ``c = chunk_size``, ``w = max(dim, heads * m)``):
   ``O(B c w L)``. Gradients equal the unchunked ones. Attention dropout is applied to each
   chunk's weights (the same distribution as unchunked dropout, not the same random draws).
 
-Only soft dot-product attention can be accumulated this way: an ISAB's ``mab0`` or PMA with
-another ``score`` or with ``top_k`` raises ``ValueError`` (``mab1`` may use any). SAB encoder
+Only soft dot-product attention can be accumulated this way: an ISAB's first MAB or PMA with
+another ``score`` or with ``top_k`` raises ``ValueError`` (the second MAB may use any). SAB encoder
 layers attend over the whole set and cannot be chunked.
 
+The online softmax: one query row ``j`` needs three running statistics over the raw rows ``x_i``
+it has seen (in the pooled form of :func:`settransformer.nn.attention.pooled_attention`):
+``r_j``, a reference score (the running maximum, for numerical stability); ``S_j = sum_i
+exp(s_ij - r_j)``, the softmax denominator; ``A_j = sum_i exp(s_ij - r_j) x_i``, the
+un-normalised weighted sum. Two partial results combine exactly by rescaling both to the larger
+reference, and the softmax output is ``A_j / S_j`` whatever the chunking, up to float rounding.
+The references are detached: they cancel out of ``A / S`` exactly, so treating them as constants
+gives the true gradient, and combining a chunk's statistics then saves only its ``(B, queries, 1)``
+factors for backward, never the chunk's ``(B, queries, D)`` sums.
+
 Example:
+    >>> import torch
     >>> from settransformer import SetTransformer
     >>> model = SetTransformer(3, num_outputs=1, dim_output=2, dim_hidden=16, num_inducing=4).eval()
     >>> x = torch.randn(2, 1000, 3)
     >>> with torch.no_grad():
     ...     torch.allclose(encode_pool_chunked(model, x, chunk_size=300), model(x), atol=1e-5)
     True
-
-
-A set batch read chunk by chunk from any array-like sliceable along the element axis.
-
-Accepts a tensor, a NumPy array or ``np.memmap``, an h5py dataset, or anything with ``shape``,
-``dtype`` and slicing; only the requested chunk is ever turned into a tensor."""
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any, cast
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .blocks import ISAB, PMA, SAB, InducedRows, OnlineSoftmax, PooledQueries, check_dot_product
-from .models import DeepSets, SetTransformer
-from .validation import zero_padding
+from .sets import PoolKind, finish_pool, merge_pooled, pool_count, pool_partial
+from .validation import check_finite, check_positive, zero_padding
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "ChunkSource",
+    "Chunkable",
+    "InducedStage",
+    "OnlineSoftmax",
+    "Pipeline",
+    "SummaryQueries",
     "encode_chunked",
     "encode_pool_chunked",
     "induce_chunked",
@@ -81,179 +99,261 @@ __all__ = [
 ]
 
 DEFAULT_CHUNK_SIZE = 2048
-Model = SetTransformer | DeepSets
+
+RowFn = Callable[[Tensor], Tensor]
+Stats = tuple[Tensor, Tensor, Tensor]
 
 
-class _Plan:
-    """What a module computes, split into row-wise stages, a pooling and a decoder on pooled vectors.
+@runtime_checkable
+class SummaryQueries(Protocol):
+    """A few queries' softmax attention over a set, from statistics gathered chunk by chunk.
 
-    ``stages``: ISABs (an induced pass each) or row-wise modules; ``pooling``: a PMA, a
-    ``masked_pool`` kind, or ``None`` for per-element outputs only.
+    ``stats(x, mask)``: one chunk's ``(ref, denom, acc)`` (see :class:`OnlineSoftmax`) for
+    ``x: (B, c, D)`` zero at padded rows; ``finish(pooled, empty)``: the attention block's output
+    from the softmax-weighted rows and the ``(B,)`` flags of empty sets.
     """
 
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-        self.stages: list[nn.Module] = []
-        self.pooling: PMA | str | None = None
-        self.dim_in, self.dim_out = 0, 0
-        if isinstance(module, ISAB):
-            self.stages, self.dim_in, self.dim_out = [module], module.dim_in, module.mab1.dim
-        elif isinstance(module, PMA):
-            self.pooling, self.dim_in = module, module.dim
-        elif isinstance(module, SetTransformer):
-            for i, layer in enumerate(module.encoder):
-                if isinstance(layer, SAB):
-                    raise ValueError(
-                        f"model.encoder[{i}]: a SAB attends over the whole set and cannot be chunked; "
-                        "use ISAB encoder layers (num_inducing=...) or evaluate without chunk_size"
-                    )
-            self.stages = list(module.encoder)
-            self.pooling = module.pma if module.pma is not None else module.pooling
-            self.dim_in, self.dim_out = module.dim_input, module.config["dim_hidden"]
-        elif isinstance(module, DeepSets):
-            self.stages, self.pooling = [module.phi], module.pool
-            self.dim_in, self.dim_out = module.dim_input, module.config["dim_hidden"]
-        else:
-            raise TypeError(
-                f"model: expected a SetTransformer, DeepSets, ISAB or PMA, got {type(module).__name__}"
-            )
-        for i, stage in enumerate(self.stages):
-            if isinstance(stage, ISAB):
-                check_dot_product(stage.mab0, f"encoder[{i}].mab0")
-        if isinstance(self.pooling, PMA):
-            check_dot_product(self.pooling.mab, "pma.mab")
-        self.param = next(module.parameters())
+    def stats(self, x: Tensor, mask: Tensor | None) -> Stats: ...
 
-    def source(self, x: Any, mask: Any) -> ChunkSource:
-        return ChunkSource(x, mask, self.dim_in, dtype=self.param.dtype, device=self.param.device)
-
-    def row_fns(self, hs: list[Tensor | None]) -> list[nn.Module | InducedRows]:
-        """The first ``len(hs)`` stages as row-wise functions, given the ISABs' induced sets ``hs``."""
-        return [
-            stage if h is None else InducedRows(cast(ISAB, stage).mab1, h)
-            for stage, h in zip(self.stages, hs)
-        ]
-
-    def rows(self, fns: list[nn.Module | InducedRows], x: Tensor, mask: Tensor | None, upto: int) -> Tensor:
-        """The first ``upto`` stages on one chunk ``x: (B, c, D)`` zero at padded rows."""
-        for fn in fns[:upto]:
-            x = zero_padding(fn(x), mask)
-        if upto == len(self.stages) and isinstance(self.module, SetTransformer):
-            x = zero_padding(self.module.encoder_norm(x), mask)
-        return x
-
-    def decode(self, pooled: Tensor) -> Tensor:
-        """From the pooled ``(B, k, dim)`` (PMA) or ``(B, dim)`` (masked pooling) to the outputs."""
-        m = self.module
-        if isinstance(m, SetTransformer):
-            if m.pma is None:
-                return m.head(m.decoder[0](pooled)).view(pooled.shape[0], m.num_outputs, m.dim_output)
-            for layer in m.decoder:
-                pooled = layer.encode(pooled, None)  # type: ignore[operator]
-            return m.head(m.decoder_drop(m.decoder_norm(pooled)))
-        if isinstance(m, DeepSets):
-            return m.rho(pooled).view(pooled.shape[0], m.num_outputs, m.dim_output)
-        return pooled
+    def finish(self, pooled: Tensor, empty: Tensor) -> Tensor: ...
 
 
-def _check_chunk_size(chunk_size: object) -> int:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size!r}")
-    return chunk_size
+@runtime_checkable
+class SummarySource(Protocol):
+    """What attends over the whole set: ``summary_queries(name)`` returns its :class:`SummaryQueries`
+    (``ValueError`` naming ``name`` when its attention cannot be accumulated chunk by chunk)."""
+
+    def summary_queries(self, name: str) -> SummaryQueries: ...
+
+
+@runtime_checkable
+class InducedStage(SummarySource, Protocol):
+    """A row-wise stage that first needs a summary of the whole set (an ISAB).
+
+    ``summary_queries`` gives the summary ``H`` over the stage's input; ``rows_given(H)`` the
+    row-wise function ``(B, c, D_in) -> (B, c, D_out)`` of the stage.
+    """
+
+    def rows_given(self, summary: Tensor) -> RowFn: ...
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A module as the chunked evaluation sees it.
+
+    Attributes:
+        dim_in: feature size of the input elements.
+        dim_out: feature size of the per-element output of the stages.
+        like: a parameter of the module: chunks are converted to its dtype and device.
+        stages: applied in order, each to rows zero at padding: a row-wise module/function, or an
+            :class:`InducedStage`.
+        pooling: a :class:`SummarySource` (attention pooling), a masked pooling kind, or ``None``
+            (per-element outputs only).
+        pool_input: a row-wise function applied to the stages' output before pooling only.
+        decode_pooled: from the pooled ``(B, k, dim)`` (attention) or ``(B, dim)`` (masked
+            pooling) to the module's output.
+    """
+
+    dim_in: int
+    dim_out: int
+    like: Tensor
+    stages: Sequence[RowFn | InducedStage] = ()
+    pooling: SummarySource | PoolKind | None = None
+    pool_input: RowFn | None = None
+    decode_pooled: RowFn | None = None
+
+
+@runtime_checkable
+class Chunkable(Protocol):
+    """A module evaluated chunk by chunk: ``pipeline()`` describes it (:class:`Pipeline`)."""
+
+    def pipeline(self) -> Pipeline: ...
+
+
+class OnlineSoftmax:
+    """Running softmax statistics of ``Q`` query rows over a set seen chunk by chunk.
+
+    Feed it each chunk's ``(ref, denom, acc)`` (from :meth:`SummaryQueries.stats`) with :meth:`add`:
+    ``ref: (B, Q, 1)`` detached, ``denom: (B, Q, 1)`` and ``acc: (B, Q, D)`` relative to it.
+    :meth:`result` returns the softmax-weighted sums ``(B, Q, D)`` and which sets were empty.
+
+    Example:
+        >>> import torch
+        >>> s = torch.randn(1, 1, 10)  # scores of one query over 10 rows x
+        >>> x = torch.randn(1, 10, 3)
+        >>> acc = OnlineSoftmax()
+        >>> for part in (slice(0, 4), slice(4, 10)):
+        ...     ref = s[..., part].amax(-1, keepdim=True)
+        ...     w = torch.exp(s[..., part] - ref)
+        ...     acc.add(ref, w.sum(-1, keepdim=True), w @ x[:, part])
+        >>> out, empty = acc.result()
+        >>> torch.allclose(out, torch.softmax(s, -1) @ x), empty.tolist()
+        (True, [False])
+    """
+
+    def __init__(self) -> None:
+        self.ref: Tensor | None = None  # (B, Q, 1), detached, finite
+        self.denom: Tensor | None = None  # (B, Q, 1)
+        self.acc: Tensor | None = None  # (B, Q, D)
+
+    def add(self, ref: Tensor, denom: Tensor, acc: Tensor) -> None:
+        """Merge one chunk's statistics (``ref`` detached, ``denom`` and ``acc`` relative to it)."""
+        if self.ref is None or self.denom is None or self.acc is None:
+            self.ref, self.denom, self.acc = ref, denom, acc
+            return
+        new_ref = torch.maximum(self.ref, ref)
+        old_scale, scale = torch.exp(self.ref - new_ref), torch.exp(ref - new_ref)
+        self.denom = self.denom * old_scale + denom * scale
+        self.acc = self.acc * old_scale + acc * scale
+        self.ref = new_ref
+
+    def result(self) -> tuple[Tensor, Tensor]:
+        """``(weighted sums (B, Q, D), empty (B,) bool)``; an empty set's sums are zero."""
+        if self.denom is None or self.acc is None:
+            raise ValueError("x: the set has no elements (chunked evaluation saw no chunk)")
+        seen = self.denom > 0  # the running maximum contributes exp(0) = 1 unless all are masked
+        out = self.acc / torch.where(seen, self.denom, torch.ones_like(self.denom))
+        return out, ~seen[:, 0, 0]
 
 
 def _grad_mode() -> bool:
     return torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
 
 
-def _accumulate(fn: Any, src: ChunkSource, chunk_size: int) -> tuple[Tensor, ...]:
-    """Feed ``fn(x_chunk, mask_chunk) -> (ref, denom, acc)`` of every chunk to an online softmax."""
-    acc, grad = OnlineSoftmax(), _grad_mode()
-    for start in range(0, src.n, chunk_size):
-        x, mask = src.chunk(start, start + chunk_size)
-        if acc.ref is not None and mask is not None and not bool(mask.any()):
-            continue  # all padding: contributes nothing
-        acc.add(*(checkpoint(fn, x, mask, use_reentrant=False) if grad else fn(x, mask)))
-    return acc.result()
+def _run(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, checkpointed when autograd records (backward recomputes it)."""
+    return checkpoint(fn, *args, use_reentrant=False) if _grad_mode() else fn(*args)
 
 
-def _induce_all(plan: _Plan, src: ChunkSource, chunk_size: int) -> list[Tensor | None]:
-    """Passes 1..L: each ISAB's induced set ``H_l (B, m, dim)`` (``None`` for row-wise stages)."""
-    hs: list[Tensor | None] = []
-    for i, stage in enumerate(plan.stages):
-        if not isinstance(stage, ISAB):
-            hs.append(None)
-            continue
-        pq, fns = PooledQueries(stage.mab0, stage.inducing[None]), plan.row_fns(hs)
+class _Evaluation:
+    """One chunked evaluation of a :class:`Pipeline` over one :class:`ChunkSource`."""
 
-        def stats(x: Tensor, mask: Tensor | None, i: int = i, pq: PooledQueries = pq, fns: Any = fns) -> Any:
-            return pq.stats(plan.rows(fns, x, mask, i), mask)
+    def __init__(self, pipe: Pipeline, x: Any, mask: Any, chunk_size: int) -> None:
+        self.pipe, self.chunk_size = pipe, check_positive("chunk_size", chunk_size)
+        # every summary up front: a block that cannot be chunked fails before any pass
+        self.summaries = [
+            stage.summary_queries(f"encoder[{i}]") if isinstance(stage, InducedStage) else None
+            for i, stage in enumerate(pipe.stages)
+        ]
+        self.pool_queries = (
+            pipe.pooling.summary_queries("pma") if isinstance(pipe.pooling, SummarySource) else None
+        )
+        self.src = ChunkSource(x, mask, pipe.dim_in, dtype=pipe.like.dtype, device=pipe.like.device)
 
-        hs.append(pq.finish(*_accumulate(stats, src, chunk_size)))
-    return hs
+    def chunks(self) -> Iterator[tuple[int, Tensor, Tensor | None]]:
+        for start in range(0, self.src.n, self.chunk_size):
+            yield (start, *self.src.chunk(start, start + self.chunk_size))
+
+    def accumulate(self, fn: Callable[[Tensor, Tensor | None], Stats]) -> tuple[Tensor, Tensor]:
+        """Feed ``fn(x_chunk, mask_chunk) -> (ref, denom, acc)`` of every chunk to an online softmax."""
+        acc = OnlineSoftmax()
+        for _, x, mask in self.chunks():
+            if acc.ref is not None and mask is not None and not bool(mask.any()):
+                continue  # all padding: contributes nothing
+            acc.add(*_run(fn, x, mask))
+        return acc.result()
+
+    def row_fns(self) -> list[RowFn]:
+        """Passes 1..L: every stage as a row-wise function, each induced stage given its summary."""
+        fns: list[RowFn] = []
+        for stage, queries in zip(self.pipe.stages, self.summaries):
+            if not isinstance(stage, InducedStage):
+                fns.append(stage)
+                continue
+            assert queries is not None
+
+            def stats(
+                x: Tensor, mask: Tensor | None, q: SummaryQueries = queries, depth: int = len(fns)
+            ) -> Stats:
+                # the stages so far, bound now: a checkpointed chunk is recomputed after more are added
+                return q.stats(_rows(fns[:depth], x, mask), mask)
+
+            fns.append(stage.rows_given(queries.finish(*self.accumulate(stats))))
+        return fns
+
+    def pooled(self) -> Tensor:
+        """Pass L+1: the stages' output accumulated into the pooling, then decoded."""
+        pipe, fns = self.pipe, self.row_fns()
+        decode = pipe.decode_pooled or (lambda pooled: pooled)
+
+        def stage_output(x: Tensor, mask: Tensor | None) -> Tensor:
+            z = _rows(fns, x, mask)
+            return z if pipe.pool_input is None else zero_padding(pipe.pool_input(z), mask)
+
+        if self.pool_queries is not None:
+            queries = self.pool_queries
+
+            def stats(x: Tensor, mask: Tensor | None) -> Stats:
+                return queries.stats(stage_output(x, mask), mask)
+
+            return decode(queries.finish(*self.accumulate(stats)))
+        how = pipe.pooling
+        if how not in ("mean", "sum", "max"):
+            raise TypeError(f"model: {type(pipe).__name__} has no pooling to evaluate chunk by chunk")
+
+        def partial(x: Tensor, mask: Tensor | None) -> Tensor:
+            return pool_partial(stage_output(x, mask), mask, how)
+
+        total: Tensor | None = None
+        count: Tensor | None = None
+        for _, x, mask in self.chunks():
+            part, n = _run(partial, x, mask), pool_count(x, mask)
+            total = part if total is None else merge_pooled(total, part, how)
+            count = n if count is None else count + n
+        if total is None or count is None:
+            raise ValueError("x: the set has no elements")
+        return decode(finish_pool(total, count, how))
+
+    def rows(self) -> Iterator[tuple[int, Tensor]]:
+        """``(start, z)`` per chunk: the per-element outputs of every stage, after ``L`` passes."""
+        fns = self.row_fns()
+
+        def rows(x: Tensor, mask: Tensor | None) -> Tensor:
+            return _rows(fns, x, mask)
+
+        for start, x, mask in self.chunks():
+            yield start, self.src.squeeze(_run(rows, x, mask))
 
 
-def _masked_pool_chunked(
-    plan: _Plan, hs: list[Tensor | None], src: ChunkSource, chunk_size: int, how: str
-) -> Tensor:
-    """``masked_pool`` over the encoder output, accumulated chunk by chunk: ``(B, dim)``."""
-    grad, depth, fns = _grad_mode(), len(plan.stages), plan.row_fns(hs)
-    total: Tensor | None = None
-    count = torch.zeros(src.b, 1, dtype=plan.param.dtype, device=plan.param.device)
-    best: Tensor | None = None
-
-    def stats(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        z = plan.rows(fns, x, mask, depth)
-        if isinstance(plan.module, SetTransformer):
-            z = zero_padding(plan.module.decoder_drop(z), mask)
-        low = z if mask is None else z.masked_fill(~mask[..., None], torch.finfo(z.dtype).min)
-        return z.sum(dim=1), low.amax(dim=1)
-
-    for start in range(0, src.n, chunk_size):
-        x, mask = src.chunk(start, start + chunk_size)
-        count = count + (x.shape[1] if mask is None else mask.sum(dim=1, keepdim=True))
-        s, mx = checkpoint(stats, x, mask, use_reentrant=False) if grad else stats(x, mask)
-        total = s if total is None else total + s
-        best = mx if best is None else torch.maximum(best, mx)
-    if total is None or best is None:
-        raise ValueError("x: the set has no elements")
-    if how == "sum":
-        return total
-    if how == "mean":
-        return total / count.clamp_min(1)
-    return best.masked_fill(count == 0, 0.0)
+def _rows(fns: Sequence[RowFn], x: Tensor, mask: Tensor | None) -> Tensor:
+    """Row-wise functions one after the other on one chunk ``x: (B, c, D)`` zero at padded rows."""
+    for fn in fns:
+        x = zero_padding(fn(x), mask)
+    return x
 
 
-def _pool(plan: _Plan, hs: list[Tensor | None], src: ChunkSource, chunk_size: int) -> Tensor:
-    """The last pass: the encoder output accumulated into the pooling, then the decoder."""
-    depth = len(plan.stages)
-    if not isinstance(plan.pooling, PMA):
-        return plan.decode(_masked_pool_chunked(plan, hs, src, chunk_size, str(plan.pooling)))
-    pq = PooledQueries(plan.pooling.mab, plan.pooling.seeds[None])
-    drop = plan.module.decoder_drop if isinstance(plan.module, SetTransformer) else None
-    fns = plan.row_fns(hs)
-
-    def stats(x: Tensor, mask: Tensor | None) -> Any:
-        z = plan.rows(fns, x, mask, depth)
-        if drop is not None:
-            z = zero_padding(drop(z), mask)
-        return pq.stats(z, mask)
-
-    return plan.decode(pq.finish(*_accumulate(stats, src, chunk_size)))
+def _pipeline(module: object, name: str, expected: str, fits: Callable[[Pipeline], bool]) -> Pipeline:
+    """``module.pipeline()``, or ``TypeError`` naming ``name`` unless it is what ``fits`` accepts."""
+    pipe = module.pipeline() if isinstance(module, Chunkable) else None
+    if pipe is None or not fits(pipe):
+        raise TypeError(f"{name}: expected {expected}, got {type(module).__name__}")
+    return pipe
 
 
-def _squeeze(out: Tensor, src: ChunkSource) -> Tensor:
-    return out[0] if src.single else out
+def _any(pipe: Pipeline) -> bool:
+    return True
+
+
+def _is_isab(pipe: Pipeline) -> bool:
+    return len(pipe.stages) == 1 and isinstance(pipe.stages[0], InducedStage) and pipe.pooling is None
+
+
+def _is_pma(pipe: Pipeline) -> bool:
+    return not pipe.stages and isinstance(pipe.pooling, SummarySource)
+
+
+_MODEL = "a SetTransformer, DeepSets, ISAB or PMA (a Chunkable module)"
 
 
 def encode_pool_chunked(
-    model: Model | PMA, x: Any, mask: Any = None, *, chunk_size: int = DEFAULT_CHUNK_SIZE
+    model: Chunkable, x: Any, mask: Any = None, *, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> Tensor:
     """``model(x, mask)`` evaluated chunk by chunk in ``L + 1`` passes over ``x``.
 
     Args:
-        model: a :class:`SetTransformer` (ISAB or rFF encoder, any pooling), a :class:`DeepSets`,
-            or a :class:`PMA`.
+        model: a :class:`~settransformer.nn.models.SetTransformer` (ISAB or rFF encoder, any
+            pooling), a :class:`~settransformer.nn.models.DeepSets`, a
+            :class:`~settransformer.nn.blocks.PMA`, or any :class:`Chunkable` with a pooling.
         x: ``(B, N, dim_input)`` or one set ``(N, dim_input)``; a tensor or any array-like
             sliceable along the element axis (NumPy array, ``np.memmap``, h5py dataset).
         mask: ``(B, N)`` (or ``(N,)``) bool, True for real elements; ``None``: all real.
@@ -262,61 +362,84 @@ def encode_pool_chunked(
     Returns:
         ``(B, num_outputs, dim_output)`` (``(num_outputs, dim_output)`` for one set), equal to the
         unchunked ``model(x, mask)`` up to float rounding.
+
+    Example:
+        >>> from settransformer import DeepSets
+        >>> model, x = DeepSets(3, 1, 2, dim_hidden=8, pool="max"), np.random.rand(500, 3)  # one set
+        >>> with torch.no_grad():
+        ...     encode_pool_chunked(model, x, chunk_size=128).shape
+        torch.Size([1, 2])
     """
-    chunk_size = _check_chunk_size(chunk_size)
-    plan = _Plan(model)
-    src = plan.source(x, mask)
-    return _squeeze(_pool(plan, _induce_all(plan, src, chunk_size), src, chunk_size), src)
+    pipe = _pipeline(model, "model", _MODEL, lambda p: p.pooling is not None)
+    run = _Evaluation(pipe, x, mask, chunk_size)
+    return run.src.squeeze(run.pooled())
 
 
-def pma_chunked(pma: PMA, z: Any, mask: Any = None, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
+def pma_chunked(pma: Chunkable, z: Any, mask: Any = None, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
     """``pma(z, mask)`` over ``z: (B, N, dim)`` (or ``(N, dim)``) accumulated chunk by chunk.
 
     Returns ``(B, num_seeds, dim)`` (``(num_seeds, dim)`` for one set).
+
+    Example:
+        >>> import torch
+        >>> from settransformer import PMA
+        >>> pma, z = PMA(8, num_heads=2, num_seeds=3).eval(), torch.randn(2, 100, 8)
+        >>> with torch.no_grad():
+        ...     torch.allclose(pma_chunked(pma, z, chunk_size=32), pma(z), atol=1e-5)
+        True
     """
-    if not isinstance(pma, PMA):
-        raise TypeError(f"pma: expected a PMA, got {type(pma).__name__}")
-    return encode_pool_chunked(pma, z, mask, chunk_size=chunk_size)
+    pipe = _pipeline(pma, "pma", "a PMA", _is_pma)
+    run = _Evaluation(pipe, z, mask, chunk_size)
+    return run.src.squeeze(run.pooled())
 
 
-def induce_chunked(isab: ISAB, x: Any, mask: Any = None, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
-    """An ISAB's induced set ``H = MAB(I, X)`` accumulated chunk by chunk: ``(B, m, dim)``."""
-    if not isinstance(isab, ISAB):
-        raise TypeError(f"isab: expected an ISAB, got {type(isab).__name__}")
-    plan = _Plan(isab)
-    h = _induce_all(plan, plan.source(x, mask), _check_chunk_size(chunk_size))[0]
-    assert h is not None
-    return h
+def induce_chunked(
+    isab: Chunkable, x: Any, mask: Any = None, *, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> Tensor:
+    """An ISAB's induced set ``H = MAB(I, X)`` accumulated chunk by chunk: ``(B, m, dim)``.
 
+    Example:
+        >>> import torch
+        >>> from settransformer import ISAB
+        >>> isab, x = ISAB(3, 8, num_heads=2, num_inducing=4).eval(), torch.randn(2, 100, 3)
+        >>> with torch.no_grad():
+        ...     torch.allclose(induce_chunked(isab, x, chunk_size=32), isab.induce(x, None), atol=1e-5)
+        True
+    """
+    pipe = _pipeline(isab, "isab", "an ISAB", _is_isab)
+    run = _Evaluation(pipe, x, mask, chunk_size)
+    queries = run.summaries[0]
+    assert queries is not None
 
-def _iter_rows(plan: _Plan, src: ChunkSource, chunk_size: int) -> Iterator[tuple[int, Tensor]]:
-    hs = _induce_all(plan, src, chunk_size)
-    depth, grad, fns = len(plan.stages), _grad_mode(), plan.row_fns(hs)
+    def stats(xc: Tensor, mc: Tensor | None) -> Stats:
+        return queries.stats(xc, mc)
 
-    def rows(xc: Tensor, mc: Tensor | None) -> Tensor:
-        return plan.rows(fns, xc, mc, depth)
-
-    for start in range(0, src.n, chunk_size):
-        xc, mc = src.chunk(start, start + chunk_size)
-        z = checkpoint(rows, xc, mc, use_reentrant=False) if grad else rows(xc, mc)
-        yield start, _squeeze(z, src)
+    return queries.finish(*run.accumulate(stats))
 
 
 def iter_encode_chunked(
-    model: Model | ISAB, x: Any, mask: Any = None, *, chunk_size: int = DEFAULT_CHUNK_SIZE
+    model: Chunkable, x: Any, mask: Any = None, *, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> Iterator[tuple[int, Tensor]]:
     """Per-element encoder outputs, one chunk at a time, after ``L`` passes over ``x``.
 
     Yields ``(start, z)`` with ``z: (B, c, dim_hidden)`` (``(c, dim_hidden)`` for one set) the
     embeddings of elements ``start .. start + c``, zero at padded positions.
+
+    Example:
+        >>> import torch
+        >>> from settransformer import ISAB
+        >>> isab, x = ISAB(3, 8, num_heads=2, num_inducing=4).eval(), torch.randn(1, 100, 3)
+        >>> with torch.no_grad():
+        ...     [(start, z.shape[1]) for start, z in iter_encode_chunked(isab, x, chunk_size=40)]
+        [(0, 40), (40, 40), (80, 20)]
     """
-    plan = _Plan(model)
-    for start, z in _iter_rows(plan, plan.source(x, mask), _check_chunk_size(chunk_size)):
+    pipe = _pipeline(model, "model", _MODEL, _any)
+    for start, z in _Evaluation(pipe, x, mask, chunk_size).rows():
         yield start, z if _grad_mode() else z.clone()  # the fast path reuses its output buffer
 
 
 def encode_chunked(
-    model: Model | ISAB,
+    model: Chunkable,
     x: Any,
     mask: Any = None,
     *,
@@ -326,29 +449,60 @@ def encode_chunked(
     """``model.encode(x, mask)`` (or an ISAB's output) computed chunk by chunk.
 
     Args:
-        model, x, mask, chunk_size: as in :func:`encode_pool_chunked` (or an :class:`ISAB`).
+        model, x, mask, chunk_size: as in :func:`encode_pool_chunked` (or an ISAB).
         out: where to write the ``(B, N, dim_hidden)`` (or ``(N, dim_hidden)``) result: a tensor,
             a NumPy array / memmap or an h5py dataset of that shape; ``None`` allocates a tensor.
             Needs grad disabled unless ``None``.
 
     Returns:
         ``out`` (with grad enabled and ``out=None``: a tensor that backpropagates per chunk).
+
+    Example:
+        >>> import torch
+        >>> from settransformer import SetTransformer
+        >>> model = SetTransformer(3, 1, 2, dim_hidden=16, num_inducing=4).eval()
+        >>> x = torch.randn(2, 100, 3)
+        >>> with torch.no_grad():
+        ...     torch.allclose(encode_chunked(model, x, chunk_size=32), model.encode(x), atol=1e-5)
+        True
     """
-    plan = _Plan(model)
-    src = plan.source(x, mask)
-    chunks = _iter_rows(plan, src, _check_chunk_size(chunk_size))
+    return _encode(_pipeline(model, "model", _MODEL, _any), x, mask, chunk_size, out)
+
+
+def isab_chunked(
+    isab: Chunkable, x: Any, mask: Any = None, *, chunk_size: int = DEFAULT_CHUNK_SIZE, out: Any = None
+) -> Any:
+    """``isab(x, mask)`` in two passes over ``x``; see :func:`encode_chunked` for ``out``.
+
+    Returns ``(B, N, dim)`` (``(N, dim)`` for one set), zero at padded positions.
+
+    Example:
+        >>> import torch
+        >>> from settransformer import ISAB
+        >>> isab = ISAB(3, 16, num_heads=4, num_inducing=8).eval()
+        >>> x = torch.randn(2, 500, 3)
+        >>> with torch.no_grad():
+        ...     torch.allclose(isab_chunked(isab, x, chunk_size=128), isab(x), atol=1e-5)
+        True
+    """
+    return _encode(_pipeline(isab, "isab", "an ISAB", _is_isab), x, mask, chunk_size, out)
+
+
+def _encode(pipe: Pipeline, x: Any, mask: Any, chunk_size: int, out: Any) -> Any:
+    run = _Evaluation(pipe, x, mask, chunk_size)
+    src = run.src
     if _grad_mode():
         if out is not None:
             raise ValueError("out: cannot write into an array with autograd enabled; use torch.no_grad()")
-        return torch.cat([z for _, z in chunks], dim=0 if src.single else 1)
-    shape = (src.n, plan.dim_out) if src.single else (src.b, src.n, plan.dim_out)
+        return torch.cat([z for _, z in run.rows()], dim=0 if src.single else 1)
+    shape = (src.n, pipe.dim_out) if src.single else (src.b, src.n, pipe.dim_out)
     if out is None:
-        out = torch.empty(shape, dtype=plan.param.dtype, device=plan.param.device)
+        out = torch.empty(shape, dtype=pipe.like.dtype, device=pipe.like.device)
     elif tuple(getattr(out, "shape", ())) != shape:
         raise ValueError(
             f"out: expected an array of shape {shape}, got {getattr(out, 'shape', type(out).__name__)}"
         )
-    for start, z in chunks:
+    for start, z in run.rows():
         stop = start + z.shape[-2]
         value: Any = z if isinstance(out, Tensor) else z.cpu().numpy()
         if src.single:
@@ -356,25 +510,6 @@ def encode_chunked(
         else:
             out[:, start:stop] = value
     return out
-
-
-def isab_chunked(
-    isab: ISAB, x: Any, mask: Any = None, *, chunk_size: int = DEFAULT_CHUNK_SIZE, out: Any = None
-) -> Any:
-    """``isab(x, mask)`` in two passes over ``x``; see :func:`encode_chunked` for ``out``.
-
-    Returns ``(B, N, dim)`` (``(N, dim)`` for one set), zero at padded positions.
-
-    Example:
-        >>> isab = ISAB(3, 16, num_heads=4, num_inducing=8).eval()
-        >>> x = torch.randn(2, 500, 3)
-        >>> with torch.no_grad():
-        ...     torch.allclose(isab_chunked(isab, x, chunk_size=128), isab(x), atol=1e-5)
-        True
-    """
-    if not isinstance(isab, ISAB):
-        raise TypeError(f"isab: expected an ISAB, got {type(isab).__name__}")
-    return encode_chunked(isab, x, mask, chunk_size=chunk_size, out=out)
 
 
 def _is_float(x: Any) -> bool:
@@ -402,7 +537,11 @@ class ChunkSource:
         dim: the expected feature size.
         dtype, device: what each chunk is converted to (the model's).
 
+    Accepts a tensor, a NumPy array or ``np.memmap``, an h5py dataset, or anything with ``shape``,
+    ``dtype`` and slicing; only the requested chunk is ever turned into a tensor.
+
     Example:
+        >>> import numpy as np, torch
         >>> src = ChunkSource(np.ones((10, 3), np.float64), None, 3, dtype=torch.float32, device="cpu")
         >>> x, mask = src.chunk(8, 12)
         >>> x.shape, x.dtype, mask
@@ -455,4 +594,13 @@ class ChunkSource:
         if self.single:
             x = x.unsqueeze(0)
         mask = None if self.mask is None else self.mask[:, start:stop]
-        return zero_padding(x, mask), mask
+        x = zero_padding(x, mask)
+        try:  # every chunked path reads through here: one finiteness check for tensors, memmaps, HDF5
+            check_finite(x, "x")
+        except ValueError as e:
+            raise ValueError(f"{e} (in elements {start}:{stop} of the chunked input)") from None
+        return x, mask
+
+    def squeeze(self, out: Tensor) -> Tensor:
+        """A result ``(B, ...)`` without its batch dimension when the source is one set."""
+        return out[0] if self.single else out

@@ -46,7 +46,9 @@ __all__ = [
     "check_mask",
     "check_positive",
     "check_probability",
+    "check_scale",
     "check_set",
+    "check_top_k",
     "finite_checks",
     "finite_checks_enabled",
     "prepare_set",
@@ -119,16 +121,19 @@ def check_mask(mask: object, x: Tensor, name: str = "mask") -> Tensor | None:
     if mask is None:
         return None
     b, n = x.shape[0], x.shape[1]
-    expected = f"a bool tensor of shape (B, N) = ({b}, {n}), True for real elements"
+
+    def expected() -> str:  # formatted only on failure: formatting a symbolic size specialises it
+        return f"a bool tensor of shape (B, N) = ({b}, {n}), True for real elements"
+
     if not isinstance(mask, Tensor):
-        raise TypeError(f"{name}: expected {expected}, got {type(mask).__name__}")
+        raise TypeError(f"{name}: expected {expected()}, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
         raise TypeError(
-            f"{name}: expected {expected}, got dtype {mask.dtype} "
+            f"{name}: expected {expected()}, got dtype {mask.dtype} "
             f"(if 1 marks real elements, pass {name}.bool())"
         )
     if tuple(mask.shape) != (b, n):
-        raise ValueError(f"{name}: expected {expected}, got shape {tuple(mask.shape)}")
+        raise ValueError(f"{name}: expected {expected()}, got shape {tuple(mask.shape)}")
     if mask.device != x.device:
         raise ValueError(f"{name}: is on {mask.device} but the set is on {x.device}")
     return mask
@@ -220,7 +225,14 @@ def prepare_set(
 
 
 def check_positive(name: str, value: object, *, allow_zero: bool = False) -> int:
-    """Check a size argument (an ``int``, positive or, with ``allow_zero``, non-negative)."""
+    """Check a size argument (an ``int``, positive or, with ``allow_zero``, non-negative).
+
+    Example:
+        >>> check_positive("chunk_size", 0)
+        Traceback (most recent call last):
+        ...
+        ValueError: chunk_size: expected a positive integer, got 0
+    """
     lowest = 0 if allow_zero else 1
     if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
         kind = "a non-negative" if allow_zero else "a positive"
@@ -229,7 +241,38 @@ def check_positive(name: str, value: object, *, allow_zero: bool = False) -> int
 
 
 def check_probability(name: str, value: object) -> float:
-    """Check a dropout probability in ``[0, 1)``."""
+    """Check a dropout probability in ``[0, 1)``.
+
+    Example:
+        >>> check_probability("dropout", 0.1)
+        0.1
+    """
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
         raise ValueError(f"{name}: expected a probability in [0, 1), got {value!r}")
     return float(value)
+
+
+def check_top_k(value: object, name: str = "top_k") -> int | None:
+    """Check a hard-attention ``top_k``: a positive integer, or ``None`` for soft attention.
+
+    Example:
+        >>> check_top_k(3), check_top_k(None)
+        (3, None)
+    """
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name}: expected a positive integer or None, got {value!r}")
+    return value
+
+
+def check_scale(value: object, name: str = "scale") -> float | None:
+    """Check a softmax temperature: a positive finite number, or ``None`` for the default.
+
+    Example:
+        >>> check_scale(0.25), check_scale(None)
+        (0.25, None)
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ValueError(f"{name}: expected a positive number or None, got {value!r}")
+    return value

@@ -13,14 +13,16 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .base import Task
 
-__all__ = ["TASKS", "TaskUnavailable", "available_tasks", "get_task", "is_present"]
+__all__ = ["TASKS", "TaskUnavailable", "available_tasks", "did_you_mean", "get_task", "is_present"]
 
 #: CLI name -> "module:Class". The order is the order of the paper (and of ``demo``).
 TASKS: dict[str, str] = {
@@ -31,6 +33,8 @@ TASKS: dict[str, str] = {
     "set-anomaly": "settransformer.tasks.set_anomaly:SetAnomaly",
     "pointcloud": "settransformer.tasks.pointcloud:PointCloudClassification",
     "kernel-regression": "settransformer.tasks.kernel_regression:KernelRegression",
+    "set-classification": "settransformer.tasks.labelled_sets:SetClassification",
+    "set-regression": "settransformer.tasks.labelled_sets:SetRegression",
 }
 
 
@@ -38,9 +42,22 @@ class TaskUnavailable(ValueError):
     """A registered task that cannot be used here (module absent or a dependency missing)."""
 
 
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """``" (did you mean X?)"`` for the closest of ``choices`` to a misspelled ``word``, else ``""``.
+
+    Example:
+        >>> did_you_mean("max-regresion", TASKS)
+        " (did you mean 'max-regression'?)"
+    """
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _check_name(name: str) -> tuple[str, str]:
     if name not in TASKS:
-        raise ValueError(f"task: unknown task {name!r}; expected one of {', '.join(TASKS)}")
+        raise ValueError(
+            f"task: unknown task {name!r}{did_you_mean(name, TASKS)}; expected one of {', '.join(TASKS)}"
+        )
     module, _, cls = TASKS[name].partition(":")
     return module, cls
 

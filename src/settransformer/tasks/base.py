@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Batch", "Task"]
+__all__ = ["Batch", "Preprocessed", "Task"]
 
 
 @dataclass
@@ -70,6 +70,56 @@ class Batch:
 
     def __len__(self) -> int:
         return self.x.shape[0]
+
+
+class Preprocessed(nn.Module):
+    """Base of a task's deployed model: its input preprocessing (buffers), then the network ``model``.
+
+    Subclasses register their statistics as buffers and apply them in ``forward`` before calling
+    ``self.model``. State dicts of the bare network (the layout of runs trained before the
+    preprocessing was part of the model: no ``model.`` prefix, no statistics) still load: their
+    keys are moved under ``model.``, and the statistics keep the values fitted when the task was
+    built from its data, which are the ones such a run was trained with.
+
+    Example:
+        >>> class Shift(Preprocessed):
+        ...     def __init__(self, model: nn.Module) -> None:
+        ...         super().__init__()
+        ...         self.model = model
+        ...         self.register_buffer("offset", torch.ones(2))
+        ...     def forward(self, x: Tensor) -> Tensor:
+        ...         return self.model(x - self.offset)
+        >>> wrapped = Shift(nn.Linear(2, 3))
+        >>> bare = nn.Linear(2, 3).state_dict()       # the bare network's layout
+        >>> wrapped.load_state_dict(bare)
+        <All keys matched successfully>
+        >>> torch.equal(wrapped.model.weight, bare["weight"])
+        True
+    """
+
+    model: nn.Module
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        inner = prefix + "model."
+        own = {prefix + name for name, _ in self.named_buffers(recurse=False)}
+        mine = [k for k in state_dict if k.startswith(prefix) and k not in own]
+        if mine and not any(k.startswith(inner) for k in mine):
+            for key in mine:
+                state_dict[inner + key[len(prefix) :]] = state_dict.pop(key)
+            for name, buf in self.named_buffers(recurse=False):
+                state_dict.setdefault(prefix + name, buf)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
 
 class Task(ABC):
@@ -134,6 +184,12 @@ class Task(ABC):
     @abstractmethod
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         """Metrics on the task's fixed test data (model in eval mode, no gradients)."""
+
+    def test_inputs(self) -> tuple[list[Tensor], Tensor]:
+        """The fixed test sets as a user's file would hold them, before any preprocessing the model
+        carries (:meth:`build_model` returns a module that takes raw sets): ``S`` sets ``(N_i, D)``
+        and their targets ``(S, ...)``, the ones :meth:`evaluate` scores against."""
+        raise NotImplementedError(f"{self.name}: this task has no raw test inputs")
 
     def plot(self, model: nn.Module, out_dir: Path, device: torch.device) -> list[Path]:
         """Write the task's figures (PNG) into ``out_dir``; return their paths."""

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ..nn.models import SetTransformer
 from .base import Batch
-from .image_sets import ImageSetModel, ImageSetTask, save_figure
+from .image_sets import ImageSetTask, save_figure
 
 __all__ = ["CountUnique", "poisson_mode"]
 
@@ -135,7 +135,7 @@ class CountUnique(ImageSetTask):
             encoder=encoder,  # type: ignore[arg-type]
             pooling=pooling,  # type: ignore[arg-type]
         )
-        return ImageSetModel(self.image_encoder(), set_model)
+        return self.image_model(set_model)
 
     # -- data ---------------------------------------------------------------------------------
     def sample_sets(self, batch_size: int, generator: torch.Generator, split: str = "train") -> Batch:

@@ -36,7 +36,7 @@ from torch import Generator, Tensor, nn
 
 from ..data.features import FeatureData, load_features
 from ..data.mixtures import MixtureParams, default_cache_dir, hard_assignments, mixture_nll
-from .base import Batch, Task
+from .base import Batch, Preprocessed, Task
 from .metrics import adjusted_rand_index, normalized_mutual_info
 from .mog_clustering import (
     MODEL_DESCRIPTIONS,
@@ -45,7 +45,7 @@ from .mog_clustering import (
     plot_mixture_grid,
 )
 
-__all__ = ["DigitsClustering", "classical_baselines"]
+__all__ = ["DigitsClustering", "FeatureProjection", "classical_baselines"]
 
 
 def _split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -60,10 +60,11 @@ def _split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndar
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def _standardise_and_project(
-    train: np.ndarray, test: np.ndarray, pca: int | None, per_feature: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
-    """Standardise with training statistics, then project on the training principal axes.
+def _fit_projection(
+    train: np.ndarray, pca: int | None, per_feature: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(mean (F,), std (F,), axes (F, P) or None)``: standardisation by training statistics, then
+    the training principal axes.
 
     ``per_feature=False`` divides by one scalar (the std over all training values): per-feature
     scaling turns near-constant pixels (digit borders) into heavy-tailed outliers (kurtosis ~35 in
@@ -75,12 +76,44 @@ def _standardise_and_project(
         std[std < 1e-8] = 1.0  # constant features stay zero instead of dividing by zero
     else:
         std = np.full_like(mean, max(float((train - mean).std()), 1e-8))
-    train, test = (train - mean) / std, (test - mean) / std
-    if pca is not None:
-        _, _, vt = np.linalg.svd(train, full_matrices=False)  # train is centred already
-        axes = vt[:pca].T
-        train, test = train @ axes, test @ axes
-    return train.astype(np.float32), test.astype(np.float32)
+    if pca is None:
+        return mean, std, None
+    _, _, vt = np.linalg.svd((train - mean) / std, full_matrices=False)
+    return mean, std, vt[:pca].T
+
+
+class FeatureProjection(Preprocessed):
+    """A network with the task's feature preprocessing, so it takes raw features.
+
+    ``forward(x, mask) = model(((x - mean) / std) @ axes, mask)`` with the buffers ``mean, std: (F,)``
+    and ``axes: (F, P)`` fitted on the training images (identity when there is no PCA); padded rows
+    stay zero. ``x: (B, N, F)``, ``mask: (B, N)``. ``preprocessed=True`` takes features already
+    projected (the task's training and test sets are projected once, not per batch).
+
+    Example:
+        >>> net = build_clustering_model("rff-pool", 2, 3, dim_hidden=8)
+        >>> model = FeatureProjection(net, torch.zeros(5), torch.ones(5), torch.eye(5)[:, :2])
+        >>> model(torch.randn(4, 10, 5)).shape  # 3 Gaussians in the 2-d projected space
+        torch.Size([4, 3, 5])
+    """
+
+    mean: Tensor
+    std: Tensor
+    axes: Tensor
+
+    def __init__(self, model: nn.Module, mean: Tensor, std: Tensor, axes: Tensor) -> None:
+        super().__init__()
+        self.model, self.dim_input = model, int(mean.shape[0])
+        self.register_buffer("mean", mean.float().clone())
+        self.register_buffer("std", std.float().clone())
+        self.register_buffer("axes", axes.float().clone())
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, preprocessed: bool = False) -> Tensor:
+        """``x: (B, N, F)`` raw features, ``mask: (B, N)`` bool -> mixtures ``(B, K, 1 + 2P)``."""
+        if not preprocessed:
+            x = ((x - self.mean) / self.std) @ self.axes
+            x = x if mask is None else x.masked_fill(~mask[..., None], 0.0)
+        return self.model(x, mask)
 
 
 def classical_baselines(
@@ -221,10 +254,16 @@ class DigitsClustering(Task):
                     f"of {source.source}"
                 )
             tr, te = _split(source.labels, o["test_fraction"], o["split_seed"])
-            train_x, test_x = _standardise_and_project(
-                source.features[tr], source.features[te], o["pca"], o["standardise"] == "feature"
+            mean, std, axes = _fit_projection(source.features[tr], o["pca"], o["standardise"] == "feature")
+            axes = np.eye(len(mean), dtype=mean.dtype) if axes is None else axes
+            train_x, test_x = (
+                (((source.features[idx] - mean) / std) @ axes).astype(np.float32) for idx in (tr, te)
             )
             data: dict[str, Any] = {
+                "projection": tuple(
+                    torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in (mean, std, axes)
+                ),
+                "test_raw": torch.from_numpy(source.features[te].astype(np.float32)),
                 "train_x": torch.from_numpy(train_x),
                 "test_x": torch.from_numpy(test_x),
                 "train_index": torch.from_numpy(tr),
@@ -274,11 +313,16 @@ class DigitsClustering(Task):
             sizes = torch.randint(o["min_size"], o["max_size"] + 1, (o["num_test_sets"],), generator=g)
             n_max = int(sizes.max())
             x = torch.zeros(len(sizes), n_max, self.dim)
+            raw = torch.zeros(len(sizes), n_max, self.data()["test_raw"].shape[1])
             labels = torch.full((len(sizes), n_max), -1)
             for i, n in enumerate(sizes.tolist()):
                 idx, lab = self._draw_set("test", n, g)
-                x[i, :n], labels[i, :n] = self.data()["test_x"][idx], lab
-            self._test = {"x": x, "mask": labels >= 0, "labels": labels}
+                x[i, :n], raw[i, :n], labels[i, :n] = (
+                    self.data()["test_x"][idx],
+                    self.data()["test_raw"][idx],
+                    lab,
+                )
+            self._test = {"x": x, "raw": raw, "mask": labels >= 0, "labels": labels}
         return self._test
 
     def baselines(self) -> dict[str, Tensor]:
@@ -309,16 +353,28 @@ class DigitsClustering(Task):
     # -- model, loss, metrics ---------------------------------------------------------------
 
     def build_model(self, model_name: str) -> nn.Module:
+        """The network inside :class:`FeatureProjection`: raw features ``x: (B, N, F)``, ``mask`` ->
+        ``num_clusters`` Gaussians ``(B, K, 1 + 2P)`` in the projected space."""
         o = self.options
-        return build_clustering_model(model_name, self.dim, o["num_clusters"], o["dim_hidden"])
+        net = build_clustering_model(model_name, self.dim, o["num_clusters"], o["dim_hidden"])
+        return FeatureProjection(net, *self.data()["projection"])
+
+    def test_inputs(self) -> tuple[list[Tensor], Tensor]:
+        """The test sets as raw features ``(N_i, F)`` and their cluster labels ``(S, N_max)`` (-1 at
+        padding); the mixtures a model emits live in the projected space, where eval scores them."""
+        t = self.test_sets()
+        return [t["raw"][i][t["mask"][i]] for i in range(len(t["raw"]))], t["labels"]
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         """Negative log-likelihood per point under the model's diagonal Gaussian mixtures."""
-        return mixture_nll(model(batch.x, batch.mask), batch.x, batch.mask)
+        return mixture_nll(model(batch.x, batch.mask, preprocessed=True), batch.x, batch.mask)
 
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        """``ari`` (headline), ``nmi``, ``ari1``, ``ll0``, ``ll1`` of the network on the projected test
+        sets, and the k-means / EM baselines on the same sets."""
         t = self.test_sets()
-        per_set = evaluate_mixture_model(model, t["x"], t["mask"], t["labels"], device)
+        net = model.model if isinstance(model, FeatureProjection) else model
+        per_set = evaluate_mixture_model(net, t["x"], t["mask"], t["labels"], device)
         result = {k: per_set[k].mean().item() for k in ("ari", "nmi", "ari1", "ll0", "ll1")}
         result.update({k: v.mean().item() for k, v in self.baselines().items()})
         return result
@@ -333,7 +389,8 @@ class DigitsClustering(Task):
         model.eval()
         try:
             with torch.no_grad():
-                params = MixtureParams.from_output(model(x.to(device), mask.to(device)).float()).to("cpu")
+                out = model(x.to(device), mask.to(device), preprocessed=True)
+                params = MixtureParams.from_output(out.float()).to("cpu")
         finally:
             model.train(was_training)
         ari = adjusted_rand_index(labels, hard_assignments(x, params, mask), mask)

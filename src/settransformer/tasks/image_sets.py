@@ -67,8 +67,10 @@ class ImageEncoder(nn.Module):
 
 
 class ImageSetModel(nn.Module):
-    """Encode each image of a padded set batch, then apply a set model.
+    """Normalise and encode each image of a padded set batch, then apply a set model.
 
+    The pixels are normalised by ``(x - pixel_mean) / pixel_std`` (the training images' statistics,
+    buffers that are recomputed from the data when a run is rebuilt, so a model takes raw pixels).
     Only real elements go through the image encoder, so padding never reaches BatchNorm statistics;
     padded rows of the embeddings are zero.
 
@@ -81,9 +83,19 @@ class ImageSetModel(nn.Module):
         torch.Size([3, 1, 1])
     """
 
-    def __init__(self, encoder: ImageEncoder, set_model: nn.Module) -> None:
+    pixel_mean: Tensor
+    pixel_std: Tensor
+
+    def __init__(
+        self, encoder: ImageEncoder, set_model: nn.Module, pixel_mean: float = 0.0, pixel_std: float = 1.0
+    ) -> None:
         super().__init__()
         self.encoder, self.set_model = encoder, set_model
+        self.register_buffer("pixel_mean", torch.tensor(float(pixel_mean)), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(float(pixel_std)), persistent=False)
+
+    def _encode(self, x: Tensor) -> Tensor:
+        return self.encoder((x - self.pixel_mean) / self.pixel_std)
 
     def embed(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """``x: (B, N, C*H*W)``, ``mask: (B, N)`` -> ``(B, N, dim)``, zero at padded rows."""
@@ -91,11 +103,11 @@ class ImageSetModel(nn.Module):
             raise ValueError(f"x: expected image sets of shape (B, N, C*H*W), got {tuple(x.shape)}")
         b, n = x.shape[:2]
         if mask is None:
-            return self.encoder(x.reshape(b * n, -1)).view(b, n, -1)
+            return self._encode(x.reshape(b * n, -1)).view(b, n, -1)
         if mask.shape != (b, n) or mask.dtype != torch.bool:
             got = f"{mask.dtype} {tuple(mask.shape)}"
             raise ValueError(f"mask: expected a bool tensor of shape ({b}, {n}), got {got}")
-        z = self.encoder(x[mask])
+        z = self._encode(x[mask])
         return z.new_zeros(b, n, z.shape[-1]).masked_scatter(mask[..., None], z)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -171,13 +183,10 @@ class ImageSetTask(Task):
         return train if split == "train" else test
 
     def pixels(self, split: str, index: Tensor) -> Tensor:
-        """Normalised, flattened images of ``split`` at ``index`` (any shape): ``(*index.shape, C*H*W)``.
-
-        Normalised per batch rather than once for all images, so no second copy of a large
-        collection is kept in memory.
-        """
+        """Raw flattened images of ``split`` at ``index`` (any shape): ``(*index.shape, C*H*W)``; the
+        model normalises them (:class:`ImageSetModel`)."""
         images = torch.from_numpy(self.part(split).images).flatten(1)  # a view, no copy
-        return (images[index] - self.pixel_mean) / self.pixel_std
+        return images[index]
 
     def sampler(self, split: str) -> ClassSampler:
         """A :class:`ClassSampler` over ``split``'s class labels."""
@@ -194,6 +203,21 @@ class ImageSetTask(Task):
         """A fresh per-element encoder producing ``dim_hidden`` features."""
         o = self.options
         return ImageEncoder(self.part("train").image_shape, o["dim_hidden"], o["image_encoder"])
+
+    def image_model(self, set_model: nn.Module) -> ImageSetModel:
+        """A fresh image encoder + ``set_model``, normalising pixels by the training images' statistics."""
+        encoder = self.image_encoder()  # loads the split, hence the statistics
+        return ImageSetModel(encoder, set_model, self.pixel_mean, self.pixel_std)
+
+    def test_inputs(self) -> tuple[list[Tensor], Tensor]:
+        """The fixed test sets as raw flattened pixels ``(N_i, C*H*W)`` and their targets ``(S,)``."""
+        batch = self.test_batch()
+        sets = [batch.x[i] if batch.mask is None else batch.x[i][batch.mask[i]] for i in range(len(batch))]
+        return sets, batch.target
+
+    def test_batch(self) -> Any:
+        """The fixed test sets (a :class:`~settransformer.tasks.base.Batch`)."""
+        raise NotImplementedError
 
     def generator(self, offset: int) -> torch.Generator:
         """A generator seeded from the ``seed`` option (``offset`` separates uses)."""

@@ -24,8 +24,8 @@ orderings of the context (:func:`settransformer.tasks.metrics.permutation_sensit
 Batches: ``x: (B, N, 2)`` pairs, ``mask: (B, N)``, ``target: (B, Q)``; ``extra["queries"]: (B, Q, 1)``,
 ``extra["clean"]: (B, Q)`` and the functions' ``amp``, ``freq``, ``phase`` ``(B, num_sines)``.
 
-
-Figures for kernel regression: fitted curves over the noisy pairs, and attention heat maps."""
+Figures (``task.plot``, :func:`plot_kernel_regression`): fitted curves over the noisy pairs, and
+attention heat maps."""
 
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ class SetRegressor(nn.Module):
     def _encode(self, context: Tensor, mask: Tensor | None, queries: Tensor) -> tuple[Tensor, Tensor]:
         z = context if mask is None else context.masked_fill(~mask[..., None], 0.0)
         for layer in cast(list[SAB], self.encoder):
-            z = layer.encode(z, mask)
+            z = layer.forward_unchecked(z, mask)
         return self.embed(queries), z
 
     def weights(self, context: Tensor, mask: Tensor | None, queries: Tensor) -> Tensor:
@@ -138,7 +138,7 @@ class SetRegressor(nn.Module):
 
     def forward(self, context: Tensor, mask: Tensor | None, queries: Tensor) -> Tensor:
         q, z = self._encode(context, mask, queries)
-        return self.head(self.decoder.attend(q, z, mask)).squeeze(-1)
+        return self.head(self.decoder.forward_unchecked(q, z, mask)).squeeze(-1)
 
 
 class SequenceRegressor(nn.Module):
@@ -180,6 +180,13 @@ class KernelRegression(Task):
     standard Gaussian kernel), ``dim_hidden`` (64), ``num_heads`` (4), ``test_sets`` (1000),
     ``test_seed``, ``sensitivity_sets`` and ``sensitivity_orders`` (permutation sensitivity on
     the first 200 test sets, 4 orderings).
+
+    Example:
+        >>> task = KernelRegression(test_sets=16)
+        >>> batch = task.sample_batch(4, torch.Generator().manual_seed(0))
+        >>> model = task.build_model("settransformer")
+        >>> task.loss(model, batch).shape  # the mean squared error at the query points
+        torch.Size([])
     """
 
     name: ClassVar[str] = "kernel-regression"

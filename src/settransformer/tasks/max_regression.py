@@ -12,6 +12,10 @@ Example:
     >>> task = MaxRegression()
     >>> batch = task.sample_batch(4, torch.Generator().manual_seed(0))
     >>> batch.x.shape, batch.mask.shape, batch.target.shape   # (B, N, 1), (B, N), (B,)
+    (torch.Size([4, 10, 1]), torch.Size([4, 10]), torch.Size([4]))
+    >>> model = task.build_model("settransformer")
+    >>> model(batch.x, batch.mask).shape  # one predicted maximum per set
+    torch.Size([4])
 """
 
 from __future__ import annotations
@@ -164,6 +168,11 @@ class MaxRegression(Task):
             gen = torch.Generator().manual_seed(self.options["test_seed"])
             self._test = self.sample_sets(self.options["test_sets"], gen)
         return self._test
+
+    def test_inputs(self) -> tuple[list[Tensor], Tensor]:
+        """The fixed test sets ``(N_i, 1)`` (raw reals; the model rescales them) and their maxima ``(S,)``."""
+        batch = self.test_batch()
+        return [batch.x[i][batch.mask[i]] for i in range(len(batch))], batch.target  # type: ignore[index]
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         """Mean absolute error (L1) between the predicted and the true maxima."""

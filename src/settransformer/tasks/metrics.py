@@ -1,8 +1,9 @@
-"""Clustering agreement scores: adjusted Rand index and normalised mutual information.
+"""Metrics of set models: clustering agreement scores, and how much an output depends on order.
 
-Both are computed from a contingency table, for a whole batch of padded sets at once (no Python
-loop over sets), and agree with scikit-learn's ``adjusted_rand_score`` and
-``normalized_mutual_info_score`` (arithmetic-mean normalisation) including their special cases.
+**Clustering agreement**: :func:`adjusted_rand_index` and :func:`normalized_mutual_info` are computed
+from a contingency table, for a whole batch of padded sets at once (no Python loop over sets), and
+agree with scikit-learn's ``adjusted_rand_score`` and ``normalized_mutual_info_score``
+(arithmetic-mean normalisation) including their special cases.
 Labels may be any integers (only equality matters); padded points are left out through ``mask``.
 
 Inputs may be torch tensors or numpy arrays. One labelling ``(N,)`` gives a Python float; a batch
@@ -16,18 +17,16 @@ Example:
     >>> adjusted_rand_index(t, p, mask=torch.tensor([[True] * 4, [True, True, True, False]])).shape
     torch.Size([2])
 
-
-How much a model's output depends on the order of each set's elements.
-
-A set model's output is a function of the set, so reordering the elements changes it only by
-floating-point rounding; an order-aware baseline (:mod:`settransformer.nn.sequence`) changes
-for real. :func:`permutation_sensitivity` puts a number on it.
+**Order dependence**: a set model's output is a function of the set, so reordering the elements
+changes it only by floating-point rounding; an order-aware baseline (:mod:`settransformer.nn.sequence`)
+changes for real. :func:`permutation_sensitivity` puts a number on it.
 
 Example:
     >>> from settransformer import DeepSets
     >>> x, mask = torch.randn(16, 10, 2), torch.rand(16, 10) > 0.3
     >>> permutation_sensitivity(DeepSets(2, 1, 1), x, mask) < 1e-5
-    True"""
+    True
+"""
 
 from __future__ import annotations
 

@@ -21,8 +21,8 @@ mixing weight above ``count_threshold`` (0.01), where components whose means lie
 spare component: it may duplicate a cluster at no cost); ``k_accuracy`` is how often the count
 equals the true number. ``count_separation=0`` counts the weights alone.
 
-
-Figures for the clustering tasks: sets coloured by assigned component, with component ellipses."""
+Figures (``task.plot``, :func:`plot_mixture_grid`, also used by the digits clustering task): sets
+coloured by assigned component, with component ellipses."""
 
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ from ..data.mixtures import (
 from ..nn.models import SetTransformer
 from .base import Batch, Task
 from .metrics import adjusted_rand_index, normalized_mutual_info
+from .report import save_figure
 
 __all__ = [
     "MODEL_DESCRIPTIONS",
@@ -325,6 +326,11 @@ class MoGClustering(Task):
             )
         return self._benchmark
 
+    def test_inputs(self) -> tuple[list[Tensor], Tensor]:
+        """The benchmark's sets ``(N_i, dim)`` (no preprocessing) and their cluster labels ``(S, N_max)``."""
+        bench = self.benchmark()
+        return [bench["x"][i][bench["mask"][i]] for i in range(len(bench["x"]))], bench["labels"]
+
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         bench = self.benchmark()
         o = self.options
@@ -454,8 +460,4 @@ def plot_mixture_grid(
             ax.set_aspect("equal", adjustable="datalim")
         if titles is not None:
             ax.set_title(titles[i], fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)

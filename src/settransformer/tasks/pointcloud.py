@@ -25,8 +25,9 @@ Example:
     >>> batch.x.shape, batch.target.shape
     (torch.Size([4, 128, 3]), torch.Size([4]))
 
-
-Figures of the point-cloud task: a confusion matrix and a grid of example clouds."""
+Figures (``task.plot``): a confusion matrix (:func:`plot_confusion`) and a grid of example clouds
+(:func:`plot_examples`).
+"""
 
 from __future__ import annotations
 
@@ -40,19 +41,82 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.digit_points import load_digit_points
+from ..data.modelnet_off import load_modelnet_off
 from ..data.point_pipeline import PreparedClouds, Preprocessing
-from ..data.pointclouds import PointCloudData
+from ..data.point_transforms import standardize_per_cloud, subsample
+from ..data.pointclouds import (
+    PointCloudData,
+    PointSplit,
+    load_array,
+    load_deepsets_h5,
+    load_pointnet_h5,
+)
+from ..data.shapes import SHAPE_CLASSES, sample_shapes
 from ..nn.models import DeepSets, SetTransformer
-from .base import Batch, Task
+from .base import Batch, Preprocessed, Task
 from .report import save_figure
 
-__all__ = ["PointCloudClassification", "plot_confusion", "plot_examples"]
+__all__ = ["CloudPreprocessing", "PointCloudClassification", "plot_confusion", "plot_examples"]
 
 SOURCES = ("shapes", "digits", "deepsets-h5", "pointnet-h5", "modelnet-off", "array")
 _FILE_SOURCES = SOURCES[2:]
 _MODELNET = SOURCES[2:5]
 _DEFAULT_POINTS = {"shapes": 128, "deepsets-h5": 1000, "pointnet-h5": 1000, "modelnet-off": 1000}
 _EVAL_CHUNK = 256
+
+
+class CloudPreprocessing(Preprocessed):
+    """A point-cloud network with the task's test-time preprocessing, so it takes raw clouds.
+
+    ``forward(x, mask)``: keep ``num_points`` points per cloud by the fixed rule (every ``N/P``-th
+    real point) when ``N > num_points``, standardise the first ``spatial_dims`` features (``"cloud"``:
+    each cloud by its own statistics; ``"train"``: the buffers ``clip, mean, std`` of the training
+    split; ``"none"``), then run ``model``. ``x: (B, N, D)``, ``mask: (B, N)`` -> ``model``'s output.
+    ``preprocessed=True`` skips the preprocessing: training batches arrive subsampled, standardised
+    and augmented (in that order, as in the DeepSets code).
+
+    Example:
+        >>> net = DeepSets(3, 1, 4, dim_hidden=8)
+        >>> model = CloudPreprocessing(net, num_points=16, standardize="cloud", spatial_dims=3)
+        >>> model(torch.randn(2, 50, 3) * 50 + 200).shape  # raw clouds of 50 points
+        torch.Size([2, 1, 4])
+    """
+
+    clip: Tensor
+    mean: Tensor
+    std: Tensor
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_points: int | None,
+        standardize: str,
+        spatial_dims: int,
+        stats: tuple[float, float, float] = (float("inf"), 0.0, 1.0),
+    ) -> None:
+        super().__init__()
+        if standardize not in ("cloud", "train", "none"):
+            raise ValueError(f"standardize: expected 'cloud', 'train' or 'none', got {standardize!r}")
+        self.model, self.num_points, self.standardize, self.spatial_dims = (
+            model, num_points, standardize, spatial_dims,
+        )  # fmt: skip
+        for name, value in zip(("clip", "mean", "std"), stats, strict=True):
+            self.register_buffer(name, torch.tensor(float(value)))
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, preprocessed: bool = False) -> Tensor:
+        """``x: (B, N, D)`` raw clouds, ``mask: (B, N)`` bool -> the network's output."""
+        if not preprocessed:
+            if self.num_points is not None and x.shape[1] > self.num_points:
+                x, mask = subsample(x, self.num_points, mask)
+            c = self.spatial_dims
+            if self.standardize == "cloud":
+                x = standardize_per_cloud(x, mask, c)
+            elif self.standardize == "train":
+                z = (torch.minimum(torch.maximum(x[..., :c], -self.clip), self.clip) - self.mean) / self.std
+                x = torch.cat([z, x[..., c:]], dim=2)
+                x = x if mask is None else x.masked_fill(~mask[..., None], 0.0)
+        return self.model(x, mask)
 
 
 class PointCloudClassification(Task):
@@ -189,34 +253,26 @@ class PointCloudClassification(Task):
         return self._data
 
     def _load(self) -> PointCloudData:
-        from ..data import pointclouds as pc
-
         o, prep = self.options, self.preprocessing
         # a fixed subsample can be taken while reading: ModelNet40 at 10,000 points is 1.2 GB
         both_fixed = prep.subsample == "fixed" and (prep.test_subsample or prep.subsample) == "fixed"
         keep = prep.num_points if both_fixed else None
         if o["source"] == "shapes":
-            from ..data.shapes import SHAPE_CLASSES, sample_shapes
-
             labels = np.arange(o["test_size"]) % o["num_classes"]
             x, y = sample_shapes(
                 len(labels), prep.num_points or 128, o["test_seed"], labels=labels, **self._shape_options()
             )
-            empty = pc.PointSplit(x[:0], y[:0])
-            return pc.PointCloudData(empty, pc.PointSplit(x, y), list(SHAPE_CLASSES[: o["num_classes"]]))
+            empty = PointSplit(x[:0], y[:0])
+            return PointCloudData(empty, PointSplit(x, y), list(SHAPE_CLASSES[: o["num_classes"]]))
         if o["source"] == "digits":
-            from ..data.digit_points import load_digit_points
-
             return load_digit_points(o["test_fraction"], o["split_seed"])
         if o["source"] == "deepsets-h5":
-            return pc.load_deepsets_h5(o["path"], keep)
+            return load_deepsets_h5(o["path"], keep)
         if o["source"] == "pointnet-h5":
-            return pc.load_pointnet_h5(o["path"], keep)
+            return load_pointnet_h5(o["path"], keep)
         if o["source"] == "modelnet-off":
-            from ..data.modelnet_off import load_modelnet_off
-
             return load_modelnet_off(o["path"], o["off_points"], o["split_seed"], cache_dir=o["cache_dir"])
-        return pc.load_array(o["path"], o["labels_path"], o["test_fraction"], o["split_seed"])
+        return load_array(o["path"], o["labels_path"], o["test_fraction"], o["split_seed"])
 
     @property
     def class_names(self) -> list[str]:
@@ -247,8 +303,6 @@ class PointCloudClassification(Task):
         return {k: self.options[k] for k in ("num_classes", "noise", "rotation")}
 
     def _shapes(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        from ..data.shapes import sample_shapes
-
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))  # numpy draws, seeded from torch's
         x, y = sample_shapes(batch_size, self.preprocessing.num_points or 128, seed, **self._shape_options())
         return torch.from_numpy(x), torch.from_numpy(y)
@@ -280,7 +334,31 @@ class PointCloudClassification(Task):
 
     # -- models, loss, metrics -------------------------------------------------------------------
     def build_model(self, model_name: str) -> nn.Module:
-        """A fresh model: ``x: (B, N, D)``, ``mask: (B, N)`` -> logits ``(B, 1, num_classes)``."""
+        """A fresh model inside :class:`CloudPreprocessing`: raw ``x: (B, N, D)``, ``mask: (B, N)``
+        -> logits ``(B, 1, num_classes)``."""
+        net = self._network(model_name)
+        with torch.device("cpu"):  # the data are real even while the model is sized on the meta device
+            clouds = self.clouds()
+        st = clouds.standardizer
+        stats = (float("inf"), 0.0, 1.0) if st is None else (st.clip, st.mean, st.std)
+        prep = clouds.prep
+        return CloudPreprocessing(net, prep.num_points, prep.standardize, prep.spatial_dims, stats)
+
+    def test_inputs(self) -> tuple[list[Tensor], Tensor]:
+        """The raw test clouds ``(N_i, D)`` (before standardisation; subsampled only by a random
+        test rule, which a deployed model cannot repeat) and their labels ``(S,)``."""
+        prep, data = self.clouds().prep, self.data()
+        if prep.num_points is None or (prep.test_subsample or prep.subsample) == "fixed":
+            x, mask, labels = (
+                torch.from_numpy(data.test.points),
+                None if data.test.mask is None else torch.from_numpy(data.test.mask),
+                torch.from_numpy(data.test.labels),
+            )
+        else:
+            x, mask, labels = self.clouds().raw_test
+        return [x[i] if mask is None else x[i][mask[i]] for i in range(len(x))], labels
+
+    def _network(self, model_name: str) -> nn.Module:
         o = self.options
         d, c, h, drop = self.dim_input, len(self.class_names), self.dim_hidden, o["dropout"]
         common = {"dim_hidden": h, "num_heads": o["num_heads"], "decoder_dropout": drop}
@@ -302,13 +380,14 @@ class PointCloudClassification(Task):
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         """Cross-entropy of the logits ``(B, classes)`` against ``batch.target``."""
-        logits = model(batch.x, batch.mask).reshape(len(batch), -1)
+        logits = model(batch.x, batch.mask, preprocessed=True).reshape(len(batch), -1)
         return F.cross_entropy(logits.float(), batch.target)
 
     @torch.no_grad()
     def predict(self, model: nn.Module, device: torch.device) -> Tensor:
-        """Logits ``(S, classes)`` (on CPU) for every test cloud, in chunks (no cloud is dropped)."""
-        x, mask, _ = self.test_split()
+        """Logits ``(S, classes)`` (on CPU) for every test cloud, in chunks (no cloud is dropped): the
+        raw clouds through the whole model, preprocessing included, as ``predict`` runs it."""
+        x, mask, _ = self.clouds().raw_test
         was_training = model.training
         model.eval()
         try:

@@ -1,9 +1,15 @@
 """Results tables (ours beside the paper's) and figure saving, shared by every task.
 
 Example:
+    >>> from settransformer.tasks.max_regression import MaxRegression
     >>> runs = {"deepsets-max": [{"mae": 0.14}, {"mae": 0.12}], "settransformer": [{"mae": 0.1}]}
-    >>> print(results_table(MaxRegression, runs))
-    | model | ... | mae (ours) | mae (paper) |
+    >>> print(results_table(MaxRegression, runs))  # doctest: +ELLIPSIS
+    | model | what it is | seeds | mae (ours) | mae (paper) | perm_sensitivity (ours) | ...
+    |---|---|---|---|---|---|---|
+    | `deepsets-max` | rFF + Pooling (max): ... | 2 | 0.13 ± 0.014 | 0.1355 ± 0.0074 | – | – |
+    | `settransformer` | SAB + PMA: ... | 1 | 0.1 | 0.2085 ± 0.013 | – | – |
+    <BLANKLINE>
+    Headline metric: mae (lower is better); ours is the mean ± std over seeds.
 """
 
 from __future__ import annotations
@@ -15,9 +21,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..data.files import atomic_write, write_text_atomic
 from .base import Task
 
-__all__ = ["mean_std", "results_table", "save_figure", "write_results"]
+__all__ = ["mean_std", "plot_training_curve", "results_table", "save_figure", "write_results"]
 
 
 def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
@@ -27,9 +34,8 @@ def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
     backend (headless machines) and do not disturb a notebook's inline backend.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
     if "matplotlib.pyplot" in sys.modules:  # pyplot keeps its figures alive until closed
         sys.modules["matplotlib.pyplot"].close(fig)
     return path
@@ -103,7 +109,7 @@ def write_results(
     title = title or f"{task.name}: our results beside the paper's"
     settings_md = "\n".join(f"- {k}: `{json.dumps(v)}`" for k, v in settings.items())
     md = f"# {title}\n\n{results_table(task, runs)}\n\nSettings:\n\n{settings_md}\n"
-    (out_dir / "results.md").write_text(md)
+    write_text_atomic(out_dir / "results.md", md)
     summary = {
         name: {m: dict(zip(("mean", "std"), mean_std([r[m] for r in rs]))) for m in rs[0]}
         for name, rs in runs.items()
@@ -116,5 +122,49 @@ def write_results(
         "runs": runs,
         "summary": summary,
     }
-    (out_dir / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    write_text_atomic(out_dir / "results.json", json.dumps(payload, indent=2) + "\n")
     return out_dir / "results.md", out_dir / "results.json"
+
+
+def plot_training_curve(run_dir: str | Path, metric: str | None = None) -> Path | None:
+    """``training_curve.png`` in ``run_dir``: the loss (log scale) and the headline ``metric``
+    against steps, read from ``run_dir/metrics.jsonl``; ``None`` when it holds no logged step.
+
+    Example:
+        >>> Path("run").mkdir()
+        >>> lines = ['{"step": 10, "loss": 0.5}', '{"step": 20, "loss": 0.2, "mae": 1.5}']
+        >>> _ = Path("run/metrics.jsonl").write_text("\\n".join(lines))
+        >>> plot_training_curve("run", metric="mae")
+        PosixPath('run/training_curve.png')
+    """
+    from matplotlib.figure import Figure
+
+    run_dir = Path(run_dir)
+    records = []
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+    losses = [(r["step"], r["loss"]) for r in records if "step" in r and "loss" in r]
+    if not losses:
+        return None
+    fig = Figure(figsize=(6.5, 4))
+    ax = fig.subplots()
+    ax.plot(*zip(*losses), color="tab:blue", label="training loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    if all(v > 0 for _, v in losses):
+        ax.set_yscale("log")
+    handles, labels = ax.get_legend_handles_labels()
+    points = [(r["step"], r[metric]) for r in records if metric and metric in r]
+    if points:
+        right = ax.twinx()
+        right.plot(*zip(*points), "o-", color="tab:orange", label=f"test {metric}")
+        right.set_ylabel(str(metric))
+        more = right.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.legend(handles, labels, loc="best")
+    ax.set_title(f"training curve: {run_dir.name}")
+    return save_figure(fig, run_dir / "training_curve.png")

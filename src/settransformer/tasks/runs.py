@@ -10,35 +10,57 @@ It sits above the tasks (it uses the registry), like the CLI; library modules ne
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import datetime
 import json
+import math
+import os
 import shutil
+import socket
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .. import __version__
-from ..training.checkpoint import MODEL_KEYS, RESUME_KEYS, check_checkpoint, load_checkpoint, model_config
+from ..data.files import os_error_message, short, write_text_atomic
+from ..deploy.saved import is_saved_model, load_model
+from ..training.checkpoint import (
+    MODEL_KEYS,
+    RESUME_KEYS,
+    check_checkpoint,
+    library_version,
+    load_checkpoint,
+    model_config,
+)
 from ..training.config import TrainConfig
 from ..training.distributed import is_main_process, resolve_device
 from ..training.loop import check_runnable, evaluated_weights, train
-from . import get_task
+from . import TASKS, did_you_mean, get_task
 from .base import Task
-from .report import write_results
+from .report import plot_training_curve, write_results
 
 __all__ = [
     "RunError",
+    "build_model",
     "build_task",
+    "check_buildable",
+    "check_resume",
+    "describe_task",
+    "load_for_inference",
     "load_run",
+    "lock_if_run",
     "new_run_dir",
     "parse_option",
     "read_checkpoint",
     "read_run_config",
     "reproduce",
+    "run_lock",
     "task_class",
+    "task_summaries",
     "train_run",
 ]
 
@@ -66,13 +88,15 @@ def build_task(name: str, options: dict[str, Any] | None = None) -> Task:
     for key, value in options.items():
         if key not in defaults:
             raise RunError(
-                f"task option {key!r}: {name} has no such option; known: {', '.join(sorted(defaults))}"
+                f"task option {key!r}: {name} has no such option{did_you_mean(key, defaults)}; "
+                f"known: {', '.join(sorted(defaults))}"
             )
         options[key] = _check_option(key, value, defaults[key])
+    _check_heads({**defaults, **options})
     try:
         return cls(**options)
     except (ValueError, TypeError) as e:
-        raise RunError(f"{name}: {e}") from None
+        raise RunError(f"{name}: {short(str(e))}") from None
 
 
 def parse_option(text: str) -> tuple[str, Any]:
@@ -88,24 +112,154 @@ def parse_option(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+#: Bounds on task options (sizes, counts, magnitudes) beyond which data would not fit in memory.
+MAX_OPTION_INT = 10**7
+MAX_OPTION_FLOAT = 1e9
+#: The most parameters a model may have (4 GiB of float32), checked before its weights exist.
+MAX_PARAMETERS = 2**30
+#: Size options that must be at least 1 where a task has them.
+_POSITIVE = ("dim_hidden", "num_heads", "num_inducing", "num_layers", "num_seeds", "max_size", "pca")
+
+
 def _check_option(key: str, value: Any, default: Any) -> Any:
-    """``value`` with the type of the option's default (ints are accepted for floats)."""
+    """``value`` with the type of the option's default (ints are accepted for floats), finite and
+    within :data:`MAX_OPTION_INT` / :data:`MAX_OPTION_FLOAT` (seeds: any 63-bit value)."""
     expected = type(default)
     if default is None or (
         isinstance(value, expected) and not (isinstance(value, bool) and expected is not bool)
     ):
-        return value
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    raise RunError(
-        f"task option {key!r}: expected {expected.__name__} like the default {default!r}, got {value!r}"
-    )
+        checked = value
+    elif expected is float and isinstance(value, int) and not isinstance(value, bool):
+        checked = float(value)
+    else:
+        raise RunError(
+            f"task option {key!r}: expected {expected.__name__} like the default {default!r}, "
+            f"got {short(value)}"
+        )
+    if isinstance(checked, bool) or not isinstance(checked, int | float):
+        return checked
+    low: float
+    high: float
+    if key.endswith("seed"):
+        low, high = 0, 2**63 - 1
+    elif isinstance(checked, int):
+        low, high = (1 if key in _POSITIVE else -MAX_OPTION_INT), MAX_OPTION_INT
+    else:
+        low, high = -MAX_OPTION_FLOAT, MAX_OPTION_FLOAT
+    if not (math.isfinite(checked) and low <= checked <= high):
+        raise RunError(
+            f"task option {key!r}: expected a finite number from {low} to {high}, got {short(checked)}"
+        )
+    return checked
+
+
+def _check_heads(options: dict[str, Any]) -> None:
+    heads, dim = options.get("num_heads"), options.get("dim_hidden")
+    if isinstance(heads, int) and isinstance(dim, int) and heads >= 1 and dim % heads:
+        raise RunError(f"task option 'num_heads': {heads} does not divide dim_hidden {dim}")
+
+
+def build_model(task: Task, model_name: str) -> nn.Module:
+    """``task.build_model(model_name)`` after :func:`check_buildable`; a model the task cannot
+    build is a :class:`RunError`."""
+    check_buildable(task, model_name)
+    try:
+        return task.build_model(model_name)
+    except (ValueError, TypeError) as e:
+        raise RunError(f"{task.name}/{model_name}: cannot build the model: {short(str(e))}") from None
+
+
+def check_buildable(task: Task, model_name: str) -> None:
+    """Build ``model_name`` without memory (the meta device): refuse settings the model rejects and
+    a model of more than :data:`MAX_PARAMETERS` parameters before any weight is allocated."""
+    try:
+        with torch.device("meta"):
+            size = sum(p.numel() for p in task.build_model(model_name).parameters())
+    except (ValueError, TypeError) as e:
+        raise RunError(f"{task.name}/{model_name}: cannot build the model: {short(str(e))}") from None
+    except Exception:  # a model that cannot be built on the meta device: built for real below
+        size = 0
+    if size > MAX_PARAMETERS:
+        raise RunError(
+            f"{task.name}/{model_name}: the model would have {size:,} parameters, more than the "
+            f"{MAX_PARAMETERS:,} that fit in memory; choose smaller sizes (e.g. dim_hidden)"
+        )
+
+
+def task_summaries() -> list[tuple[str, str]]:
+    """``(name, one line)`` for every registered task: its ``description`` or its docstring's first line."""
+    out = []
+    for name in TASKS:
+        try:
+            cls = get_task(name)
+        except ValueError as e:  # TaskUnavailable: say why instead of describing it
+            out.append((name, f"(unavailable: {e})"))
+            continue
+        text = getattr(cls, "description", None) or (cls.__doc__ or "").strip()
+        out.append((name, text.splitlines()[0] if text else ""))
+    return out
+
+
+def option_help(cls: type[Task]) -> dict[str, str]:
+    """``{option: help}``: the task's ``option_help`` mapping, else its docstring's ``Options:``
+    section (``name, other: text`` entries, continued on deeper-indented lines)."""
+    given = getattr(cls, "option_help", None)
+    if given:
+        return dict(given)
+    lines = (cls.__doc__ or "").splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == "Options:"), None)
+    helps: dict[str, str] = {}
+    if start is None:
+        return helps
+    names: list[str] = []
+    indent = None
+    for line in lines[start + 1 :]:
+        if not line.strip():
+            break
+        depth = len(line) - len(line.lstrip())
+        indent = depth if indent is None else indent
+        head, sep, text = line.strip().partition(": ")
+        if depth == indent and sep and all(n.strip().isidentifier() for n in head.split(",")):
+            names = [n.strip() for n in head.split(",")]
+            for n in names:
+                helps[n] = text.strip().replace("``", "")
+        elif depth < indent:
+            break
+        else:
+            for n in names:
+                helps[n] += " " + line.strip().replace("``", "")
+    return helps
+
+
+def describe_task(name: str) -> str:
+    """What ``settransformer train TASK --list`` prints: the task, its models (the default
+    marked) with one line each, its options with type, default and help text, and its budgets."""
+    cls = task_class(name)
+    default = default_model(cls)
+    lines = [f"{name}: {dict(task_summaries())[name]}", "", "models (--model):"]
+    for m in cls.model_names:
+        mark = " (default)" if m == default else ""
+        lines.append(f"  {m}{mark}: {cls.model_descriptions.get(m, '')}".rstrip(": "))
+    helps = option_help(cls)
+    lines += ["", "options (--set KEY=VALUE):"]
+    for key, value in cls.default_options().items():
+        kind = "any" if value is None else type(value).__name__
+        lines.append(f"  {key} ({kind}, default {json.dumps(value)}): {helps.get(key, '')}".rstrip(": "))
+    budgets = "; ".join(f"{b}: {_budget_line(cls, b)}" for b in ("quick", "paper"))
+    lines += ["", f"budgets (--budget): {budgets}"]
+    return "\n".join(lines)
+
+
+def _budget_line(cls: type[Task], name: str) -> str:
+    b = cls.budget(name)
+    return f"{b['steps']} steps of {b['batch_size']} sets, lr {b['lr']}"
 
 
 def check_model(task: type[Task] | Task, model: str) -> str:
     """``model`` if it is a row of the task's table, else a :class:`RunError` listing the rows."""
     if model not in task.model_names:
-        raise RunError(f"model {model!r}: {task.name} has the models {', '.join(task.model_names)}")
+        hint = did_you_mean(model, task.model_names)
+        raise RunError(f"model {model!r}{hint}: {task.name} has the models {', '.join(task.model_names)}")
     return model
 
 
@@ -118,7 +272,7 @@ def new_run_dir(task: str, model: str, out: str | Path | None = None, root: str 
     if out is not None:
         path = Path(out)
         # Under torchrun, rank 0 may already have created the folder: only it checks.
-        if is_main_process() and path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if is_main_process() and path.exists() and (not path.is_dir() or _holds_files(path)):
             raise RunError(
                 f"--out {path}: already exists and is not empty; "
                 "pass --resume to continue that run, or choose another folder"
@@ -130,6 +284,80 @@ def new_run_dir(task: str, model: str, out: str | Path | None = None, root: str 
     while path.exists():
         path, i = Path(root) / task / f"{model}-{stamp}-{i}", i + 1
     return path
+
+
+#: The lock file of a run folder, held (``flock``) by the one process writing into it.
+LOCK_FILE = ".lock"
+
+
+def _holds_files(folder: Path) -> bool:
+    """Whether ``folder`` holds anything besides a lock file (which a killed writer may leave)."""
+    return any(p.name != LOCK_FILE for p in folder.iterdir())
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[Path]:
+    """Hold an exclusive lock on the run folder ``run_dir`` (created if missing) for the block.
+
+    Every command that writes into a run folder takes it, so two writers never interleave their
+    files: the second gets a :class:`RunError` naming the holder's pid and host. The lock is an
+    ``fcntl.flock`` on ``run_dir/.lock``, which the kernel releases when its holder exits, however
+    it exits (``kill -9`` included): no stale lock ever needs breaking. The file is removed on
+    release. Under torchrun only rank 0 writes, so only it locks. Where ``fcntl`` is missing
+    (Windows) the block runs unlocked.
+
+    Example:
+        >>> with run_lock(folder):  # doctest: +SKIP
+        ...     train(...)
+    """
+    run_dir = Path(run_dir)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock
+        fcntl = None  # type: ignore[assignment]
+    if fcntl is None or not is_main_process():
+        yield run_dir
+        return
+    path = run_dir / LOCK_FILE
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode("utf-8", "replace").split()
+                os.close(fd)
+                who = f"pid {holder[1]} on host {holder[3]}" if len(holder) >= 4 else "another process"
+                raise RunError(f"run folder {run_dir} is in use by {who}; wait for it to finish") from None
+            # The previous holder removes the file on release: lock only the file still in place.
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} host {socket.gethostname()}\n".encode())
+    except OSError as e:
+        raise RunError(os_error_message(e, run_dir)) from None
+    try:
+        yield run_dir
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def lock_if_run(folder: str | Path | None) -> Iterator[None]:
+    """:func:`run_lock` on ``folder`` when it is a run folder (holds a ``config.json``), else nothing."""
+    if folder is not None and (Path(folder) / "config.json").is_file():
+        with run_lock(folder):
+            yield
+    else:
+        yield
 
 
 #: ``which`` -> the file of a run folder that :func:`load_run` reads.
@@ -185,23 +413,36 @@ def read_checkpoint(path: str | Path, resume: bool = False) -> dict[str, Any]:
 
 
 def _version_note(state: dict[str, Any]) -> str:
-    written = state.get("version")
-    if written in (None, __version__):
+    written, current = state.get("version"), library_version()
+    if written in (None, current):
         return ""
-    return f" (written by settransformer {written}, this is {__version__})"
+    return f" (written by settransformer {written}, this is {current})"
 
 
 def _misfit(model: nn.Module, weights: dict[str, Any]) -> str:
-    """Why ``weights`` do not load into ``model``: missing, unexpected and reshaped entries."""
-    own = model.state_dict()
+    """Why ``weights`` do not load into ``model``: missing, unexpected and reshaped entries.
+
+    Loaded into a copy through ``load_state_dict``, so the model's own load hooks (e.g. the
+    layout of older runs, :class:`~settransformer.tasks.base.Preprocessed`) are taken into account.
+    """
+    weights, reshaped = dict(weights), []
+    for _ in range(2):  # a second try without the entries of another shape, to name the rest
+        try:
+            result = copy.deepcopy(model).load_state_dict(weights, strict=False)
+            break
+        except RuntimeError as e:  # shapes that do not fit: torch names them, one per line
+            lines = [line.strip() for line in str(e).splitlines()]
+            found = [line.removeprefix("size mismatch for ") for line in lines if "size mismatch" in line]
+            if not found:
+                return lines[-1] if lines else "cannot be copied"
+            reshaped += found
+            weights = {k: v for k, v in weights.items() if not any(r.startswith(f"{k}:") for r in found)}
+    else:
+        return "; ".join(reshaped)
+    dropped = {r.split(":", 1)[0] for r in reshaped}
+    missing = [k for k in result.missing_keys if k not in dropped]
+    unexpected = list(result.unexpected_keys)
     parts = []
-    missing = [k for k in own if k not in weights]
-    unexpected = [k for k in weights if k not in own]
-    reshaped = [
-        f"{k} {tuple(weights[k].shape)} in the file, {tuple(own[k].shape)} in the model"
-        for k in own
-        if k in weights and weights[k].shape != own[k].shape
-    ]
     for label, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped)):
         if keys:
             more = f", ... ({len(keys)} in all)" if len(keys) > 3 else ""
@@ -258,7 +499,7 @@ def load_run(
         )
     try:
         task = build_task(state["task"], state["task_options"])
-        model = task.build_model(check_model(task, state["model_name"]))
+        model = build_model(task, check_model(task, state["model_name"]))
     except (ValueError, TypeError) as e:  # RunError included
         raise RunError(f"{path}: cannot rebuild its model {name}: {e}{_version_note(state)}") from None
     weights = evaluated_weights(state)
@@ -283,6 +524,72 @@ def load_run(
     return task, model.to(dev).eval(), state
 
 
+def load_for_inference(
+    source: str | Path, which: str = "last", device: str = "auto"
+) -> tuple[Task | None, nn.Module, str]:
+    """What ``predict`` and ``export`` run: a run folder or checkpoint (as :func:`load_run`), or a
+    folder written by :func:`~settransformer.deploy.saved.save_model`.
+
+    Returns ``(task or None for a saved model, model on device in eval mode, a one-line description)``.
+    """
+    if is_saved_model(source):
+        try:
+            model = load_model(source, device=resolve_device(device))
+        except ValueError as e:
+            raise RunError(str(e)) from None
+        return None, model, f"{type(model).__name__} (saved model {source})"
+    task, model, state = load_run(source, which=which, device=device)
+    return task, model, f"{task.name}/{state.get('model_name')} (step {state.get('step')})"
+
+
+def check_resume(
+    run_dir: str | Path, info: dict[str, Any], config: TrainConfig, *, allow_changes: bool = False
+) -> None:
+    """Check that continuing the run in ``run_dir`` with ``config`` continues exactly the saved run.
+
+    The checkpoint must be of the run's task and model (``info``: its ``config.json``), with the
+    same task options, and its weights must fit the model. Training settings that differ from the
+    checkpoint's (cosmetic ones aside: progress, logging, device) are a :class:`RunError` naming each,
+    unless ``allow_changes``: then each change and the step it takes effect at are appended to
+    ``run_dir/changes.jsonl``.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / "checkpoint.pt"
+    state = read_checkpoint(path, resume=True)
+    if (state["task"], state["model_name"]) != (info["task"], info["model"]):
+        raise RunError(
+            f"{path}: holds a checkpoint of {state['task']}/{state['model_name']}, but the run "
+            f"({run_dir / 'config.json'}) is {info['task']}/{info['model']}"
+        )
+    if state["task_options"] != info["task_options"]:
+        keys = sorted(set(state["task_options"]) | set(info["task_options"]))
+        diff = ", ".join(
+            f"{k} {short(state['task_options'].get(k), 40)} -> {short(info['task_options'].get(k), 40)}"
+            for k in keys
+            if state["task_options"].get(k) != info["task_options"].get(k)
+        )
+        raise RunError(f"{run_dir / 'config.json'}: task options differ from the checkpoint's ({diff})")
+    task = build_task(state["task"], state["task_options"])
+    misfit = _misfit(build_model(task, state["model_name"]), state["model"])
+    if misfit:
+        raise RunError(f"{path}: its weights do not fit the model {info['model']} ({misfit})")
+    saved = state.get("train") or info["train"]
+    changes = {
+        k: [saved.get(k), v] for k, v in config.to_dict().items() if k not in _COSMETIC and saved.get(k) != v
+    }
+    if not changes:
+        return
+    if not allow_changes:
+        shown = ", ".join(f"{k} {short(a, 40)} -> {short(b, 40)}" for k, (a, b) in changes.items())
+        raise RunError(
+            f"--resume {run_dir}: settings differ from the checkpoint's ({shown}); a resumed run continues "
+            "the saved one exactly: drop them, or pass --allow-changes to record and use them"
+        )
+    log = run_dir / "changes.jsonl"
+    before = log.read_text() if log.is_file() else ""
+    write_text_atomic(log, before + json.dumps({"step": state["step"], "changes": changes}) + "\n")
+
+
 def train_run(
     task: Task,
     model_name: str,
@@ -298,13 +605,16 @@ def train_run(
     except ValueError as e:
         raise RunError(str(e)) from None
     torch.manual_seed(config.seed)  # the model's initial weights depend on the seed, nothing else
-    model = task.build_model(model_name)
+    model = build_model(task, model_name)
     result = train(model, task, config, run_dir, model_name=model_name, resume=resume)
     if plots and is_main_process():
         with torch.random.fork_rng(devices=[]):
             result["plots"] = [
                 str(p) for p in task.plot(model.eval(), run_dir, next(model.parameters()).device)
             ]
+        curve = plot_training_curve(run_dir, task.metric)
+        if curve is not None:
+            result["plots"].append(str(curve))
     return result
 
 
@@ -352,7 +662,7 @@ def reproduce(
                         f"{run_dir}: holds a run with other settings; "
                         "pass --overwrite to replace it, or choose another --out"
                     )
-            elif run_dir.exists() and any(run_dir.iterdir()) and not (run_dir / "config.json").exists():
+            elif run_dir.exists() and _holds_files(run_dir) and not (run_dir / "config.json").exists():
                 raise RunError(f"{run_dir}: exists and is not a run folder; choose another --out")
             plan.append((model, k, cfg, run_dir))
 
@@ -362,7 +672,8 @@ def reproduce(
         if overwrite and run_dir.exists():
             shutil.rmtree(run_dir)
         resume = (run_dir / "checkpoint.pt").exists()  # continue, or reuse when already finished
-        result = train_run(task, model, cfg, run_dir, resume=resume, plots=plots and k == 0)
+        with run_lock(run_dir):
+            result = train_run(task, model, cfg, run_dir, resume=resume, plots=plots and k == 0)
         runs.setdefault(model, []).append(result["metrics"])
         seconds.setdefault(model, []).append(result["elapsed"])
         shown = ", ".join(f"{key} {v:.4g}" for key, v in result["metrics"].items())

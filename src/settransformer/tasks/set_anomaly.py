@@ -42,7 +42,7 @@ from ..nn.blocks import MAB, PMA, SAB
 from ..nn.sets import masked_pool
 from ..nn.validation import zero_padding
 from .base import Batch
-from .image_sets import ImageSetModel, ImageSetTask, save_figure
+from .image_sets import ImageSetTask, save_figure
 
 __all__ = ["ElementScorer", "SetAnomaly"]
 
@@ -125,6 +125,7 @@ class SetAnomaly(ImageSetTask):
         >>> task = SetAnomaly(test_sets=64)
         >>> batch = task.sample_batch(4, torch.Generator().manual_seed(0))
         >>> batch.x.shape, batch.target  # 4 sets of 8 flattened 8x8 images; the odd one's position
+        (torch.Size([4, 8, 64]), tensor([3, 0, 1, 2]))
     """
 
     name: ClassVar[str] = "set-anomaly"
@@ -207,7 +208,7 @@ class SetAnomaly(ImageSetTask):
             num_layers=o["num_layers"],
             num_seeds=o["num_seeds"],
         )
-        return ImageSetModel(self.image_encoder(), scorer)
+        return self.image_model(scorer)
 
     # -- data ---------------------------------------------------------------------------------
     def sample_sets(self, batch_size: int, generator: torch.Generator, split: str = "train") -> Batch:

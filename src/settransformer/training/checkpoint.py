@@ -6,49 +6,49 @@ and refuses anything else before unpickling (a bare pickle, a truncated archive,
 pickle names other Python objects), so loading a file never runs code from it. Every failure is a
 ``ValueError`` whose message names the file and says what is wrong with it.
 
-:func:`save_checkpoint` (and :func:`write_text_atomic` for small text files) writes to a temporary
-file in the target's folder, flushes and fsyncs it, then renames it over the target (``os.replace``
-is atomic on POSIX and Windows): a crash, ``kill -9`` or a full disk during the write leaves the
-previous file intact. Temporaries left by writers that were killed are removed by the next write.
+:func:`save_checkpoint` writes through :func:`settransformer.data.files.atomic_write`: a crash,
+``kill -9`` or a full disk during the write leaves the previous file intact. :func:`load_checkpoint`
+verifies the CRC-32 of every record of the archive before unpickling, so flipped bytes anywhere in
+the file (a weight included) are refused instead of loaded as wrong weights.
 
 A training checkpoint (see :mod:`settransformer.training.loop`) also says what it holds: ``format``,
 ``version``, ``task``, ``task_options``, ``model_name`` and ``model_config`` (:func:`model_config`),
 which :func:`check_checkpoint` validates, so the model can be rebuilt from the file alone.
 
 Example:
+    >>> model = torch.nn.Linear(2, 3)
     >>> save_checkpoint({"step": 3, "model": model.state_dict()}, "runs/x/checkpoint.pt")
+    PosixPath('runs/x/checkpoint.pt')
     >>> load_checkpoint("runs/x/checkpoint.pt")["step"]
     3
 """
 
 from __future__ import annotations
 
-import glob
-import os
+import importlib.metadata
 import pickle
 import re
-import secrets
-import socket
 import warnings
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from torch import nn
+
+from ..data.files import atomic_write, short
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "MODEL_KEYS",
     "RESUME_KEYS",
     "check_checkpoint",
+    "library_version",
     "load_checkpoint",
     "model_config",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
-    "write_text_atomic",
 ]
 
 #: Bumped when the layout of the dict written by :mod:`settransformer.training.loop` changes incompatibly.
@@ -59,85 +59,30 @@ MODEL_KEYS = ("format", "task", "task_options", "model_name", "step", "model")
 RESUME_KEYS = (*MODEL_KEYS, "optimizer", "schedule", "scaler", "rng", "elapsed", "metrics", "best")
 
 
+def library_version() -> str:
+    """The installed settransformer's version (``settransformer.__version__``), stamped into checkpoints.
+
+    Read from the package metadata, so that modules below the package root need not import it.
+
+    Example:
+        >>> import settransformer
+        >>> library_version() == settransformer.__version__
+        True
+    """
+    try:
+        return importlib.metadata.version("settransformer")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write ``state`` to ``path`` atomically: either the old file or the complete new one exists.
+    """Write ``state`` to ``path`` atomically (:func:`~settransformer.data.files.atomic_write`):
+    either the old file or the complete new one exists.
 
-    ``state`` must hold only types that ``torch.load(weights_only=True)`` accepts.
+    ``state`` must hold only types that ``torch.load(weights_only=True)`` accepts. A full disk or
+    a read-only folder is a :class:`~settransformer.data.files.WriteError` naming ``path``.
     """
-    return _write_atomic(Path(path), lambda f: torch.save(state, f))
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically, like :func:`save_checkpoint`."""
-    return _write_atomic(Path(path), lambda f: f.write(text.encode("utf-8")))
-
-
-def _write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same folder as the target, so the final rename never crosses file systems.
-    fd, tmp = _create_temporary(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    _remove_stale_temporaries(path)
-    return path
-
-
-_HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
-
-
-def _create_temporary(path: Path) -> tuple[int, Path]:
-    """A new file ``.<name>.<pid>-<random>-<host>.tmp`` beside ``path``.
-
-    Created with mode 0o666 so the umask applies, as for ``open(path, "wb")`` (``mkstemp`` would
-    make every checkpoint private to its owner). The pid and host let a later write tell the
-    temporaries of killed writers from those of live ones.
-    """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    while True:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}-{_HOST}.tmp")
-        try:
-            return os.open(tmp, flags, 0o666), tmp
-        except FileExistsError:  # 1 in 4 billion: draw another name
-            continue
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    """Delete temporaries of ``path`` whose writer (a process on this host) no longer exists."""
-    if os.name != "posix":
-        return
-    prefix = f".{path.name}."
-    for tmp in path.parent.glob(glob.escape(prefix) + "*.tmp"):
-        pid, _, rest = tmp.name[len(prefix) : -len(".tmp")].partition("-")
-        if not pid.isdigit() or rest.partition("-")[2] != _HOST or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
-        except ProcessLookupError:
-            tmp.unlink(missing_ok=True)
-        except OSError:  # it exists but is not ours to signal: leave its file alone
-            pass
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Persist the rename itself (POSIX); a no-op where folders cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    return atomic_write(path, lambda f: torch.save(state, f))
 
 
 def _what_it_is(head: bytes) -> str:
@@ -161,11 +106,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: the file is not a readable checkpoint dict, holds other Python objects, or was
-            written by a newer settransformer (a ``format`` above :data:`CHECKPOINT_FORMAT`); the
-            message starts with the path.
+        ValueError: the file is not a readable checkpoint dict, fails a CRC-32 check (corrupted),
+            holds other Python objects, or was written by a newer settransformer (a ``format``
+            above :data:`CHECKPOINT_FORMAT`); the message starts with the path. Also for a CUDA
+            ``map_location`` where CUDA is unavailable.
     """
     path = Path(path)
+    _check_location(map_location)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint file there")
     with open(path, "rb") as f:
@@ -174,6 +121,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise ValueError(f"{path}: not a readable checkpoint: the file is empty")
     if not zipfile.is_zipfile(path):  # torch.save has written zip archives since PyTorch 1.6
         raise ValueError(f"{path}: not a readable checkpoint: no torch.save archive ({_what_it_is(head)})")
+    _verify_archive(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the error says it all
@@ -192,14 +140,40 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise ValueError(f"{path}: expected a checkpoint dict, got {type(state).__name__}")
     fmt = state.get("format")
     if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt > CHECKPOINT_FORMAT:
-        from .. import __version__  # here: the package imports its modules before defining it
-
         raise ValueError(
             f"{path}: written by a newer settransformer (version {state.get('version', '?')}, "
-            f"checkpoint format {fmt}); this is version {__version__}, which reads formats up to "
+            f"checkpoint format {fmt}); this is version {library_version()}, which reads formats up to "
             f"{CHECKPOINT_FORMAT}: upgrade settransformer to load it"
         )
     return state
+
+
+def _verify_archive(path: Path) -> None:
+    """Check the CRC-32 of every record of the zip archive at ``path`` (``torch.load`` does not),
+    so corruption anywhere, a weight record included, is refused before anything is unpickled."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable checkpoint: damaged archive ({short(str(e))})") from None
+    if bad is not None:
+        raise ValueError(
+            f"{path}: damaged checkpoint: the record {short(bad, 80)} fails its CRC-32 check "
+            "(the file was corrupted after it was written)"
+        )
+
+
+def _check_location(map_location: str | torch.device) -> None:
+    """A CUDA ``map_location`` on a machine without CUDA is the machine's fault, not the file's."""
+    try:
+        kind = torch.device(map_location).type
+    except (RuntimeError, TypeError):  # not a device name: torch.load reports it
+        return
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"map_location: {short(str(map_location), 40)} asks for CUDA, which is unavailable on this "
+            "machine (load with map_location='cpu')"
+        )
 
 
 def _is_weights(value: Any) -> bool:
@@ -234,6 +208,8 @@ def check_checkpoint(
                 f"{path}: damaged training checkpoint: {key} should be a {types[0].__name__}, "
                 f"got {type(state[key]).__name__}"
             )
+    if isinstance(state.get("step"), int) and state["step"] < 0:
+        raise ValueError(f"{path}: damaged training checkpoint: step should be >= 0, got {state['step']}")
     if "model" in keys and not _is_weights(state["model"]):
         raise ValueError(f"{path}: damaged training checkpoint: model should map names to tensors")
     average = state.get("average")

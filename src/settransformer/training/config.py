@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import types
 import typing
@@ -17,7 +18,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainConfig", "read_config_file"]
+from ..data.files import short as _short
+
+__all__ = ["MAX_BATCH_SIZE", "MAX_LR", "MAX_STEPS", "TrainConfig", "read_config_file"]
+
+#: Upper bounds of the settings: beyond them a run cannot fit in memory or time, or cannot learn.
+MAX_STEPS = 10**9
+MAX_BATCH_SIZE = 2**20
+MAX_LR = 10.0
+_INT_RANGES = (
+    ("steps", 1, MAX_STEPS),
+    ("batch_size", 1, MAX_BATCH_SIZE),
+    ("log_every", 1, MAX_STEPS),
+    ("eval_every", 0, MAX_STEPS),
+    ("seed", 0, 2**63 - 1),
+)
 
 _CHOICES = {
     "optimizer": ("adam", "adamw", "sgd"),
@@ -81,18 +96,28 @@ class TrainConfig:
         hints = typing.get_type_hints(TrainConfig)
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
-        for name in ("steps", "batch_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
-        for name in ("eval_every", "seed"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: expected a non-negative integer, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr: expected a positive number, got {self.lr}")
+        for name, low, high in _INT_RANGES:
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise ValueError(f"{name}: expected an integer from {low} to {high}, got {_short(value)}")
+        if any(m < 0 or m > MAX_STEPS for m in self.lr_milestones):
+            raise ValueError(
+                f"lr_milestones: expected steps from 0 to {MAX_STEPS}, got {_short(self.lr_milestones)}"
+            )
+        if not (math.isfinite(self.lr) and 0 < self.lr <= MAX_LR):
+            raise ValueError(f"lr: expected a finite number above 0 and at most {MAX_LR}, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay: expected a finite number >= 0, got {self.weight_decay}")
+        if not 0 < self.lr_gamma <= 1:
+            raise ValueError(f"lr_gamma: expected a number in (0, 1], got {self.lr_gamma}")
         for name in ("clip_norm", "clip_value"):
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"{name}: expected a positive number, got {value}")
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}: expected a finite positive number, got {value}")
+        for name in ("clip_min", "clip_max"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name}: expected a finite number, got {value}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay: expected a number between 0 and 1, got {self.ema_decay}")
         if self.clip_min is not None and self.clip_max is not None and self.clip_min > self.clip_max:
@@ -101,9 +126,11 @@ class TrainConfig:
             )
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
-                raise ValueError(f"{name}: expected one of {', '.join(choices)}, got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"{name}: expected one of {', '.join(choices)}, got {_short(getattr(self, name))}"
+                )
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+            raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {_short(self.device)}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
@@ -111,7 +138,9 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"{source}: unknown training setting(s) {unknown}; known: {sorted(known)}")
+            raise ValueError(
+                f"{source}: unknown training setting(s) {_short(unknown)}; known: {sorted(known)}"
+            )
         try:
             return cls(**values)
         except ValueError as e:
@@ -141,9 +170,9 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             try:
                 value = [int(v) for v in value]
             except ValueError:
-                raise ValueError(f"{name}: expected comma-separated integers, got {value!r}") from None
+                raise ValueError(f"{name}: expected comma-separated integers, got {_short(value)}") from None
         if not isinstance(value, list | tuple) or not all(_is_int(v) for v in value):
-            raise ValueError(f"{name}: expected a list of integers, got {value!r}")
+            raise ValueError(f"{name}: expected a list of integers, got {_short(value)}")
         return tuple(sorted(value))
     if hint is bool:
         ok = isinstance(value, bool)
@@ -155,7 +184,7 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     else:
         ok = isinstance(value, hint)
     if not ok:
-        raise ValueError(f"{name}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+        raise ValueError(f"{name}: expected {getattr(hint, '__name__', hint)}, got {_short(value)}")
     return value
 
 
@@ -179,10 +208,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         else:
             raise ValueError(f"{path}: expected a .json, .yaml or .yml config file")
     except (json.JSONDecodeError, ImportError) as e:
-        raise ValueError(f"{path}: cannot read it ({e})") from None
+        raise ValueError(f"{path}: cannot read it ({_short(str(e))})") from None
     except Exception as e:  # yaml.YAMLError without importing yaml at module level
         if type(e).__module__.startswith("yaml"):
-            raise ValueError(f"{path}: not valid YAML ({e})") from None
+            raise ValueError(f"{path}: not valid YAML ({_short(str(e))})") from None
         raise
     if data is None:
         data = {}

@@ -29,7 +29,14 @@ def is_main_process() -> bool:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without CUDA is an error."""
+    """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without CUDA is an error.
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+        >>> resolve_device("auto").type in ("cpu", "cuda")
+        True
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -85,7 +92,14 @@ class Distributed:
 
 
 def setup(device: str) -> Distributed:
-    """Join the process group when launched by ``torchrun`` with ``WORLD_SIZE > 1``."""
+    """Join the process group when launched by ``torchrun`` with ``WORLD_SIZE > 1``.
+
+    Example (a plain process: a one-process "job", nothing to join):
+        >>> ctx = setup("cpu")
+        >>> ctx.rank, ctx.world_size, ctx.is_main, ctx.gather("mine")
+        (0, 1, True, ['mine'])
+        >>> ctx.close()
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     resolved = resolve_device(device)
     if world_size <= 1:

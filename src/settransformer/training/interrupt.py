@@ -16,9 +16,15 @@ decide together: every ``log_every`` steps, where the loop already synchronises,
 their flags and all stop when any has one. Rank 0 then writes the checkpoint.
 
 Example:
+    >>> import os, signal
+    >>> step = 0
     >>> with StopOnSignal() as stop:
-    ...     while step < steps and stop.signum is None:
-    ...         step = train_one_step(step)
+    ...     while step < 100 and stop.signum is None:
+    ...         step += 1  # one training step
+    ...         if step == 3:
+    ...             os.kill(os.getpid(), signal.SIGTERM)  # as a batch scheduler would
+    >>> step, signal.Signals(stop.signum).name
+    (3, 'SIGTERM')
 """
 
 from __future__ import annotations
@@ -46,6 +52,13 @@ class Interrupted(KeyboardInterrupt):
 
     A ``KeyboardInterrupt``, so code that handles Ctrl-C handles it, and ``except Exception`` does not
     swallow it.
+
+    Example:
+        >>> err = Interrupted(signal.SIGTERM, 120, Path("runs/x/checkpoint.pt"))
+        >>> print(err)
+        interrupted by SIGTERM at step 120; checkpoint saved: runs/x/checkpoint.pt
+        >>> err.exit_code  # 128 + 15
+        143
     """
 
     def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:

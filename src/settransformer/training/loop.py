@@ -1,8 +1,8 @@
 """The one training loop, shared by every task.
 
-:func:`train` takes a model, a :class:`~settransformer.tasks.base.Task` and a
-:class:`~settransformer.training.config.TrainConfig`, and talks to the task only through ``sample_batch``,
-``loss`` and ``evaluate``. With a ``run_dir`` it keeps the run on disk::
+:func:`train` takes a model, a task and a :class:`~settransformer.training.config.TrainConfig`, and
+talks to the task only through :class:`TrainingTask`: ``sample_batch``, ``loss`` and ``evaluate``
+(every :class:`settransformer.tasks.base.Task` provides them). With a ``run_dir`` it keeps the run on disk::
 
     run_dir/config.json      task, model, task options, training settings, seed, library version
     run_dir/metrics.jsonl    one JSON object per logged step: step, loss, lr, elapsed [, eval metrics]
@@ -13,12 +13,20 @@
 Every random number comes from the seeded data generator or torch's seeded global RNG, and both
 are checkpointed, so a resumed run reproduces an uninterrupted one exactly (on CPU).
 
+:func:`train` reads as its steps: set up (device, seeds, model, optimiser, the checkpoint resumed
+from, the run's files), then until ``config.steps`` one training step at a time, a logged line every
+``log_every`` steps, an evaluation and a checkpoint every ``eval_every`` steps and at the end.
+
 Example:
-    >>> task = MaxRegression()
-    >>> model = task.build_model("settransformer")
-    >>> config = TrainConfig(steps=200, batch_size=128)
-    >>> result = train(model, task, config, "runs/max-regression/st", model_name="settransformer")
-    >>> result["metrics"]["mae"]
+    >>> from settransformer.tasks.max_regression import MaxRegression
+    >>> task = MaxRegression(test_sets=256)
+    >>> model = task.build_model("deepsets-max")
+    >>> config = TrainConfig(steps=100, batch_size=32, lr=3e-3, device="cpu", progress=False)
+    >>> result = train(model, task, config, "runs/max-regression", model_name="deepsets-max")
+    >>> result["step"], sorted(result["metrics"])
+    (100, ['mae', 'perm_sensitivity', 'rmse'])
+    >>> sorted(path.name for path in Path("runs/max-regression").iterdir())
+    ['best.pt', 'checkpoint.pt', 'config.json', 'metrics.jsonl', 'results.json']
 """
 
 from __future__ import annotations
@@ -27,36 +35,74 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Protocol
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
-from .. import __version__
-from ..tasks.base import Task
+from ..data.files import write_text_atomic
 from . import distributed
 from .checkpoint import (
     CHECKPOINT_FORMAT,
     RESUME_KEYS,
     check_checkpoint,
+    library_version,
     load_checkpoint,
     model_config,
     rng_state,
     save_checkpoint,
     set_rng_state,
-    write_text_atomic,
 )
 from .config import TrainConfig
 from .interrupt import Interrupted, StopOnSignal
 from .optim import WeightAverage, bound_gradients, make_optimizer, make_schedule
 
-__all__ = ["TrainConfig", "check_runnable", "evaluated_weights", "train"]
+__all__ = ["TrainConfig", "TrainingTask", "check_runnable", "evaluated_weights", "train"]
+
+
+class TrainingBatch(Protocol):
+    """A batch as the loop handles it: cut into the process's shard, moved to the device."""
+
+    def shard(self, rank: int, world_size: int) -> TrainingBatch: ...
+
+    def to(self, device: torch.device) -> TrainingBatch: ...
+
+
+class TrainingTask(Protocol):
+    """What :func:`train` needs of a task; :class:`settransformer.tasks.base.Task` provides it.
+
+    ``sample_batch`` draws ``batch_size`` sets from ``generator`` (the only source of data randomness),
+    ``loss`` is the scalar to minimise on a batch, ``evaluate`` returns the metrics (among them
+    ``metric``, the headline, better when higher if ``higher_is_better``). ``name`` and ``options``
+    are written into the run folder and the checkpoints.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def options(self) -> dict[str, Any]: ...
+
+    @property
+    def metric(self) -> str: ...
+
+    @property
+    def higher_is_better(self) -> bool: ...
+
+    def sample_batch(self, batch_size: int, generator: torch.Generator) -> TrainingBatch: ...
+
+    def loss(self, model: nn.Module, batch: Any) -> Tensor: ...
+
+    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]: ...
 
 
 def check_runnable(config: TrainConfig) -> None:
@@ -102,20 +148,20 @@ def _tensorboard(run_dir: Path | None, enabled: bool) -> Any:
     except ImportError:
         warnings.warn(
             "tensorboard: the tensorboard package is not installed; logging to metrics.jsonl only",
-            stacklevel=3,
+            stacklevel=5,  # train's caller
         )
         return None
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
-def _run_info(task: Task, model_name: str, config: TrainConfig) -> dict[str, Any]:
+def _run_info(task: TrainingTask, model_name: str, config: TrainConfig) -> dict[str, Any]:
     return {
         "task": task.name,
         "model": model_name,
         "task_options": dict(task.options),
         "train": config.to_dict(),
         "seed": config.seed,
-        "version": __version__,
+        "version": library_version(),
     }
 
 
@@ -139,7 +185,7 @@ def _is_better(value: float, best: float | None, higher_is_better: bool) -> bool
 
 def train(
     model: nn.Module,
-    task: Task,
+    task: TrainingTask,
     config: TrainConfig,
     run_dir: str | Path | None = None,
     *,
@@ -168,206 +214,333 @@ def train(
     same batch (dropout differs: torch's global RNG is seeded ``seed + rank``). Only rank 0
     evaluates (on the whole test set) and writes files. With ``config.ema_decay``
     the metrics are those of the moving average of the weights, which ``model`` holds at the end.
+
+    Example:
+        >>> from settransformer.tasks.max_regression import MaxRegression
+        >>> task = MaxRegression(test_sets=256)
+        >>> config = TrainConfig(steps=40, batch_size=32, device="cpu", progress=False)
+        >>> model = task.build_model("deepsets-max")
+        >>> train(model, task, config, "run", model_name="deepsets-max")["step"]
+        40
+        >>> longer = config.replace(steps=60)  # continue the same run to step 60
+        >>> train(model, task, longer, "run", model_name="deepsets-max", resume=True)["step"]
+        60
     """
     run_dir = None if run_dir is None else Path(run_dir)
     model_name = model_name or type(model).__name__
     check_runnable(config)
     if resume and run_dir is None:
         raise ValueError("resume: needs a run_dir holding checkpoint.pt")
-    ctx = distributed.setup(config.device)
-    device = ctx.device
+    run = _set_up(model, task, config, model_name, run_dir, resume)
 
+    stop = StopOnSignal().install()  # SIGINT, SIGTERM: finish the step, save it, raise Interrupted
+    finished = False
+    try:
+        if not resume:  # a checkpoint from the start, so a run killed before its first evaluation resumes
+            run.save()
+        while run.step < config.steps:
+            # Under DDP the ranks decide together, on logged steps (no running loss to carry).
+            signum = stop.agreed(run.ctx, can_stop=run.step % config.log_every == 0)
+            if signum is not None:
+                saved = run.save()
+                run.ctx.barrier()
+                finished = True  # every rank stops at this step: leave the process group together
+                raise Interrupted(signum, run.step, saved)
+            lr = run.train_step()
+            step = run.step
+            evaluate = step == config.steps or (config.eval_every > 0 and step % config.eval_every == 0)
+            if evaluate or step % config.log_every == 0:
+                run.log(lr, evaluate)
+            if evaluate:
+                run.save(evaluated=True)
+                run.ctx.barrier()
+        finished = True
+    finally:
+        stop.restore()
+        run.close(wait=finished)
+    return run.finish()
+
+
+def _set_up(
+    model: nn.Module,
+    task: TrainingTask,
+    config: TrainConfig,
+    model_name: str,
+    run_dir: Path | None,
+    resume: bool,
+) -> _Run:
+    """The device and seeds, the model on the device with its optimiser, the checkpoint resumed from,
+    the run's files, and the model wrapped for DDP under ``torchrun``."""
+    ctx = distributed.setup(config.device)
     # Randomness: the data generator for batches, torch's global RNG for dropout and the like. The
     # data stream is the same on every rank (each keeps its shard of the global batch), so it does
     # not depend on the number of processes; dropout masks must differ between ranks.
     torch.manual_seed(config.seed + ctx.rank)
     generator = torch.Generator().manual_seed(config.seed)
 
-    model.to(device).train()
+    model.to(ctx.device).train()
     optimizer = make_optimizer(model, config)
-    schedule = make_schedule(optimizer, config)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
-    current_scale = [1.0]  # read by the gradient hooks; updated once per step under fp16
+    run = _Run(
+        task,
+        config,
+        model_name,
+        ctx,
+        model,
+        generator,
+        optimizer,
+        make_schedule(optimizer, config),
+        torch.amp.GradScaler(ctx.device.type, enabled=config.amp == "fp16"),
+        out=run_dir if ctx.is_main else None,  # rank 0 alone writes files
+    )
+    state = run.restore(run_dir / "checkpoint.pt") if resume and run_dir is not None else {}
+    if config.ema_decay is not None:  # after restoring: a new average starts from the resumed weights
+        run.average = WeightAverage(model, config.ema_decay)
+        if state.get("average"):
+            run.average.load_state_dict(state["average"])
+    run.hooks = bound_gradients(model, config.clip_min, config.clip_max, lambda: run.loss_scale)
+    run.open_files(resume)
+    if ctx.enabled:
+        device = ctx.device
+        run.net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    show = config.progress and ctx.is_main
+    if show and not sys.stderr.isatty():  # piped logs: a plain line now and then, no \r updates
+        run.plain_every = config.log_every * max(1, config.steps // (20 * config.log_every))
+    run.bar = tqdm(
+        total=config.steps, initial=run.step, disable=not show or run.plain_every > 0, desc=task.name
+    )
+    run.start = time.perf_counter()
+    return run
 
-    step, elapsed_before, metrics, best = 0, 0.0, {}, None
-    # The losses summed since the last logged line (checkpointed: a signal may stop between lines).
-    loss_sum, loss_count = torch.zeros((), device=device), 0
-    state: dict[str, Any] = {}
-    if resume and run_dir is not None:
-        path = run_dir / "checkpoint.pt"
+
+@dataclass(eq=False)
+class _Run:
+    """A training run in progress: what it trains and with what, where it writes, and how far it got.
+
+    Its methods are the steps of :func:`train`: :meth:`train_step`, :meth:`log` (with
+    :meth:`evaluate`), :meth:`save`, :meth:`close` and :meth:`finish`.
+    """
+
+    task: TrainingTask
+    config: TrainConfig
+    model_name: str
+    ctx: distributed.Distributed
+    model: nn.Module
+    generator: torch.Generator
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    #: The run folder on rank 0; ``None`` on other ranks and without a run folder.
+    out: Path | None
+    #: What the loss sees: ``model``, or its DDP wrapper.
+    net: nn.Module = field(init=False)
+    average: WeightAverage | None = None
+    hooks: list[RemovableHandle] = field(default_factory=list)
+    #: The fp16 loss scale, read by the gradient hooks; updated once per step under fp16.
+    loss_scale: float = 1.0
+    step: int = 0
+    elapsed_before: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+    best: float | None = None
+    #: The losses summed since the last logged line (checkpointed: a signal may stop between lines).
+    loss_sum: Tensor = field(init=False)
+    loss_count: int = 0
+    log_file: IO[str] | None = None
+    writer: Any = None
+    bar: Any = None
+    #: Print a plain progress line every this many steps instead of the bar (0: the bar).
+    plain_every: int = 0
+    start: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.net = self.model
+        self.loss_sum = torch.zeros((), device=self.ctx.device)
+
+    def elapsed(self) -> float:
+        """Training seconds so far, the runs this one resumed included."""
+        return self.elapsed_before + time.perf_counter() - self.start
+
+    def restore(self, path: Path) -> dict[str, Any]:
+        """Continue from the checkpoint at ``path``: weights, optimiser, schedule, loss scaler, progress
+        and random streams. Returns the checkpoint."""
+        ctx = self.ctx
         state = check_checkpoint(load_checkpoint(path), path, RESUME_KEYS)
-        if state.get("model_name") != model_name or state.get("task") != task.name:
+        if state.get("model_name") != self.model_name or state.get("task") != self.task.name:
             raise ValueError(
-                f"{run_dir}/checkpoint.pt: holds {state.get('task')}/{state.get('model_name')}, "
-                f"expected {task.name}/{model_name}"
+                f"{path}: holds {state.get('task')}/{state.get('model_name')}, "
+                f"expected {self.task.name}/{self.model_name}"
             )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        scaler.load_state_dict(state["scaler"])
-        step, elapsed_before, metrics, best = state["step"], state["elapsed"], state["metrics"], state["best"]
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.elapsed_before = state["step"], state["elapsed"]
+        self.metrics, self.best = state["metrics"], state["best"]
         ranks = state["rng"]
         if len(ranks) == ctx.world_size:
-            set_rng_state(ranks[ctx.rank], generator)
+            set_rng_state(ranks[ctx.rank], self.generator)
             if state.get("running_loss"):  # nonzero only after a signal, and then on one process
-                loss_sum, loss_count = state["running_loss"]["sum"].to(device), state["running_loss"]["count"]
+                self.loss_sum = state["running_loss"]["sum"].to(ctx.device)
+                self.loss_count = state["running_loss"]["count"]
         else:  # another number of processes: the shared data stream goes on, dropout streams restart
             warnings.warn(
                 f"resume: checkpoint has {len(ranks)} RNG streams for {ctx.world_size} processes; "
                 "the batches continue exactly, dropout draws a fresh deterministic stream per process",
-                stacklevel=2,
+                stacklevel=4,  # train's caller
             )
-            generator.set_state(ranks[0]["data"])
-            torch.manual_seed(config.seed + ctx.rank + 1_000_003 * step)
-    average = None if config.ema_decay is None else WeightAverage(model, config.ema_decay)
-    if average is not None and state.get("average"):
-        average.load_state_dict(state["average"])
-    evaluated = model if average is None else average.model  # what evaluation and `metrics` see
-    hooks = bound_gradients(model, config.clip_min, config.clip_max, lambda: current_scale[0])
+            self.generator.set_state(ranks[0]["data"])
+            torch.manual_seed(self.config.seed + ctx.rank + 1_000_003 * self.step)
+        return state
 
-    out = run_dir if ctx.is_main else None  # rank 0 alone writes files
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        info = json.dumps(_run_info(task, model_name, config), indent=2) + "\n"
-        write_text_atomic(out / "config.json", info)  # atomic: a kill never leaves half of it
-        if resume:
-            _keep_metrics_until(out / "metrics.jsonl", step)
-        else:
-            (out / "metrics.jsonl").write_text("")
-    log_file = None if out is None else open(out / "metrics.jsonl", "a")  # noqa: SIM115 (closed below)
-    writer = _tensorboard(out, config.tensorboard)
+    def open_files(self, resume: bool) -> None:
+        """Rank 0: write ``config.json``, start ``metrics.jsonl`` (or cut it back to the step resumed
+        from) and open it for appending; a TensorBoard writer when asked for."""
+        out = self.out
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            info = json.dumps(_run_info(self.task, self.model_name, self.config), indent=2) + "\n"
+            write_text_atomic(out / "config.json", info)  # atomic: a kill never leaves half of it
+            if resume:
+                _keep_metrics_until(out / "metrics.jsonl", self.step)
+            else:
+                write_text_atomic(out / "metrics.jsonl", "")
+            self.log_file = open(out / "metrics.jsonl", "a")  # noqa: SIM115 (closed by close())
+        self.writer = _tensorboard(out, self.config.tensorboard)
 
-    net: nn.Module = model
-    if ctx.enabled:
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    bar = tqdm(
-        total=config.steps, initial=step, disable=not (config.progress and ctx.is_main), desc=task.name
-    )
-    start = time.perf_counter()
+    def train_step(self) -> float:
+        """One optimisation step on this rank's shard of the next global batch; returns the learning
+        rate it used."""
+        config, device, ctx = self.config, self.ctx.device, self.ctx
+        # the global batch on every rank (the same stream), this rank's shard of it on the device
+        batch = self.task.sample_batch(config.batch_size, self.generator).shard(ctx.rank, ctx.world_size)
+        batch = batch.to(device)
+        with _autocast(device, config.amp):
+            loss = self.task.loss(self.net, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.hooks and self.scaler.is_enabled():  # get_scale() syncs with the GPU: only when needed
+            self.loss_scale = self.scaler.get_scale()
+        self.scaler.scale(loss).backward()
+        if config.clip_norm is not None or config.clip_value is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+            if config.clip_norm is not None:
+                nn.utils.clip_grad_norm_(self.model.parameters(), config.clip_norm)
+            if config.clip_value is not None:
+                nn.utils.clip_grad_value_(self.model.parameters(), config.clip_value)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.average is not None:
+            self.average.update(self.model)
+        lr = float(self.schedule.get_last_lr()[0])  # the rate this step used
+        self.schedule.step()
+        self.step += 1
+        self.bar.update(1)
+        self.loss_sum += loss.detach().float()  # no .item() here: one device sync per logged line
+        self.loss_count += 1
+        return lr
 
-    def snapshot(rng_states: list[dict[str, Any]]) -> dict[str, Any]:
+    def log(self, lr: float, evaluate: bool) -> None:
+        """Log a line: the mean loss since the last one (over every rank), the learning rate, and on
+        rank 0 with ``evaluate`` the task's metrics; to ``metrics.jsonl``, TensorBoard and the bar."""
+        loss = self.ctx.mean(self.loss_sum).item() / self.loss_count
+        record: dict[str, Any] = {"step": self.step, "loss": loss, "lr": lr}
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"step {self.step}: the loss is {loss} (try a lower lr or clipping)")
+        self.loss_sum.zero_()
+        self.loss_count = 0
+        if evaluate and self.ctx.is_main:
+            record.update(self.evaluate())
+        record["elapsed"] = round(self.elapsed(), 3)
+        shown = {"loss": f"{loss:.4g}"}
+        if self.task.metric in self.metrics:
+            shown[self.task.metric] = f"{self.metrics[self.task.metric]:.4g}"
+        self.bar.set_postfix(shown)
+        if self.plain_every and (evaluate or self.step % self.plain_every == 0):
+            text = ", ".join(f"{k} {v}" for k, v in shown.items())
+            print(
+                f"{self.task.name} step {self.step}/{self.config.steps}: {text}", file=sys.stderr, flush=True
+            )
+        if self.log_file is not None:
+            self.log_file.write(json.dumps(record) + "\n")
+            self.log_file.flush()
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step":
+                    self.writer.add_scalar(key, value, self.step)
+
+    def evaluate(self) -> dict[str, float]:
+        """The task's metrics of the evaluated weights (the average when there is one), kept as
+        ``metrics``; with an average, also the raw weights' as ``raw_<metric>``."""
+        device = self.ctx.device
+        evaluated = self.model if self.average is None else self.average.model
+        with _evaluating(evaluated, device):
+            self.metrics = {k: float(v) for k, v in self.task.evaluate(evaluated, device).items()}
+        raw: dict[str, float] = {}
+        if self.average is not None:  # the raw weights too, to show what the average buys
+            with _evaluating(self.model, device):
+                raw = {f"raw_{k}": float(v) for k, v in self.task.evaluate(self.model, device).items()}
+        return {**raw, **self.metrics}
+
+    def snapshot(self, rng_states: list[dict[str, Any]]) -> dict[str, Any]:
         """Everything needed to continue exactly here (plain types and tensors only)."""
         return {
             "format": CHECKPOINT_FORMAT,
-            "version": __version__,
-            "task": task.name,
-            "model_name": model_name,
-            "task_options": dict(task.options),
-            "train": config.to_dict(),
-            "step": step,
-            "elapsed": elapsed_before + time.perf_counter() - start,
-            "metrics": metrics,
-            "best": best,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(),
-            "scaler": scaler.state_dict(),
-            "average": None if average is None else average.state_dict(),
+            "version": library_version(),
+            "task": self.task.name,
+            "model_name": self.model_name,
+            "task_options": dict(self.task.options),
+            "train": self.config.to_dict(),
+            "step": self.step,
+            "elapsed": self.elapsed(),
+            "metrics": self.metrics,
+            "best": self.best,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "average": None if self.average is None else self.average.state_dict(),
             "rng": rng_states,
-            "model_config": model_config(model),
-            "running_loss": {"sum": loss_sum.detach().cpu().clone(), "count": loss_count},
+            "model_config": model_config(self.model),
+            "running_loss": {"sum": self.loss_sum.detach().cpu().clone(), "count": self.loss_count},
         }
 
-    stop = StopOnSignal().install()  # SIGINT, SIGTERM: finish the step, save it, raise Interrupted
-    finished = False
-    try:
-        if not resume:  # a checkpoint from the start, so a run killed before its first evaluation resumes
-            rng_states = ctx.gather(rng_state(generator))
-            if out is not None:
-                save_checkpoint(snapshot(rng_states), out / "checkpoint.pt")
-        while step < config.steps:
-            # Under DDP the ranks decide together, on logged steps (no running loss to carry).
-            signum = stop.agreed(ctx, can_stop=step % config.log_every == 0)
-            if signum is not None:
-                rng_states = ctx.gather(rng_state(generator))
-                saved = None if out is None else save_checkpoint(snapshot(rng_states), out / "checkpoint.pt")
-                ctx.barrier()
-                finished = True  # every rank stops at this step: leave the process group together
-                raise Interrupted(signum, step, saved)
-            # the global batch on every rank (the same stream), this rank's shard of it on the device
-            batch = task.sample_batch(config.batch_size, generator).shard(ctx.rank, ctx.world_size).to(device)
-            with _autocast(device, config.amp):
-                loss = task.loss(net, batch)
-            optimizer.zero_grad(set_to_none=True)
-            if hooks and scaler.is_enabled():  # get_scale() syncs with the GPU: only when needed
-                current_scale[0] = scaler.get_scale()
-            scaler.scale(loss).backward()
-            if config.clip_norm is not None or config.clip_value is not None:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                if config.clip_norm is not None:
-                    nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
-                if config.clip_value is not None:
-                    nn.utils.clip_grad_value_(model.parameters(), config.clip_value)
-            scaler.step(optimizer)
-            scaler.update()
-            if average is not None:
-                average.update(model)
-            lr = schedule.get_last_lr()[0]  # the rate this step used
-            schedule.step()
-            step += 1
-            bar.update(1)
-            loss_sum += loss.detach().float()  # no .item() here: one device sync per logged line
-            loss_count += 1
+    def save(self, evaluated: bool = False) -> Path | None:
+        """Checkpoint this step to ``checkpoint.pt``; after an evaluation that improved the headline
+        metric, to ``best.pt`` as well. A collective: every rank calls it, rank 0 writes (and
+        returns the checkpoint's path)."""
+        rng_states = self.ctx.gather(rng_state(self.generator))  # a collective: every rank takes part
+        if self.out is None:
+            return None
+        metric = self.task.metric
+        improved = evaluated and metric in self.metrics
+        improved = improved and _is_better(self.metrics[metric], self.best, self.task.higher_is_better)
+        if improved:
+            self.best = self.metrics[metric]
+        state = self.snapshot(rng_states)
+        if improved:  # best.pt first: a kill between the two writes replays this step
+            save_checkpoint(state, self.out / "best.pt")
+        return save_checkpoint(state, self.out / "checkpoint.pt")
 
-            evaluate_now = step == config.steps or (config.eval_every > 0 and step % config.eval_every == 0)
-            if not (evaluate_now or step % config.log_every == 0):
-                continue
-            record: dict[str, Any] = {"step": step, "loss": ctx.mean(loss_sum).item() / loss_count, "lr": lr}
-            if not math.isfinite(record["loss"]):
-                raise FloatingPointError(
-                    f"step {step}: the loss is {record['loss']} (try a lower lr or clipping)"
-                )
-            loss_sum.zero_()
-            loss_count = 0
-            if evaluate_now and ctx.is_main:
-                with _evaluating(evaluated, device):
-                    metrics = {k: float(v) for k, v in task.evaluate(evaluated, device).items()}
-                if average is not None:  # the raw weights too, to show what the average buys
-                    with _evaluating(model, device):
-                        record.update({f"raw_{k}": float(v) for k, v in task.evaluate(model, device).items()})
-                record.update(metrics)
-            record["elapsed"] = round(elapsed_before + time.perf_counter() - start, 3)
-            shown = {"loss": f"{record['loss']:.4g}"}
-            if task.metric in metrics:
-                shown[task.metric] = f"{metrics[task.metric]:.4g}"
-            bar.set_postfix(shown)
-            if log_file is not None:
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-            if writer is not None:
-                for key, value in record.items():
-                    if key != "step":
-                        writer.add_scalar(key, value, step)
-            if evaluate_now:
-                rng_states = ctx.gather(rng_state(generator))  # a collective: every rank takes part
-                if out is not None:
-                    improved = task.metric in metrics and _is_better(
-                        metrics[task.metric], best, task.higher_is_better
-                    )
-                    if improved:
-                        best = metrics[task.metric]
-                    state = snapshot(rng_states)
-                    if improved:  # best.pt first: a kill between the two writes replays this step
-                        save_checkpoint(state, out / "best.pt")
-                    save_checkpoint(state, out / "checkpoint.pt")
-                ctx.barrier()
-        finished = True
-    finally:
-        stop.restore()
-        bar.close()
-        for h in hooks:
+    def close(self, wait: bool) -> None:
+        """Close the bar, hooks and files, and leave the process group (``wait``: together)."""
+        self.bar.close()
+        for h in self.hooks:
             h.remove()
-        if log_file is not None:
-            log_file.close()
-        if writer is not None:
-            writer.close()
-        ctx.close(wait=finished)
+        if self.log_file is not None:
+            self.log_file.close()
+        if self.writer is not None:
+            self.writer.close()
+        self.ctx.close(wait=wait)
 
-    if average is not None:  # hand back the weights that were evaluated
-        model.load_state_dict(average.model.state_dict())
-    elapsed = elapsed_before + time.perf_counter() - start
-    result = {"step": step, "metrics": metrics, "best": best, "elapsed": round(elapsed, 3)}
-    if out is not None:
-        results = {"task": task.name, "model": model_name, **result}
-        write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
-    return result
+    def finish(self) -> dict[str, Any]:
+        """Hand ``model`` the weights that were evaluated, write ``results.json``, return the result."""
+        if self.average is not None:
+            self.model.load_state_dict(self.average.model.state_dict())
+        result = {
+            "step": self.step,
+            "metrics": self.metrics,
+            "best": self.best,
+            "elapsed": round(self.elapsed(), 3),
+        }
+        if self.out is not None:
+            results = {"task": self.task.name, "model": self.model_name, **result}
+            write_text_atomic(self.out / "results.json", json.dumps(results, indent=2) + "\n")
+        return result

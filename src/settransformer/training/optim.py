@@ -2,8 +2,15 @@
 and a moving average of the weights.
 
 Example:
-    >>> optimizer = make_optimizer(model, TrainConfig(lr=1e-3))
-    >>> schedule = make_schedule(optimizer, TrainConfig(steps=100, lr_milestones=(50,)))
+    >>> model = torch.nn.Linear(3, 1)
+    >>> config = TrainConfig(steps=100, lr=1e-3, lr_milestones=(50,))
+    >>> optimizer = make_optimizer(model, config)
+    >>> schedule = make_schedule(optimizer, config)
+    >>> for _ in range(50):
+    ...     optimizer.step()
+    ...     schedule.step()
+    >>> schedule.get_last_lr()  # the rate times lr_gamma after the milestone
+    [0.0001]
 """
 
 from __future__ import annotations
@@ -22,7 +29,12 @@ __all__ = ["WeightAverage", "bound_gradients", "make_optimizer", "make_schedule"
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """The optimizer named by ``config.optimizer`` over ``model``'s parameters."""
+    """The optimizer named by ``config.optimizer`` over ``model``'s parameters.
+
+    Example:
+        >>> make_optimizer(torch.nn.Linear(3, 1), TrainConfig(optimizer="sgd", lr=0.1)).defaults["momentum"]
+        0.9
+    """
     params, lr, wd = model.parameters(), config.lr, config.weight_decay
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=wd)
@@ -36,6 +48,17 @@ def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torc
 
     ``"step"``: ``lr_gamma ** (number of milestones passed)``; ``"cosine"``: half a cosine from 1 to 0
     over ``steps``; ``"constant"``: 1.
+
+    Example:
+        >>> optimizer = make_optimizer(torch.nn.Linear(3, 1), TrainConfig(lr=1.0))
+        >>> schedule = make_schedule(optimizer, TrainConfig(steps=4, lr=1.0, schedule="cosine"))
+        >>> rates = []
+        >>> for _ in range(5):
+        ...     rates.append(round(schedule.get_last_lr()[0], 3))
+        ...     optimizer.step()
+        ...     schedule.step()
+        >>> rates
+        [1.0, 0.854, 0.5, 0.146, 0.0]
     """
     milestones, gamma, steps = config.lr_milestones, config.lr_gamma, config.steps
 
@@ -58,6 +81,15 @@ def bound_gradients(
     averages it), so each backward's contribution is bounded. ``scale()`` is the current loss scale
     (fp16 GradScaler): the hooks see scaled gradients, so the bounds are scaled with them.
     Remove the hooks with ``[h.remove() for h in handles]``.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1)
+        >>> handles = bound_gradients(model, -0.5, 0.5)
+        >>> (model(torch.full((1, 2), 10.0)).sum() * 100).backward()
+        >>> model.weight.grad
+        tensor([[0.5000, 0.5000]])
+        >>> for h in handles:
+        ...     h.remove()
     """
 
     def hook(grad: Tensor) -> Tensor:
@@ -74,6 +106,15 @@ class WeightAverage:
 
     ``decay`` is warmed up as ``min(decay, (1 + t) / (10 + t))`` after ``t`` updates, so the average
     forgets the initial weights quickly. ``model`` is the averaged copy (eval mode, no gradients).
+
+    Example:
+        >>> model = torch.nn.Linear(1, 1, bias=False)
+        >>> _ = torch.nn.init.zeros_(model.weight)
+        >>> average = WeightAverage(model, decay=0.9)
+        >>> _ = torch.nn.init.ones_(model.weight)
+        >>> average.update(model)  # keeps min(0.9, 2 / 11) of the average: 0 * 2/11 + 1 * 9/11
+        >>> round(average.model.weight.item(), 4)
+        0.8182
     """
 
     def __init__(self, model: nn.Module, decay: float) -> None:

@@ -1,0 +1,185 @@
+"""Every file the library writes goes through :func:`atomic_write`: the old file or the whole new one.
+
+:func:`atomic_write` (and :func:`atomic_path` for writers that need a path, e.g. exporters) writes to
+a temporary file beside the target, flushes and fsyncs it, then renames it over the target
+(``os.replace`` is atomic on POSIX and Windows): a crash, ``kill -9``, a file-size limit or a full
+disk during the write leaves the previous file intact and no temporary behind. Temporaries of
+writers that were killed are removed by the next write of the same file.
+
+Operating-system failures become a :class:`WriteError` (an ``OSError``) with one line that names
+the file and says what happened: ``disk full while writing X``, ``X is read-only``, ``permission
+denied writing X``. :func:`short` keeps values quoted in error messages short.
+
+Example:
+    >>> import tempfile, pathlib
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> atomic_write(folder / "a.txt", lambda f: f.write(b"hello")).read_text()
+    'hello'
+    >>> write_text_atomic(folder / "b.txt", "hi").read_text()
+    'hi'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import glob
+import os
+import re
+import secrets
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+__all__ = ["WriteError", "atomic_path", "atomic_write", "os_error_message", "short", "write_text_atomic"]
+
+#: The longest excerpt of a value that an error message quotes.
+SHORT = 200
+
+
+def short(value: object, limit: int = SHORT) -> str:
+    """``repr(value)`` cut to ``limit`` characters (with the full length), for error messages.
+
+    >>> short("x" * 1000, 10)
+    "'xxxxxxxx... (1002 characters)"
+    """
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 1]}... ({len(text)} characters)"
+
+
+class WriteError(OSError):
+    """Writing a file failed for a reason the user can fix (full disk, read-only folder...).
+
+    Its message is one line naming the file; the CLI prints it and exits with 2.
+    """
+
+
+def os_error_message(err: OSError, path: str | Path, doing: str = "writing") -> str:
+    """One line for an operating-system error met while ``doing`` ``path``.
+
+    >>> import errno
+    >>> os_error_message(OSError(errno.ENOSPC, "No space left on device"), "runs/x/checkpoint.pt")
+    'disk full while writing runs/x/checkpoint.pt'
+    """
+    code = err.errno
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return f"disk full while {doing} {path}"
+    if code == errno.EROFS:
+        return f"{path} is read-only (a read-only file system)"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"{path} is read-only (permission denied while {doing} it)"
+    if code == errno.EFBIG:
+        return f"file too large while {doing} {path} (a file-size limit)"
+    reason = err.strerror or str(err) or type(err).__name__
+    return f"{path}: {doing} it failed ({reason})"
+
+
+def _os_error_of(exc: BaseException) -> OSError | None:
+    """The ``OSError`` behind ``exc``: itself, or one it was raised from (``torch.save`` reports a
+    full disk as a ``RuntimeError`` raised while handling the ``OSError``)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, OSError) and cur.errno is not None:
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path``; renamed over ``path`` when the block ends without error.
+
+    For writers that take a file name (``torch.onnx.export``, ``torch.jit.save``). The file is
+    fsynced before the rename; on any error it is removed and ``path`` is left as it was.
+    Operating-system errors become a :class:`WriteError` naming ``path``.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _create_temporary(path)
+        os.close(fd)
+    except OSError as e:
+        raise WriteError(os_error_message(e, path)) from None
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        os_err = _os_error_of(e)
+        if os_err is not None and not isinstance(e, WriteError):
+            raise WriteError(os_error_message(os_err, path)) from None
+        raise
+    _fsync_dir(path.parent)
+    _remove_stale_temporaries(path)
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
+    """Call ``write(f)`` on a binary file that replaces ``path`` atomically once it is complete.
+
+    Returns ``path``. Raises :class:`WriteError` (one line naming ``path``) for a full disk, a
+    read-only folder or another operating-system error; other errors of ``write`` propagate.
+    """
+    path = Path(path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+_HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
+
+
+def _create_temporary(path: Path) -> tuple[int, Path]:
+    """A new file ``.<name>.<pid>-<random>-<host>.tmp`` beside ``path`` (same file system, so the
+    rename is atomic), created with mode 0o666 so the umask applies as for ``open(path, "wb")``.
+    The pid and host let a later write tell the temporaries of killed writers from live ones."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}-{_HOST}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # 1 in 4 billion: draw another name
+            continue
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete temporaries of ``path`` whose writer (a process on this host) no longer exists."""
+    if os.name != "posix":
+        return
+    prefix = f".{path.name}."
+    for tmp in path.parent.glob(glob.escape(prefix) + "*.tmp"):
+        pid, _, rest = tmp.name[len(prefix) : -len(".tmp")].partition("-")
+        if not pid.isdigit() or rest.partition("-")[2] != _HOST or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # it exists but is not ours to signal: leave its file alone
+            pass
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Persist the rename itself (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,723 @@
+"""Your own labelled sets: ``set-classification`` and ``set-regression`` on sets read from a file.
+
+The sets are read with :mod:`settransformer.data.set_files` (the layouts ``settransformer predict``
+reads), plus one target per set:
+
+- ``.npz`` / ``.h5``: ``x`` (+ ``mask``) or ragged ``values`` + ``offsets``, and ``y (S,)`` (the
+  array named by the option ``target``; regression may give ``(S, K)``);
+- a folder of ``.npy`` files, one set ``(N_i, D)`` each, with ``labels.csv`` beside them: a header
+  naming a ``set`` column (the file name, with or without ``.npy``) and the ``target`` column;
+- ``.csv``: one element per row, a ``set`` column of set ids (option ``set_column``) and a ``target``
+  column holding the set's target on each of its rows; every other column is a feature.
+
+The sets are split into train, validation and test (seeded; stratified by class for
+classification). Every feature is standardised with the mean and std of the training sets'
+elements (regression targets too), and the model carries that preprocessing (:class:`Standardized`):
+the module that ``load_run``, ``predict`` and ``export`` use takes raw sets and returns logits or
+targets in the file's units. Class labels of any type (ints, strings) are mapped to ids in sorted
+order and kept in the task options (``classes``), hence in every checkpoint.
+
+Models (``--model``): ``settransformer`` (``encoder=isab|sab|rff``, ``num_inducing``,
+``pooling=pma|mean|sum|max``, ``dim_hidden``, ``num_heads``, ``num_layers``) or ``deepsets``
+(``pooling=mean|sum|max``).
+
+Example:
+    >>> sets = [np.random.rand(n, 3).astype(np.float32) for n in (5, 8, 6, 7, 9, 4, 5, 6, 8, 7)]
+    >>> np.savez("bags.npz", values=np.concatenate(sets), offsets=np.cumsum([0] + [len(s) for s in sets]),
+    ...          y=np.array(["a", "b"] * 5))
+    >>> task = SetClassification(path="bags.npz", test_fraction=0.2, val_fraction=0.0)
+    >>> task.options["classes"], task.dim_input
+    (['a', 'b'], 3)
+    >>> task.sample_batch(4, torch.Generator().manual_seed(0)).x.shape[0]
+    4
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data import hdf5
+from ..data.set_files import SetId, read_sets
+from ..nn.models import DeepSets, SetTransformer
+from ..nn.sets import pad_sets
+from ..nn.validation import zero_padding
+from .base import Batch, Task
+from .report import save_figure
+
+__all__ = [
+    "LABELS_FILE",
+    "LabelledSets",
+    "SetClassification",
+    "SetRegression",
+    "Standardized",
+    "read_labelled_sets",
+    "split_indices",
+]
+
+#: The labels of a folder of ``.npy`` sets.
+LABELS_FILE = "labels.csv"
+_EVAL_BATCH = 256
+
+
+@dataclass
+class LabelledSets:
+    """Sets and their targets, as read from a file.
+
+    Attributes:
+        sets: ``S`` float32 arrays ``(N_i, D)``.
+        targets: ``(S,)`` (labels of any type, or numbers) or ``(S, K)`` numbers.
+        ids: ``S`` set ids (from the file, else indices).
+    """
+
+    sets: list[np.ndarray]
+    targets: np.ndarray
+    ids: list[SetId]
+
+
+def read_labelled_sets(path: str | Path, *, target: str = "y", set_column: str = "set") -> LabelledSets:
+    """The sets and targets of a ``.npz``/``.h5`` file, a ``.csv`` file or a folder of ``.npy`` sets.
+
+    See the module docstring for the layouts. Raises ``ValueError`` naming the file for a missing
+    file, an unknown layout, a missing target, or a target count that differs from the set count.
+
+    Example:
+        >>> _ = Path("bags.csv").write_text("set,a,b,y\\ns1,1,2,cat\\ns1,3,4,cat\\ns2,5,6,dog\\n")
+        >>> data = read_labelled_sets("bags.csv")
+        >>> [s.shape for s in data.sets], data.targets.tolist(), data.ids
+        ([(2, 2), (1, 2)], ['cat', 'dog'], ['s1', 's2'])
+    """
+    p = Path(path)
+    if p.is_dir():
+        return _read_folder(p, target, set_column)
+    if not p.is_file():
+        raise ValueError(f"path {p}: no such file or folder")
+    suffix = p.suffix.lower()
+    if suffix == ".csv":
+        sets, ids = read_sets(p, set_column=set_column, skip_columns=(target,))
+        by_set = _csv_column(p, set_column, target)
+        return LabelledSets(sets, _as_targets(p, [by_set[str(i)] for i in ids]), ids)
+    if suffix in (".npz", ".h5", ".hdf5"):
+        sets, ids = read_sets(p)
+        y = _stored_array(p, target)
+        if y.shape[:1] != (len(sets),) or y.ndim > 2:
+            raise ValueError(
+                f"{p}: {target}: expected one target per set, ({len(sets)},), got shape {y.shape}"
+            )
+        return LabelledSets(sets, y, ids)
+    raise ValueError(f"{p}: expected a .npz, .h5, .csv file or a folder of .npy sets with {LABELS_FILE}")
+
+
+def _read_folder(folder: Path, target: str, set_column: str) -> LabelledSets:
+    labels = folder / LABELS_FILE
+    if not labels.is_file():
+        raise ValueError(
+            f"{folder}: a folder of .npy sets needs {LABELS_FILE} (columns {set_column}, {target})"
+        )
+    by_name = _csv_column(labels, set_column, target)
+    files = sorted(folder.glob("*.npy"))
+    if not files:
+        raise ValueError(f"{folder}: holds no .npy sets")
+    sets, values = [], []
+    ids: list[SetId] = []
+    for f in files:
+        value = by_name.get(f.name, by_name.get(f.stem))
+        if value is None:
+            raise ValueError(f"{labels}: no {target} for the set {f.name}")
+        (s,), _ = read_sets(f)
+        sets.append(s)
+        ids.append(f.stem)
+        values.append(value)
+    return LabelledSets(sets, _as_targets(labels, values), ids)
+
+
+def _csv_column(path: Path, key: str, column: str) -> dict[str, str]:
+    """``{set id: the column's value}`` of a CSV with a header; the value must agree within a set."""
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
+    header = [c.strip() for c in rows[0]] if rows else []
+    for name in (key, column):
+        if name not in header:
+            raise ValueError(f"{path}: column {name!r}: not in the header ({', '.join(header)})")
+    k, c = header.index(key), header.index(column)
+    out: dict[str, str] = {}
+    for n, row in enumerate(rows[1:], 2):
+        set_id, value = row[k].strip(), row[c].strip()
+        if out.setdefault(set_id, value) != value:
+            raise ValueError(
+                f"{path}: line {n}: set {set_id!r} has {column} {value!r}, "
+                f"but {out[set_id]!r} on an earlier row"
+            )
+    return out
+
+
+def _as_targets(path: Path, values: Sequence[str]) -> np.ndarray:
+    """CSV texts as ints when all are integers, floats when all are numbers, else strings."""
+    for kind in (int, float):
+        try:
+            return np.array([kind(v) for v in values])
+        except ValueError:
+            continue
+    return np.array(values, dtype=str)
+
+
+def _stored_array(path: Path, name: str) -> np.ndarray:
+    if path.suffix.lower() == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            if name not in archive.files:
+                raise ValueError(f"{path}: no array {name!r} of targets (found {', '.join(archive.files)})")
+            return archive[name]
+    with hdf5.open_file(path) as f:
+        if name not in f:
+            raise ValueError(f"{path}: no dataset {name!r} of targets (found {', '.join(f.keys())})")
+        y = hdf5.read(f, path, name)
+    if y.dtype.kind in "SO":  # h5py strings come back as bytes
+        y = np.array([v.decode() if isinstance(v, bytes) else str(v) for v in y.tolist()], dtype=str)
+    return y
+
+
+def split_indices(
+    count: int,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    strata: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded ``(train, val, test)`` index arrays over ``count`` items.
+
+    With ``strata: (count,)`` (class ids) each class is split in the given fractions on its own,
+    so every split keeps the class proportions (up to rounding).
+
+    Example:
+        >>> train, val, test = split_indices(10, 0.2, 0.2, seed=0)
+        >>> len(train), len(val), len(test)
+        (6, 2, 2)
+    """
+    rng = np.random.default_rng(seed)
+    groups = (
+        [np.arange(count)] if strata is None else [np.flatnonzero(strata == c) for c in np.unique(strata)]
+    )
+    parts: list[list[np.ndarray]] = [[], [], []]
+    for g in groups:
+        g = rng.permutation(g)
+        n_test, n_val = round(len(g) * test_fraction), round(len(g) * val_fraction)
+        parts[2].append(g[:n_test])
+        parts[1].append(g[n_test : n_test + n_val])
+        parts[0].append(g[n_test + n_val :])
+    train, val, test = (np.sort(np.concatenate(p)).astype(np.int64) for p in parts)
+    return train, val, test
+
+
+class Standardized(nn.Module):
+    """A set model with the preprocessing it was trained with, so it takes raw sets.
+
+    ``forward(x, mask) = model((x - mean) / std, mask) * scale + shift``, flattened to ``(B, K)``
+    (``(B,)`` when ``squeeze``); padded rows stay zero. ``mean, std: (D,)``, ``shift, scale: (K,)``
+    are buffers, saved with the weights.
+
+    Example:
+        >>> net = SetTransformer(2, 1, 3, dim_hidden=8, num_heads=2, num_inducing=None)
+        >>> model = Standardized(net, torch.tensor([100.0, 0.0]), torch.tensor([10.0, 1.0]))
+        >>> model(torch.randn(4, 6, 2), torch.ones(4, 6, dtype=torch.bool)).shape
+        torch.Size([4, 3])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mean: Tensor,
+        std: Tensor,
+        shift: Tensor | None = None,
+        scale: Tensor | None = None,
+        squeeze: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model, self.squeeze = model, squeeze
+        self.dim_input = int(mean.shape[0])
+        k = int(getattr(model, "num_outputs", 1) * getattr(model, "dim_output", 1))
+        self.register_buffer("mean", mean.float().clone())
+        self.register_buffer("std", std.float().clone())
+        self.register_buffer("shift", torch.zeros(k) if shift is None else shift.float().reshape(k).clone())
+        self.register_buffer("scale", torch.ones(k) if scale is None else scale.float().reshape(k).clone())
+
+    mean: Tensor
+    std: Tensor
+    shift: Tensor
+    scale: Tensor
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``x: (B, N, D)`` raw, ``mask: (B, N)`` bool -> ``(B, K)``, or ``(B,)`` when ``squeeze``."""
+        z = zero_padding((x - self.mean) / self.std, mask)
+        out = self.model(z, mask).reshape(x.shape[0], -1) * self.scale + self.shift
+        return out.reshape(x.shape[0]) if self.squeeze else out
+
+
+_OPTION_HELP: dict[str, str] = {
+    "path": "the labelled sets: a .npz/.h5 file, a .csv file, or a folder of .npy sets with labels.csv",
+    "target": "the name of the targets: an array of the .npz/.h5, a column of the .csv or labels.csv",
+    "set_column": "the column of set ids in a .csv (or of file names in labels.csv)",
+    "val_fraction": "share of the sets held out for validation (val_* metrics)",
+    "test_fraction": "share of the sets held out for testing (the reported metrics)",
+    "split_seed": "seeds the train/validation/test split",
+    "standardize": "standardise each feature by the training sets' mean and std (kept in the model)",
+    "encoder": "settransformer encoder: isab (induced attention), sab (full attention) or rff (row-wise MLP)",
+    "num_inducing": "inducing points per ISAB",
+    "pooling": "pma (attention), mean, sum or max; null: pma for settransformer, mean for deepsets",
+    "dim_hidden": "width of every layer",
+    "num_heads": "attention heads",
+    "num_layers": "encoder layers",
+    "dropout": "dropout before pooling and before the output layer",
+    "classes": "the class labels in id order; null: the sorted labels found in the file",
+    "dim_input": "features per element; null: read from the file (kept, so a run rebuilds without it)",
+    "target_shape": "[] for one number per set, [K] for K; null: read from the file (kept like dim_input)",
+}
+
+
+class _LabelledSetTask(Task):
+    """Shared by :class:`SetClassification` and :class:`SetRegression`: data, splits, models."""
+
+    model_names: ClassVar[tuple[str, ...]] = ("settransformer", "deepsets")
+    default_model: ClassVar[str | None] = "settransformer"
+    model_descriptions: ClassVar[dict[str, str]] = {
+        "settransformer": "Set Transformer: encoder (isab/sab/rff) x num_layers, pooling (pma/mean/sum/max)",
+        "deepsets": "DeepSets: row-wise MLP x num_layers, pooling (mean/sum/max), MLP",
+    }
+    option_help: ClassVar[dict[str, str]] = _OPTION_HELP
+    #: Targets are class ids (classification) or standardised numbers (regression).
+    classify: ClassVar[bool]
+
+    @classmethod
+    def default_options(cls) -> dict[str, Any]:
+        return {
+            "path": None,
+            "target": "y",
+            "set_column": "set",
+            "val_fraction": 0.1,
+            "test_fraction": 0.2,
+            "split_seed": 0,
+            "standardize": True,
+            "encoder": "isab",
+            "num_inducing": 16,
+            "pooling": None,
+            "dim_hidden": 64,
+            "num_heads": 4,
+            "num_layers": 2,
+            "dropout": 0.0,
+            "dim_input": None,
+        }
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        o = self.options
+        if o["path"] is None:
+            raise ValueError(f"path: {self.name} needs --set path=FILE (a .npz, .h5, .csv or a folder)")
+        for key in ("val_fraction", "test_fraction"):
+            if not 0 <= o[key] < 1:
+                raise ValueError(f"{key}: expected a number in [0, 1), got {o[key]!r}")
+        if o["val_fraction"] + o["test_fraction"] >= 1:
+            raise ValueError("val_fraction, test_fraction: together they leave no training sets")
+        for key, choices in (
+            ("encoder", ("isab", "sab", "rff")),
+            ("pooling", (None, "pma", "mean", "sum", "max")),
+        ):
+            if o[key] not in choices:
+                raise ValueError(f"{key}: expected one of {', '.join(map(str, choices))}, got {o[key]!r}")
+        for key in ("num_inducing", "dim_hidden", "num_heads", "num_layers"):
+            if not isinstance(o[key], int) or isinstance(o[key], bool) or o[key] < 1:
+                raise ValueError(f"{key}: expected a positive integer, got {o[key]!r}")
+        if o["dim_hidden"] % o["num_heads"]:
+            raise ValueError(f"num_heads: must divide dim_hidden={o['dim_hidden']}, got {o['num_heads']}")
+        self._loaded = False
+        # A run's options hold everything its model's shape needs (the statistics are buffers in
+        # its weights), so predict and export rebuild it without the file; training reads it now.
+        if not self._self_contained() or Path(o["path"]).exists():
+            self._load()
+
+    def _self_contained(self) -> bool:
+        """Whether the options alone determine the model's shape (``dim_input``, outputs)."""
+        return self.options["dim_input"] is not None
+
+    def _load(self) -> None:
+        """Read the file: the sets, targets, split and the training sets' statistics."""
+        o = self.options
+        data = read_labelled_sets(o["path"], target=o["target"], set_column=o["set_column"])
+        self._sets = [torch.from_numpy(np.array(s, dtype=np.float32)) for s in data.sets]
+        dim = int(self._sets[0].shape[1])
+        if o["dim_input"] not in (None, dim):
+            raise ValueError(
+                f"dim_input: the run has {o['dim_input']} features per element, {o['path']} {dim}"
+            )
+        o["dim_input"] = dim
+        self._ids = data.ids
+        self._targets = self._encode_targets(data.targets)
+        strata = self._targets.numpy() if self.classify else None
+        parts = split_indices(len(self._sets), o["val_fraction"], o["test_fraction"], o["split_seed"], strata)
+        self._split = tuple(torch.from_numpy(p) for p in parts)
+        if len(self._split[2]) == 0:
+            raise ValueError(
+                f"test_fraction: {o['test_fraction']} of {len(self._sets)} sets leaves no test sets"
+            )
+        elements = torch.cat([self._sets[i] for i in self._split[0].tolist()])
+        if o["standardize"] and len(elements):
+            mean, std = elements.mean(0), elements.std(0, correction=0)
+            self._stats = (mean, torch.where(std > 0, std, torch.ones_like(std)))
+        else:
+            self._stats = (torch.zeros(self.dim_input), torch.ones(self.dim_input))
+        self._loaded = True
+
+    def _data(self) -> None:
+        if not self._loaded:
+            if not Path(self.options["path"]).exists():
+                raise ValueError(
+                    f"path {self.options['path']}: no such file or folder; the run's model is rebuilt "
+                    "without it (predict, export), but its sets are needed here"
+                )
+            self._load()
+
+    @property
+    def sets(self) -> list[Tensor]:
+        """The sets, ``(N_i, D)`` each (read from the file on first use)."""
+        self._data()
+        return self._sets
+
+    @property
+    def ids(self) -> list[SetId]:
+        """The set ids of the file."""
+        self._data()
+        return self._ids
+
+    @property
+    def targets(self) -> Tensor:
+        """Class ids ``(S,)`` or numbers ``(S,)`` / ``(S, K)``."""
+        self._data()
+        return self._targets
+
+    @property
+    def train_idx(self) -> Tensor:
+        self._data()
+        return self._split[0]
+
+    @property
+    def val_idx(self) -> Tensor:
+        self._data()
+        return self._split[1]
+
+    @property
+    def test_idx(self) -> Tensor:
+        self._data()
+        return self._split[2]
+
+    @property
+    def mean(self) -> Tensor:
+        """Per-feature mean ``(D,)`` of the training elements: zeros before the file is read (a
+        rebuilt run's model then loads the saved statistics with its weights)."""
+        return self._stats[0] if self._loaded else torch.zeros(self.dim_input)
+
+    @property
+    def std(self) -> Tensor:
+        """Per-feature std ``(D,)`` of the training elements (ones before the file is read)."""
+        return self._stats[1] if self._loaded else torch.ones(self.dim_input)
+
+    def test_inputs(self) -> tuple[list[Tensor], Tensor]:
+        """The raw test sets ``(N_i, D)`` and their targets, as the file holds them."""
+        return [self.sets[i] for i in self.test_idx.tolist()], self.targets[self.test_idx]
+
+    def _encode_targets(self, targets: np.ndarray) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def dim_input(self) -> int:
+        """Features per element ``D``."""
+        return int(self.options["dim_input"])
+
+    @property
+    def dim_output(self) -> int:
+        """Outputs per set: the number of classes, or of regressed values."""
+        raise NotImplementedError
+
+    @classmethod
+    def budget(cls, name: str) -> dict[str, Any]:
+        """``quick``: 300 steps of 32 sets (seconds on a CPU for small files). ``paper``: 3000 steps
+        of 64 sets, cosine decay (there is no paper for your data: the name is the longer budget)."""
+        if name == "quick":
+            return {"steps": 300, "batch_size": 32, "lr": 1e-3, "eval_every": 100}
+        if name == "paper":
+            return {"steps": 3000, "batch_size": 64, "lr": 1e-3, "schedule": "cosine", "eval_every": 500}
+        raise ValueError(f"budget: expected 'quick' or 'paper', got {name!r}")
+
+    def build_model(self, model_name: str) -> nn.Module:
+        """The network of ``model_name`` inside :class:`Standardized`: raw ``x: (B, N, D)``,
+        ``mask: (B, N)`` -> ``(B, classes)`` logits or ``(B,)`` / ``(B, K)`` targets."""
+        o, d = self.options, self.dim_input
+        net: nn.Module
+        if model_name == "settransformer":
+            pooling: Any = o["pooling"] or "pma"
+            net = SetTransformer(
+                d,
+                1,
+                self.dim_output,
+                dim_hidden=o["dim_hidden"],
+                num_heads=o["num_heads"],
+                num_inducing=o["num_inducing"] if o["encoder"] == "isab" else None,
+                encoder="rff" if o["encoder"] == "rff" else "attention",
+                pooling=pooling,
+                num_encoder_layers=o["num_layers"],
+                num_decoder_layers=0 if pooling == "pma" else 1,
+                decoder_dropout=o["dropout"],
+            )
+        elif model_name == "deepsets":
+            pool: Any = o["pooling"] or "mean"
+            if pool == "pma":
+                raise ValueError("pooling: deepsets pools by mean, sum or max, not pma")
+            net = DeepSets(
+                d,
+                1,
+                self.dim_output,
+                dim_hidden=o["dim_hidden"],
+                pool=pool,
+                num_encoder_layers=o["num_layers"],
+                dropout=o["dropout"],
+            )
+        else:
+            raise ValueError(f"model: expected one of {', '.join(self.model_names)}, got {model_name!r}")
+        return self._wrap(net)
+
+    def _wrap(self, net: nn.Module) -> Standardized:
+        return Standardized(net, self.mean, self.std)
+
+    def _batch(self, index: Tensor) -> Batch:
+        x, mask = pad_sets(
+            [self.sets[i] for i in index.tolist()],
+            max_size=max(1, *(len(self.sets[i]) for i in index.tolist())),
+        )
+        return Batch(x, mask, self.targets[index])
+
+    def sample_batch(self, batch_size: int, generator: torch.Generator) -> Batch:
+        """``batch_size`` training sets drawn with replacement: raw ``x: (B, N, D)``, ``mask: (B, N)``."""
+        pick = torch.randint(len(self.train_idx), (batch_size,), generator=generator)
+        return self._batch(self.train_idx[pick])
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, device: torch.device, split: str = "test") -> tuple[Tensor, Tensor]:
+        """``(outputs, targets)`` on CPU for the ``"train"``, ``"val"`` or ``"test"`` sets."""
+        index = {"train": self.train_idx, "val": self.val_idx, "test": self.test_idx}[split]
+        model.eval()
+        outs = []
+        for start in range(0, len(index), _EVAL_BATCH):
+            b = self._batch(index[start : start + _EVAL_BATCH])
+            outs.append(model(b.x.to(device), b.mask.to(device)).float().cpu())  # type: ignore[union-attr]
+        return torch.cat(outs), self.targets[index]
+
+    def _metrics(self, outputs: Tensor, targets: Tensor) -> dict[str, float]:
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        """The metrics on the test sets, and on the validation sets with a ``val_`` prefix."""
+        metrics = self._metrics(*self.predict(model, device, "test"))
+        if len(self.val_idx):
+            metrics.update(
+                {f"val_{k}": v for k, v in self._metrics(*self.predict(model, device, "val")).items()}
+            )
+        return metrics
+
+
+class SetClassification(_LabelledSetTask):
+    """Classify your own labelled sets (a .npz/.h5/.csv file or a folder of .npy sets; see --list)."""
+
+    name: ClassVar[str] = "set-classification"
+    metric: ClassVar[str] = "accuracy"
+    higher_is_better: ClassVar[bool] = True
+    classify: ClassVar[bool] = True
+
+    @classmethod
+    def default_options(cls) -> dict[str, Any]:
+        return {**super().default_options(), "classes": None}
+
+    def _self_contained(self) -> bool:
+        return super()._self_contained() and self.options["classes"] is not None
+
+    def _encode_targets(self, targets: np.ndarray) -> Tensor:
+        if targets.ndim != 1:
+            raise ValueError(
+                f"{self.options['target']}: expected one class label per set, got shape {targets.shape}"
+            )
+        found = sorted({_plain(v) for v in targets.tolist()}, key=lambda v: (isinstance(v, str), v))
+        classes = self.options["classes"]
+        if classes is None:
+            classes = self.options["classes"] = found
+        unknown = [v for v in found if v not in classes]
+        if unknown:
+            raise ValueError(f"classes: the file has labels not in classes: {unknown[:5]}")
+        if len(classes) < 2:
+            raise ValueError(f"{self.options['target']}: expected at least 2 classes, found {classes}")
+        ids = {c: i for i, c in enumerate(classes)}
+        return torch.tensor([ids[_plain(v)] for v in targets.tolist()], dtype=torch.long)
+
+    @property
+    def class_names(self) -> list[str]:
+        """The class labels as text, in id order."""
+        return [str(c) for c in self.options["classes"]]
+
+    @property
+    def dim_output(self) -> int:
+        return len(self.options["classes"])
+
+    def labels(self, outputs: Tensor) -> list[int | str]:
+        """The original class labels of the highest logits: ``outputs: (S, classes)`` -> ``S`` labels."""
+        return [self.options["classes"][i] for i in outputs.argmax(-1).tolist()]
+
+    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        """Cross-entropy of the logits ``(B, classes)`` against the class ids ``(B,)``."""
+        return F.cross_entropy(model(batch.x, batch.mask).float(), batch.target)
+
+    def confusion_matrix(self, model: nn.Module, device: torch.device) -> np.ndarray:
+        """Counts ``(classes, classes)`` on the test sets: rows true class, columns predicted."""
+        outputs, targets = self.predict(model, device)
+        k = self.dim_output
+        return np.bincount(targets.numpy() * k + outputs.argmax(-1).numpy(), minlength=k * k).reshape(k, k)
+
+    def _metrics(self, outputs: Tensor, targets: Tensor) -> dict[str, float]:
+        """``accuracy``, ``macro_f1`` (over the classes present in truth or prediction) and ``loss``."""
+        pred = outputs.argmax(-1)
+        f1 = []
+        for c in torch.unique(torch.cat([pred, targets])).tolist():
+            tp = int(((pred == c) & (targets == c)).sum())
+            fp, fn = int(((pred == c) & (targets != c)).sum()), int(((pred != c) & (targets == c)).sum())
+            f1.append(2 * tp / (2 * tp + fp + fn))
+        return {
+            "accuracy": float((pred == targets).float().mean()),
+            "macro_f1": float(np.mean(f1)),
+            "loss": float(F.cross_entropy(outputs, targets)),
+        }
+
+    def plot(self, model: nn.Module, out_dir: Path, device: torch.device) -> list[Path]:
+        """``confusion.png``: the row-normalised confusion matrix on the test sets."""
+        from matplotlib.figure import Figure
+
+        counts = self.confusion_matrix(model, device)
+        rates = counts / counts.sum(1, keepdims=True).clip(min=1)
+        k = len(counts)
+        fig = Figure(figsize=(min(12.0, 3 + 0.4 * k), min(11.0, 2.6 + 0.36 * k)))
+        ax = fig.subplots()
+        image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(k), self.class_names, rotation=90)
+        ax.set_yticks(range(k), self.class_names)
+        for i, j in zip(*np.nonzero(counts)):
+            ax.text(
+                j,
+                i,
+                str(counts[i, j]),
+                ha="center",
+                va="center",
+                color="white" if rates[i, j] > 0.5 else "black",
+            )
+        ax.set_xlabel("predicted class")
+        ax.set_ylabel("true class")
+        accuracy = np.trace(counts) / max(1, counts.sum())
+        ax.set_title(f"{self.name}: test accuracy {accuracy:.3f}")
+        fig.colorbar(image, ax=ax, fraction=0.046, label="share of the true class")
+        return [save_figure(fig, Path(out_dir) / "confusion.png")]
+
+
+class SetRegression(_LabelledSetTask):
+    """Regress a number (or a vector) per set from your own sets (a .npz/.h5/.csv file or a folder)."""
+
+    name: ClassVar[str] = "set-regression"
+    metric: ClassVar[str] = "mae"
+    higher_is_better: ClassVar[bool] = False
+    classify: ClassVar[bool] = False
+
+    def _encode_targets(self, targets: np.ndarray) -> Tensor:
+        if not (np.issubdtype(targets.dtype, np.floating) or np.issubdtype(targets.dtype, np.integer)):
+            raise ValueError(
+                f"{self.options['target']}: expected numbers to regress, got dtype {targets.dtype}"
+            )
+        y = torch.from_numpy(np.asarray(targets, dtype=np.float32))
+        if not torch.isfinite(y).all():
+            raise ValueError(f"{self.options['target']}: expected finite targets")
+        shape = list(y.shape[1:])
+        if self.options["target_shape"] not in (None, shape):
+            raise ValueError(
+                f"target_shape: the run has targets of shape {self.options['target_shape']}, the file {shape}"
+            )
+        self.options["target_shape"] = shape
+        return y
+
+    @classmethod
+    def default_options(cls) -> dict[str, Any]:
+        return {**super().default_options(), "target_shape": None}
+
+    def _self_contained(self) -> bool:
+        return super()._self_contained() and self.options["target_shape"] is not None
+
+    @property
+    def dim_output(self) -> int:
+        shape = self.options["target_shape"]
+        return int(shape[0]) if shape else 1
+
+    def target_scaling(self) -> tuple[Tensor, Tensor]:
+        """``(shift, scale)``, each ``(K,)``: the training targets' mean and std (1 where constant;
+        0 and 1 before the file is read: a rebuilt run's model loads the saved ones)."""
+        if not self._loaded or not self.options["standardize"]:
+            return torch.zeros(self.dim_output), torch.ones(self.dim_output)
+        y = self.targets[self.train_idx].reshape(len(self.train_idx), -1)
+        scale = y.std(0, correction=0)
+        return y.mean(0), torch.where(scale > 0, scale, torch.ones_like(scale))
+
+    def _wrap(self, net: nn.Module) -> Standardized:
+        shift, scale = self.target_scaling()
+        return Standardized(net, self.mean, self.std, shift, scale, squeeze=not self.options["target_shape"])
+
+    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        """Mean squared error in standardised target units (each output weighs the same)."""
+        scale = self.target_scaling()[1].to(batch.target.device)
+        err = (model(batch.x, batch.mask).float() - batch.target).reshape(len(batch), -1) / scale
+        return err.pow(2).mean()
+
+    def _metrics(self, outputs: Tensor, targets: Tensor) -> dict[str, float]:
+        """``mae``, ``rmse`` and ``r2`` (the coefficient of determination, averaged over outputs)."""
+        err = outputs - targets
+        t = targets.reshape(len(targets), -1)
+        total = (t - t.mean(0)).pow(2).sum(0)
+        r2 = 1 - err.reshape(len(targets), -1).pow(2).sum(0) / total.clamp_min(1e-12)
+        return {
+            "mae": float(err.abs().mean()),
+            "rmse": float(err.pow(2).mean().sqrt()),
+            "r2": float(r2.mean()),
+        }
+
+    def plot(self, model: nn.Module, out_dir: Path, device: torch.device) -> list[Path]:
+        """``predicted_vs_true.png``: predicted against true targets on the test sets."""
+        from matplotlib.figure import Figure
+
+        outputs, targets = self.predict(model, device)
+        pred, true = outputs.reshape(-1).numpy(), targets.reshape(-1).numpy()
+        lo, hi = float(min(pred.min(), true.min())), float(max(pred.max(), true.max()))
+        fig = Figure(figsize=(4.5, 4.5))
+        ax = fig.subplots()
+        ax.plot([lo, hi], [lo, hi], color="gray", lw=1, label="perfect")
+        ax.scatter(true, pred, s=8, alpha=0.6, label="test sets")
+        ax.set_xlabel(f"true {self.options['target']}")
+        ax.set_ylabel(f"predicted {self.options['target']}")
+        ax.set_title(f"{self.name}: test MAE {abs(pred - true).mean():.4g}")
+        ax.legend(loc="upper left")
+        return [save_figure(fig, Path(out_dir) / "predicted_vs_true.png")]
+
+
+def _plain(value: Any) -> int | str:
+    """A label as a JSON-friendly value: ints stay ints, everything else becomes text."""
+    if isinstance(value, bool | np.bool_):
+        return str(value)
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return str(value)
