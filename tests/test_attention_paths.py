@@ -98,3 +98,74 @@ def test_cheapest_form_for_the_set_transformer_shapes() -> None:
     assert induced_is_cheaper(32, sizes) and not induced_is_cheaper(64, sizes)
     # without W^O there is nothing to fold the values into
     assert not induced_is_cheaper(1, sizes._replace(out_proj=False))
+
+
+@pytest.mark.parametrize("kind", ["plain", "masked", "bias"])
+def test_explicit_kernel_agrees_with_fused(kind):
+    """Batched products + softmax compute what the fused kernel does: masks, empty sets, a
+    per-key bias (the dot-product scores' ``as_dot``), values and gradients, in float64."""
+    from settransformer.nn.attention import attention
+    from settransformer.nn.scores import make_score
+
+    torch.manual_seed(2)
+    q = torch.randn(3, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(3, 2, 7, 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(3, 2, 7, 6, dtype=torch.float64, requires_grad=True)
+    mask = None
+    if kind != "plain":
+        mask = torch.rand(3, 7) > 0.4
+        mask[0, 0] = True
+        mask[1] = False  # an empty set: exactly zero, finite gradients
+    score = make_score("gaussian", 2, 4) if kind == "bias" else None
+    if score is not None:
+        score = score.double()
+    results = {}
+    for kernel in ("fused", "explicit"):
+        out = attention(q, k, v, mask, kernel=kernel, score=score)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+        results[kernel] = (out, *grads)
+    for fused, explicit in zip(results["fused"], results["explicit"]):
+        torch.testing.assert_close(explicit, fused, rtol=0, atol=1e-10)
+    if mask is not None:
+        assert results["explicit"][0][1].abs().max() == 0
+
+
+def test_explicit_kernel_dropout_is_deterministic_given_the_seed():
+    from settransformer.nn.attention import attention
+
+    q, k = torch.randn(2, 2, 5, 4), torch.randn(2, 2, 6, 4)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        runs.append(attention(q, k, k, dropout_p=0.5, kernel="explicit"))
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+    assert not torch.allclose(runs[0], attention(q, k, k, kernel="explicit"))
+
+
+def test_kernel_rule_follows_shape_and_autograd():
+    from settransformer.nn.attention import EXPLICIT_MAX_SCORES, attention, explicit_is_faster
+
+    small, large = torch.randn(64, 4, 4, 32), torch.randn(64, 4, 500, 32)
+    with torch.no_grad():
+        assert explicit_is_faster(small, small)  # a decoder SAB over a few seeds
+        assert not explicit_is_faster(large, large)
+        assert not explicit_is_faster(small[:, :, :1], small[:, :, :1])
+        assert EXPLICIT_MAX_SCORES >= 4 * 4
+    assert not explicit_is_faster(small, small)  # under autograd the fused backward is kept
+    with pytest.raises(ValueError, match="kernel"):
+        attention(small, small, small, kernel="bmm")
+
+
+def test_standard_form_without_autograd_equals_with():
+    """Without autograd a small standard-form MAB takes the explicit kernel; same values."""
+    torch.manual_seed(4)
+    mab = MAB(16, 16, 16, 4).double()
+    mab.form = "standard"
+    q, kv = torch.randn(3, 4, 16, dtype=torch.float64), torch.randn(3, 9, 16, dtype=torch.float64)
+    mask = torch.rand(3, 9) > 0.3
+    mask[2] = False
+    kv = kv.masked_fill(~mask[..., None], 0.0)
+    with_grad = mab.forward_unchecked(q, kv, mask)
+    with torch.no_grad():
+        without = mab.forward_unchecked(q, kv, mask)
+    torch.testing.assert_close(without, with_grad.detach(), rtol=0, atol=1e-10)

@@ -319,6 +319,7 @@ def test_isab_row_blocks_without_autograd_equal_one_pass(
     mask = torch.arange(41)[None] < torch.tensor([[41], [17], [0]])
     whole = isab(x, mask)  # grad enabled: one pass over all rows
     monkeypatch.setattr(blocks, "ROW_BLOCK", 20)  # 20 // 3 = 6 rows per block, not dividing 41
+    monkeypatch.setattr(blocks, "MIN_BLOCK_ROWS", 1)
     with torch.no_grad():
         blocked = isab(x, mask)
     assert whole.requires_grad and not blocked.requires_grad

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from settransformer import DeepSets, SetTransformer
+from settransformer.compat import official_options
 
 dynamo = pytest.importorskip("torch._dynamo")
 from torch._dynamo.utils import counters  # noqa: E402
@@ -24,7 +25,7 @@ def _models() -> dict[str, nn.Module]:
         "isab": SetTransformer(2, 2, 3, dim_hidden=16, num_heads=2, num_inducing=4),
         "sab": SetTransformer(2, 2, 3, dim_hidden=16, num_heads=2, num_inducing=None),
         "official-layout": SetTransformer(
-            2, 2, 3, dim_hidden=16, num_heads=2, num_inducing=4, norm=None, out_proj=False, residual="projected"
+            2, 2, 3, dim_hidden=16, num_heads=2, num_inducing=4, **official_options(16)
         ),
         "deepsets": DeepSets(2, 2, 3, dim_hidden=16),
     }

@@ -10,6 +10,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -472,3 +473,308 @@ def test_catalogue_read_only_folder(
     assert code == 2, err
     assert "read-only" in err and err.count("\n") == 1 and "Traceback" not in err
     assert _hashes(run) == before
+
+
+# -- 8. more of the catalogue: config files, checkpoints holding huge options, first write failing ---
+
+
+def _laughs(key: str) -> str:
+    """A YAML of under 300 bytes whose nested aliases make a value of 9**8 strings."""
+    levels = ["&a [" + ",".join(["lol"] * 9) + "]"]
+    levels += [f"&{c} [" + ",".join([f"*{p}"] * 9) + "]" for p, c in zip("abcdefg", "bcdefgh")]
+    return f"{key}: [{', '.join(levels)}]\n"
+
+
+def _config_files(run: Path) -> None:
+    Path("clip.yaml").write_text("clip_norm: .nan\n")
+    Path("batch.yaml").write_text(f"batch_size: {10**11}\n")
+    Path("laughs.yaml").write_text(_laughs("lr"))
+    Path("laughs_task.yaml").write_text(_laughs("task_options: {high").replace("]\n", "]}\n"))
+    huge = Path("huge")
+    huge.mkdir()
+    for p in run.iterdir():
+        (huge / p.name).write_bytes(p.read_bytes())
+    state = torch.load(huge / "checkpoint.pt", weights_only=True)
+    state["task_options"]["test_sets"] = 10**12
+    torch.save(state, huge / "checkpoint.pt")
+    config = json.loads((huge / "config.json").read_text())
+    config["task_options"]["test_sets"] = 10**12
+    (huge / "config.json").write_text(json.dumps(config))
+
+
+MORE: list[tuple[str, list[str]]] = [
+    ("config clip_norm NaN", [*FRESH, "--config", "clip.yaml"]),
+    (
+        "config batch_size huge",
+        [*TRAIN, "--out", "fresh", "--steps", "3", "--no-progress", "--config", "batch.yaml"],
+    ),
+    ("config nested aliases", [*FRESH, "--config", "laughs.yaml"]),
+    ("config nested aliases in a task option", [*FRESH, "--config", "laughs_task.yaml"]),
+    ("eval checkpoint with a huge option", ["eval", "huge"]),
+    ("eval checkpoint file with a huge option", ["eval", "huge/checkpoint.pt"]),
+    ("resume checkpoint with a huge option", ["train", "max-regression", "--out", "huge", "--resume"]),
+]
+
+
+@pytest.mark.parametrize(("case", "argv"), MORE, ids=[c for c, _ in MORE])
+def test_catalogue_settings_files(
+    case: str, argv: list[str], run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _config_files(run)
+    before, huge = _hashes(run), _hashes(Path("huge"))
+    start = time.perf_counter()
+    code, out, err = _run(capsys, *argv)
+    assert code == 2, (case, out, err)
+    assert err.count("\n") == 1 and "error" in err and "Traceback" not in err and len(err) < 1000, err
+    assert time.perf_counter() - start < 5  # the aliased value is never expanded whole
+    assert _hashes(run) == before and _hashes(Path("huge")) == huge
+    assert not Path("fresh").exists()
+
+
+def test_a_run_whose_first_write_failed_can_start_over(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import settransformer.training.checkpoint as checkpoint
+
+    def full(path: object, write: object) -> None:
+        raise files.WriteError(f"disk full while writing {path}")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(checkpoint, "atomic_write", full)
+        code, _, err = _run(capsys, *TRAIN, "--out", "w", *TINY)
+    assert (
+        code == 2
+        and err.splitlines()[-1] == "settransformer train: error: disk full while writing w/checkpoint.pt"
+    )
+    assert not Path("w/checkpoint.pt").exists()
+    code, _, err = _run(capsys, *TRAIN, "--out", "w", *TINY)  # no step to lose: a fresh run starts over
+    assert code == 0, err
+    assert (Path("w") / "checkpoint.pt").exists()
+    lines = (Path("w") / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines][-1] == 3
+    Path("other").mkdir()
+    (Path("other") / "config.json").write_text('{"mine": 1}')  # not a run's: never overwritten
+    code, _, err = _run(capsys, *TRAIN, "--out", "other", *TINY)
+    assert code == 2 and "not empty" in err
+
+
+# -- 9. user data files: pointcloud (source=array and HDF5) and digits-clustering (features_path) ---
+
+
+def _user_files() -> None:
+    h5py = pytest.importorskip("h5py")
+    rng = np.random.default_rng(0)
+    pts, lab = rng.normal(size=(20, 16, 3)).astype(np.float32), np.arange(20) % 2
+    bad_pts = pts.copy()
+    bad_pts[3, 2, 1] = np.nan
+    np.savez("pc_no_labels.npz", points=pts)
+    np.savez("pc_wrong_keys.npz", clouds=pts, y=lab)
+    np.savez("pc_nan.npz", points=bad_pts, labels=lab)
+    np.savez("pc_2d.npz", points=pts[:, :, 0], labels=lab)
+    np.savez("pc_d1.npz", points=pts[:, :, :1], labels=lab)
+    np.savez("pc_str_labels.npz", points=pts, labels=np.array(["a", "b"] * 10))
+    np.savez("pc_huge_label.npz", points=pts, labels=np.where(lab == 1, 10**9, 0))
+    np.savez("pc_nan_label.npz", points=pts, labels=np.where(lab == 1, np.nan, 0.0))
+    np.savez("pc_object.npz", points=np.array([pts[0], pts[1][:3]], dtype=object), labels=lab[:2])
+    Path("pc_corrupt.npz").write_bytes(b"PK\x03\x04 not a zip")
+    with h5py.File("pc_dangling.h5", "w") as f:
+        f["tr_cloud"] = h5py.ExternalLink("missing.h5", "/data")
+        f["tr_labels"] = lab
+    with h5py.File("pc_loop.h5", "w") as f:
+        f["tr_cloud"] = h5py.SoftLink("/a")
+        f["a"] = h5py.SoftLink("/tr_cloud")
+        f["tr_labels"] = lab
+    with h5py.File("pc_str_labels.h5", "w") as f:
+        f["tr_cloud"], f["tr_labels"] = pts, np.array([b"a", b"b"] * 10)
+        f["test_cloud"], f["test_labels"] = pts, lab
+    with h5py.File("pc_no_labels.h5", "w") as f:
+        f["tr_cloud"] = pts
+    feat, fl = rng.normal(size=(60, 8)), np.arange(60) % 3
+    bad_feat = feat.copy()
+    bad_feat[5, 2] = np.nan
+    np.savez("f_no_labels.npz", features=feat)
+    np.savez("f_wrong_keys.npz", x=feat, y=fl)
+    np.savez("f_nan.npz", features=bad_feat, labels=fl)
+    np.savez("f_1d.npz", features=feat[:, 0], labels=fl)
+    np.savez("f_str_labels.npz", features=feat, labels=np.array(["a", "b", "c"] * 20))
+    np.savez("f_few_classes.npz", features=feat, labels=np.arange(60) % 2)
+    np.savez("f_few_features.npz", features=feat[:, :3], labels=fl)
+    Path("f_corrupt.npz").write_bytes(b"PK\x03\x04 not a zip")
+    with h5py.File("f_dangling.h5", "w") as f:
+        f["features"] = h5py.ExternalLink("missing.h5", "/data")
+        f["labels"] = fl
+    with h5py.File("f_loop.h5", "w") as f:
+        f["features"] = h5py.SoftLink("/a")
+        f["a"] = h5py.SoftLink("/features")
+        f["labels"] = fl
+    with h5py.File("x_dangling.h5", "w") as f:
+        f["x"] = h5py.ExternalLink("missing.h5", "/data")
+    with h5py.File("x_loop.h5", "w") as f:
+        f["x"] = h5py.SoftLink("/x2")
+        f["x2"] = h5py.SoftLink("/x")
+
+
+_POINTS = ["train", "pointcloud", "--out", "fresh", *TINY[:4], "--no-progress", "--set", "dim_hidden=8"]
+_CLUSTER = [
+    "train",
+    "digits-clustering",
+    "--out",
+    "fresh",
+    *TINY[:4],
+    "--no-progress",
+    "--set",
+    "num_clusters=3",
+    "--set",
+    "pca=4",
+    "--set",
+    "dim_hidden=8",
+]
+USER_DATA: list[tuple[str, list[str], str]] = [
+    *(
+        (f"pointcloud array {name}", [*_POINTS, "--set", "source=array", "--set", f"path={name}"], name)
+        for name in (
+            "pc_no_labels.npz",
+            "pc_wrong_keys.npz",
+            "pc_nan.npz",
+            "pc_2d.npz",
+            "pc_d1.npz",
+            "pc_str_labels.npz",
+            "pc_huge_label.npz",
+            "pc_nan_label.npz",
+            "pc_object.npz",
+            "pc_corrupt.npz",
+        )
+    ),
+    *(
+        (f"pointcloud hdf5 {name}", [*_POINTS, "--set", "source=deepsets-h5", "--set", f"path={name}"], name)
+        for name in ("pc_dangling.h5", "pc_loop.h5", "pc_str_labels.h5", "pc_no_labels.h5")
+    ),
+    *(
+        (f"digits-clustering {name}", [*_CLUSTER, "--set", f"features_path={name}"], name)
+        for name in (
+            "f_no_labels.npz",
+            "f_wrong_keys.npz",
+            "f_nan.npz",
+            "f_1d.npz",
+            "f_str_labels.npz",
+            "f_few_classes.npz",
+            "f_few_features.npz",
+            "f_corrupt.npz",
+            "f_dangling.h5",
+            "f_loop.h5",
+            "f_missing.npz",
+        )
+    ),
+    ("predict hdf5 dangling link", ["predict", "run", "--input", "x_dangling.h5"], "x_dangling.h5"),
+    ("predict hdf5 link loop", ["predict", "run", "--input", "x_loop.h5"], "x_loop.h5"),
+]
+
+
+@pytest.mark.parametrize(("case", "argv", "name"), USER_DATA, ids=[c for c, _, _ in USER_DATA])
+def test_catalogue_user_data(
+    case: str, argv: list[str], name: str, run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _user_files()
+    before = _hashes(run)
+    code, out, err = _run(capsys, *argv)
+    assert code == 2, (case, out, err)
+    assert err.count("\n") == 1 and "error" in err and "Traceback" not in err and len(err) < 1000, err
+    assert name in err  # names the file
+    assert _hashes(run) == before
+    assert not Path("fresh").exists()
+
+
+def _link_file(path: str, key: str, kind: str) -> None:
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(path, "w") as f:
+        if kind == "dangling external":
+            f[key] = h5py.ExternalLink("missing.h5", "/data")
+        elif kind == "dangling soft":
+            f[key] = h5py.SoftLink("/nowhere")
+        else:
+            f[key] = h5py.SoftLink("/loop")
+            f["loop"] = h5py.SoftLink(f"/{key}")
+        for other in ("labels", "tr_labels", "label"):
+            if other != key:
+                f[other] = np.zeros(4, np.int64)
+
+
+@pytest.mark.parametrize("kind", ["dangling external", "dangling soft", "loop"])
+@pytest.mark.parametrize("reader", ["set_files", "features", "deepsets", "pointnet", "images", "targets"])
+def test_every_hdf5_reader_names_a_broken_link(kind: str, reader: str) -> None:
+    from settransformer.data import features, images, pointclouds, set_files
+    from settransformer.tasks import labelled_sets
+
+    key, call = {
+        "set_files": ("x", lambda p: set_files.read_sets(p)),
+        "features": ("features", features.load_features),
+        "deepsets": ("tr_cloud", pointclouds.load_deepsets_h5),
+        "pointnet": ("data", lambda p: pointclouds.load_pointnet_h5(Path(p).parent)),
+        "images": ("images", images.load_image_array),
+        "targets": ("y", lambda p: labelled_sets._stored_array(Path(p), "y")),
+    }[reader]
+    Path("release").mkdir()
+    path = "release/ply_data_train0.h5"
+    _link_file(path, key, kind)
+    with pytest.raises(ValueError) as info:
+        call(path)
+    message = str(info.value)
+    assert path in message and repr(key) in message and "link" in message and "\n" not in message
+
+
+def test_npz_readers_decompress_only_the_arrays_they_use() -> None:
+    """An unused array that cannot be read (an object array, or a huge one) costs nothing."""
+    from settransformer.data.pointclouds import load_array
+    from settransformer.data.set_files import read_sets
+
+    junk = np.array([object()] * 3, dtype=object)
+    np.savez("sets.npz", x=np.ones((2, 3, 1), np.float32), junk=junk)
+    assert len(read_sets("sets.npz")[0]) == 2
+    np.savez("clouds.npz", points=np.ones((10, 4, 3), np.float32), labels=np.arange(10) % 2, junk=junk)
+    assert load_array("clouds.npz").num_classes == 2
+
+
+# -- 10. official weights and the MoG cache ----------------------------------------------------------
+
+
+def test_load_official_refuses_an_absurd_layer_index_before_building() -> None:
+    from settransformer import compat
+
+    state = compat.to_official_state_dict(
+        compat.official_set_transformer(2, 1, 1, num_inds=4, dim_hidden=8, num_heads=2)
+    )
+    built: list[int] = []
+    real = compat.official_set_transformer
+
+    def counting(*a: object, **k: object) -> SetTransformer:
+        built.append(1)
+        return real(*a, **k)  # type: ignore[arg-type]
+
+    for key in ("enc.400.I", "dec.99999999999999999999.weight"):
+        bad = {**state, key: state["enc.0.I"]}
+        start = time.perf_counter()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(compat, "official_set_transformer", counting)
+            with pytest.raises(ValueError, match=r"numbered 0, 1, 2, \.\.\. without gaps") as info:
+                compat.load_official(bad, 2, 1, 1, num_inds=4, dim_hidden=8, num_heads=2)
+        assert built == [] and time.perf_counter() - start < 1
+        assert len(str(info.value)) < 300
+    with pytest.raises(ValueError, match="unexpected keys"):
+        compat.load_official({**state, "x" * 10_000: state["enc.0.I"]}, 2, 1, 1, num_inds=4, dim_hidden=8)
+
+
+@pytest.mark.parametrize("edit", ["oracle_ll", "x"])
+def test_a_tampered_mog_cache_is_regenerated_not_reported(edit: str, tmp_path: Path) -> None:
+    from settransformer.data.mixtures import load_benchmark
+
+    kwargs = {"num_sets": 4, "min_size": 5, "max_size": 9}
+    data = load_benchmark(tmp_path, **kwargs)
+    (path,) = tmp_path.glob("mog-benchmark-*.pt")
+    stored = torch.load(path, weights_only=True)
+    stored["data"][edit] = stored["data"][edit] + 1.0
+    torch.save(stored, path)
+    with pytest.warns(UserWarning, match="checksum mismatch"):
+        again = load_benchmark(tmp_path, **kwargs)
+    assert all(torch.equal(again[k], data[k]) for k in data)
+    stored = torch.load(path, weights_only=True)  # the cache was rewritten
+    assert torch.equal(stored["data"]["oracle_ll"], data["oracle_ll"])

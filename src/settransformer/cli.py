@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -33,10 +34,11 @@ from .deploy.inference import (
     jsonl_lines,
     per_element_output,
     predict,
+    top_labels,
     write_outputs,
 )
-from .tasks import TASKS, available_tasks
-from .tasks.demo import run_demo
+from .tasks import TASKS
+from .tasks.demo import demo_tasks, run_demo
 from .tasks.report import plot_training_curve
 from .tasks.runs import (
     RunError,
@@ -104,7 +106,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         "--budget", choices=("quick", "paper"), help="the task's preset steps, batch and lr (default paper)"
     )
     g.add_argument(
-        "--config", metavar="FILE", help="JSON/YAML settings: keys as the flags with _, plus task_options"
+        "--config",
+        metavar="FILE",
+        help="JSON/YAML settings: keys as the flags with _ (steps, threads, model, budget...), plus "
+        "task_options (a mapping, as --set); flags given on the command line win",
     )
     g.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], help=_SET_HELP)
     for flag, kind, text in _TRAIN_FLAGS:
@@ -124,27 +129,79 @@ _DEMOTHREADS_HELP = (
 )
 
 
-def _settings(
-    args: argparse.Namespace, base: dict[str, Any], default_budget: str | None
-) -> tuple[TrainConfig, dict[str, Any], dict[str, Any]]:
-    """Merge ``base`` < the budget (``--budget``, else the file's, else ``default_budget``) < the
-    ``--config`` file < flags. Returns the training settings, the task options (file and ``--set``)
-    and the file's other entries (``model``, ``models``, ``budget``)."""
-    values: dict[str, Any] = dict(base)
-    preset: dict[str, Any] = {}  # the budget's settings
+#: Flags that a --config file cannot set: the file itself, and the task (the positional argument).
+_NOT_IN_CONFIG = ("help", "config", "task", "func", "command", "parser")
+
+
+def _read_config(args: argparse.Namespace) -> dict[str, Any]:
+    """Read ``--config`` once: every key named like one of the command's flags (``threads``,
+    ``model``, ``out``, ``budget``...) fills that flag where the command line left it unset; the
+    rest (training settings, ``task_options``) is returned for :func:`_settings`."""
+    cached = getattr(args, "config_values", None)
+    if cached is not None:
+        return dict(cached)
     try:
-        file_values: dict[str, Any] = read_config_file(args.config) if args.config else {}
+        values: dict[str, Any] = read_config_file(args.config) if args.config else {}
     except ValueError as e:
         raise RunError(str(e)) from None
+    parser: argparse.ArgumentParser | None = getattr(args, "parser", None)
+    actions = {} if parser is None else {a.dest: a for a in parser._actions}
+    for key in [k for k in values if k in actions and k not in _TRAIN_KEYS]:
+        action, value = actions[key], values.pop(key)
+        if key in _NOT_IN_CONFIG:
+            raise RunError(f"{args.config}: {key}: not a setting a config file can hold")
+        value = _config_value(args.config, action, value)
+        if key == "set":  # the command line's --set come after the file's
+            args.set = value + list(args.set)
+        elif getattr(args, key) in (None, action.default):  # the command line wins
+            setattr(args, key, value)
+            if key == "threads":
+                torch.set_num_threads(value)
+    args.config_values = values
+    return dict(values)
+
+
+def _config_value(source: str, action: argparse.Action, value: Any) -> Any:
+    """``value`` of a config file, checked as the flag ``action`` checks the command line."""
+    flag = action.option_strings[0] if action.option_strings else action.dest
+    key = action.dest
+    if action.nargs == 0:  # store_true / store_false
+        if not isinstance(value, bool):
+            raise RunError(f"{source}: {key}: expected true or false like the flag {flag}, got {value!r}")
+        return value if isinstance(action, argparse._StoreTrueAction) else not value
+    if isinstance(action, argparse._AppendAction):  # --set: a list of KEY=VALUE texts
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise RunError(f"{source}: {key}: expected a list of KEY=VALUE texts, got {value!r}")
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        value = ",".join(value)  # models: [a, b] for A,B
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise RunError(f"{source}: {key}: expected a value like the flag {flag} takes, got {value!r}")
+    try:
+        value = action.type(str(value)) if callable(action.type) else str(value)
+    except (argparse.ArgumentTypeError, ValueError) as e:
+        raise RunError(f"{source}: {key}: {e}") from None
+    if action.choices is not None and value not in action.choices:
+        choices = ", ".join(map(str, action.choices))
+        raise RunError(f"{source}: {key}: expected one of {choices}, got {value!r}")
+    return value
+
+
+def _settings(
+    args: argparse.Namespace, base: dict[str, Any], default_budget: str | None
+) -> tuple[TrainConfig, dict[str, Any], str | None]:
+    """Merge ``base`` < the budget (``--budget``, else the file's, else ``default_budget``) < the
+    ``--config`` file < flags. Returns the training settings, the task options (file and ``--set``)
+    and the budget's name."""
+    values: dict[str, Any] = dict(base)
+    preset: dict[str, Any] = {}  # the budget's settings
+    file_values = _read_config(args)
     source = args.config or "flags"
     task_options = file_values.pop("task_options", {}) or {}
     if not isinstance(task_options, dict):
         raise RunError(f"{source}: task_options must be a mapping of option names to values")
-    extra: dict[str, Any] = {k: file_values.pop(k) for k in ("model", "models", "budget") if k in file_values}
-    budget = extra["budget"] = args.budget or extra.get("budget") or default_budget
+    budget = args.budget or default_budget
     if budget is not None:
-        if budget not in ("quick", "paper"):
-            raise RunError(f"{source}: budget must be quick or paper, got {budget!r}")
         preset = task_class(args.task).budget(budget)
         values.update(preset)
     values.update(file_values)
@@ -162,12 +219,13 @@ def _settings(
         key, value = parse_option(text)
         task_options[key] = value
     try:
-        return TrainConfig.from_dict(values, source=source), task_options, extra
+        return TrainConfig.from_dict(values, source=source), task_options, budget
     except ValueError as e:
         raise RunError(str(e)) from None
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    _read_config(args)  # the file may hold --list, --out, --resume, --model...
     if args.list:
         print(describe_task(args.task))
         return 0
@@ -185,15 +243,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if not (Path(args.out) / "checkpoint.pt").is_file():
             raise RunError(f"--resume {args.out}: no checkpoint.pt there to continue from")
         read_checkpoint(Path(args.out) / "checkpoint.pt", resume=True)  # damaged: one line, no traceback
-        config, options, extra = _settings(args, info["train"], None)
+        config, options, budget = _settings(args, info["train"], None)
         if options:
             raise RunError(
                 "--set, task_options: task options cannot change when resuming (the data would differ)"
             )
         task, model, run_dir = build_task(args.task, info["task_options"]), info["model"], Path(args.out)
     else:
-        config, options, extra = _settings(args, {}, "paper")
-        model = check_model(cls, args.model or extra.get("model") or default_model(cls))
+        config, options, budget = _settings(args, {}, "paper")
+        model = check_model(cls, args.model or default_model(cls))
         task = build_task(args.task, options)
         check_buildable(task, model)
         run_dir = new_run_dir(args.task, model, args.out)
@@ -202,7 +260,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
             check_resume(run_dir, info, config, allow_changes=args.allow_changes)
         if is_main_process():  # under torchrun, one report for the job
             what = "resuming" if args.resume else "training"
-            print(f"{what} {args.task}/{model} in {run_dir}", file=sys.stderr)
+            plan = f"{config.steps} steps of {config.batch_size} sets"
+            plan += f" ({budget} budget)" if budget is not None else ""
+            print(f"{what} {args.task}/{model} in {run_dir}: {plan}", file=sys.stderr)
         result = train_run(task, model, config, run_dir, resume=args.resume)
     if not is_main_process():
         return 0
@@ -263,10 +323,10 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     cls = task_class(args.task)
-    config, options, extra = _settings(args, {}, "paper")
-    models = args.models.split(",") if args.models else extra.get("models") or list(cls.model_names)
+    config, options, budget = _settings(args, {}, "paper")
+    models = args.models.split(",") if args.models else list(cls.model_names)
     task = build_task(args.task, options)
-    out = Path(args.out) if args.out else Path("runs") / args.task / f"reproduce-{extra['budget']}"
+    out = Path(args.out) if args.out else Path("runs") / args.task / f"reproduce-{budget}"
     _, md = reproduce(task, models, config, out, seeds=args.seeds, overwrite=args.overwrite, log=log)
     print(md.read_text())
     print(f"written: {md} and {md.with_suffix('.json')}")
@@ -283,7 +343,7 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    names = args.tasks.split(",") if args.tasks else available_tasks()
+    names = args.tasks.split(",") if args.tasks else demo_tasks()
     for name in names:
         if name not in TASKS:
             raise RunError(f"--tasks: unknown task {name!r}; expected some of {', '.join(TASKS)}")
@@ -329,7 +389,8 @@ _REPRODUCE_DOC = (
 _TASKS_DOC = "Every task (experiment) with a one-line description; `train TASK --list` tells more."
 _DEMO_DOC = (
     "Quick budgets of every available task on CPU (a few minutes): prints each table beside the "
-    "paper's and writes plots under --out, replacing earlier demo runs there."
+    "paper's and writes plots under --out, replacing earlier demo runs there. The tasks on your own "
+    "files (set-classification, set-regression) have no data of their own and are left out."
 )
 
 
@@ -359,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
         "in RUN/changes.jsonl (default: refuse them)",
     )
     _add_train_flags(p)
-    p.set_defaults(func=_cmd_train)
+    p.set_defaults(func=_cmd_train, parser=p)
 
     commands = (("eval", _cmd_eval, _RUN_DOC, "evaluate a run"), ("plot", _cmd_plot, _PLOT_DOC, "plot a run"))
     for name, func, doc, short in commands:
@@ -384,13 +445,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="output folder (default runs/<task>/reproduce-<budget>)")
     p.add_argument("--overwrite", action="store_true", help="retrain runs that already exist in --out")
     _add_train_flags(p)
-    p.set_defaults(func=_cmd_reproduce)
+    p.set_defaults(func=_cmd_reproduce, parser=p)
 
     p = sub.add_parser(
         "demo", help="quick budgets of every available task, tables and plots", description=_DEMO_DOC
     )
     p.add_argument(
-        "--tasks", metavar="A,B", help=f"only these tasks (default: every available one of {tasks})"
+        "--tasks",
+        metavar="A,B",
+        help=f"only these tasks (default: every available one of {tasks}, but those on your own files)",
     )
     p.add_argument("--out", metavar="DIR", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument(
@@ -490,15 +553,25 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             out = check_output_path(args.output, overwrite=args.overwrite)
         except ValueError as e:
             raise RunError(f"--output {e}") from None
+        if args.labels and out.suffix.lower() == ".npy":
+            raise RunError(f"--output {out}: --labels needs .csv or .jsonl (.npy holds only the outputs)")
     missing = [p for p in args.input if not Path(p).is_file()]
     if missing:
         raise RunError(f"--input {missing[0]}: no such file")
-    _, model, what = load_for_inference(args.run, which=args.which, device=args.device)
+    task, model, what = load_for_inference(args.run, which=args.which, device=args.device)
+    classes = _class_labels(task, what) if args.labels else None
+    if args.chunk_size is not None and "chunk_size" not in inspect.signature(model.forward).parameters:
+        raise RunError(
+            f"--chunk-size: {what} has no chunked forward (a task's model carries its preprocessing; "
+            "SetTransformer and DeepSets saved with save_model have one); leave --chunk-size out"
+        )
     try:
         check_forward(model)
         dim = input_dim(model)
         sets, ids = read_inputs(args.input, dim_input=dim, set_column=args.set_column)
         per_element = per_element_output(model, dim if dim is not None else int(sets[0].shape[1]))
+        if classes is not None and per_element:
+            raise RunError(f"--labels: {what} gives one output per element, not one class per set")
         sizes = {len(s) for s in sets}
         if out is not None and out.suffix.lower() == ".npy" and per_element and len(sizes) > 1:
             raise RunError(
@@ -508,17 +581,33 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         outputs = predict(
             model, sets, batch_size=args.batch_size, chunk_size=args.chunk_size, progress=args.progress
         )
+        labels = None if classes is None else top_labels(outputs, classes)
+    except RunError:
+        raise
     except ValueError as e:  # a bad input file, or a model predict cannot run
         raise RunError(str(e)) from None
     if out is None:
-        for line in jsonl_lines(ids, outputs):
+        for line in jsonl_lines(ids, outputs, labels=labels):
             print(line)
     else:
         with lock_if_run(out.parent):
-            write_outputs(out, ids, outputs, per_element=per_element, overwrite=args.overwrite)
+            write_outputs(out, ids, outputs, per_element=per_element, labels=labels, overwrite=args.overwrite)
     where = f"written to {out}" if out is not None else "written to stdout"
     log(f"{what}: {len(outputs)} sets {where}")
     return 0
+
+
+def _class_labels(task: Any, what: str) -> list[Any]:
+    """The class labels of a classification run, in the order of its model's outputs."""
+    if task is None:
+        raise RunError(f"--labels: {what} holds no class labels; give a run folder or checkpoint")
+    if not hasattr(type(task), "class_names"):
+        raise RunError(f"--labels: {task.name} is not a classification task; it has no class labels")
+    classes = task.options.get("classes")  # set-classification keeps the labels' own types
+    try:
+        return list(classes) if isinstance(classes, list) else list(task.class_names)
+    except (ValueError, OSError) as e:  # class names read from a data file that is gone
+        raise RunError(f"--labels: cannot read the class labels of {what} ({e})") from None
 
 
 _PREDICT_DOC = (
@@ -527,14 +616,19 @@ _PREDICT_DOC = (
     "value; no post-processing). Inputs: .npy (one set (N, D) or a batch (S, N, D)); .npz/.h5 with "
     "'x' (or 'sets') and an optional bool 'mask', or ragged 'values' (total, D) + 'offsets' (S+1,), "
     "and optional 'ids'; .csv with one element per row (one set per file, or many with "
-    "--set-column). Sets of different sizes are batched with masks; outputs keep the input order."
+    "--set-column). Sets of different sizes are batched with masks; outputs keep the input order. "
+    "RUN is a run folder or checkpoint of `settransformer train` (the model then takes raw sets: it "
+    "carries its task's preprocessing), or a folder written by settransformer.save_model."
 )
 
 
 def add_predict_parser(sub: Any) -> None:
     p = sub.add_parser("predict", help="run a trained model over sets from files", description=_PREDICT_DOC)
     p.add_argument(
-        "run", metavar="RUN", help="a run folder written by `settransformer train` (or a checkpoint)"
+        "run",
+        metavar="RUN",
+        help="a run folder written by `settransformer train`, one of its checkpoints, or a folder "
+        "written by save_model (config.json + model.safetensors)",
     )
     p.add_argument(
         "--input",
@@ -555,6 +649,12 @@ def add_predict_parser(sub: Any) -> None:
         help="where to write: .npy (an array (S, ...), rows in input order), .csv (a set column, one "
         'column per output value) or .jsonl ({"set": id, "output": [...]} per line); '
         "default: JSON lines on stdout",
+    )
+    p.add_argument(
+        "--labels",
+        action="store_true",
+        help="classification runs: add each set's predicted class (the original label of the highest "
+        "output) as a 'label' column (.csv) or field (.jsonl, stdout)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists (default: refuse)")
     _add_which(p)
@@ -585,7 +685,8 @@ _EXPORT_DOC = (
     "float32, the padded sets, and mask (B, N) bool, True for real elements (an all-False row is an "
     "empty set), with any batch size B >= 1 and set size N >= 1, and return the model's output (ONNX "
     "names: x, mask, output). The file is checked against PyTorch on padded batches of other sizes "
-    "(1e-4) before it is written."
+    "(1e-4) before it is written. RUN is a run folder or checkpoint of `settransformer train` (the "
+    "exported model carries its task's preprocessing), or a folder written by settransformer.save_model."
 )
 
 
@@ -638,7 +739,10 @@ def _export(args: argparse.Namespace, run: Path, output: Path) -> int:
 def add_export_parser(sub: Any) -> None:
     p = sub.add_parser("export", help="export a run's model to ONNX or TorchScript", description=_EXPORT_DOC)
     p.add_argument(
-        "run", metavar="RUN", help="a run folder written by `settransformer train`, or a checkpoint"
+        "run",
+        metavar="RUN",
+        help="a run folder written by `settransformer train`, one of its checkpoints, or a folder "
+        "written by save_model (config.json + model.safetensors)",
     )
     p.add_argument(
         "--format",

@@ -38,12 +38,12 @@ def test_is_a_task() -> None:
         DigitsClustering(pcaa=3)
     with pytest.raises(ValueError, match="pca"):
         DigitsClustering(pca=0)
-    with pytest.raises(ValueError, match="standardise"):
-        DigitsClustering(standardise="minmax")
+    with pytest.raises(ValueError, match="standardize"):
+        DigitsClustering(standardize="minmax")
 
 
 def test_per_feature_standardisation() -> None:
-    data = DigitsClustering(pca=None, standardise="feature", **SMALL).data()
+    data = DigitsClustering(pca=None, standardize="feature", **SMALL).data()
     std = data["train_x"].std(0)
     assert (((std - 1).abs() < 1e-2) | (std < 1e-6)).all()  # unit variance, constant pixels stay 0
     glob = DigitsClustering(pca=None, **SMALL).data()["train_x"]

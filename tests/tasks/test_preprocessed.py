@@ -17,7 +17,9 @@ def _tasks(tmp_path: Path) -> dict[str, tuple[object, str]]:
     return {
         "pointcloud": (PointCloudClassification(dim_hidden=16, num_points=32), "isab-pma"),
         "digits": (
-            DigitsClustering(cache_dir=str(tmp_path), num_test_sets=2, min_size=20, max_size=30, dim_hidden=16),
+            DigitsClustering(
+                cache_dir=str(tmp_path), num_test_sets=2, min_size=20, max_size=30, dim_hidden=16
+            ),
             "isab16-pma",
         ),
     }

@@ -26,6 +26,7 @@ import errno
 import glob
 import os
 import re
+import reprlib
 import secrets
 import socket
 from collections.abc import Callable, Iterator
@@ -38,16 +39,35 @@ __all__ = ["WriteError", "atomic_path", "atomic_write", "os_error_message", "sho
 SHORT = 200
 
 
-def short(value: object, limit: int = SHORT) -> str:
+def short(value: object, limit: int = SHORT, *, quote: bool = True) -> str:
     """``repr(value)`` cut to ``limit`` characters (with the full length), for error messages.
+
+    ``quote=False`` takes a string as it is (another error's message quoted inside ours).
 
     >>> short("x" * 1000, 10)
     "'xxxxxxxx... (1002 characters)"
+    >>> short("points contain NaN", quote=False)
+    'points contain NaN'
     """
-    text = repr(value)
+    if isinstance(value, str) and not quote:
+        text = value
+    elif isinstance(value, (str, bytes, float, bool, type(None))):
+        text = repr(value)
+    elif isinstance(value, int):  # repr refuses integers of more than 4300 digits
+        return repr(value) if value.bit_length() < 600 else f"an integer of {value.bit_length()} bits"
+    else:
+        # Containers are shown a few levels deep: never expanded whole, since YAML aliases can make a
+        # 300-byte file a value whose full repr has hundreds of millions of characters.
+        text = _SHORT_REPR.repr(value)
+        return text if len(text) <= limit else f"{text[: limit - 1]}..."
     if len(text) <= limit:
         return text
     return f"{text[: limit - 1]}... ({len(text)} characters)"
+
+
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel = 3
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = _SHORT_REPR.maxlong = SHORT
 
 
 class WriteError(OSError):

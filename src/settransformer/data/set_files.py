@@ -195,10 +195,11 @@ def _mask(path: Path, mask: Any, shape: tuple[int, ...]) -> np.ndarray | None:
     if mask is None:
         return None
     mask = np.asarray(mask)
-    if mask.dtype != np.bool_:
-        if not np.issubdtype(mask.dtype, np.integer) or not np.isin(mask, (0, 1)).all():
-            raise ValueError(f"{path}: mask: expected bool (True = real element), got dtype {mask.dtype}")
-        mask = mask.astype(bool)
+    if mask.dtype != np.bool_:  # refused, not converted, as the models refuse it (nn.validation)
+        raise ValueError(
+            f"{path}: mask: expected a bool array, True for real elements, got dtype {mask.dtype} "
+            "(if 1 marks real elements, store mask.astype(bool))"
+        )
     if mask.shape != shape:
         raise ValueError(f"{path}: mask: expected shape {shape} to match x, got {mask.shape}")
     return mask

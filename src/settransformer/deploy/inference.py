@@ -51,6 +51,7 @@ __all__ = [
     "jsonl_lines",
     "per_element_output",
     "predict",
+    "top_labels",
     "write_outputs",
 ]
 
@@ -141,6 +142,33 @@ def _to_tensor(s: Any, dtype: torch.dtype) -> Tensor:
     return torch.tensor(np.asarray(s), dtype=dtype)  # a copy: memmaps are read-only
 
 
+def _shown(model: nn.Module) -> str:
+    """How messages name ``model``: its class, or the model inside a private wrapper class."""
+    name = type(model).__name__
+    if not name.startswith("_"):
+        return name
+    inner = getattr(model, "model", None)
+    return f"the wrapped {_shown(inner)}" if isinstance(inner, nn.Module) else "this model"
+
+
+def top_labels(outputs: Sequence[Tensor], classes: Sequence[Any]) -> list[Any]:
+    """The class of each set's highest output: ``classes[argmax]`` per output of
+    ``(len(classes),)`` values (any leading size-1 dimensions, e.g. ``(1, C)``, are fine).
+
+    Example:
+        >>> top_labels([torch.tensor([0.1, 2.0]), torch.tensor([[3.0, -1.0]])], ["cat", "dog"])
+        ['dog', 'cat']
+    """
+    labels = []
+    for i, out in enumerate(outputs):
+        if out.numel() != len(classes):
+            raise ValueError(
+                f"outputs[{i}]: expected one value per class ({len(classes)}), got shape {tuple(out.shape)}"
+            )
+        labels.append(classes[int(out.reshape(-1).argmax())])
+    return labels
+
+
 def _bar(total: int, enabled: bool) -> Any:
     if not enabled:
         return contextlib.nullcontext(None)
@@ -183,7 +211,8 @@ def predict(
         check_positive("chunk_size", chunk_size)
         if "chunk_size" not in inspect.signature(model.forward).parameters:
             raise ValueError(
-                f"chunk_size: {type(model).__name__} has no chunked forward (SetTransformer and DeepSets do)"
+                f"chunk_size: {_shown(model)} has no chunked forward (SetTransformer and DeepSets have "
+                "one); leave chunk_size out to evaluate each set whole"
             )
     if len(sets) == 0:
         return []
@@ -249,11 +278,16 @@ def _nested(a: np.ndarray) -> Any:
     return np.array(values, dtype=np.float64).reshape(a.shape).tolist()
 
 
-def jsonl_lines(ids: Sequence[Any], outputs: Sequence[Tensor]) -> Iterator[str]:
-    """``{"set": id, "output": [...]}`` per set (no newline); NaN and inf are written as
-    ``NaN`` / ``Infinity``, which Python's json reads."""
-    for set_id, out in zip(ids, outputs):
-        yield json.dumps({"set": set_id, "output": _nested(out.numpy())})
+def jsonl_lines(
+    ids: Sequence[Any], outputs: Sequence[Tensor], *, labels: Sequence[Any] | None = None
+) -> Iterator[str]:
+    """``{"set": id, "output": [...]}`` per set (no newline), with ``"label"`` when ``labels`` are
+    given; NaN and inf are written as ``NaN`` / ``Infinity``, which Python's json reads."""
+    for i, (set_id, out) in enumerate(zip(ids, outputs)):
+        record: dict[str, Any] = {"set": set_id, "output": _nested(out.numpy())}
+        if labels is not None:
+            record["label"] = labels[i]
+        yield json.dumps(record)
 
 
 def _column_names(shape: tuple[int, ...]) -> list[str]:
@@ -262,17 +296,24 @@ def _column_names(shape: tuple[int, ...]) -> list[str]:
     return ["output_" + "_".join(map(str, idx)) for idx in itertools.product(*(range(n) for n in shape))]
 
 
-def _write_csv(f: IO[str], ids: Sequence[Any], arrays: list[np.ndarray], per_element: bool) -> None:
+def _write_csv(
+    f: IO[str],
+    ids: Sequence[Any],
+    arrays: list[np.ndarray],
+    per_element: bool,
+    labels: Sequence[Any] | None = None,
+) -> None:
     w = csv.writer(f, lineterminator="\n")
     inner = arrays[0].shape[1:] if per_element else arrays[0].shape
-    w.writerow(["set", *(["element"] if per_element else []), *_column_names(inner)])
-    for set_id, a in zip(ids, arrays):
-        cell = _csv_safe(set_id)
+    label = ["label"] if labels is not None else []
+    w.writerow(["set", *label, *(["element"] if per_element else []), *_column_names(inner)])
+    for i, (set_id, a) in enumerate(zip(ids, arrays)):
+        cell = [_csv_safe(set_id), *([_csv_safe(labels[i])] if labels is not None else [])]
         if per_element:
             for k, row in enumerate(a):
-                w.writerow([cell, k, *_texts(np.asarray(row))])
+                w.writerow([*cell, k, *_texts(np.asarray(row))])
         else:
-            w.writerow([cell, *_texts(a)])
+            w.writerow([*cell, *_texts(a)])
 
 
 def _csv_safe(value: Any) -> Any:
@@ -289,6 +330,7 @@ def write_outputs(
     outputs: Sequence[Tensor],
     *,
     per_element: bool = False,
+    labels: Sequence[Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write ``outputs`` (one tensor per set, as :func:`predict` returns) to ``path``.
@@ -296,17 +338,22 @@ def write_outputs(
     The format follows the suffix: ``.npy`` (``np.stack``: every output must have the same shape),
     ``.csv`` or ``.jsonl``; see the module docstring. ``per_element``: the outputs are
     ``(N_i, ...)`` per element (CSV: one row per element). The file is written to a temporary
-    name and renamed, so an interrupted write leaves no partial file.
+    name and renamed, so an interrupted write leaves no partial file. ``labels``: one value per
+    set (e.g. :func:`top_labels`), written as a ``label`` column (``.csv``) or field (``.jsonl``).
     """
     p = check_output_path(path, overwrite=overwrite)
     if len(ids) != len(outputs):
         raise ValueError(f"ids, outputs: expected one id per output, got {len(ids)} and {len(outputs)}")
+    if labels is not None and len(labels) != len(outputs):
+        raise ValueError(f"labels: expected one label per output, got {len(labels)} and {len(outputs)}")
     arrays = [o.detach().cpu().numpy() for o in outputs]
     shapes = {a.shape[1:] if per_element else a.shape for a in arrays}
     if len(shapes) > 1:
         what = "element" if per_element else "set"
         raise ValueError(f"outputs: expected one shape per {what}, got {sorted(shapes)}")
     suffix = p.suffix.lower()
+    if suffix == ".npy" and labels is not None:
+        raise ValueError(f"{p}: labels need .csv or .jsonl (.npy holds only the outputs)")
     if suffix == ".npy":
         if len({a.shape for a in arrays}) > 1:
             raise ValueError(
@@ -316,10 +363,13 @@ def write_outputs(
         stacked = np.stack(arrays) if arrays else np.zeros((0,), np.float32)
         atomic_write(p, lambda f: np.save(f, stacked, allow_pickle=False))
     elif suffix == ".csv":
-        atomic_write(p, _text_writer(lambda f: _write_csv(f, ids, arrays, per_element)))
+        atomic_write(p, _text_writer(lambda f: _write_csv(f, ids, arrays, per_element, labels)))
     else:
         atomic_write(
-            p, _text_writer(lambda f: f.writelines(line + "\n" for line in jsonl_lines(ids, outputs)))
+            p,
+            _text_writer(
+                lambda f: f.writelines(line + "\n" for line in jsonl_lines(ids, outputs, labels=labels))
+            ),
         )
     return p
 

@@ -461,6 +461,9 @@ class SAB(nn.Module):
 
 #: Rows (over the whole batch) per block of an ISAB's ``mab1`` when autograd is off.
 ROW_BLOCK = 2048
+#: Fewest rows per set in such a block: with more sets than ``ROW_BLOCK / MIN_BLOCK_ROWS`` the
+#: whole batch goes through at once.
+MIN_BLOCK_ROWS = 512
 
 
 class ISAB(nn.Module):
@@ -523,17 +526,21 @@ class ISAB(nn.Module):
         CPU cache instead of streaming ``(B, N, dim)`` tensors through memory (about 2x faster at
         N = 100k). The blocks go through :class:`InducedRows`, which folds ``H`` into the
         projections once and reuses its buffers from block to block. With autograd the whole set
-        goes through at once (backward needs every row).
+        goes through at once (backward needs every row), as it does for a batch of many sets
+        (blocks of fewer than :data:`MIN_BLOCK_ROWS` rows per set) and when :class:`InducedRows`
+        has no fast path (no output projection, say).
         """
         h = self.induce(x, mask)
         b, n = x.shape[:2]
         block = max(1, ROW_BLOCK // max(b, 1))
         # tracers and compilers see one graph: no Python loop over a size that varies between calls
         tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
-        if tracing or torch.is_grad_enabled() or n <= block:
+        rows = None if tracing or torch.is_grad_enabled() or n <= block else InducedRows(self.mab1, h)
+        # Blocks of fewer than MIN_BLOCK_ROWS rows per set are strided slices of many sets: copying
+        # them in and out costs more than the cache saves (3x slower at B = 64, N = 100).
+        if rows is None or not rows.fast or block < MIN_BLOCK_ROWS:
             return zero_padding(self.mab1.forward_unchecked(x, h, None), mask)
 
-        rows = InducedRows(self.mab1, h)
         first = rows(x[:, :block])
         out = first.new_empty(b, n, first.shape[-1])
         out[:, :block] = first

@@ -137,6 +137,8 @@ class Task(ABC):
         default_model: optional, the model ``settransformer train`` builds without ``--model``.
         demo_models: optional, the rows ``settransformer demo`` trains (default: every row); a
             subset that keeps the table's headline comparison where the whole table is slow.
+        user_data: the task trains on the user's own file (no data of its own), so
+            ``settransformer demo`` leaves it out unless asked for.
 
     Instances hold the task options (data sizes, ranges...): ``Task(**options)`` overlays the
     given options on :meth:`default_options` and rejects unknown names.
@@ -150,6 +152,7 @@ class Task(ABC):
     model_descriptions: ClassVar[dict[str, str]] = {}
     default_model: ClassVar[str | None] = None
     demo_models: ClassVar[tuple[str, ...] | None] = None
+    user_data: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         defaults = self.default_options()

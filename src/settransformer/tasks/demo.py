@@ -28,9 +28,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..training.config import TrainConfig
+from . import available_tasks
 from .runs import RunError, build_task, reproduce, task_class, train_run
 
-__all__ = ["run_demo"]
+__all__ = ["demo_tasks", "run_demo"]
 
 # Wall seconds of a task's whole quick table on one core (measured with `demo --jobs 1`): the
 # order in which jobs start. Unknown tasks go first.
@@ -43,6 +44,25 @@ _QUICK_SECONDS = {
     "max-regression": 38,
     "set-anomaly": 36,
 }
+
+
+def demo_tasks() -> list[str]:
+    """The tasks ``settransformer demo`` runs by default: every available one that brings its own
+    data (tasks on a user's file, ``user_data``, are left out).
+
+    Example:
+        >>> "max-regression" in demo_tasks(), "set-classification" in demo_tasks()
+        (True, False)
+    """
+    out = []
+    for name in available_tasks():
+        try:
+            if task_class(name).user_data:
+                continue
+        except RunError:  # a missing dependency: kept, so the demo says why it is skipped
+            pass
+        out.append(name)
+    return out
 
 
 def _quick_config(name: str, *, device: str, steps: int | None, progress: bool) -> TrainConfig:

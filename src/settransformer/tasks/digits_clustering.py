@@ -6,7 +6,7 @@ with scikit-learn, so nothing is downloaded), or on the user's own features (``f
 see :mod:`settransformer.data.features`).
 
 Data: the images are split once (``split_seed``, stratified, ``test_fraction``) into disjoint
-training and test images; features are standardised (``standardise="global"``: centred and
+training and test images; features are standardised (``standardize="global"``: centred and
 divided by one scalar std, the default; ``"feature"``: per feature) and optionally reduced by PCA
 (``pca``), both fitted on the training images only. A set is ``num_clusters`` random classes and
 ``n ~ U{min_size..max_size}`` images drawn from those classes without replacement (with
@@ -147,7 +147,7 @@ class DigitsClustering(Task):
     """Cluster sets of digit images (4 random classes a set) with one forward pass.
 
     Options (see :meth:`default_options`): ``num_clusters``, set sizes ``min_size``/``max_size``,
-    ``pca`` (number of principal components, ``None`` = all features), ``standardise``
+    ``pca`` (number of principal components, ``None`` = all features), ``standardize``
     (``"global"`` or ``"feature"``), ``test_fraction`` and ``split_seed`` of the fixed image
     split, ``num_test_sets``/``test_seed`` of the test sets, ``features_path`` (``None`` = sklearn
     digits), ``dim_hidden`` of the model, ``baseline_n_init`` (restarts of k-means and EM) and
@@ -177,9 +177,9 @@ class DigitsClustering(Task):
             raise ValueError(f"{self.name}: max_size ({o['max_size']}) is below min_size ({o['min_size']})")
         if o["pca"] is not None and (not isinstance(o["pca"], int) or o["pca"] < 1):
             raise ValueError(f"{self.name}: option pca expected a positive integer or None, got {o['pca']!r}")
-        if o["standardise"] not in ("global", "feature"):
+        if o["standardize"] not in ("global", "feature"):
             raise ValueError(
-                f"{self.name}: option standardise expected 'global' or 'feature', got {o['standardise']!r}"
+                f"{self.name}: option standardize expected 'global' or 'feature', got {o['standardize']!r}"
             )
         if not 0 < o["test_fraction"] < 1:
             raise ValueError(
@@ -196,7 +196,7 @@ class DigitsClustering(Task):
             "min_size": 100,
             "max_size": 300,
             "pca": 16,
-            "standardise": "global",
+            "standardize": "global",
             "test_fraction": 0.5,
             "split_seed": 0,
             "num_test_sets": 200,
@@ -254,7 +254,7 @@ class DigitsClustering(Task):
                     f"of {source.source}"
                 )
             tr, te = _split(source.labels, o["test_fraction"], o["split_seed"])
-            mean, std, axes = _fit_projection(source.features[tr], o["pca"], o["standardise"] == "feature")
+            mean, std, axes = _fit_projection(source.features[tr], o["pca"], o["standardize"] == "feature")
             axes = np.eye(len(mean), dtype=mean.dtype) if axes is None else axes
             train_x, test_x = (
                 (((source.features[idx] - mean) / std) @ axes).astype(np.float32) for idx in (tr, te)

@@ -291,6 +291,7 @@ class _LabelledSetTask(Task):
         "deepsets": "DeepSets: row-wise MLP x num_layers, pooling (mean/sum/max), MLP",
     }
     option_help: ClassVar[dict[str, str]] = _OPTION_HELP
+    user_data: ClassVar[bool] = True
     #: Targets are class ids (classification) or standardised numbers (regression).
     classify: ClassVar[bool]
 

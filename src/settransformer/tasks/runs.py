@@ -80,11 +80,16 @@ def task_class(name: str) -> type[Task]:
         raise RunError(str(e)) from None
 
 
+#: Other spellings of task options, accepted where a user's file (a config, an older run) may hold them.
+OPTION_ALIASES = {"pool": "pooling", "standardise": "standardize"}
+
+
 def build_task(name: str, options: dict[str, Any] | None = None) -> Task:
-    """The registered task ``name`` with ``options`` over its defaults (types checked)."""
+    """The registered task ``name`` with ``options`` over its defaults (types checked); an option
+    spelled as in :data:`OPTION_ALIASES` is read as its name."""
     cls = task_class(name)
-    options = dict(options or {})
     defaults = cls.default_options()
+    options = _canonical_options(name, dict(options or {}), defaults)
     for key, value in options.items():
         if key not in defaults:
             raise RunError(
@@ -97,6 +102,17 @@ def build_task(name: str, options: dict[str, Any] | None = None) -> Task:
         return cls(**options)
     except (ValueError, TypeError) as e:
         raise RunError(f"{name}: {short(str(e))}") from None
+
+
+def _canonical_options(name: str, options: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``options`` under their names in ``defaults``, aliases renamed; both spellings is an error."""
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        canonical = key if key in defaults else OPTION_ALIASES.get(key, key)
+        if canonical in out:
+            raise RunError(f"task option {canonical!r}: {name} got it twice, once spelled {key!r}")
+        out[canonical] = value
+    return out
 
 
 def parse_option(text: str) -> tuple[str, Any]:
@@ -166,7 +182,8 @@ def build_model(task: Task, model_name: str) -> nn.Module:
     try:
         return task.build_model(model_name)
     except (ValueError, TypeError) as e:
-        raise RunError(f"{task.name}/{model_name}: cannot build the model: {short(str(e))}") from None
+        message = short(str(e), quote=False)
+        raise RunError(f"{task.name}/{model_name}: cannot build the model: {message}") from None
 
 
 def check_buildable(task: Task, model_name: str) -> None:
@@ -176,7 +193,8 @@ def check_buildable(task: Task, model_name: str) -> None:
         with torch.device("meta"):
             size = sum(p.numel() for p in task.build_model(model_name).parameters())
     except (ValueError, TypeError) as e:
-        raise RunError(f"{task.name}/{model_name}: cannot build the model: {short(str(e))}") from None
+        message = short(str(e), quote=False)
+        raise RunError(f"{task.name}/{model_name}: cannot build the model: {message}") from None
     except Exception:  # a model that cannot be built on the meta device: built for real below
         size = 0
     if size > MAX_PARAMETERS:
@@ -290,9 +308,22 @@ def new_run_dir(task: str, model: str, out: str | Path | None = None, root: str 
 LOCK_FILE = ".lock"
 
 
+#: What a run writes before its first checkpoint (besides the lock).
+_BEFORE_FIRST_CHECKPOINT = {LOCK_FILE, "config.json", "metrics.jsonl"}
+
+
 def _holds_files(folder: Path) -> bool:
-    """Whether ``folder`` holds anything besides a lock file (which a killed writer may leave)."""
-    return any(p.name != LOCK_FILE for p in folder.iterdir())
+    """Whether ``folder`` holds anything besides a lock file (which a killed writer may leave) and
+    the files of a run that never saved a checkpoint (its first write failed, or it was killed
+    before): such a run has no step to lose, so a fresh run may start over in its folder."""
+    names = {p.name for p in folder.iterdir()}
+    if not names <= _BEFORE_FIRST_CHECKPOINT or "config.json" not in names:
+        return bool(names - {LOCK_FILE})
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return True
+    return not (isinstance(config, dict) and {"task", "model", "train"} <= config.keys())
 
 
 @contextlib.contextmanager

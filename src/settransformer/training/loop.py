@@ -247,6 +247,7 @@ def train(
                 finished = True  # every rank stops at this step: leave the process group together
                 raise Interrupted(signum, run.step, saved)
             lr = run.train_step()
+            run.estimate()
             step = run.step
             evaluate = step == config.steps or (config.eval_every > 0 and step % config.eval_every == 0)
             if evaluate or step % config.log_every == 0:
@@ -312,6 +313,19 @@ def _set_up(
     return run
 
 
+#: Steps timed for the estimate of a run's duration that :func:`train` prints with progress shown.
+ESTIMATE_STEPS = 5
+
+
+def _duration(seconds: float) -> str:
+    """``"40 s"``, ``"3 min"`` or ``"2.5 h"``."""
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 90 * 60:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 @dataclass(eq=False)
 class _Run:
     """A training run in progress: what it trains and with what, where it writes, and how far it got.
@@ -350,6 +364,9 @@ class _Run:
     #: Print a plain progress line every this many steps instead of the bar (0: the bar).
     plain_every: int = 0
     start: float = 0.0
+    #: ``(step, time)`` where the timing of the steps for :meth:`estimate` began; ``None`` before.
+    timed_from: tuple[int, float] | None = None
+    estimated: bool = False
 
     def __post_init__(self) -> None:
         self.net = self.model
@@ -436,6 +453,32 @@ class _Run:
         self.loss_sum += loss.detach().float()  # no .item() here: one device sync per logged line
         self.loss_count += 1
         return lr
+
+    def estimate(self) -> None:
+        """With progress shown, print once how long the whole run should take on this machine,
+        timed over the :data:`ESTIMATE_STEPS` steps after this process's first (which pays one-off
+        costs: allocations, kernel choices)."""
+        if self.estimated or not (self.config.progress and self.ctx.is_main):
+            return
+        if self.ctx.device.type == "cuda":  # steps run asynchronously: time finished work
+            torch.cuda.synchronize(self.ctx.device)
+        now = time.perf_counter()
+        if self.timed_from is None:
+            self.timed_from = (self.step, now)
+            return
+        first, began = self.timed_from
+        timed, left = self.step - first, self.config.steps - self.step
+        if timed < ESTIMATE_STEPS and left > 0:
+            return
+        self.estimated = True
+        if left == 0:
+            return
+        total = self.elapsed() + (now - began) / timed * left
+        self.bar.write(
+            f"{self.task.name}: {self.config.steps} steps, about {_duration(total)} on this machine "
+            f"(measured from {timed} steps; evaluations add to it)",
+            file=sys.stderr,
+        )
 
     def log(self, lr: float, evaluate: bool) -> None:
         """Log a line: the mean loss since the last one (over every rank), the learning rate, and on
