@@ -9,7 +9,8 @@
 #   OFFICIAL=/path/to/set_transformer OUT=/tmp/out bash benchmarks/cuda_check.sh
 # OFFICIAL: a copy of github.com/juho-lee/set_transformer (the official column; skipped without it).
 # OUT: where the results go (default benchmarks/out/cuda); peers-cuda.md there joins both tables.
-# PARTS: "check peers" (default), or one of them. Time limits: (a) 200 s, (b) 170 s per dtype.
+# PARTS: "check peers" (default), or one of them. Time limits: CHECK_S for (a) (default 200 s),
+# PEERS_S for (b), per dtype (default 170 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -28,7 +29,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 
 if [[ " $PARTS " == *" check "* ]]; then
 echo "== (a) correctness on CUDA =="
-timeout 200 "$PY" - "$OUT/cuda_check.json" <<'EOF' || status=1
+timeout "${CHECK_S:-200}" "$PY" - "$OUT/cuda_check.json" <<'EOF' || status=1
 import json
 import sys
 import time
@@ -204,7 +205,7 @@ else
   echo "OFFICIAL not set or without modules.py: the official column is skipped"
 fi
 for dtype in float32 bfloat16; do
-  timeout 170 "$PY" benchmarks/peers.py --device cuda --dtype "$dtype" "${official[@]}" --repeats 1 \
+  timeout "${PEERS_S:-170}" "$PY" benchmarks/peers.py --device cuda --dtype "$dtype" "${official[@]}" --repeats 1 \
     --steps 4 --budget 0.25 --max-call-s 2 --mem-limit-gb 60 --output "$OUT/peers-cuda-$dtype.md" \
     || { echo "peers.py --dtype $dtype failed or timed out" >&2; status=1; }
 done

@@ -16,6 +16,7 @@ import datetime
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import warnings
@@ -450,6 +451,12 @@ def _version_note(state: dict[str, Any]) -> str:
     return f" (written by settransformer {written}, this is {current})"
 
 
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([^\]]*)\]\) from checkpoint, "
+    r"the shape in current model is torch\.Size\(\[([^\]]*)\]\)\.?"
+)
+
+
 def _misfit(model: nn.Module, weights: dict[str, Any]) -> str:
     """Why ``weights`` do not load into ``model``: missing, unexpected and reshaped entries.
 
@@ -463,14 +470,15 @@ def _misfit(model: nn.Module, weights: dict[str, Any]) -> str:
             break
         except RuntimeError as e:  # shapes that do not fit: torch names them, one per line
             lines = [line.strip() for line in str(e).splitlines()]
-            found = [line.removeprefix("size mismatch for ") for line in lines if "size mismatch" in line]
+            found = [_SIZE_MISMATCH.sub(r"\1 (\2) in the file, (\3) in the model", line) for line in lines]
+            found = [line for line in found if line.endswith("in the model")]
             if not found:
                 return lines[-1] if lines else "cannot be copied"
             reshaped += found
-            weights = {k: v for k, v in weights.items() if not any(r.startswith(f"{k}:") for r in found)}
+            weights = {k: v for k, v in weights.items() if not any(r.startswith(f"{k} (") for r in found)}
     else:
         return "; ".join(reshaped)
-    dropped = {r.split(":", 1)[0] for r in reshaped}
+    dropped = {r.split(" (", 1)[0] for r in reshaped}
     missing = [k for k in result.missing_keys if k not in dropped]
     unexpected = list(result.unexpected_keys)
     parts = []
