@@ -44,6 +44,14 @@ def test_path_choice_follows_shape():
     assert MAB(128, 128, 128, 4, out_proj=False).choose_form(10_000, 32) != "induced"  # needs W^O to fold
 
 
+def test_path_choice_on_a_gpu_is_the_standard_form_unless_pinned():
+    mab = MAB(128, 128, 128, 4)
+    assert mab.choose_form(4, 10_000, "cuda") == "standard"
+    assert mab.choose_form(10_000, 32, "cuda") == "standard"
+    mab.form = "pooled"
+    assert mab.choose_form(4, 10_000, "cuda") == "pooled"
+
+
 def test_paths_agree_in_gradient():
     torch.manual_seed(1)
     mab = MAB(8, 8, 8, 2).double()

@@ -149,10 +149,6 @@ def test_predict_on_raw_inputs_reproduces_eval_and_onnx_agrees(
     assert len(outputs) == len(sets)
     assert metric(sets, targets, outputs, task) == pytest.approx(measured[task.metric], abs=1e-4)
 
-    if name == "pointcloud":
-        # The exported graph keeps the branch traced on the export's example sets (no subsampling):
-        # ONNX Runtime takes clouds already cut to num_points (see docs/guides/deployment.md).
-        return
     onnx_file = tmp_path / "model.onnx"
     _main(capsys, "export", str(run), "--format", "onnx", "--output", str(onnx_file))
     import onnxruntime as ort
@@ -163,6 +159,41 @@ def test_predict_on_raw_inputs_reproduces_eval_and_onnx_agrees(
     with torch.no_grad():
         want = torch_model(x, mask).numpy()
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_pointcloud_export_subsamples_clouds_of_any_size(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The exported preprocessing keeps every n/P-th real point of clouds larger than num_points (the
+    export traces sets smaller than it) and whole smaller clouds, in ONNX and TorchScript alike."""
+    run = tmp_path / "run"
+    _main(capsys, "train", "pointcloud", "--model", "isab-pma", "--steps", "2", "--batch-size", "8",
+          "--out", str(run), "--no-progress", "--set", "dim_hidden=8", "--set", "num_heads=2",
+          "--set", "num_points=16", "--set", "test_size=12", "--set", "standardize=train")  # fmt: skip
+    _, torch_model, _ = load_run(run, device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for b, n in [(3, 40), (2, 16), (4, 17), (2, 9), (1, 100)]:
+        x = torch.randn(b, n, 3, generator=gen) * 30 + 100
+        mask = torch.rand(b, n, generator=gen) < torch.linspace(0.2, 1.0, b)[:, None]
+        mask[:, 0] = True
+        batches.append((x.masked_fill(~mask[..., None], 1e4), mask))
+    with torch.no_grad():
+        wants = [torch_model(x, mask) for x, mask in batches]
+    import onnxruntime as ort
+
+    for fmt in ("onnx", "torchscript"):
+        path = tmp_path / f"model.{fmt}"
+        _main(capsys, "export", str(run), "--format", fmt, "--output", str(path))
+        if fmt == "onnx":
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            gots = [session.run(["output"], {"x": x.numpy(), "mask": m.numpy()})[0] for x, m in batches]
+        else:
+            traced = torch.jit.load(str(path))
+            with torch.no_grad():
+                gots = [traced(x, m).numpy() for x, m in batches]
+        for got, want in zip(gots, wants, strict=True):
+            np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=1e-4)
 
 
 def test_kernel_regression_takes_queries_so_predict_refuses_it(

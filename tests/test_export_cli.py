@@ -163,8 +163,8 @@ def test_export_uses_the_large_set_form_of_each_attention(model: SetTransformer)
         chosen: list[str] = []
         for m in mabs:
 
-            def path(nq: int, nk: int, _m: MAB = m) -> str:
-                chosen.append(MAB.choose_form(_m, nq, nk))
+            def path(nq: int, nk: int, device_type: str = "cpu", _m: MAB = m) -> str:
+                chosen.append(MAB.choose_form(_m, nq, nk, device_type))
                 return chosen[-1]
 
             m.__dict__["choose_form"] = path

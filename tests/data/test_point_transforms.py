@@ -12,6 +12,7 @@ from settransformer.data.point_transforms import (
     Standardizer,
     augment,
     fixed_indices,
+    fixed_subsample,
     standardize_per_cloud,
     subsample,
 )
@@ -36,6 +37,41 @@ def test_fixed_subsample_with_mask_takes_evenly_spaced_real_points() -> None:
     out, m = subsample(x, 6, mask)
     assert m is not None and m.sum(1).tolist() == [6, 4]
     assert out[1, :4, 0].tolist() == [9.0, 11.0, 12.0, 15.0] and out[1, 4:].abs().sum() == 0
+
+
+def _every_kth_real_point(x: torch.Tensor, mask: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed rule cloud by cloud in plain indexing: the reference the tensor version must match."""
+    size = min(p, x.shape[1])
+    out, keep = torch.zeros(x.shape[0], size, x.shape[2]), torch.zeros(x.shape[0], size, dtype=torch.bool)
+    for b in range(x.shape[0]):
+        real = x[b][mask[b]]
+        kept = real[torch.from_numpy(fixed_indices(len(real), p))]
+        out[b, : len(kept)], keep[b, : len(kept)] = kept, True
+    return out, keep
+
+
+class _FixedSubsample(torch.nn.Module):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return fixed_subsample(x, 12, mask)
+
+
+def test_fixed_subsample_matches_the_rule_per_cloud_eager_and_traced() -> None:
+    gen = torch.Generator().manual_seed(0)
+    example = (torch.randn(2, 8, 3, generator=gen), torch.rand(2, 8, generator=gen) > 0.3)
+    traced = torch.jit.trace(_FixedSubsample(), example, check_trace=False)  # traced below num_points
+    for b, n in [(4, 40), (3, 13), (5, 12), (2, 7), (1, 1), (6, 100)]:
+        x = torch.randn(b, n, 3, generator=gen)
+        mask = torch.rand(b, n, generator=gen) < torch.linspace(0.05, 1.0, b)[:, None]  # sparse to full sets
+        mask[0] = False  # an empty set
+        x = x.masked_fill(~mask[..., None], 1e4)  # junk in the padding must not come through
+        want = _every_kth_real_point(x, mask, 12)
+        for got in (fixed_subsample(x, 12, mask), traced(x, mask)):
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (b, n)
+        eager, eager_mask = subsample(x, 12, mask)  # the same, with None for a mask of full sets
+        assert torch.equal(eager, want[0])
+        assert bool(want[1].all()) if eager_mask is None else torch.equal(eager_mask, want[1])
+    with pytest.raises(ValueError, match="num_points"):
+        fixed_subsample(x, 0, mask)
 
 
 def test_random_subsample_is_a_seeded_subset_of_real_points() -> None:

@@ -19,6 +19,7 @@ __all__ = [
     "Standardizer",
     "augment",
     "fixed_indices",
+    "fixed_subsample",
     "standardize_per_cloud",
     "subsample",
 ]
@@ -37,6 +38,45 @@ def fixed_indices(n: int, num_points: int) -> np.ndarray:
     return (np.arange(num_points) * n) // num_points
 
 
+def fixed_subsample(x: Tensor, num_points: int, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The fixed rule of :func:`subsample` for each cloud's real points, in tensor operations only.
+
+    Each cloud's real points are moved to the front in their order, then the evenly spaced ones are
+    kept: indices ``floor(j * n / num_points)`` of a cloud with ``n > num_points`` real points
+    (:func:`fixed_indices`), all ``n`` of a smaller one. No Python branch depends on the sizes or the
+    values, so a traced graph (TorchScript, ONNX) computes the same for every batch and set size.
+
+    Args:
+        x: ``(B, N, D)`` clouds; mask: ``(B, N)`` bool, True = real point.
+        num_points: points to keep.
+
+    Returns:
+        ``(x, mask)``: ``x: (B, P, D)`` with ``P = min(num_points, N)``, padded rows zero; ``mask: (B, P)``,
+        ``mask[b, j] = j < min(n_b, P)``.
+
+    Example:
+        >>> x = torch.arange(8.0).view(1, 8, 1)
+        >>> mask = torch.tensor([[True, False, True, True, False, True, True, True]])
+        >>> out, m = fixed_subsample(x, 3, mask)  # real points 0, 2, 3, 5, 6, 7: indices 0, 2, 4
+        >>> out[0, :, 0].tolist(), m.tolist()
+        ([0.0, 3.0, 6.0], [[True, True, True]])
+    """
+    if num_points < 1:
+        raise ValueError(f"num_points: expected a positive integer, got {num_points}")
+    real = mask.to(torch.long)
+    position = torch.ones_like(real).cumsum(1) - 1  # (B, N): 0 .. N-1, whatever N is at run time
+    counts = real.sum(1, keepdim=True)  # (B, 1)
+    # rank of each point once real points come first (both groups in order): a permutation of 0 .. N-1
+    rank = torch.where(mask, real.cumsum(1) - 1, counts + (1 - real).cumsum(1) - 1)
+    order = torch.zeros_like(position).scatter(1, rank, position)  # order[:, rank] = position
+    j = position[:, :num_points]  # (B, P): slicing clamps to N at run time
+    src = torch.where(counts > num_points, (j * counts) // num_points, j)
+    idx = order.gather(1, src)
+    out = x.gather(1, idx[..., None].expand(-1, -1, x.shape[2]))
+    new_mask = j < counts
+    return out.masked_fill(~new_mask[..., None], 0.0), new_mask
+
+
 def subsample(
     x: Tensor, num_points: int, mask: Tensor | None = None, generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor | None]:
@@ -46,32 +86,35 @@ def subsample(
         x: ``(B, N, D)`` clouds; mask: ``(B, N)`` bool or None.
         num_points: points to keep; clouds with fewer real points keep them all (and get padding).
         generator: draws the random subsets; ``None`` selects the fixed every-k-th rule of
-            :func:`fixed_indices`, applied to each cloud's real points in order.
+            :func:`fixed_indices`, applied to each cloud's real points in order
+            (:func:`fixed_subsample`).
 
     Returns:
-        ``(x, mask)`` with ``x: (B, P, D)``, ``P = min(num_points, N)``; ``mask`` is None when every
-        cloud has ``P`` real points.
+        ``(x, mask)`` with ``x: (B, P, D)``, ``P = min(num_points, N)``, real points first; ``mask`` is
+        None when every cloud has ``P`` real points.
+
+    Example:
+        >>> x = torch.arange(10.0).view(1, 10, 1)
+        >>> out, mask = subsample(x, 5)  # every 2nd point
+        >>> out[0, :, 0].tolist(), mask
+        ([0.0, 2.0, 4.0, 6.0, 8.0], None)
     """
     b, n, d = x.shape
-    if mask is None and generator is None:
-        return x[:, torch.from_numpy(fixed_indices(n, num_points))], None
-    p = min(num_points, n)
-    real = torch.ones(b, n, dtype=torch.bool) if mask is None else mask.cpu()
-    counts = real.sum(1, keepdim=True)  # (B, 1)
     if generator is None:
-        order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)  # real points first, in order
-        j = torch.arange(p)[None, :]
-        src = torch.where(counts >= p, (j * counts) // p, j).clamp(max=n - 1)
-        idx = order.gather(1, src)
+        if mask is None:
+            return x[:, torch.from_numpy(fixed_indices(n, num_points)).to(x.device)], None
+        out, new_mask = fixed_subsample(x, num_points, mask)
     else:
+        p = min(num_points, n)
+        real = torch.ones(b, n, dtype=torch.bool) if mask is None else mask.cpu()
         keys = torch.rand(b, n, generator=generator).masked_fill(~real, 2.0)  # padding sorts last
-        idx = keys.argsort(dim=1)[:, :p]
-    idx = idx.to(x.device)
-    out = x.gather(1, idx[..., None].expand(-1, -1, d))
-    new_mask = (torch.arange(p)[None, :] < counts).to(x.device)
+        idx = keys.argsort(dim=1)[:, :p].to(x.device)
+        out = x.gather(1, idx[..., None].expand(-1, -1, d))
+        new_mask = (torch.arange(p)[None, :] < real.sum(1, keepdim=True)).to(x.device)
+        out = out.masked_fill(~new_mask[..., None], 0.0)
     if bool(new_mask.all()):
         return out, None
-    return out.masked_fill(~new_mask[..., None], 0.0), new_mask
+    return out, new_mask
 
 
 def _masked_moments(z: Tensor, mask: Tensor | None, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:

@@ -294,15 +294,21 @@ class MAB(nn.Module):
         self._form = value if value is None or isinstance(value, str) else cast(tuple[Form, ...], pinned)
         self._form_calls = 0
 
-    def choose_form(self, nq: int, nk: int) -> Form:
+    def choose_form(self, nq: int, nk: int, device_type: str = "cpu") -> Form:
         """The form of the attention for ``nq`` queries and ``nk`` keys: the pinned :attr:`form`, or
-        the cheapest exact one (:func:`~settransformer.nn.attention.cheapest_form`)."""
+        the cheapest exact one (:func:`~settransformer.nn.attention.cheapest_form`) on a CPU.
+
+        The exact rewrites save multiply-adds, which is what a CPU's time follows. On a GPU the
+        time at these sizes follows kernel launches and memory traffic, where the standard form
+        (projections, then the fused flash / memory-efficient kernel) is the fastest
+        (``benchmarks/peers.py --device cuda``), so an unpinned block on any other device uses it.
+        """
         if self._size_log is not None:
             self._size_log.append((nq, nk))
         if self.score is not None or self.top_k is not None:
             return "standard"
         if self._form is None:
-            return self._cheapest(nq, nk)
+            return self._cheapest(nq, nk) if device_type == "cpu" else "standard"
         if isinstance(self._form, str):
             return self._form
         self._form_calls += 1
@@ -333,7 +339,9 @@ class MAB(nn.Module):
         say) skip the projections; otherwise the form of :meth:`choose_form` is used.
         """
         h, p = self.num_heads, self.dropout if self.training else 0.0
-        form = "standard" if projected is not None else self.choose_form(q.shape[1], kv.shape[1])
+        form = (
+            "standard" if projected is not None else self.choose_form(q.shape[1], kv.shape[1], kv.device.type)
+        )
         qn, kvn = (self.norm_q(q), self.norm_kv(kv)) if self.norm == "pre" else (q, kv)
         qp: Tensor | None = None
         if form == "pooled":
@@ -781,8 +789,11 @@ class InducedRows:
         plain = mab.score is None and mab.top_k is None
         # out= variants do not autocast: under autocast the block's own code (which does) runs
         autocast = torch.is_autocast_enabled(h.device.type)
+        # The fast path keeps a CPU's caches warm and avoids page faults; a GPU gains nothing from
+        # it, and its half-precision layer norm keeps float32 statistics that the buffers are not.
         self.fast = (
             plain
+            and h.device.type == "cpu"
             and induced_is_cheaper(h.shape[1], mab.form_sizes())  # else the standard form is cheaper
             and not dropout
             and not torch.is_grad_enabled()

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from ..data.digit_points import load_digit_points
 from ..data.modelnet_off import load_modelnet_off
 from ..data.point_pipeline import PreparedClouds, Preprocessing
-from ..data.point_transforms import standardize_per_cloud, subsample
+from ..data.point_transforms import fixed_subsample, standardize_per_cloud, subsample
 from ..data.pointclouds import (
     PointCloudData,
     PointSplit,
@@ -69,10 +69,13 @@ _EVAL_CHUNK = 256
 class CloudPreprocessing(Preprocessed):
     """A point-cloud network with the task's test-time preprocessing, so it takes raw clouds.
 
-    ``forward(x, mask)``: keep ``num_points`` points per cloud by the fixed rule (every ``N/P``-th
-    real point) when ``N > num_points``, standardise the first ``spatial_dims`` features (``"cloud"``:
-    each cloud by its own statistics; ``"train"``: the buffers ``clip, mean, std`` of the training
-    split; ``"none"``), then run ``model``. ``x: (B, N, D)``, ``mask: (B, N)`` -> ``model``'s output.
+    ``forward(x, mask)``: keep ``num_points`` points per cloud by the fixed rule (every ``n/P``-th
+    of its ``n`` real points when ``n > num_points``, all of them otherwise, real points first:
+    :func:`~settransformer.data.point_transforms.fixed_subsample`), standardise the first
+    ``spatial_dims`` features (``"cloud"``: each cloud by its own statistics; ``"train"``: the
+    buffers ``clip, mean, std`` of the training split; ``"none"``), then run ``model``.
+    ``x: (B, N, D)``, ``mask: (B, N)`` -> ``model``'s output. With a mask, no Python branch depends
+    on the sizes or values, so the exported graph (ONNX, TorchScript) subsamples clouds of any size.
     ``preprocessed=True`` skips the preprocessing: training batches arrive subsampled, standardised
     and augmented (in that order, as in the DeepSets code).
 
@@ -107,8 +110,11 @@ class CloudPreprocessing(Preprocessed):
     def forward(self, x: Tensor, mask: Tensor | None = None, preprocessed: bool = False) -> Tensor:
         """``x: (B, N, D)`` raw clouds, ``mask: (B, N)`` bool -> the network's output."""
         if not preprocessed:
-            if self.num_points is not None and x.shape[1] > self.num_points:
-                x, mask = subsample(x, self.num_points, mask)
+            if self.num_points is not None:
+                if mask is None:  # eager only: an export always passes a mask
+                    x, mask = subsample(x, self.num_points)
+                else:
+                    x, mask = fixed_subsample(x, self.num_points, mask)
             c = self.spatial_dims
             if self.standardize == "cloud":
                 x = standardize_per_cloud(x, mask, c)
