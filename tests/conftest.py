@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -74,3 +74,13 @@ def gather_rows(y: Tensor, perm: Tensor) -> Tensor:
 def gather() -> Callable[[Tensor, Tensor], Tensor]:
     """``gather(y, perm)``: apply to an output the permutation ``permute`` applied to the input."""
     return gather_rows
+
+
+@pytest.fixture
+def in_tmp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Run in a fresh folder (run folders land there) with one thread, restored afterwards."""
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -7,12 +7,12 @@ import argparse
 import csv
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_runner import run_cli as _run
 
 from settransformer import DeepSets, cli, save_model
 from settransformer.data.shapes import SHAPE_CLASSES
@@ -23,22 +23,7 @@ from settransformer.tasks.runs import RunError, build_task, load_run
 NAMES = ("barolo", "grignolino", "barbera")
 
 
-@pytest.fixture(autouse=True)
-def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.chdir(tmp_path)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as e:  # argparse
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+pytestmark = pytest.mark.usefixtures("in_tmp_dir")
 
 
 def _bags(count: int = 60, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:

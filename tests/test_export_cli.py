@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_runner import run_cli as _cli
 from torch import Tensor, nn
 
-from settransformer import cli
 from settransformer.deploy.export import (
     ExportError,
     _example,
@@ -254,15 +254,6 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     finally:
         torch.set_num_threads(threads)
     return root / "run"
-
-
-def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as e:  # argparse
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_exports_both_formats(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
