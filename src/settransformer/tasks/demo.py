@@ -18,6 +18,7 @@ Example (5 steps per model instead of the quick budget; ``jobs=2`` spreads the r
 from __future__ import annotations
 
 import shutil
+import sys
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from multiprocessing import get_context
@@ -151,7 +152,8 @@ def _train_in_workers(
     """Run every (task, model) of ``plans`` in ``jobs`` processes; failures go into ``tables``."""
     order = sorted(plans, key=lambda n: -_QUICK_SECONDS.get(n, 10**6))
     queue = [(name, model) for name in order for model in models[name]]
-    bar = tqdm(total=len(queue), desc="demo runs", unit="run", disable=not progress)
+    plain = progress and not sys.stderr.isatty()  # piped logs: one plain line per run, no \r updates
+    bar = tqdm(total=len(queue), desc="demo runs", unit="run", disable=not progress or plain)
     # spawn, not fork: a forked child would inherit this process's OpenMP thread pool in a broken state
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
         running: dict[Future[None], str] = {}
@@ -159,11 +161,14 @@ def _train_in_workers(
             config = plans[name][1].to_dict()
             run_dir = str(out / name / model / "seed0")
             running[pool.submit(_train_one, name, model, run_dir, config, threads)] = name
-        pending = set(running)
+        pending, finished = set(running), 0
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 bar.update(1)
+                finished += 1
+                if plain:
+                    print(f"demo runs: {finished}/{len(queue)} done", file=sys.stderr, flush=True)
                 error = future.exception()
                 if isinstance(error, (RunError, FileNotFoundError, ImportError)):
                     tables.setdefault(running[future], f"skipped: {error}")
