@@ -196,14 +196,51 @@ def test_pointcloud_export_subsamples_clouds_of_any_size(
             np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=1e-4)
 
 
-def test_kernel_regression_takes_queries_so_predict_refuses_it(
+def _predicted(capsys: pytest.CaptureFixture[str], run: Path, raw: Path) -> list[torch.Tensor]:
+    out = raw.with_suffix(".jsonl")
+    _main(capsys, "predict", str(run), "--input", str(raw), "--output", str(out), "--no-progress",
+          "--batch-size", "5")  # fmt: skip
+    return [torch.tensor(json.loads(line)["output"]) for line in out.read_text().splitlines()]
+
+
+def test_kernel_regression_predict_on_raw_inputs_and_queries_reproduces_eval(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """The context sets with their query points in one file: ``predict`` gives the Q values of each
+    set that ``eval`` scored (``mse`` against the noisy targets); export refuses the 3-input model."""
     run = tmp_path / "run"
-    _main(capsys, "train", "kernel-regression", "--model", "average", "--steps", "2", "--batch-size", "4",
-          "--out", str(run), "--no-progress", "--set", "test_sets=8",
-          "--set", "sensitivity_sets=4")  # fmt: skip
-    np.save(tmp_path / "set.npy", np.zeros((5, 2), dtype=np.float32))
-    assert cli.main(["predict", str(run), "--input", str(tmp_path / "set.npy")]) == 2
+    _main(capsys, "train", "kernel-regression", "--model", "settransformer", "--steps", "4",
+          "--batch-size", "8", "--out", str(run), "--no-progress", *[a for o in TINY for a in ("--set", o)],
+          "--set", "test_sets=24", "--set", "sensitivity_sets=4", "--set", "num_queries=6")  # fmt: skip
+    _main(capsys, "eval", str(run))
+    measured = json.loads((run / "results.json").read_text())["metrics"]
+    task, _, _ = load_run(run, device="cpu")
+    sets, targets = task.test_inputs()
+    queries = task.test_batch().extra["queries"]
+    assert queries.shape == (24, 6, 1) and targets.shape == (24, 6)
+
+    x, mask = pad_sets(sets)
+    dense = tmp_path / "dense.npz"
+    np.savez(dense, x=x.numpy(), mask=mask.numpy(), queries=queries.numpy())
+    outputs = _predicted(capsys, run, dense)
+    assert [o.shape for o in outputs] == [(6,)] * 24
+    mse = float((torch.stack(outputs) - targets).square().mean())
+    assert mse == pytest.approx(measured["mse"], abs=1e-4)
+    assert mse != pytest.approx(measured["mse_clean"], abs=1e-4)  # scored against the noisy targets
+
+    # Ragged queries, a different count per set (padded per batch): each set's values are unchanged.
+    qs = [q[: 1 + i % 6] for i, q in enumerate(queries)]
+    ragged = tmp_path / "ragged.npz"
+    np.savez(
+        ragged,
+        values=torch.cat(sets).numpy(),
+        offsets=np.cumsum([0] + [len(s) for s in sets]),
+        query_values=torch.cat(qs).numpy(),
+        query_offsets=np.cumsum([0] + [len(q) for q in qs]),
+    )
+    for i, got in enumerate(_predicted(capsys, run, ragged)):
+        torch.testing.assert_close(got, outputs[i][: 1 + i % 6], atol=1e-5, rtol=1e-5)
+
+    assert cli.main(["export", str(run), "--format", "onnx", "--output", str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "forward(x, mask)" in err
+    assert len(err.splitlines()) == 1 and "model(x, mask)" in err

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from settransformer import SAB, DeepSets, SetTransformer, cli
-from settransformer.data.set_files import read_inputs, read_sets
+from settransformer.data.set_files import read_inputs, read_queries, read_sets
 from settransformer.deploy.inference import per_element_output, predict, write_outputs
 from settransformer.tasks import get_task
 from settransformer.tasks.runs import load_run
@@ -261,6 +261,48 @@ def test_models_with_other_inputs_are_refused() -> None:
     for name in ("average", task.model_names[-1]):
         with pytest.raises(ValueError, match=r"predict supports models with forward\(x, mask\)"):
             predict(task.build_model(name), _sets(dim=2), progress=False)
+
+
+def test_models_with_queries_get_each_sets_queries_padded_and_cut() -> None:
+    """A refusal names where the queries go; with ``queries`` each set's ``Q_i`` values equal the
+    model run on that set and its queries alone."""
+    task = get_task("kernel-regression")(dim_hidden=8, num_heads=2)
+    model = task.build_model("settransformer").eval()
+    with pytest.raises(ValueError, match="'queries'"):
+        predict(model, _sets(dim=2), progress=False)
+    gen = torch.Generator().manual_seed(0)
+    sets = [torch.randn(n, 2, generator=gen) for n in (7, 0, 30, 3, 12)]
+    queries = [torch.rand(q, 1, generator=gen) for q in (4, 2, 9, 1, 5)]
+    outs = predict(model, sets, queries=queries, batch_size=3, progress=False)
+    with torch.no_grad():
+        for s, q, out in zip(sets[::2], queries[::2], outs[::2], strict=True):  # non-empty sets
+            torch.testing.assert_close(out, model(s[None], None, q[None])[0], atol=1e-5, rtol=1e-5)
+    assert [o.shape for o in outs] == [(4,), (2,), (9,), (1,), (5,)]
+    with pytest.raises(ValueError, match=r"queries: expected one query set per set \(5\), got 4"):
+        predict(model, sets, queries=queries[:4], progress=False)
+
+
+def test_read_queries_dense_ragged_and_errors(tmp_path: Path) -> None:
+    q = np.arange(12, dtype=np.float64).reshape(2, 6, 1)
+    np.savez(tmp_path / "dense.npz", x=np.zeros((2, 3, 2)), queries=q)
+    np.savez(tmp_path / "ragged.npz", values=np.zeros((4, 2)), offsets=[0, 1, 4],
+             query_values=q.reshape(12, 1), query_offsets=[0, 5, 12])  # fmt: skip
+    dense = read_queries([tmp_path / "dense.npz"])
+    assert [a.dtype for a in dense] == [np.float32] * 2 and np.array_equal(np.stack(dense), q)
+    ragged = read_queries([tmp_path / "ragged.npz", tmp_path / "dense.npz"])
+    assert [a.shape for a in ragged] == [(5, 1), (7, 1), (6, 1), (6, 1)]
+    np.savez(tmp_path / "none.npz", x=np.zeros((2, 3, 2)))
+    np.savez(tmp_path / "both.npz", queries=q, query_values=q[0], query_offsets=[0, 6])
+    np.savez(tmp_path / "nan.npz", queries=np.full((1, 2, 1), np.nan))
+    np.save(tmp_path / "set.npy", np.zeros((3, 2)))
+    for name, message in [
+        ("none.npz", "expected 'queries'.*found x"),
+        ("both.npz", "expected 'queries'"),
+        ("nan.npz", "queries of set 0: element 0, feature 0 is nan"),
+        ("set.npy", "need an .npz or .h5 file"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            read_queries([tmp_path / name])
 
 
 # -- writing ----------------------------------------------------------------------------------

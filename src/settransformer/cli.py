@@ -25,7 +25,7 @@ from typing import Any, NoReturn
 import torch
 
 from .data.files import WriteError, write_text_atomic
-from .data.set_files import read_inputs
+from .data.set_files import read_inputs, read_queries
 from .deploy.export import DEFAULT_OPSET, export_onnx, export_torchscript
 from .deploy.inference import (
     check_forward,
@@ -34,6 +34,7 @@ from .deploy.inference import (
     jsonl_lines,
     per_element_output,
     predict,
+    takes_queries,
     top_labels,
     write_outputs,
 )
@@ -566,20 +567,34 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             "SetTransformer and DeepSets saved with save_model have one); leave --chunk-size out"
         )
     try:
-        check_forward(model)
+        with_queries = takes_queries(model)
+        check_forward(model, queries=with_queries)
         dim = input_dim(model)
         sets, ids = read_inputs(args.input, dim_input=dim, set_column=args.set_column)
-        per_element = per_element_output(model, dim if dim is not None else int(sets[0].shape[1]))
+        queries = read_queries(args.input) if with_queries else None
+        per_element = queries is None and per_element_output(
+            model, dim if dim is not None else int(sets[0].shape[1])
+        )
         if classes is not None and per_element:
             raise RunError(f"--labels: {what} gives one output per element, not one class per set")
         sizes = {len(s) for s in sets}
+        if queries is not None and len({len(q) for q in queries}) > 1:
+            per_element = True  # a row per query (.csv): the sets ask for different numbers of values
+            sizes = {len(q) for q in queries}
         if out is not None and out.suffix.lower() == ".npy" and per_element and len(sizes) > 1:
+            what = "query" if queries is not None else "element"
             raise RunError(
-                f"--output {out}: the model gives one output per element and the sets differ in size, "
-                "so the outputs do not stack into one array; write .csv or .jsonl"
+                f"--output {out}: the model gives one output per {what} and the sets differ in their "
+                f"number of {'queries' if queries is not None else 'elements'}, so the outputs do not "
+                "stack into one array; write .csv or .jsonl"
             )
         outputs = predict(
-            model, sets, batch_size=args.batch_size, chunk_size=args.chunk_size, progress=args.progress
+            model,
+            sets,
+            queries=queries,
+            batch_size=args.batch_size,
+            chunk_size=args.chunk_size,
+            progress=args.progress,
         )
         labels = None if classes is None else top_labels(outputs, classes)
     except RunError:
@@ -617,6 +632,9 @@ _PREDICT_DOC = (
     "'x' (or 'sets') and an optional bool 'mask', or ragged 'values' (total, D) + 'offsets' (S+1,), "
     "and optional 'ids'; .csv with one element per row (one set per file, or many with "
     "--set-column). Sets of different sizes are batched with masks; outputs keep the input order. "
+    "Models that also take query points (kernel-regression) read them from the same .npz/.h5: "
+    "'queries' (S, Q, 1), or ragged 'query_values' + 'query_offsets'; the output of a set is its Q "
+    "predicted values. "
     "RUN is a run folder or checkpoint of `settransformer train` (the model then takes raw sets: it "
     "carries its task's preprocessing), or a folder written by settransformer.save_model."
 )

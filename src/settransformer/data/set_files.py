@@ -44,7 +44,7 @@ import numpy as np
 from . import hdf5
 from .files import short
 
-__all__ = ["SUFFIXES", "SetId", "read_inputs", "read_sets"]
+__all__ = ["SUFFIXES", "SetId", "read_inputs", "read_queries", "read_sets"]
 
 SetId = int | str
 SUFFIXES = (".npy", ".npz", ".h5", ".hdf5", ".csv")
@@ -120,29 +120,79 @@ def _read(
         except (ValueError, OSError, EOFError) as e:
             raise ValueError(f"{path}: not a readable .npy file without pickle ({e})") from None
         return _split(path, {"x": x}, dim_input)
-    if suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                if not isinstance(archive, np.lib.npyio.NpzFile):
-                    raise ValueError("not a zip archive of arrays")
-                # Only the arrays a set file can hold are decompressed (never unused, possibly huge ones).
-                arrays = {k: archive[k] for k in archive.files if k in _KNOWN_ARRAYS}
-                arrays["_keys"] = np.array(sorted(archive.files)[:20], dtype=str)
-        except (ValueError, OSError, EOFError) as e:
-            raise ValueError(f"{path}: not a readable .npz file without pickle ({e})") from None
-        return _split(path, arrays, dim_input)
-    return _split(path, _read_h5(path), dim_input)
+    return _split(path, _named_arrays(path, _KNOWN_ARRAYS), dim_input)
 
 
 _KNOWN_ARRAYS = ("x", "sets", "mask", "values", "offsets", "ids")
+_QUERY_ARRAYS = ("queries", "query_values", "query_offsets")
 
 
-def _read_h5(path: Path) -> dict[str, np.ndarray]:
-    with hdf5.open_file(path) as f:
-        names = [k for k in _KNOWN_ARRAYS if k in f]
-        arrays = {k: hdf5.read(f, path, k) for k in names}
-        arrays["_keys"] = np.array(sorted(f.keys())[:20], dtype=str)
+def _named_arrays(path: Path, names: tuple[str, ...]) -> dict[str, Any]:
+    """The arrays ``names`` that an ``.npz`` / ``.h5`` file holds, and ``"_keys"``: the names it
+    holds (the first 20, for messages). Only these are decompressed (never unused, possibly huge ones)."""
+    if path.suffix.lower() != ".npz":
+        with hdf5.open_file(path) as f:
+            arrays: dict[str, Any] = {k: hdf5.read(f, path, k) for k in names if k in f}
+            arrays["_keys"] = np.array(sorted(f.keys())[:20], dtype=str)
+        return arrays
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if not isinstance(archive, np.lib.npyio.NpzFile):
+                raise ValueError("not a zip archive of arrays")
+            arrays = {k: archive[k] for k in archive.files if k in names}
+            arrays["_keys"] = np.array(sorted(archive.files)[:20], dtype=str)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable .npz file without pickle ({e})") from None
     return arrays
+
+
+def read_queries(paths: Sequence[str | Path]) -> list[np.ndarray]:
+    """The query points of every set in ``paths`` (``.npz`` / ``.h5``), in the order of
+    :func:`read_inputs`: for models called as ``model(x, mask, queries)`` (e.g. kernel regression).
+
+    Each file holds ``queries`` ``(S, Q, Dq)`` (or ``(Q, Dq)`` beside a single set), or the ragged
+    form ``query_values (total, Dq)`` with ``query_offsets (S+1,)``, set ``i`` asking for
+    ``query_values[query_offsets[i]:query_offsets[i+1]]``.
+
+    Returns:
+        One float32 array ``(Q_i, Dq)`` per set.
+
+    Example:
+        >>> np.savez("fits.npz", x=np.zeros((2, 5, 2)), queries=np.ones((2, 3, 1)))
+        >>> [tuple(q.shape) for q in read_queries(["fits.npz"])]
+        [(3, 1), (3, 1)]
+    """
+    if len(paths) == 0:
+        raise ValueError("paths: expected at least one input file")
+    out: list[np.ndarray] = []
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such input file")
+        if path.suffix.lower() not in (".npz", ".h5", ".hdf5"):
+            raise ValueError(
+                f"{path}: query points need an .npz or .h5 file holding 'queries' beside the sets"
+            )
+        arrays = _named_arrays(path, _QUERY_ARRAYS)
+        found = ", ".join(str(k) for k in arrays.pop("_keys"))
+        layout = "'queries' (S, Q, Dq), or 'query_values' and 'query_offsets'"
+        if ("queries" in arrays) == ("query_values" in arrays or "query_offsets" in arrays):
+            raise ValueError(f"{path}: the model takes query points; expected {layout}; found {found}")
+        if "queries" in arrays:
+            q = _numeric(path, "queries", arrays["queries"])
+            if q.ndim not in (2, 3):
+                raise ValueError(f"{path}: queries: expected (S, Q, Dq) or (Q, Dq), got shape {q.shape}")
+            groups = list(q[None] if q.ndim == 2 else q)
+        else:
+            if len(arrays) < 2:
+                raise ValueError(f"{path}: expected {layout}; found {found}")
+            values = _numeric(path, "query_values", arrays["query_values"])
+            if values.ndim != 2:
+                raise ValueError(f"{path}: query_values: expected (total, Dq), got shape {values.shape}")
+            offsets = _offsets(path, arrays["query_offsets"], values.shape[0], "query_offsets")
+            groups = [values[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+        out += _finish(path, groups, None, None, "queries of set")
+    return out
 
 
 def _split(
@@ -205,14 +255,14 @@ def _mask(path: Path, mask: Any, shape: tuple[int, ...]) -> np.ndarray | None:
     return mask
 
 
-def _offsets(path: Path, offsets: Any, total: int) -> np.ndarray:
+def _offsets(path: Path, offsets: Any, total: int, name: str = "offsets") -> np.ndarray:
     o = np.asarray(offsets)
     expected = f"integers (S+1,) from 0 to {total} (the number of values), non-decreasing"
     if not np.issubdtype(o.dtype, np.integer) or o.ndim != 1 or o.shape[0] < 2:
-        raise ValueError(f"{path}: offsets: expected {expected}, got {o.dtype} of shape {o.shape}")
+        raise ValueError(f"{path}: {name}: expected {expected}, got {o.dtype} of shape {o.shape}")
     # Compared pairwise, not through np.diff: the difference of unsigned integers wraps around.
     if o[0] != 0 or o[-1] != total or (o[1:] < o[:-1]).any():
-        raise ValueError(f"{path}: offsets: expected {expected}, got {short(o.tolist())}")
+        raise ValueError(f"{path}: {name}: expected {expected}, got {short(o.tolist())}")
     return o.astype(np.int64)
 
 
@@ -239,14 +289,18 @@ def _check_dim(path: Path, where: str, feat: int, dim_input: int | None) -> None
 
 
 def _finish(
-    path: Path, groups: Sequence[Any], ids: Sequence[SetId] | None, dim_input: int | None
+    path: Path,
+    groups: Sequence[Any],
+    ids: Sequence[SetId] | None,
+    dim_input: int | None,
+    what: str = "set",
 ) -> list[np.ndarray]:
     """Float32 sets ``(N_i, D)``, each checked for its feature size and finiteness."""
     if len(groups) == 0:
         raise ValueError(f"{path}: holds no sets")
     out = []
     for i, g in enumerate(groups):
-        name = f"set {ids[i]!r}" if ids is not None else f"set {i}"
+        name = f"{what} {ids[i]!r}" if ids is not None else f"{what} {i}"
         _check_dim(path, name, g.shape[1], dim_input)
         # float32 memmaps stay mapped (no copy); anything else is converted once here.
         s = np.asarray(g, dtype=np.float32)

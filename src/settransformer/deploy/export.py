@@ -11,13 +11,7 @@ and return the model's output (``(B, num_outputs, dim_output)`` for a
 :class:`~settransformer.SetTransformer`), named ``output`` in the ONNX graph. Both exports run
 the model in evaluation mode (no dropout).
 
-Example:
-    >>> from settransformer import SetTransformer
-    >>> model = SetTransformer(2, num_outputs=1, dim_output=3, dim_hidden=16, num_inducing=4)
-    >>> export_onnx(model, "model.onnx", dim_input=2)  # doctest: +SKIP
-    PosixPath('model.onnx')
-    >>> export_torchscript(model, "model.pt", dim_input=2)  # doctest: +SKIP
-    PosixPath('model.pt')
+Examples: :func:`export_onnx` and :func:`export_torchscript`.
 
 Tracing bakes Python control flow into the graph, so two things are taken care of here:
 
@@ -77,7 +71,18 @@ _TOLERANCE = 1e-4  # atol and rtol of the comparison
 
 
 class ExportError(ValueError):
-    """The model cannot be exported, or the exported file does not agree with the model."""
+    """The model cannot be exported, or the exported file does not agree with the model.
+
+    Example:
+        >>> class Broken(torch.nn.Module):
+        ...     def forward(self, x, mask):
+        ...         raise RuntimeError("boom")
+        >>> try:
+        ...     export_torchscript(Broken(), "broken.pt", dim_input=2)
+        ... except ExportError as e:
+        ...     print(isinstance(e, ValueError), str(e)[:35])
+        True model: Broken(x, mask) failed on an
+    """
 
 
 def export_onnx(
@@ -106,6 +111,14 @@ def export_onnx(
         ``path``. Raises :class:`ExportError` (a ``ValueError``) when the export or the
         comparison fails, ``TypeError`` for a model that is not called as ``model(x, mask)``,
         ``ImportError`` without the ``onnx`` package.
+
+    Example:
+        >>> import onnx
+        >>> from settransformer import SetTransformer
+        >>> model = SetTransformer(2, num_outputs=1, dim_output=3, dim_hidden=8, num_heads=2, num_inducing=2)
+        >>> path = export_onnx(model, "model.onnx", dim_input=2)
+        >>> [i.name for i in onnx.load(path).graph.input], [o.name for o in onnx.load(path).graph.output]
+        (['x', 'mask'], ['output'])
     """
     if opset is None:
         opset = DEFAULT_OPSET
@@ -167,6 +180,13 @@ def export_torchscript(
 
     Returns:
         ``path``; errors as :func:`export_onnx`. The graph is traced on the model's device.
+
+    Example:
+        >>> from settransformer import SetTransformer
+        >>> model = SetTransformer(2, num_outputs=1, dim_output=3, dim_hidden=8, num_heads=2, num_inducing=2)
+        >>> loaded = torch.jit.load(export_torchscript(model, "model.pt", dim_input=2))
+        >>> loaded(torch.randn(4, 5, 2), torch.ones(4, 5, dtype=torch.bool)).shape
+        torch.Size([4, 1, 3])
     """
     example, dtype = _prepare(model, dim_input)
 

@@ -3,6 +3,8 @@
 :func:`predict` runs a set model (``forward(x, mask)``) over ``S`` sets of different sizes: it sorts
 the sets by size so that each batch pads little, pads them with :func:`settransformer.pad_sets`,
 runs the model under :func:`torch.inference_mode`, and returns the outputs in the input order.
+A model that also takes query points (``forward(x, mask, queries)``, e.g. kernel regression's
+regressors, ``queries: (B, Q, Dq)`` -> ``(B, Q)``) gets each set's queries as its third input.
 Outputs are the model's raw ones, one ``model(x, mask)[i]`` per set (for a Set Transformer
 ``(num_outputs, dim_output)``; logits, not probabilities; mixture parameters, not clusters). A
 model with per-element outputs (``(B, N, ...)``, e.g. anomaly scores) gives ``(N_i, ...)`` per set.
@@ -51,6 +53,7 @@ __all__ = [
     "jsonl_lines",
     "per_element_output",
     "predict",
+    "takes_queries",
     "top_labels",
     "write_outputs",
 ]
@@ -58,19 +61,46 @@ __all__ = [
 OUTPUT_SUFFIXES = (".npy", ".csv", ".jsonl")
 
 
-def check_forward(model: nn.Module) -> None:
-    """Raise ``ValueError`` unless ``model`` is called as ``model(x, mask)`` (no other inputs)."""
+def _required_inputs(model: nn.Module) -> tuple[int, int, bool]:
+    """``(required, positional, *args)`` of ``model.forward``: how it can be called."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     params = list(inspect.signature(model.forward).parameters.values())
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     positional = [p for p in params if p.kind in kinds]
     required = [p for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    varargs = any(p.kind == p.VAR_POSITIONAL for p in params)
-    if len(required) > 2 or (len(positional) < 2 and not varargs):
+    return len(required), len(positional), any(p.kind == p.VAR_POSITIONAL for p in params)
+
+
+def takes_queries(model: nn.Module) -> bool:
+    """Whether ``model`` must be called as ``model(x, mask, queries)`` (three required inputs).
+
+    Example:
+        >>> class AtQueries(torch.nn.Module):
+        ...     def forward(self, x, mask, queries):
+        ...         return x.sum((1, 2))[:, None] + queries[..., 0]
+        >>> takes_queries(AtQueries()), takes_queries(torch.nn.Linear(2, 2))
+        (True, False)
+    """
+    return _required_inputs(model)[0] == 3
+
+
+def check_forward(model: nn.Module, *, queries: bool = False) -> None:
+    """Raise ``ValueError`` unless ``model`` is called as ``model(x, mask)`` (no other inputs), or as
+    ``model(x, mask, queries)`` when ``queries``."""
+    required, positional, varargs = _required_inputs(model)
+    n = 3 if queries else 2
+    if required > n or (positional < n and not varargs):
+        params = ", ".join(inspect.signature(model.forward).parameters)
+        hint = (
+            "; it takes query points: store them beside the sets as 'queries' (S, Q, Dq) or "
+            "'query_values' + 'query_offsets'"
+            if not queries and required == 3
+            else ""
+        )
         raise ValueError(
-            f"model: predict supports models with forward(x, mask); {type(model).__name__} has "
-            f"forward({', '.join(p.name for p in params)})"
+            f"model: predict supports models with forward(x, mask{', queries' if queries else ''}); "
+            f"{_shown(model)} has forward({params}){hint}"
         )
 
 
@@ -126,13 +156,13 @@ def per_element_output(model: nn.Module, dim_input: int) -> bool:
     )
 
 
-def _check_set(s: Any, i: int, dim: int | None) -> Any:
+def _check_set(s: Any, i: int, dim: int | None, name: str = "sets") -> Any:
     shape = tuple(getattr(s, "shape", ()))
     expected = f"a set of shape (N_i, {dim if dim is not None else 'D'})"
     if not isinstance(s, Tensor | np.ndarray):
-        raise TypeError(f"sets[{i}]: expected {expected} (tensor or NumPy array), got {type(s).__name__}")
+        raise TypeError(f"{name}[{i}]: expected {expected} (tensor or NumPy array), got {type(s).__name__}")
     if len(shape) != 2 or (dim is not None and shape[1] != dim):
-        raise ValueError(f"sets[{i}]: expected {expected}, got shape {shape}")
+        raise ValueError(f"{name}[{i}]: expected {expected}, got shape {shape}")
     return s
 
 
@@ -183,6 +213,7 @@ def predict(
     model: nn.Module,
     sets: Sequence[Tensor | np.ndarray],
     *,
+    queries: Sequence[Tensor | np.ndarray] | None = None,
     batch_size: int = 64,
     device: str | torch.device | None = None,
     chunk_size: int | None = None,
@@ -194,6 +225,9 @@ def predict(
         model: a set model called as ``model(x (B, N, D), mask (B, N))``; put in eval mode for the
             call (its mode is restored after).
         sets: ``S`` tensors or NumPy arrays (memmaps included) ``(N_i, D)``; ``N_i`` may be 0.
+        queries: for models called as ``model(x, mask, queries (B, Q, Dq)) -> (B, Q, ...)``: ``S``
+            query sets ``(Q_i, Dq)``, one per set. A batch pads them with zeros to its longest
+            ``Q_i`` (such a model answers each query on its own) and cuts each output to ``Q_i``.
         batch_size: sets per forward pass; sets are sorted by size first, so a batch pads little.
         device: where to run (the model is moved there, in place); ``None``: where the model is.
         chunk_size: evaluate ``chunk_size`` elements at a time with bounded memory (models whose
@@ -203,9 +237,19 @@ def predict(
 
     Returns:
         ``S`` CPU tensors: ``model(x, mask)[i]`` of set ``i`` (e.g. ``(num_outputs, dim_output)``),
-        cut to ``(N_i, ...)`` for per-element outputs; equal to running each set alone, unpadded.
+        cut to ``(N_i, ...)`` for per-element outputs, or ``(Q_i, ...)`` with ``queries``; equal to
+        running each set alone, unpadded.
+
+    Example:
+        >>> class AtQueries(torch.nn.Module):  # (B, N, 2), (B, N), (B, Q, 1) -> (B, Q)
+        ...     def forward(self, x, mask, queries):
+        ...         return x.sum((1, 2))[:, None] + queries[..., 0]
+        >>> context = [torch.randn(n, 2) for n in (30, 7)]
+        >>> queries = [torch.rand(q, 1) for q in (4, 9)]
+        >>> [tuple(o.shape) for o in predict(AtQueries(), context, queries=queries, progress=False)]
+        [(4,), (9,)]
     """
-    check_forward(model)
+    check_forward(model, queries=queries is not None)
     check_positive("batch_size", batch_size)
     if chunk_size is not None:
         check_positive("chunk_size", chunk_size)
@@ -220,10 +264,15 @@ def predict(
     if dim is None:  # a model that does not say: every set must have the first one's size
         dim = int(_check_set(sets[0], 0, None).shape[1])
     sets = [_check_set(s, i, dim) for i, s in enumerate(sets)]
+    if queries is not None:
+        if len(queries) != len(sets):
+            raise ValueError(f"queries: expected one query set per set ({len(sets)}), got {len(queries)}")
+        dq = int(_check_set(queries[0], 0, None, "queries").shape[1])
+        queries = [_check_set(q, i, dq, "queries") for i, q in enumerate(queries)]
     if device is not None:
         model.to(torch.device(device))
     dev, dtype = _placement(model)
-    per_element = per_element_output(model, dim)
+    per_element = queries is None and per_element_output(model, dim)
     sizes = [int(s.shape[0]) for s in sets]
     kwargs = {} if chunk_size is None else {"chunk_size": chunk_size}
     outputs: list[Tensor | None] = [None] * len(sets)
@@ -238,10 +287,17 @@ def predict(
                     # At least one padded position, so that a batch of empty sets is still (B, 1, D).
                     longest = max(1, max(sizes[i] for i in batch))
                     x, mask = pad_sets([_to_tensor(sets[i], dtype) for i in batch], max_size=longest)
-                    out = model(x.to(dev), mask.to(dev), **kwargs)
+                    if queries is None:
+                        out = model(x.to(dev), mask.to(dev), **kwargs)
+                    else:
+                        q, _ = pad_sets([_to_tensor(queries[i], dtype) for i in batch])
+                        out = model(x.to(dev), mask.to(dev), q.to(dev))
                 out = out.cpu()
                 for j, i in enumerate(batch):
-                    outputs[i] = out[j, : sizes[i]] if per_element else out[j]
+                    if queries is not None:
+                        outputs[i] = out[j, : int(queries[i].shape[0])]
+                    else:
+                        outputs[i] = out[j, : sizes[i]] if per_element else out[j]
                 if bar is not None:
                     bar.update(len(batch))
     finally:

@@ -79,7 +79,12 @@ def batch_to_offsets(batch: Tensor, num_sets: int | None = None) -> Tensor:
 
 
 def offsets_to_batch(offsets: Tensor) -> Tensor:
-    """``offsets: (S + 1,)`` -> ``batch: (total,)``, the set index of every row."""
+    """``offsets: (S + 1,)`` -> ``batch: (total,)``, the set index of every row.
+
+    Example:
+        >>> offsets_to_batch(torch.tensor([0, 2, 3, 3, 4])).tolist()
+        [0, 0, 1, 3]
+    """
     offsets = _check_offsets(offsets, None)
     return torch.repeat_interleave(torch.arange(len(offsets) - 1, device=offsets.device), offsets.diff())
 
@@ -158,6 +163,12 @@ def padded_to_ragged(x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Ten
     """Padded ``x: (S, N, D)`` with ``mask: (S, N)`` -> ragged ``(total, D)`` and ``offsets (S + 1,)``.
 
     Each set keeps its real elements (mask True) in order; ``mask=None`` keeps every row.
+
+    Example:
+        >>> x, mask = torch.arange(4.0).view(2, 2, 1), torch.tensor([[True, False], [True, True]])
+        >>> rows, offsets = padded_to_ragged(x, mask)
+        >>> rows[:, 0].tolist(), offsets.tolist()
+        ([0.0, 2.0, 3.0], [0, 1, 3])
     """
     if not isinstance(x, Tensor) or x.dim() != 3:
         raise ValueError(f"x: expected a tensor (S, N, D), got {_describe(x)}")
@@ -259,7 +270,15 @@ def isab_ragged(
     slack: float = DEFAULT_SLACK,
     max_rows: int = DEFAULT_MAX_ROWS,
 ) -> Tensor:
-    """``ISAB`` over a ragged batch: ``x: (total, dim_in)`` -> ``(total, dim)``, row for row."""
+    """``ISAB`` over a ragged batch: ``x: (total, dim_in)`` -> ``(total, dim)``, row for row.
+
+    ``offsets: (S + 1,)`` or ``batch: (total,)`` as in :func:`ragged_forward`.
+
+    Example:
+        >>> isab = ISAB(2, 8, num_heads=2, num_inducing=3)
+        >>> isab_ragged(isab, torch.randn(7, 2), torch.tensor([0, 3, 7])).shape
+        torch.Size([7, 8])
+    """
     if not isinstance(isab, ISAB):
         raise TypeError(f"isab: expected an ISAB, got {type(isab).__name__}")
     offsets = _resolve(x, offsets, batch, num_sets)
@@ -276,7 +295,15 @@ def pma_ragged(
     slack: float = DEFAULT_SLACK,
     max_rows: int = DEFAULT_MAX_ROWS,
 ) -> Tensor:
-    """``PMA`` over a ragged batch: ``z: (total, dim)`` -> ``(S, num_seeds, dim)``."""
+    """``PMA`` over a ragged batch: ``z: (total, dim)`` -> ``(S, num_seeds, dim)``.
+
+    ``offsets: (S + 1,)`` or ``batch: (total,)`` as in :func:`ragged_forward`.
+
+    Example:
+        >>> pma = PMA(8, num_heads=2, num_seeds=1)
+        >>> pma_ragged(pma, torch.randn(7, 8), batch=torch.tensor([0, 0, 0, 1, 1, 1, 1])).shape
+        torch.Size([2, 1, 8])
+    """
     if not isinstance(pma, PMA):
         raise TypeError(f"pma: expected a PMA, got {type(pma).__name__}")
     offsets = _resolve(z, offsets, batch, num_sets)
@@ -293,7 +320,16 @@ def ragged_encode(
     slack: float = DEFAULT_SLACK,
     max_rows: int = DEFAULT_MAX_ROWS,
 ) -> Tensor:
-    """A set model's element embeddings over a ragged batch: ``(total, dim_input) -> (total, dim_hidden)``."""
+    """A set model's element embeddings over a ragged batch: ``(total, dim_input) -> (total, dim_hidden)``.
+
+    ``offsets: (S + 1,)`` or ``batch: (total,)`` as in :func:`ragged_forward`.
+
+    Example:
+        >>> from settransformer import SetTransformer
+        >>> model = SetTransformer(2, num_outputs=1, dim_output=3, dim_hidden=8, num_heads=2, num_inducing=3)
+        >>> ragged_encode(model, torch.randn(7, 2), torch.tensor([0, 3, 7])).shape
+        torch.Size([7, 8])
+    """
     offsets = _resolve(x, offsets, batch, num_sets)
     return _apply(model.encode, x, offsets, True, slack, max_rows)  # type: ignore[arg-type]
 

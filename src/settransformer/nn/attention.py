@@ -43,7 +43,12 @@ __all__ = [
 
 
 def split_heads(x: Tensor, num_heads: int) -> Tensor:
-    """View ``x: (B, N, H * Dh)`` as ``(B, H, N, Dh)`` without copying."""
+    """View ``x: (B, N, H * Dh)`` as ``(B, H, N, Dh)`` without copying.
+
+    Example:
+        >>> split_heads(torch.zeros(2, 5, 8), num_heads=4).shape
+        torch.Size([2, 4, 5, 2])
+    """
     b, n, d = x.shape
     return x.view(b, n, num_heads, d // num_heads).transpose(1, 2)
 
@@ -53,6 +58,11 @@ def merge_heads(x: Tensor) -> Tensor:
 
     Free when ``x`` is laid out as ``(B, N, H, Dh)`` in memory, which is what the fused CPU and
     CUDA kernels return.
+
+    Example:
+        >>> x = torch.randn(2, 5, 8)
+        >>> torch.equal(merge_heads(split_heads(x, 4)), x)
+        True
     """
     b, h, n, dh = x.shape
     return x.transpose(1, 2).reshape(b, n, h * dh)
@@ -254,6 +264,10 @@ class FormSizes(NamedTuple):
     ``dim``: the block's width ``d``; ``dim_q``, ``dim_kv``: raw query and key/value widths;
     ``projected_residual``: the residual adds the projected query (one more ``dq d`` per query
     in the induced form); ``out_proj``: the block has ``W^O`` (the induced form folds it in).
+
+    Example:
+        >>> FormSizes(dim=64, num_heads=4, dim_q=64, dim_kv=64, projected_residual=False, out_proj=True).dim
+        64
     """
 
     dim: int
@@ -280,6 +294,11 @@ def induced_is_cheaper(nk: float, s: FormSizes) -> bool:
     (``extra``: the projected residual's ``dq d``), whatever the number of queries. A symbolic count
     (``torch.compile(dynamic=True)``, ``torch.export``) or an infinite one counts as large: the test
     adds no guard on it, so a compiled model is not recompiled for a new set size.
+
+    Example:
+        >>> s = FormSizes(64, 4, 64, 64, projected_residual=False, out_proj=True)
+        >>> induced_is_cheaper(8, s), induced_is_cheaper(1000, s)
+        (True, False)
     """
     if not s.out_proj:
         return False
@@ -297,6 +316,11 @@ def cheapest_form(nq: float, nk: float, s: FormSizes) -> str:
     to inducing points). Each test looks only at the count on its small side, and a symbolic
     count (``torch.export`` with a dynamic set size) counts as large, so tracing adds no guard on
     the set size. Both rewrites hold only for plain dot-product softmax; the caller checks that.
+
+    Example:
+        >>> s = FormSizes(64, 4, 64, 64, projected_residual=False, out_proj=True)
+        >>> cheapest_form(1, 1000, s), cheapest_form(1000, 8, s), cheapest_form(1000, 1000, s)
+        ('pooled', 'induced', 'standard')
     """
     d, h, dq, dkv = s.dim, s.num_heads, s.dim_q, s.dim_kv
     if _surely(nq == 0) or _surely(nk == 0):
@@ -373,6 +397,12 @@ def pooled_attention(
 
     Returns:
         ``(B, Nq, D)``, exactly zero for empty sets.
+
+    Example:
+        >>> q, kv = torch.randn(1, 2, 8), torch.randn(3, 10, 6)
+        >>> w_k, w_v, b_v = torch.randn(8, 6), torch.randn(8, 6), torch.zeros(8)
+        >>> pooled_attention(q, kv, w_k, w_v, b_v, num_heads=4).shape
+        torch.Size([3, 2, 8])
     """
     bq, nq, d = q.shape
     b, _, dkv = kv.shape
@@ -425,6 +455,12 @@ def induced_attention(
 
     Returns:
         ``(B, N, D)``; for an empty key set the attention output is zero (the result is ``b_o``).
+
+    Example:
+        >>> q, k = torch.randn(3, 10, 6), torch.randn(3, 2, 8)
+        >>> w_q, w_o, b = torch.randn(8, 6), torch.randn(8, 8), torch.zeros(8)
+        >>> induced_attention(q, k, k, w_q, b, w_o, b, num_heads=4).shape
+        torch.Size([3, 10, 8])
     """
     b, m, d = k.shape
     dq = q.shape[-1]

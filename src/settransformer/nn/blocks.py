@@ -102,7 +102,13 @@ FORMS: tuple[Form, ...] = get_args(Form)
 
 
 class BlockKeywords(TypedDict, total=False):
-    """The fields of :class:`BlockOptions`, as keyword arguments of the blocks and models."""
+    """The fields of :class:`BlockOptions`, as keyword arguments of the blocks and models.
+
+    Example:
+        >>> keywords: BlockKeywords = {"norm": "pre", "ff_dim": 64}
+        >>> SAB(3, 16, num_heads=4, **keywords).mab.norm
+        'pre'
+    """
 
     norm: Norm
     ff_dim: int | None

@@ -88,7 +88,12 @@ def softmax_scale(head_dim: int, scale: float | None = None) -> float:
 
 @runtime_checkable
 class DotForm(Protocol):
-    """A score equal (up to a per-query constant) to ``q' . k' + bias``: it can use the fused kernel."""
+    """A score equal (up to a per-query constant) to ``q' . k' + bias``: it can use the fused kernel.
+
+    Example:
+        >>> isinstance(GaussianScore(2), DotForm), isinstance(AdditiveScore(2, 4), DotForm)
+        (True, False)
+    """
 
     def as_dot(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``q: (B, H, Nq, Dh)``, ``k: (B, H, Nk, Dh)`` -> ``q'``, ``k'`` and ``bias: (B, H, 1, Nk)``."""
@@ -204,6 +209,11 @@ def score_logits(q: Tensor, k: Tensor, score: ScoreFn | None = None, scale: floa
 
     ``score=None`` is the dot product with ``scale`` defaulting to ``1/sqrt(Dh)``; for any other
     score, ``scale`` (default 1) multiplies the score's logits.
+
+    Example:
+        >>> q, k = torch.randn(2, 4, 3, 8), torch.randn(2, 4, 5, 8)
+        >>> score_logits(q, k).shape, score_logits(q, k, GaussianScore(4)).shape
+        (torch.Size([2, 4, 3, 5]), torch.Size([2, 4, 3, 5]))
     """
     if score is None:
         return (q @ k.transpose(-1, -2)) * softmax_scale(q.shape[-1], scale)
@@ -222,6 +232,13 @@ def top_k_mask(logits: Tensor, k: int, keep: Tensor | None = None) -> Tensor:
     Ties at the ``k``-th value go to the lower key index, so the selection is deterministic (and
     only in exact ties depends on the order of the keys). ``keep`` (broadcastable bool) excludes
     keys from selection; a row with fewer than ``k`` kept keys selects all of them.
+
+    Example:
+        >>> top_k_mask(torch.tensor([[0.1, 0.5, 0.5, 0.2], [1.0, 1.0, 1.0, 0.0]]), 2)
+        tensor([[False,  True,  True, False],
+                [ True,  True, False, False]])
+        >>> top_k_mask(torch.tensor([0.1, 0.5, 0.5, 0.2]), 2, keep=torch.tensor([True, False, True, True]))
+        tensor([False, False,  True,  True])
     """
     check_top_k(k)
     if keep is not None:
@@ -252,6 +269,14 @@ def masked_softmax(
     Returns:
         ``(B, H, Nq, Nk)``, rows summing to 1, or all zero (with zero gradient) for a query
         whose keys are all masked.
+
+    Example:
+        >>> mask = torch.tensor([[True, True, False, False], [False, False, False, False]])
+        >>> masked_softmax(torch.zeros(2, 1, 1, 4), mask)[:, 0, 0]
+        tensor([[0.5000, 0.5000, 0.0000, 0.0000],
+                [0.0000, 0.0000, 0.0000, 0.0000]])
+        >>> masked_softmax(torch.tensor([[[[3.0, 1.0, 2.0]]]]), top_k=1)
+        tensor([[[[1., 0., 0.]]]])
     """
     inplace = inplace and not (logits.requires_grad and torch.is_grad_enabled())
     keep = None if mask is None else mask[:, None, None, :]
@@ -291,6 +316,11 @@ def attention_weights(
 
     ``q: (B, H, Nq, Dh)`` (batch 1 broadcasts), ``k: (B, H, Nk, Dh)``, ``mask: (B, Nk)``; ``scale``
     and ``score`` as in :func:`score_logits`, ``top_k`` as in :func:`masked_softmax`.
+
+    Example:
+        >>> w = attention_weights(torch.randn(1, 4, 3, 8), torch.randn(2, 4, 5, 8), top_k=2)
+        >>> w.shape, bool(((w > 0).sum(-1) == 2).all()), torch.allclose(w.sum(-1), torch.ones(2, 4, 3))
+        (torch.Size([2, 4, 3, 5]), True, True)
     """
     if q.shape[0] != k.shape[0]:
         q = q.expand(k.shape[0], -1, -1, -1)
@@ -415,6 +445,11 @@ def factored_range(p: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
 
     ``p: (B, H, Nq, A)``, ``r: (B, H, A, Nk)``. With ``c`` halfway between the smallest and the
     largest exponent, every ``|p - c|`` and ``|-r - c|`` is at most half the spread.
+
+    Example:
+        >>> p, r = torch.tensor([0.0, 4.0]).view(1, 1, 2, 1), torch.tensor([-2.0, 2.0]).view(1, 1, 1, 2)
+        >>> factored_range(p, r)
+        (tensor([[[1.]]]), tensor([[[6.]]]))
     """
     hi = torch.maximum(p.amax(2), (-r).amax(3))
     lo = torch.minimum(p.amin(2), (-r).amin(3))

@@ -53,6 +53,13 @@ class SinusoidalPositionalEncoding(nn.Module):
     """Add ``PE(pos, 2i) = sin(pos / 10000^(2i/d))``, ``PE(pos, 2i+1) = cos(pos / 10000^(2i/d))``.
 
     Shapes: ``x: (B, T, d)`` -> ``(B, T, d)``; computed on the fly (any length, ``x``'s device and dtype).
+
+    Example:
+        >>> SinusoidalPositionalEncoding(4)(torch.zeros(2, 3, 4)).shape
+        torch.Size([2, 3, 4])
+        >>> SinusoidalPositionalEncoding.table(2, 4)
+        tensor([[0.0000, 1.0000, 0.0000, 1.0000],
+                [0.8415, 0.5403, 0.0100, 0.9999]])
     """
 
     def __init__(self, dim: int) -> None:
@@ -84,6 +91,11 @@ class PositionalTransformer(nn.Module):
 
     Shapes: ``x: (B, T, d_model)``, ``mask: (B, T)`` bool (True = real step; each row needs one)
     -> ``(B, T, d_model)``.
+
+    Example:
+        >>> model = PositionalTransformer(8, nhead=2, num_layers=1, dim_feedforward=16).eval()
+        >>> model(torch.randn(2, 5, 8), torch.tensor([[True] * 5, [True, True, False, False, False]])).shape
+        torch.Size([2, 5, 8])
     """
 
     def __init__(
@@ -109,6 +121,12 @@ def compact(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
 
     ``x: (B, N, D)``, ``mask: (B, N)`` -> ``(x', lengths)``: ``x'[b, :lengths[b]]`` are the real
     elements of set ``b`` in the order they appear in ``x``.
+
+    Example:
+        >>> x, mask = torch.tensor([[[1.0], [2.0], [3.0]]]), torch.tensor([[False, True, True]])
+        >>> xc, lengths = compact(x, mask)
+        >>> xc[0, :, 0], lengths
+        (tensor([2., 3., 1.]), tensor([2]))
     """
     b, n = x.shape[:2]
     if mask is None:

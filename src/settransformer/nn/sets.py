@@ -123,7 +123,13 @@ def masked_pool(x: Tensor, mask: Tensor | None, how: PoolKind = "mean") -> Tenso
 
 
 def pool_count(x: Tensor, mask: Tensor | None) -> Tensor:
-    """The number of real elements of each set of ``x: (B, N, D)``: ``(B, 1)`` in ``x``'s dtype."""
+    """The number of real elements of each set of ``x: (B, N, D)``: ``(B, 1)`` in ``x``'s dtype.
+
+    Example:
+        >>> pool_count(torch.zeros(2, 3, 4), torch.tensor([[True, True, False], [False, False, False]]))
+        tensor([[2.],
+                [0.]])
+    """
     if mask is None:
         return x.new_full((x.shape[0], 1), x.shape[1])
     return mask.sum(dim=1, keepdim=True).to(x.dtype)
@@ -131,7 +137,13 @@ def pool_count(x: Tensor, mask: Tensor | None) -> Tensor:
 
 def pool_partial(x: Tensor, mask: Tensor | None, how: PoolKind) -> Tensor:
     """The sum (``"mean"``, ``"sum"``) or maximum (``"max"``) of the real rows of ``x: (B, N, D)``
-    (zero at padded rows): ``(B, D)``; an all-padding set's maximum is the dtype's lowest value."""
+    (zero at padded rows): ``(B, D)``; an all-padding set's maximum is the dtype's lowest value.
+
+    Example:
+        >>> x, mask = torch.tensor([[[1.0], [3.0], [0.0]]]), torch.tensor([[True, True, False]])
+        >>> pool_partial(x, mask, "sum"), pool_partial(x, mask, "max")
+        (tensor([[4.]]), tensor([[3.]]))
+    """
     if how != "max":
         return x.sum(dim=1)
     low = x if mask is None else x.masked_fill(~mask[..., None], torch.finfo(x.dtype).min)
@@ -139,13 +151,26 @@ def pool_partial(x: Tensor, mask: Tensor | None, how: PoolKind) -> Tensor:
 
 
 def merge_pooled(a: Tensor, b: Tensor, how: PoolKind) -> Tensor:
-    """Two :func:`pool_partial` results of disjoint parts of the same sets, combined."""
+    """Two :func:`pool_partial` results ``(B, D)`` of disjoint parts of the same sets, combined.
+
+    Example:
+        >>> a, b = torch.tensor([[1.0, 5.0]]), torch.tensor([[2.0, 3.0]])
+        >>> merge_pooled(a, b, "sum"), merge_pooled(a, b, "max")
+        (tensor([[3., 8.]]), tensor([[2., 5.]]))
+    """
     return torch.maximum(a, b) if how == "max" else a + b
 
 
 def finish_pool(partial: Tensor, count: Tensor, how: PoolKind) -> Tensor:
     """The pooled ``(B, D)`` from :func:`pool_partial` over every element and the counts ``(B, 1)``;
-    an empty set pools to zero."""
+    an empty set pools to zero.
+
+    Example:
+        >>> partial, count = torch.tensor([[4.0], [0.0]]), torch.tensor([[2.0], [0.0]])
+        >>> finish_pool(partial, count, "mean")
+        tensor([[2.],
+                [0.]])
+    """
     if how == "sum":
         return partial
     if how == "mean":

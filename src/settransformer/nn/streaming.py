@@ -111,6 +111,13 @@ class SummaryQueries(Protocol):
     ``stats(x, mask)``: one chunk's ``(ref, denom, acc)`` (see :class:`OnlineSoftmax`) for
     ``x: (B, c, D)`` zero at padded rows; ``finish(pooled, empty)``: the attention block's output
     from the softmax-weighted rows and the ``(B,)`` flags of empty sets.
+
+    Example:
+        >>> from settransformer.nn.blocks import PMA
+        >>> queries = PMA(8, num_heads=2, num_seeds=1).summary_queries("pma")
+        >>> ref, denom, acc = queries.stats(torch.randn(2, 5, 8), None)
+        >>> isinstance(queries, SummaryQueries), ref.shape, acc.shape
+        (True, torch.Size([2, 2, 1]), torch.Size([2, 2, 8]))
     """
 
     def stats(self, x: Tensor, mask: Tensor | None) -> Stats: ...
@@ -121,7 +128,13 @@ class SummaryQueries(Protocol):
 @runtime_checkable
 class SummarySource(Protocol):
     """What attends over the whole set: ``summary_queries(name)`` returns its :class:`SummaryQueries`
-    (``ValueError`` naming ``name`` when its attention cannot be accumulated chunk by chunk)."""
+    (``ValueError`` naming ``name`` when its attention cannot be accumulated chunk by chunk).
+
+    Example:
+        >>> from settransformer.nn.blocks import PMA
+        >>> isinstance(PMA(8, num_heads=2, num_seeds=1), SummarySource)
+        True
+    """
 
     def summary_queries(self, name: str) -> SummaryQueries: ...
 
@@ -132,6 +145,12 @@ class InducedStage(SummarySource, Protocol):
 
     ``summary_queries`` gives the summary ``H`` over the stage's input; ``rows_given(H)`` the
     row-wise function ``(B, c, D_in) -> (B, c, D_out)`` of the stage.
+
+    Example:
+        >>> from settransformer.nn.blocks import ISAB
+        >>> isab = ISAB(3, 8, num_heads=2, num_inducing=4)
+        >>> isinstance(isab, InducedStage), isab.rows_given(torch.randn(2, 4, 8))(torch.randn(2, 5, 3)).shape
+        (True, torch.Size([2, 5, 8]))
     """
 
     def rows_given(self, summary: Tensor) -> RowFn: ...
@@ -152,6 +171,12 @@ class Pipeline:
         pool_input: a row-wise function applied to the stages' output before pooling only.
         decode_pooled: from the pooled ``(B, k, dim)`` (attention) or ``(B, dim)`` (masked
             pooling) to the module's output.
+
+    Example:
+        >>> from settransformer import DeepSets
+        >>> pipe = DeepSets(3, 1, 2, dim_hidden=16, pool="max").pipeline()
+        >>> pipe.dim_in, pipe.dim_out, pipe.pooling, len(pipe.stages)
+        (3, 16, 'max', 1)
     """
 
     dim_in: int
@@ -165,7 +190,14 @@ class Pipeline:
 
 @runtime_checkable
 class Chunkable(Protocol):
-    """A module evaluated chunk by chunk: ``pipeline()`` describes it (:class:`Pipeline`)."""
+    """A module evaluated chunk by chunk: ``pipeline()`` describes it (:class:`Pipeline`).
+
+    Example:
+        >>> from settransformer import SetTransformer
+        >>> model = SetTransformer(3, num_outputs=1, dim_output=2, dim_hidden=16, num_inducing=4)
+        >>> isinstance(model, Chunkable), isinstance(torch.nn.Linear(3, 2), Chunkable)
+        (True, False)
+    """
 
     def pipeline(self) -> Pipeline: ...
 

@@ -61,12 +61,26 @@ _finite_checks = os.environ.get("SETTRANSFORMER_CHECK_FINITE", "1").strip().lowe
 
 
 def finite_checks_enabled() -> bool:
-    """Whether blocks and models check that the real elements of their inputs are finite."""
+    """Whether blocks and models check that the real elements of their inputs are finite.
+
+    Example:
+        >>> with finite_checks(False):
+        ...     finite_checks_enabled()
+        False
+    """
     return _finite_checks
 
 
 def set_finite_checks(enabled: bool) -> None:
-    """Turn the finiteness check of inputs on or off for the whole process."""
+    """Turn the finiteness check of inputs on or off for the whole process.
+
+    Example:
+        >>> previous = finite_checks_enabled()
+        >>> set_finite_checks(False)
+        >>> check_finite(torch.tensor([[[float("nan")]]])).shape  # not checked
+        torch.Size([1, 1, 1])
+        >>> set_finite_checks(previous)
+    """
     global _finite_checks
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled: expected True or False, got {enabled!r}")
@@ -75,7 +89,15 @@ def set_finite_checks(enabled: bool) -> None:
 
 @contextmanager
 def finite_checks(enabled: bool) -> Iterator[None]:
-    """Context manager: the finiteness check on (or off) inside the ``with`` block only."""
+    """Context manager: the finiteness check on (or off) inside the ``with`` block only.
+
+    Example:
+        >>> with finite_checks(True):  # doctest: +ELLIPSIS
+        ...     check_finite(torch.tensor([[[1.0], [float("inf")]]]))
+        Traceback (most recent call last):
+        ...
+        ValueError: x: expected finite values in every real (unmasked) element, ... the first at x[0, 1] ...
+    """
     previous = _finite_checks
     set_finite_checks(enabled)
     try:
@@ -98,7 +120,16 @@ def _tracing() -> bool:
 
 
 def check_set(x: object, dim: int, name: str = "x") -> Tensor:
-    """Check that ``x`` is a floating-point set batch ``(B, N, dim)`` and return it."""
+    """Check that ``x`` is a floating-point set batch ``(B, N, dim)`` and return it.
+
+    Example:
+        >>> check_set(torch.zeros(2, 5, 3), 3).shape
+        torch.Size([2, 5, 3])
+        >>> check_set(torch.zeros(5, 3), 3)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: x: expected a floating-point tensor of shape (B, N, 3), got shape (5, 3) (add a batch ...
+    """
     expected = f"a floating-point tensor of shape (B, N, {dim})"
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: expected {expected}, got {type(x).__name__}")
@@ -117,6 +148,15 @@ def check_mask(mask: object, x: Tensor, name: str = "mask") -> Tensor | None:
 
     Only ``torch.bool`` is accepted (True = real element); see the module docstring for why 0/1
     integer or float masks are not converted.
+
+    Example:
+        >>> x = torch.zeros(2, 3, 4)
+        >>> check_mask(torch.ones(2, 3, dtype=torch.bool), x).shape
+        torch.Size([2, 3])
+        >>> check_mask(torch.ones(2, 3), x)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        TypeError: mask: expected a bool tensor of shape (B, N) = (2, 3), ..., got dtype torch.float32 ...
     """
     if mask is None:
         return None
@@ -144,6 +184,15 @@ def check_like(x: Tensor, like: Tensor, name: str = "x") -> Tensor:
 
     The dtype is not compared while autocast is enabled for ``x``'s device (mixed precision
     legitimately feeds float32 parameters with float16/bfloat16 activations and back).
+
+    Example:
+        >>> like = torch.nn.Linear(3, 2).weight
+        >>> check_like(torch.zeros(1, 4, 3), like).dtype
+        torch.float32
+        >>> check_like(torch.zeros(1, 4, 3, dtype=torch.float64), like)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        TypeError: x: expected dtype torch.float32 like the module's parameters, got torch.float64 ...
     """
     if x.device != like.device:
         raise ValueError(
@@ -164,6 +213,11 @@ def check_finite(x: Tensor, name: str = "x") -> Tensor:
     A no-op when switched off (:func:`set_finite_checks`), while tracing or compiling, and on the
     meta device. One ``sum`` decides in the common case (any NaN or inf makes the sum non-finite);
     only a non-finite sum, which a large finite input can also overflow to, pays for the exact test.
+
+    Example:
+        >>> with finite_checks(True):
+        ...     check_finite(torch.ones(2, 3, 4)).shape
+        torch.Size([2, 3, 4])
     """
     if not _finite_checks or _tracing() or x.numel() == 0 or x.device.type == "meta":
         return x
@@ -188,6 +242,12 @@ def zero_padding(x: Tensor, mask: Tensor | None) -> Tensor:
 
     ``masked_fill`` rather than a multiplication, so padded values that are NaN or infinite
     cannot leak (``0 * nan`` is NaN) and padded positions receive exactly zero gradient.
+
+    Example:
+        >>> x = torch.tensor([[[1.0], [float("nan")]]])
+        >>> zero_padding(x, torch.tensor([[True, False]]))
+        tensor([[[1.],
+                 [0.]]])
     """
     if mask is None:
         return x
@@ -215,6 +275,12 @@ def prepare_set(
     Returns:
         ``(x, mask)`` with ``x: (B, N, dim)`` zero at padded rows (checked finite, unless
         switched off) and the mask unchanged.
+
+    Example:
+        >>> x, mask = torch.tensor([[[1.0], [float("nan")]]]), torch.tensor([[True, False]])
+        >>> prepare_set(x, mask, 1)[0]
+        tensor([[[1.],
+                 [0.]]])
     """
     xt = check_set(x, dim, name)
     m = check_mask(mask, xt, mask_name)

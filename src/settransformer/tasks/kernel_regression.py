@@ -333,6 +333,13 @@ class KernelRegression(Task):
             )
         return self._test
 
+    def test_inputs(self) -> tuple[list[Tensor], Tensor]:
+        """The fixed test context sets ``(N_i, 2)`` (pairs ``(x, y)``) and their noisy targets
+        ``(S, Q)``, the ones ``mse`` scores against; the query points are
+        ``test_batch().extra["queries"]`` ``(S, Q, 1)``."""
+        batch = self.test_batch()
+        return [batch.x[i][batch.mask[i]] for i in range(len(batch))], batch.target  # type: ignore[index]
+
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         """MSE of the predictions at the queries against the noisy targets."""
         loss = F.mse_loss(model(batch.x, batch.mask, batch.extra["queries"]).float(), batch.target)
