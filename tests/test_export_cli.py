@@ -210,9 +210,11 @@ class _SizeDependent(nn.Module):
 def test_models_that_cannot_be_exported(tmp_path: Path) -> None:
     for fn in (export_onnx, export_torchscript):
         with pytest.raises(
-            TypeError, match=r"model\(x, mask\).*_Context.forward takes \(context, mask, queries\)"
+            TypeError, match=r"_Context.forward takes \(context, mask, queries\).*needs dim_query"
         ):
             fn(_Context(), tmp_path / "a", dim_input=2)
+        with pytest.raises(TypeError, match=r"model\(x, mask, queries\).*_Pair.forward takes \(x, mask\)"):
+            fn(_Pair(), tmp_path / "a", dim_input=2, dim_query=1)
         with pytest.raises(TypeError, match="returns one tensor; _Pair returned tuple"):
             fn(_Pair(), tmp_path / "a", dim_input=2)
         with pytest.raises(ValueError, match="dim_input: the model takes sets of 3 features, got 2"):

@@ -702,9 +702,11 @@ _EXPORT_DOC = (
     "pip install 'settransformer[onnx]') or a TorchScript file (torch.jit.load). Both take x (B, N, D) "
     "float32, the padded sets, and mask (B, N) bool, True for real elements (an all-False row is an "
     "empty set), with any batch size B >= 1 and set size N >= 1, and return the model's output (ONNX "
-    "names: x, mask, output). The file is checked against PyTorch on padded batches of other sizes "
-    "(1e-4) before it is written. RUN is a run folder or checkpoint of `settransformer train` (the "
-    "exported model carries its task's preprocessing), or a folder written by settransformer.save_model."
+    "names: x, mask, output); a model that takes query points (kernel-regression) also takes queries "
+    "(B, Q, Dq) float32, with any Q >= 1 (ONNX name: queries). The file is checked against PyTorch on "
+    "padded batches of other sizes (1e-4) before it is written. RUN is a run folder or checkpoint of "
+    "`settransformer train` (the exported model carries its task's preprocessing), or a folder written "
+    "by settransformer.save_model."
 )
 
 
@@ -737,11 +739,20 @@ def _export(args: argparse.Namespace, run: Path, output: Path) -> int:
         dim = int(task.sample_batch(2, torch.Generator().manual_seed(0)).x.shape[-1])
     if dim is None:
         raise RunError(f"{name}: cannot export: the model does not say its input feature size")
+    dim_query = None
+    if takes_queries(model):  # the task's batches hold the query points the model is asked about
+        if task is None:
+            raise RunError(
+                f"{name}: cannot export: the model takes queries of a feature size it does not say"
+            )
+        dim_query = int(task.sample_batch(2, torch.Generator().manual_seed(0)).extra["queries"].shape[-1])
     try:
         if args.format == "onnx":
-            export_onnx(model, output, dim_input=dim, opset=args.opset, overwrite=args.overwrite)
+            export_onnx(
+                model, output, dim_input=dim, dim_query=dim_query, opset=args.opset, overwrite=args.overwrite
+            )
         else:
-            export_torchscript(model, output, dim_input=dim, overwrite=args.overwrite)
+            export_torchscript(model, output, dim_input=dim, dim_query=dim_query, overwrite=args.overwrite)
     except (ImportError, TypeError, ValueError, FileExistsError) as e:  # ExportError is a ValueError
         raise RunError(f"{name}: cannot export: {e}") from None
     source = f"{args.which} checkpoint, " if task is not None and run.is_dir() else ""
@@ -749,6 +760,8 @@ def _export(args: argparse.Namespace, run: Path, output: Path) -> int:
     print(f"exported {name} ({source}{run}) as {kind}: {output}")
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     print(f"  inputs: x {dtype} (batch, set, {dim}), mask bool (batch, set), True for real elements")
+    if dim_query is not None:
+        print(f"          queries {dtype} (batch, queries, {dim_query}), the points each set is asked about")
     if args.format == "onnx" and importlib.util.find_spec("onnxruntime") is None:
         log("warning: onnxruntime is not installed, so the file was checked but not run")
     return 0

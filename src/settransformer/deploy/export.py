@@ -7,6 +7,11 @@ set size ``N`` (``N >= 1``; express an empty set as a row of ``mask`` that is al
   padded sets; padded rows may hold anything, they are ignored;
 - ``mask``: ``(B, N)`` bool, True for real elements;
 
+and, for a model called as ``model(x, mask, queries)`` (``dim_query`` given; the
+``kernel-regression`` task's), a third one with a dynamic number of queries ``Q >= 1``:
+
+- ``queries``: ``(B, Q, dim_query)``, the model's floating dtype, the points each set is asked about;
+
 and return the model's output (``(B, num_outputs, dim_output)`` for a
 :class:`~settransformer.SetTransformer`), named ``output`` in the ONNX graph. Both exports run
 the model in evaluation mode (no dropout).
@@ -56,17 +61,19 @@ from ..data.files import atomic_path
 from ..nn.blocks import large_set_forms
 from ..nn.validation import check_positive
 
-__all__ = ["INPUT_NAMES", "OUTPUT_NAME", "ExportError", "export_onnx", "export_torchscript"]
+__all__ = ["INPUT_NAMES", "OUTPUT_NAME", "QUERIES_NAME", "ExportError", "export_onnx", "export_torchscript"]
 
 #: Names of the inputs of an exported ONNX graph, in order, and of its output.
 INPUT_NAMES = ("x", "mask")
 OUTPUT_NAME = "output"
+#: Name of the third input of the graph of a model called as ``model(x, mask, queries)``.
+QUERIES_NAME = "queries"
 #: ONNX opset when none is given (ONNX Runtime >= 1.14 runs it; LayerNormalization needs 17+).
 DEFAULT_OPSET = 18
 
-_EXAMPLE = (2, 8)  # (B, N) traced; B > 1 so that broadcasting over the batch is traced as such
-_PROBE_SIZE = 11  # a second set size, to tell which attention sizes grow with N
-_CHECK_SIZES = ((3, 13), (1, 1), (5, 40))  # (B, N) compared after export; none of them traced
+_EXAMPLE = (2, 8, 3)  # (B, N, Q) traced; B > 1 so that broadcasting over the batch is traced as such
+_PROBE_SIZE = (11, 5)  # a second (N, Q), to tell which attention sizes grow with N or Q
+_CHECK_SIZES = ((3, 13, 4), (1, 1, 1), (5, 40, 9))  # (B, N, Q) compared after export; none of them traced
 _TOLERANCE = 1e-4  # atol and rtol of the comparison
 
 
@@ -90,6 +97,7 @@ def export_onnx(
     path: str | Path,
     *,
     dim_input: int,
+    dim_query: int | None = None,
     opset: int | None = None,
     overwrite: bool = False,
     verify: bool = True,
@@ -97,10 +105,14 @@ def export_onnx(
 ) -> Path:
     """Write ``model`` as an ONNX graph ``(x: (B, N, dim_input), mask: (B, N) bool) -> output``.
 
+    A model called as ``model(x, mask, queries)`` gets a third input ``queries: (B, Q, dim_query)``.
+
     Args:
-        model: called as ``model(x, mask)``, returning one tensor.
+        model: called as ``model(x, mask)`` (or ``model(x, mask, queries)``), returning one tensor.
         path: the ``.onnx`` file to write (its folder is created).
         dim_input: feature size of the set elements.
+        dim_query: feature size of the query points, for a model that takes them (required
+            then, refused otherwise).
         opset: ONNX opset (default :data:`DEFAULT_OPSET`; 14 to 20, or 18+ with ``dynamo``).
         overwrite: replace an existing file (otherwise :class:`FileExistsError`).
         verify: run the file in ONNX Runtime (when installed) on padded batches of other sizes
@@ -109,8 +121,8 @@ def export_onnx(
 
     Returns:
         ``path``. Raises :class:`ExportError` (a ``ValueError``) when the export or the
-        comparison fails, ``TypeError`` for a model that is not called as ``model(x, mask)``,
-        ``ImportError`` without the ``onnx`` package.
+        comparison fails, ``TypeError`` for a model that is not called as ``model(x, mask)`` (or
+        ``model(x, mask, queries)`` with ``dim_query``), ``ImportError`` without the ``onnx`` package.
 
     Example:
         >>> import onnx
@@ -119,6 +131,16 @@ def export_onnx(
         >>> path = export_onnx(model, "model.onnx", dim_input=2)
         >>> [i.name for i in onnx.load(path).graph.input], [o.name for o in onnx.load(path).graph.output]
         (['x', 'mask'], ['output'])
+
+        A model that is asked about query points, each answered by a weighted mean of the set:
+
+        >>> class AtQueries(torch.nn.Module):
+        ...     def forward(self, x, mask, queries):
+        ...         scores = (queries @ x.transpose(1, 2)).masked_fill(~mask[:, None], -1e9)
+        ...         return scores.softmax(-1) @ x
+        >>> path = export_onnx(AtQueries(), "at-queries.onnx", dim_input=2, dim_query=2)
+        >>> [i.name for i in onnx.load(path).graph.input]
+        ['x', 'mask', 'queries']
     """
     if opset is None:
         opset = DEFAULT_OPSET
@@ -131,29 +153,36 @@ def export_onnx(
             raise ImportError(f"export_onnx needs the {package} package: pip install 'settransformer[onnx]'")
     import onnx
 
-    example, dtype = _prepare(model, dim_input)
+    example, dtype = _prepare(model, dim_input, dim_query)
+    names = _input_names(example)
 
     def write(tmp: Path, wrapper: nn.Module) -> None:
-        options: dict[str, object] = {"input_names": list(INPUT_NAMES), "output_names": [OUTPUT_NAME]}
+        options: dict[str, object] = {"input_names": list(names), "output_names": [OUTPUT_NAME]}
         if dynamo:
             batch, size = torch.export.Dim("batch"), torch.export.Dim("set")
-            options["dynamic_shapes"] = {"x": {0: batch, 1: size}, "mask": {0: batch, 1: size}}
+            shapes = {"x": {0: batch, 1: size}, "mask": {0: batch, 1: size}}
+            if QUERIES_NAME in names:
+                shapes[QUERIES_NAME] = {0: batch, 1: torch.export.Dim("queries")}
+            options["dynamic_shapes"] = shapes
             options["external_data"] = False
         else:
-            options["dynamic_axes"] = {name: {0: "batch", 1: "set"} for name in INPUT_NAMES}
+            axes = {name: {0: "batch", 1: "set"} for name in INPUT_NAMES}
+            options["dynamic_axes"] = (
+                {**axes, QUERIES_NAME: {0: "batch", 1: "queries"}} if len(names) > 2 else axes
+            )
         with _stdout_to_devnull():
             torch.onnx.export(wrapper, example, str(tmp), dynamo=dynamo, opset_version=opset, **options)  # type: ignore[arg-type]
         onnx.checker.check_model(str(tmp), full_check=True)
 
-    def load(tmp: Path) -> Callable[[Tensor, Tensor], Tensor] | None:
+    def load(tmp: Path) -> Callable[..., Tensor] | None:
         try:
             import onnxruntime as ort
         except ImportError:
             return None
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
 
-        def run(x: Tensor, mask: Tensor) -> Tensor:
-            feed = {"x": x.cpu().numpy(), "mask": mask.cpu().numpy()}
+        def run(*inputs: Tensor) -> Tensor:
+            feed = {name: t.cpu().numpy() for name, t in zip(names, inputs, strict=True)}
             return torch.from_numpy(session.run([OUTPUT_NAME], feed)[0])
 
         return run
@@ -166,15 +195,21 @@ def export_torchscript(
     path: str | Path,
     *,
     dim_input: int,
+    dim_query: int | None = None,
     overwrite: bool = False,
     verify: bool = True,
 ) -> Path:
     """Write ``model`` traced as TorchScript: ``torch.jit.load(path)(x, mask)``, no Python source needed.
 
+    A model called as ``model(x, mask, queries)`` is loaded back as ``torch.jit.load(path)(x, mask,
+    queries)``, ``queries: (B, Q, dim_query)``.
+
     Args:
-        model: called as ``model(x, mask)``, returning one tensor.
+        model: called as ``model(x, mask)`` (or ``model(x, mask, queries)``), returning one tensor.
         path: the file to write (``.pt`` by convention; its folder is created).
         dim_input: feature size of the set elements.
+        dim_query: feature size of the query points, for a model that takes them (required
+            then, refused otherwise).
         overwrite: replace an existing file (otherwise :class:`FileExistsError`).
         verify: load the file back and compare with ``model`` on padded batches of other sizes.
 
@@ -188,13 +223,13 @@ def export_torchscript(
         >>> loaded(torch.randn(4, 5, 2), torch.ones(4, 5, dtype=torch.bool)).shape
         torch.Size([4, 1, 3])
     """
-    example, dtype = _prepare(model, dim_input)
+    example, dtype = _prepare(model, dim_input, dim_query)
 
     def write(tmp: Path, wrapper: nn.Module) -> None:
         traced = torch.jit.trace(wrapper, example, check_trace=False)
         torch.jit.save(traced, str(tmp))
 
-    def load(tmp: Path) -> Callable[[Tensor, Tensor], Tensor]:
+    def load(tmp: Path) -> Callable[..., Tensor]:
         return torch.jit.load(str(tmp), map_location=example[0].device)
 
     return _export(
@@ -214,19 +249,39 @@ class _Inference(nn.Module):
         return self.model(x, mask)
 
 
-def _check_signature(model: object) -> None:
-    """``TypeError`` unless ``model`` is a module that can be called as ``model(x, mask)``."""
+class _InferenceAtQueries(_Inference):
+    """``model(x, mask, queries)`` with exactly these three inputs."""
+
+    def forward(self, x: Tensor, mask: Tensor, queries: Tensor) -> Tensor:  # type: ignore[override]
+        """``x: (B, N, dim_input)``, ``mask: (B, N)`` bool, ``queries: (B, Q, dim_query)`` -> the
+        model's output."""
+        return self.model(x, mask, queries)
+
+
+def _check_signature(model: object, queries: bool) -> None:
+    """``TypeError`` unless ``model`` is a module that can be called as ``model(x, mask)``, or as
+    ``model(x, mask, queries)`` when ``queries``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     P = inspect.Parameter
     params = list(inspect.signature(model.forward).parameters.values())
     positional = [p for p in params if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD)]
     required = [p for p in params if p.default is P.empty and p.kind not in (P.VAR_POSITIONAL, P.VAR_KEYWORD)]
-    if len(required) > 2 or (len(positional) < 2 and not any(p.kind is P.VAR_POSITIONAL for p in params)):
+    n = 3 if queries else 2
+    takes = f"{type(model).__name__}.forward takes ({', '.join(p.name for p in params)})"
+    if len(required) == 3 and not queries:
         raise TypeError(
-            f"model: export needs a model called as model(x, mask) -> Tensor; "
-            f"{type(model).__name__}.forward takes ({', '.join(p.name for p in params)})"
+            f"model: {takes}: a model called as model(x, mask, queries) needs dim_query, the feature "
+            "size of the query points"
         )
+    if len(required) > n or (len(positional) < n and not any(p.kind is P.VAR_POSITIONAL for p in params)):
+        call = "model(x, mask, queries)" if queries else "model(x, mask)"
+        raise TypeError(f"model: export needs a model called as {call} -> Tensor; {takes}")
+
+
+def _input_names(example: tuple[Tensor, ...]) -> tuple[str, ...]:
+    """The graph's input names for the inputs in ``example``."""
+    return (*INPUT_NAMES, QUERIES_NAME) if len(example) > 2 else INPUT_NAMES
 
 
 def _example(
@@ -244,17 +299,36 @@ def _example(
     return x.to(device=device, dtype=dtype), mask.to(device)
 
 
-def _prepare(model: nn.Module, dim_input: int) -> tuple[tuple[Tensor, Tensor], torch.dtype]:
-    """Check ``model`` and ``dim_input``; the example inputs of the trace and the model's dtype."""
-    _check_signature(model)
+def _queries(b: int, q: int, dim_query: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Query points ``(b, q, dim_query)``."""
+    gen = torch.Generator().manual_seed(1000 * b + q + 7)
+    return torch.randn(b, q, dim_query, generator=gen).to(device=device, dtype=dtype)
+
+
+def _inputs(
+    b: int, n: int, q: int, dim_input: int, dim_query: int | None, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, ...]:
+    """:func:`_example`'s ``(x, mask)``, with :func:`_queries` ``(b, q, dim_query)`` when ``dim_query``."""
+    x, mask = _example(b, n, dim_input, dtype, device)
+    return (x, mask) if dim_query is None else (x, mask, _queries(b, q, dim_query, dtype, device))
+
+
+def _prepare(
+    model: nn.Module, dim_input: int, dim_query: int | None
+) -> tuple[tuple[Tensor, ...], torch.dtype]:
+    """Check ``model``, ``dim_input`` and ``dim_query``; the example inputs of the trace and the
+    model's dtype."""
+    _check_signature(model, dim_query is not None)
     check_positive("dim_input", dim_input)
+    if dim_query is not None:
+        check_positive("dim_query", dim_query)
     declared = getattr(model, "dim_input", None)
     if isinstance(declared, int) and declared != dim_input:
         raise ValueError(f"dim_input: the model takes sets of {declared} features, got {dim_input}")
     floats = [p for p in model.parameters() if p.is_floating_point()]
     dtype = floats[0].dtype if floats else torch.get_default_dtype()
     device = floats[0].device if floats else torch.device("cpu")
-    example = _example(*_EXAMPLE, dim_input, dtype, device)
+    example = _inputs(*_EXAMPLE, dim_input, dim_query, dtype, device)
     out = _call(model, example)
     if not isinstance(out, Tensor):
         raise TypeError(
@@ -264,29 +338,32 @@ def _prepare(model: nn.Module, dim_input: int) -> tuple[tuple[Tensor, Tensor], t
     return example, dtype
 
 
-def _call(model: nn.Module, example: tuple[Tensor, Tensor]) -> object:
+def _call(model: nn.Module, example: tuple[Tensor, ...]) -> object:
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             return model(*example)
     except Exception as e:  # any failure of the user's model: name what it was given
-        x, mask = example
+        x, mask = example[:2]
+        names = ", ".join(_input_names(example))
+        at = f", queries: {tuple(example[2].shape)}" if len(example) > 2 else ""
         raise ExportError(
-            f"model: {type(model).__name__}(x, mask) failed on an example batch x: {tuple(x.shape)} "
-            f"{x.dtype}, mask: {tuple(mask.shape)} bool ({type(e).__name__}: {e})"
+            f"model: {type(model).__name__}({names}) failed on an example batch x: {tuple(x.shape)} "
+            f"{x.dtype}, mask: {tuple(mask.shape)} bool{at} ({type(e).__name__}: {e})"
         ) from e
     finally:
         model.train(was_training)
 
 
 def _large_set_forms(
-    model: nn.Module, example: tuple[Tensor, Tensor]
+    model: nn.Module, example: tuple[Tensor, ...]
 ) -> contextlib.AbstractContextManager[None]:
-    """:func:`~settransformer.nn.blocks.large_set_forms`, probing at ``example``'s size and at
-    ``_PROBE_SIZE`` elements."""
+    """:func:`~settransformer.nn.blocks.large_set_forms`, probing at ``example``'s sizes and at
+    ``_PROBE_SIZE`` elements and queries (both grow in the exported graph)."""
     x = example[0]
-    probe = _example(x.shape[0], _PROBE_SIZE, x.shape[2], x.dtype, x.device)
+    dim_query = example[2].shape[2] if len(example) > 2 else None
+    probe = _inputs(x.shape[0], *_PROBE_SIZE, x.shape[2], dim_query, x.dtype, x.device)
     return large_set_forms(model, example, probe, lambda batch: _call(model, batch))
 
 
@@ -315,10 +392,10 @@ def _stdout_to_devnull() -> Iterator[None]:
 def _export(
     model: nn.Module,
     path: Path,
-    example: tuple[Tensor, Tensor],
+    example: tuple[Tensor, ...],
     dtype: torch.dtype,
     write: Callable[[Path, nn.Module], None],
-    load: Callable[[Path], Callable[[Tensor, Tensor], Tensor] | None] | None,
+    load: Callable[[Path], Callable[..., Tensor] | None] | None,
     overwrite: bool,
     kind: str,
 ) -> Path:
@@ -336,7 +413,8 @@ def _export(
             warnings.simplefilter("ignore")
             try:
                 with _large_set_forms(model, example), torch.no_grad():
-                    write(tmp, _Inference(model).eval())
+                    wrapper = _InferenceAtQueries(model) if len(example) > 2 else _Inference(model)
+                    write(tmp, wrapper.eval())
             except ExportError:
                 raise
             except Exception as e:
@@ -348,7 +426,8 @@ def _export(
             except Exception as e:
                 raise ExportError(f"the {kind} file does not load ({type(e).__name__}: {e})") from e
             if run is not None:
-                _compare(model, run, example[0].shape[2], dtype, example[0].device, kind)
+                dim_query = example[2].shape[2] if len(example) > 2 else None
+                _compare(model, run, example[0].shape[2], dim_query, dtype, example[0].device, kind)
     finally:
         model.train(was_training)
     return path
@@ -356,23 +435,25 @@ def _export(
 
 def _compare(
     model: nn.Module,
-    run: Callable[[Tensor, Tensor], Tensor],
+    run: Callable[..., Tensor],
     dim_input: int,
+    dim_query: int | None,
     dtype: torch.dtype,
     device: torch.device,
     kind: str,
 ) -> None:
     """:class:`ExportError` unless ``run`` agrees with ``model`` on padded batches of untraced sizes."""
-    for b, n in _CHECK_SIZES:
-        x, mask = _example(b, n, dim_input, dtype, device)
+    for b, n, q in _CHECK_SIZES:
+        inputs = _inputs(b, n, q, dim_input, dim_query, dtype, device)
+        at = f" with {q} queries" if dim_query is not None else ""
         with torch.no_grad():
-            expected = model(x, mask)
+            expected = model(*inputs)
             try:
-                got = run(x, mask).to(expected.device)
+                got = run(*inputs).to(expected.device)
             except Exception as e:
                 raise ExportError(
-                    f"the {kind} export of {type(model).__name__} fails on a batch of {b} sets of size {n} "
-                    f"({type(e).__name__}: {e})"
+                    f"the {kind} export of {type(model).__name__} fails on a batch of {b} sets of size {n}"
+                    f"{at} ({type(e).__name__}: {e})"
                 ) from e
         if got.shape != expected.shape or not torch.allclose(
             got, expected, atol=_TOLERANCE, rtol=_TOLERANCE, equal_nan=True
@@ -384,6 +465,6 @@ def _compare(
             )
             raise ExportError(
                 f"the {kind} export of {type(model).__name__} disagrees with the model on a batch of "
-                f"{b} sets of size {n} ({diff}): its output depends on the batch or set size in a way "
+                f"{b} sets of size {n}{at} ({diff}): its output depends on the batch or set size in a way "
                 "tracing cannot capture"
             )

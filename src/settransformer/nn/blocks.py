@@ -952,7 +952,7 @@ def attention_forms(model: nn.Module, forms: Form | Mapping[MAB, Form | Sequence
             m.form = previous
 
 
-Batch = tuple[Tensor, Tensor]
+Batch = tuple[Tensor, ...]  # (x, mask) and the model's further inputs, if any
 
 
 @contextlib.contextmanager
@@ -966,7 +966,8 @@ def large_set_forms(
 
     Args:
         model: the model to be traced.
-        example, probe: ``(x, mask)`` batches of two different set sizes.
+        example, probe: ``(x, mask)`` batches (and the model's further inputs) of two different
+            set sizes.
         call: runs ``model`` on a batch (in evaluation mode, without gradients).
 
     The blocks are called in the same order on every forward pass, so the ``k``-th call of a block
