@@ -70,8 +70,9 @@ def test_paths_agree_in_gradient():
 
 
 @pytest.mark.parametrize("nk", [0, 5, 300])
-def test_pooled_gemm_path_under_autograd_equals_the_fused_kernel(nk, monkeypatch):
-    """Under autograd small sets take two GEMMs (``_pooled_math``); masks and empty sets as fused."""
+def test_pooled_attention_is_the_same_on_either_kernel(nk, monkeypatch):
+    """Values and gradients of the pooled form on the explicit and the fused kernel; masks and
+    empty sets included."""
     attention = importlib.import_module("settransformer.nn.attention")  # `attention` is also a function
 
     torch.manual_seed(0)
@@ -82,18 +83,18 @@ def test_pooled_gemm_path_under_autograd_equals_the_fused_kernel(nk, monkeypatch
     mask = torch.rand(3, nk) < 0.7
     mask[1] = False  # an empty set
 
-    def run(max_keys: int) -> tuple[torch.Tensor, ...]:
-        monkeypatch.setattr(attention, "POOLED_MATH_MAX_KEYS", max_keys)
+    def run(kernel: str) -> tuple[torch.Tensor, ...]:
+        monkeypatch.setattr(attention, "choose_kernel", lambda q, k, v: kernel)
         kv_in = kv.masked_fill(~mask[..., None], 0.0)  # the blocks zero padded rows first
         out = attention.pooled_attention(q, kv_in, w_k, w_v, b_v, 2, mask)
         grads = torch.autograd.grad(out.square().sum(), (q, kv))
         return (out, *grads)
 
-    gemm, fused = run(10**9), run(-1)
-    for a, b in zip(gemm, fused):
+    explicit, fused = run("explicit"), run("fused")
+    for a, b in zip(explicit, fused):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-    assert gemm[0][1].abs().max() == 0  # the empty set's attention output is zero
+    assert explicit[0][1].abs().max() == 0  # the empty set's attention output is zero
 
 
 def test_cheapest_form_for_the_set_transformer_shapes() -> None:
@@ -151,17 +152,20 @@ def test_explicit_kernel_dropout_is_deterministic_given_the_seed():
 
 
 def test_kernel_rule_follows_shape_and_autograd():
-    from settransformer.nn.attention import EXPLICIT_MAX_SCORES, attention, explicit_is_faster
+    from settransformer.nn.attention import EXPLICIT_MAX_SCORES, attention, choose_kernel
 
-    small, large = torch.randn(64, 4, 4, 32), torch.randn(64, 4, 500, 32)
+    tiny = torch.randn(32, 4, 10, 16)  # a SAB over 10 elements: the fused kernel's one call wins
+    rows, inducing = torch.randn(10, 4, 450, 32), torch.randn(10, 4, 32, 32)  # a set over inducing points
+    stacked, one_set = torch.randn(1, 1, 128, 128), torch.randn(1, 1, 10_000, 128)  # pooled form, B = 1
+    assert choose_kernel(tiny, tiny, tiny) == "fused"
+    assert choose_kernel(rows, inducing, inducing) == "explicit"
+    assert choose_kernel(rows, rows, rows) == "fused"  # 10 * 4 * 450 ** 2 scores: too many to store
+    assert 10 * 4 * 450 * 32 <= EXPLICIT_MAX_SCORES < 10 * 4 * 450**2
     with torch.no_grad():
-        assert explicit_is_faster(small, small)  # a decoder SAB over a few seeds
-        assert not explicit_is_faster(large, large)
-        assert not explicit_is_faster(small[:, :, :1], small[:, :, :1])
-        assert EXPLICIT_MAX_SCORES >= 4 * 4
-    assert not explicit_is_faster(small, small)  # under autograd the fused backward is kept
+        assert choose_kernel(stacked, one_set, one_set) == "fused"  # one (batch, head): fused splits it
+    assert choose_kernel(stacked.requires_grad_(), one_set, one_set) == "explicit"  # its backward does not
     with pytest.raises(ValueError, match="kernel"):
-        attention(small, small, small, kernel="bmm")
+        attention(tiny, tiny, tiny, kernel="bmm")
 
 
 def test_standard_form_without_autograd_equals_with():

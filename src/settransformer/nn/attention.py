@@ -1,8 +1,9 @@
 """Multi-head attention over sets: the one attention function every block calls.
 
 Tensors keep the heads as their own dimension, ``(B, H, N, head_dim)``, so splitting and merging
-heads are views (no ``split``/``cat`` copies), and the scores go through PyTorch's fused
-:func:`torch.nn.functional.scaled_dot_product_attention` kernel.
+heads are views (no ``split``/``cat`` copies). The scores go through PyTorch's fused
+:func:`torch.nn.functional.scaled_dot_product_attention` kernel or through two batched products
+and a softmax, whichever :func:`choose_kernel` finds faster for the shape.
 
 Masks follow PyTorch Geometric's ``to_dense_batch``: a boolean ``mask`` of shape ``(B, N)`` in
 which ``True`` marks a real element and ``False`` padding.
@@ -23,17 +24,18 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .scores import DotForm, ScoreFn, attention_weights, softmax_scale
-from .validation import check_probability, check_top_k
+from .scores import DotForm, ScoreFn, attention_weights, softmax, softmax_scale
+from .validation import check_probability, check_top_k, tracing
 
 __all__ = [
     "EXPLICIT_MAX_SCORES",
+    "EXPLICIT_MIN_WORK",
     "KERNELS",
     "FormSizes",
     "Kernel",
     "attention",
     "cheapest_form",
-    "explicit_is_faster",
+    "choose_kernel",
     "induced_attention",
     "induced_is_cheaper",
     "merge_heads",
@@ -97,7 +99,7 @@ def attention(
             (ties to the lower key index), renormalised; the others get weight exactly 0.
         kernel: how a dot product is computed: ``"fused"`` (PyTorch's fused kernel),
             ``"explicit"`` (batched products and a softmax) or ``"auto"`` (the faster one for the
-            shape, :func:`explicit_is_faster`). Both compute the same function.
+            shape, :func:`choose_kernel`). Both compute the same function.
 
     Returns:
         ``(B, H, Nq, Dv)``. Rows of an empty set (all keys masked) are exactly zero.
@@ -191,7 +193,7 @@ def _attention(
         scale, bias = (1.0, bias) if scale is None else (scale, bias * scale)
     scale = softmax_scale(q.shape[-1], scale)
     if kernel == "auto":
-        kernel = "explicit" if explicit_is_faster(q, k) else "fused"
+        kernel = choose_kernel(q, k, v)
     sdpa = _explicit_sdpa if kernel == "explicit" else F.scaled_dot_product_attention
     if mask is None:
         return sdpa(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
@@ -207,35 +209,42 @@ Kernel = Literal["auto", "fused", "explicit"]
 #: The ways :func:`attention` computes a dot product (see its ``kernel`` argument).
 KERNELS: tuple[Kernel, ...] = get_args(Kernel)
 
-# Calibration of explicit_is_faster (2 threads of an x86 CPU, medians of interleaved runs).
-# Without autograd the fused CPU kernel's fixed cost per (batch, head) dominates below a few
-# hundred scores per head: at B = 128, H = 4, (Nq, Nk) = (10, 32) / (10, 10) / (4, 4) the explicit
-# form is 3.8x / 2.3x / 1.8x faster; from (100, 16) on the fused kernel wins (up to 5x at
-# 450 x 450). Under autograd the fused kernel's backward was as fast or faster at most measured
-# shapes, so it keeps it.
-EXPLICIT_MAX_SCORES = 1024
+# Calibration of choose_kernel: benchmarks/kernels.py times both kernels at the shapes the blocks
+# run (2 threads of an x86 CPU; the table is benchmarks/results/kernels.md). The fused CPU kernel
+# wins where each (batch, head) has little work (a handful of queries and keys: its one call beats
+# three) and for large score matrices (it never stores them); the explicit form wins in between,
+# most where the keys are few (a set over its inducing points: 1.3-2.5x, forward and backward),
+# and under autograd for the pooled form's stacked queries (1.15-1.5x). Without autograd, a single
+# (batch, head) keeps the fused kernel, which splits its queries over the threads.
+#: Fewest multiply-adds per (batch, head), ``Nq * Nk * Dh``, for the explicit kernel.
+EXPLICIT_MIN_WORK = 2048
+#: Most scores in all, ``B * H * Nq * Nk``, for the explicit kernel (it stores them: 12 MB in float32).
+EXPLICIT_MAX_SCORES = 3 * 2**20
 
 
-def explicit_is_faster(q: Tensor, k: Tensor) -> bool:
-    """Whether batched products and a softmax beat the fused kernel for ``q: (B, H, Nq, D)`` over
-    ``k: (B, H, Nk, D)``: a calibrated rule on the CPU without autograd, for few scores per head
-    (``2 <= Nq * Nk <=`` :data:`EXPLICIT_MAX_SCORES`). Never while tracing, compiling or exporting,
-    so a graph holds the same kernel for every size.
+def choose_kernel(q: Tensor, k: Tensor, v: Tensor) -> Kernel:
+    """The faster dot-product kernel for ``q: (B, H, Nq, D)`` over ``k: (B, H, Nk, D)``,
+    ``v: (B, H, Nk, Dv)``: ``"explicit"`` (batched products and a softmax) or ``"fused"``.
+
+    A calibrated rule for the CPU (see :data:`EXPLICIT_MIN_WORK`, :data:`EXPLICIT_MAX_SCORES`;
+    ``benchmarks/kernels.py`` checks it against measurements); the fused kernel on other devices
+    and while tracing, compiling or exporting, so a graph holds the same kernel for every size.
+    A rule, not a timer, so a seeded run computes the same bits every time.
 
     Example:
-        >>> q, k = torch.randn(128, 4, 10, 32), torch.randn(128, 4, 32, 32)
-        >>> with torch.no_grad():
-        ...     explicit_is_faster(q, k), explicit_is_faster(q, torch.randn(128, 4, 500, 32))
-        (True, False)
+        >>> q = torch.randn(10, 4, 450, 32)
+        >>> inducing = torch.randn(10, 4, 32, 32)
+        >>> choose_kernel(q, inducing, inducing), choose_kernel(q, q, q)
+        ('explicit', 'fused')
     """
-    if q.device.type != "cpu" or torch.is_grad_enabled() or _tracing():
-        return False
-    scores = q.shape[-2] * k.shape[-2]
-    return 2 <= scores <= EXPLICIT_MAX_SCORES
-
-
-def _tracing() -> bool:
-    return torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+    if q.device.type != "cpu" or tracing():
+        return "fused"
+    b, h, nq, dh = k.shape[0], k.shape[1], q.shape[-2], q.shape[-1]
+    nk = k.shape[-2]
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if nq * nk * dh < EXPLICIT_MIN_WORK or b * h * nq * nk > EXPLICIT_MAX_SCORES:
+        return "fused"
+    return "explicit" if grad or b * h > 1 else "fused"
 
 
 def _explicit_sdpa(
@@ -246,7 +255,7 @@ def _explicit_sdpa(
     s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
     if attn_mask is not None:
         s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
-    w = torch.softmax(s, dim=-1)
+    w = softmax(s)
     return torch.matmul(F.dropout(w, dropout_p) if dropout_p > 0 else w, v)
 
 
@@ -311,16 +320,20 @@ def cheapest_form(nq: float, nk: float, s: FormSizes) -> str:
     """``"standard"``, ``"pooled"`` or ``"induced"``: the form with the fewest multiply-adds.
 
     Counting projections, scores, weighted sum and output projection, the pooled form
-    (:func:`pooled_attention`) beats the standard one for every set size once the queries are
+    (:func:`pooled_attention`) beats the standard one for every large set once the queries are
     few (PMA seeds, inducing points) and the induced form once the keys are few (a set attending
-    to inducing points). Each test looks only at the count on its small side, and a symbolic
-    count (``torch.export`` with a dynamic set size) counts as large, so tracing adds no guard on
-    the set size. Both rewrites hold only for plain dot-product softmax; the caller checks that.
+    to inducing points). With both counts concrete the totals decide, so small sets on both sides
+    (a few queries over a handful of keys) keep the standard form. A symbolic count
+    (``torch.export`` with a dynamic set size) counts as large and decides nothing, so tracing
+    adds no guard on the set size. Both rewrites hold only for plain dot-product softmax; the
+    caller checks that.
 
     Example:
         >>> s = FormSizes(64, 4, 64, 64, projected_residual=False, out_proj=True)
         >>> cheapest_form(1, 1000, s), cheapest_form(1000, 8, s), cheapest_form(1000, 1000, s)
         ('pooled', 'induced', 'standard')
+        >>> cheapest_form(8, 4, s._replace(out_proj=False))
+        'standard'
     """
     d, h, dq, dkv = s.dim, s.num_heads, s.dim_q, s.dim_kv
     if _surely(nq == 0) or _surely(nk == 0):
@@ -328,43 +341,19 @@ def cheapest_form(nq: float, nk: float, s: FormSizes) -> str:
     # pooled - standard = nq * (...) + 2 nk (nq (h dkv - d) - dkv d): negative for large nk iff
     queries_few = _surely(nq * (h * dkv - d) < dkv * d)
     keys_few = induced_is_cheaper(nk, s)
-    if queries_few and keys_few:  # both counts small and concrete: compare the totals
-        extra = dq * d if s.projected_residual else 0
-        q_proj, out_proj = nq * dq * d, nq * d * d
-        costs = [
-            (q_proj + 2 * nk * dkv * d + 2 * nq * nk * d + out_proj, "standard"),
-            (q_proj + h * nq * d * dkv + 2 * h * nq * nk * dkv + nq * dkv * d + out_proj, "pooled"),
-            (2 * nk * dkv * d + nk * d * (dq + d) + h * nq * nk * (dq + d) + extra, "induced"),
-        ]
-        # a loop, not min(key=...): torch.compile traces it without a graph break
-        best = costs[0]
-        for cost in costs[1:]:
-            if cost[0] < best[0]:
-                best = cost
-        return best[1]
-    return "pooled" if queries_few else "induced" if keys_few else "standard"
-
-
-# Under autograd, sets up to this many elements take two plain GEMMs instead of the fused kernel
-# in pooled_attention (see _pooled_math); larger sets keep the fused kernel, which never stores the
-# (B, H * Nq, N) weights and whose backward parallelises well at that size.
-POOLED_MATH_MAX_KEYS = 4096
-
-
-def _pooled_math(q: Tensor, kv: Tensor, mask: Tensor | None, scale: float, dropout_p: float) -> Tensor:
-    """``softmax(q kv^T * scale) kv`` for ``q: (Bq, 1, Q, D)``, ``kv: (B, 1, N, D)`` as two GEMMs.
-
-    With all heads stacked as the queries of one head, the fused CPU kernel's backward has little
-    to run in parallel; at a training shape (B = 10, N = 450, Q = D = 128) two GEMMs and a softmax
-    take about two thirds of its time, forward and backward. Masked keys get the most negative
-    finite score, so an empty set gets uniform weights over its zero rows: a zero result and
-    finite gradients, as the fused path's empty-set rule gives.
-    """
-    s = torch.matmul(q * scale, kv.transpose(-1, -2))
-    if mask is not None:
-        s = s.masked_fill(~mask[:, None, None, :], torch.finfo(s.dtype).min)
-    w = torch.softmax(s, dim=-1)
-    return torch.matmul(F.dropout(w, dropout_p) if dropout_p > 0 else w, kv)
+    if not (queries_few or keys_few):
+        return "standard"
+    extra = dq * d if s.projected_residual else 0
+    q_proj, out_proj = nq * dq * d, nq * d * d if s.out_proj else 0
+    standard = (q_proj + 2 * nk * dkv * d + 2 * nq * nk * d + out_proj, "standard")
+    pooled = (q_proj + h * nq * d * dkv + 2 * h * nq * nk * dkv + nq * dkv * d + out_proj, "pooled")
+    induced = (2 * nk * dkv * d + nk * d * (dq + d) + h * nq * nk * (dq + d) + extra, "induced")
+    best = pooled if queries_few else induced
+    # a loop, not min(key=...): torch.compile traces it without a graph break
+    for cost in (standard, pooled, induced) if queries_few and keys_few else (standard,):
+        if _surely(cost[0] < best[0]):
+            best = cost
+    return best[1]
 
 
 def pooled_attention(
@@ -411,12 +400,7 @@ def pooled_attention(
     q_in = q_in.reshape(bq, 1, num_heads * nq, dkv)
     kv1 = kv.unsqueeze(1)
     scale = softmax_scale(dh, scale)
-    n = kv.shape[1]
-    small = _surely(n <= POOLED_MATH_MAX_KEYS)
-    if small and torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad or w_k.requires_grad):
-        o = _pooled_math(q_in, kv1, mask, scale, dropout_p)
-    else:
-        o = _attention(q_in, kv1, kv1, mask, scale=scale, dropout_p=dropout_p)
+    o = _attention(q_in, kv1, kv1, mask, scale=scale, dropout_p=dropout_p)
     o = o.view(b, num_heads, nq, dkv)
     out = torch.einsum("bhqk,hek->bhqe", o, w_v.view(num_heads, dh, dkv)) + b_v.view(num_heads, 1, dh)
     if mask is not None:
@@ -475,7 +459,7 @@ def induced_attention(
     if mask is not None:
         empty = ~mask.any(dim=-1)
         scores = scores.masked_fill(~(mask | empty[:, None])[:, None, None, :], float("-inf"))
-    weights = torch.softmax(scores, dim=-1)
+    weights = softmax(scores)
     if empty is not None:
         weights = weights.masked_fill(empty[:, None, None, None], 0.0)
     if dropout_p > 0:

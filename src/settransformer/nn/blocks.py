@@ -63,7 +63,7 @@ from .attention import (
     pooled_attention,
     split_heads,
 )
-from .scores import ScoreSpec, check_score, make_score, softmax_scale
+from .scores import ScoreSpec, check_score, make_score, softmax, softmax_scale
 from .streaming import Pipeline, isab_chunked, pma_chunked
 from .validation import (
     check_finite,
@@ -840,7 +840,7 @@ class InducedRows:
         scores = ws.get("s", b, c, heads * self.m)
         torch.baddbmm(self.k_bias, qn, self.k_in.transpose(1, 2), out=scores)
         weights = ws.get("w", b, c, heads, self.m)
-        torch.softmax(scores.view(b, c, heads, self.m), dim=-1, out=weights)
+        softmax(scores.view(b, c, heads, self.m), out=weights)
         weights = weights.view(b, c, heads * self.m)
         y = ws.get("y", b, c, d)  # residual + attention output, the residual added by the product
         if mab.residual == "projected":

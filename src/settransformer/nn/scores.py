@@ -51,7 +51,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from .validation import check_top_k
+from .validation import check_top_k, tracing
 
 __all__ = [
     "AdditiveScore",
@@ -65,6 +65,7 @@ __all__ = [
     "make_score",
     "masked_softmax",
     "score_logits",
+    "softmax",
     "softmax_scale",
     "top_k_mask",
 ]
@@ -84,6 +85,39 @@ def softmax_scale(head_dim: int, scale: float | None = None) -> float:
         (0.25, 0.5)
     """
     return 1.0 / math.sqrt(head_dim) if scale is None else scale
+
+
+#: Rows shorter than this are normalised by :func:`softmax` in three vectorised passes on a CPU.
+#: PyTorch's CPU softmax vectorises along a row and runs a scalar loop for rows shorter than one
+#: vector (16 floats with AVX-512, 8 with AVX2; both measured slower up to 15): at 20,000 rows of
+#: 10 it takes 1.8 ms where ``exp(x - max) / sum`` takes 0.34 ms (``benchmarks/kernels.py``).
+SHORT_ROW = 16
+
+
+def softmax(x: Tensor, *, out: Tensor | None = None) -> Tensor:
+    """``torch.softmax(x, dim=-1)`` for ``x: (..., L)``, computed the faster exact way.
+
+    Without autograd, rows shorter than :data:`SHORT_ROW` on a CPU in float32/float64 are
+    computed as ``exp(x - max) / sum`` (in place on one new tensor, or on ``out``); otherwise,
+    and while tracing or compiling (a graph holds one softmax), PyTorch's kernel.
+
+    Example:
+        >>> x = torch.randn(4, 10)
+        >>> with torch.no_grad():
+        ...     torch.allclose(softmax(x), torch.softmax(x, dim=-1))
+        True
+    """
+    if (
+        x.shape[-1] >= SHORT_ROW
+        or x.shape[-1] == 0
+        or x.device.type != "cpu"
+        or x.dtype not in (torch.float32, torch.float64)
+        or (x.requires_grad and torch.is_grad_enabled())
+        or tracing()
+    ):
+        return torch.softmax(x, dim=-1) if out is None else torch.softmax(x, dim=-1, out=out)
+    e = torch.sub(x, x.amax(-1, keepdim=True), out=out).exp_()
+    return e.div_(e.sum(-1, keepdim=True))
 
 
 @runtime_checkable
@@ -283,7 +317,7 @@ def masked_softmax(
     if top_k is not None and top_k < logits.shape[-1]:
         keep = top_k_mask(logits.detach(), top_k, keep)
     if keep is None:
-        return _softmax_(logits) if inplace else torch.softmax(logits, dim=-1)
+        return _softmax_(logits) if inplace else softmax(logits)
     empty = ~keep.any(dim=-1, keepdim=True)
     # Empty rows get uniform dummy logits (finite softmax), then zero weights; masked_fill passes
     # no gradient back through either fill.
@@ -292,7 +326,7 @@ def masked_softmax(
             empty, 0.0
         )
     logits = logits.masked_fill(~keep, float("-inf")).masked_fill(empty, 0.0)
-    return torch.softmax(logits, dim=-1).masked_fill(empty, 0.0)
+    return softmax(logits).masked_fill(empty, 0.0)
 
 
 def _softmax_(x: Tensor) -> Tensor:

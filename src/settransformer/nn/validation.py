@@ -53,6 +53,7 @@ __all__ = [
     "finite_checks_enabled",
     "prepare_set",
     "set_finite_checks",
+    "tracing",
     "zero_padding",
 ]
 
@@ -106,10 +107,15 @@ def finite_checks(enabled: bool) -> Iterator[None]:
         set_finite_checks(previous)
 
 
-def _tracing() -> bool:
-    """True while torch traces, scripts, compiles or exports: tensor values are unknown then.
+def tracing() -> bool:
+    """True while torch traces, scripts, compiles or exports: tensor values are unknown then, and
+    a graph should hold one computation for every size.
 
     Covers ONNX export too: the TorchScript exporter traces, the dynamo exporter uses torch.export.
+
+    Example:
+        >>> tracing()
+        False
     """
     return (
         torch.jit.is_scripting()
@@ -219,7 +225,7 @@ def check_finite(x: Tensor, name: str = "x") -> Tensor:
         ...     check_finite(torch.ones(2, 3, 4)).shape
         torch.Size([2, 3, 4])
     """
-    if not _finite_checks or _tracing() or x.numel() == 0 or x.device.type == "meta":
+    if not _finite_checks or tracing() or x.numel() == 0 or x.device.type == "meta":
         return x
     x0 = x.detach()
     if math.isfinite(x0.sum().item()):  # .item() and math: a third of the cost of bool(isfinite(...))

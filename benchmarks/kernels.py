@@ -1,0 +1,208 @@
+"""The attention kernels at the shapes the blocks run, and the rule that chooses between them.
+
+    .venv/bin/python benchmarks/kernels.py            # the table (about 3 minutes on 2 cores)
+    .venv/bin/python benchmarks/kernels.py --quick    # a few shapes (under a minute)
+
+For each shape ``(B, H, Nq, Nk, Dh)`` it times :func:`settransformer.nn.attention.attention`'s two
+dot-product kernels, ``fused`` (PyTorch's ``scaled_dot_product_attention``) and ``explicit`` (two
+batched products and a softmax), forward without autograd and forward+backward, on inputs laid out
+as the blocks lay them out (per-head views of one projection, or the pooled form's stacked
+queries), and shows which one :func:`settransformer.nn.attention.choose_kernel` picks. Times are
+the best of interleaved rounds (fused, explicit, fused, ...) in one process, ``--threads`` threads.
+The last column is the time of the rule's pick over the faster kernel's (1.00 = the faster one).
+
+A second table times :func:`settransformer.nn.scores.softmax` against ``torch.softmax`` over
+20,000 rows of each length without autograd: below :data:`~settransformer.nn.scores.SHORT_ROW`
+it normalises in three vectorised passes, from there on it is ``torch.softmax`` itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from settransformer.nn.attention import _attention, choose_kernel, split_heads
+from settransformer.nn.scores import SHORT_ROW, softmax
+
+HERE = Path(__file__).resolve().parent
+
+# (B, H, Nq, Nk, Dh, layout): "self" = queries, keys and values from one (B, N, 3 H Dh) projection;
+# "cross" = queries (B, Nq, H Dh) and keys/values (B, Nk, 2 H Dh); "pooled" = the pooled form,
+# H * Nq stacked queries of one head (batch 1, shared) over the raw set (Dh = the set's width).
+SHAPES: list[tuple[int, int, int, int, int, str]] = [
+    (32, 4, 8, 8, 16, "self"),  # anomaly: SAB encoder
+    (32, 4, 10, 10, 16, "self"),  # counting: SAB encoder
+    (128, 4, 10, 10, 16, "self"),  # max regression: SAB encoder
+    (10, 4, 4, 4, 32, "self"),  # MoG: decoder SAB over 4 seeds
+    (32, 4, 8, 4, 16, "cross"),  # anomaly: elements over the pooled summary
+    (32, 4, 4, 8, 16, "cross"),  # anomaly: PMA(4) over 8 elements
+    (128, 1, 4, 10, 64, "pooled"),  # max regression: PMA(1)
+    (10, 1, 16, 450, 128, "pooled"),  # MoG: PMA(4)
+    (10, 1, 128, 450, 128, "pooled"),  # MoG: 32 inducing points
+    (10, 1, 64, 200, 128, "pooled"),  # digits: 16 inducing points
+    (64, 1, 64, 100, 256, "pooled"),  # point cloud, 100 points: 16 inducing points
+    (32, 1, 64, 1000, 256, "pooled"),  # point cloud, 1,000 points
+    (1, 1, 128, 1000, 128, "pooled"),  # ISAB block, N = 1k
+    (1, 1, 128, 10_000, 128, "pooled"),  # ISAB block, N = 10k
+    (1, 1, 128, 100_000, 128, "pooled"),  # ISAB block, N = 100k
+    (10, 4, 450, 32, 32, "cross"),  # MoG: 450 elements over 32 inducing points
+    (10, 4, 200, 16, 32, "cross"),  # digits
+    (64, 4, 100, 16, 64, "cross"),  # point cloud, 100 points
+    (32, 4, 1000, 16, 64, "cross"),  # point cloud, 1,000 points
+    (1, 4, 1000, 32, 32, "cross"),  # ISAB block, N = 1k
+    (1, 4, 10_000, 32, 32, "cross"),  # ISAB block, N = 10k
+    (1, 4, 100_000, 32, 32, "cross"),  # ISAB block, N = 100k
+    (64, 4, 100, 100, 64, "self"),  # SAB over 100 elements
+    (10, 4, 450, 450, 32, "self"),  # SAB over a MoG set
+    (1, 4, 1000, 1000, 32, "self"),  # SAB block, N = 1k
+    (1, 4, 4096, 4096, 32, "self"),  # SAB block, N = 4k
+]
+QUICK = [0, 1, 4, 7, 8, 15, 20, 23]
+ROW_LENGTHS = [4, 8, 10, 15, 16, 32]
+
+
+def inputs(
+    b: int, h: int, nq: int, nk: int, dh: int, layout: str, grad: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """``q, k, v`` as the blocks pass them to the kernel, and the leaves to differentiate."""
+    g = torch.Generator().manual_seed(0)
+    if layout == "pooled":
+        q0 = torch.randn(1, 1, h * nq, dh, generator=g, requires_grad=grad)
+        kv = torch.randn(b, 1, nk, dh, generator=g, requires_grad=grad)
+        return q0.expand(b, -1, -1, -1), kv, kv, [q0, kv]
+    if layout == "self":
+        x = torch.randn(b, nq, 3 * h * dh, generator=g, requires_grad=grad)
+        q, k, v = (split_heads(t, h) for t in x.chunk(3, dim=-1))
+        return q, k, v, [x]
+    xq = torch.randn(b, nq, h * dh, generator=g, requires_grad=grad)
+    xkv = torch.randn(b, nk, 2 * h * dh, generator=g, requires_grad=grad)
+    k, v = (split_heads(t, h) for t in xkv.chunk(2, dim=-1))
+    return split_heads(xq, h), k, v, [xq, xkv]
+
+
+def best_time(fns: dict[str, Callable[[], object]], budget: float, rounds: int = 5) -> dict[str, float]:
+    """Best seconds per call of each of ``fns``, timed in interleaved rounds."""
+    for fn in fns.values():
+        fn()
+    reps = {}
+    for name, fn in fns.items():
+        t = time.perf_counter()
+        fn()
+        reps[name] = max(1, int(budget / rounds / max(time.perf_counter() - t, 1e-6)))
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            for _ in range(reps[name]):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - t) / reps[name])
+    return best
+
+
+def measure(shape: tuple[int, int, int, int, int, str], grad: bool, budget: float) -> dict[str, object]:
+    b, h, nq, nk, dh, layout = shape
+    q, k, v, leaves = inputs(b, h, nq, nk, dh, layout, grad)
+    out_grad = torch.ones(b, q.shape[1], q.shape[2], v.shape[-1])
+
+    def run(kernel: str) -> Callable[[], object]:
+        def call() -> None:
+            if grad:
+                for t in leaves:
+                    t.grad = None
+                _attention(q, k, v, kernel=kernel).backward(out_grad)  # type: ignore[arg-type]
+            else:
+                with torch.no_grad():
+                    _attention(q, k, v, kernel=kernel)  # type: ignore[arg-type]
+
+        return call
+
+    times = best_time({"fused": run("fused"), "explicit": run("explicit")}, budget)
+    with torch.set_grad_enabled(grad):
+        pick = choose_kernel(q, k, v)
+    return {"times": times, "pick": pick}
+
+
+def softmax_table(budget: float) -> list[str]:
+    """Rows of the short-row softmax table: ``torch.softmax`` against :func:`softmax`."""
+    lines = [
+        f"softmax over 20,000 rows without autograd (SHORT_ROW = {SHORT_ROW})",
+        "",
+        "| row length | torch.softmax (ms) | settransformer softmax (ms) | speed-up |",
+        "|---|---|---|---|",
+    ]
+    for n in ROW_LENGTHS:
+        x = torch.randn(20_000, n, generator=torch.Generator().manual_seed(0))
+        fns = {"torch": lambda x=x: torch.softmax(x, dim=-1), "ours": lambda x=x: softmax(x)}
+        with torch.no_grad():
+            t = best_time(fns, budget)
+        lines.append(
+            f"| {n} | {1e3 * t['torch']:.3f} | {1e3 * t['ours']:.3f} | {t['torch'] / t['ours']:.2f}x |"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="a few shapes, shorter timings")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument(
+        "--output", help="markdown file (default benchmarks/results/kernels.md; none with --quick)"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    shapes = [SHAPES[i] for i in QUICK] if args.quick else SHAPES
+    budget = 0.15 if args.quick else 0.4
+    started = time.perf_counter()
+    header = (
+        f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, float32, "
+        f"load {os.getloadavg()[0]:.1f} at start"
+    )
+    lines = [
+        header,
+        "",
+        "| B, H, Nq, Nk, Dh (layout) | mode | fused (ms) | explicit (ms) | explicit speed-up | rule picks | "
+        "pick / fastest |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
+    worst, total = 1.0, []
+    for shape in shapes:
+        for grad in (False, True):
+            m = measure(shape, grad, budget)
+            t: dict[str, float] = m["times"]  # type: ignore[assignment]
+            pick = str(m["pick"])
+            loss = t[pick] / min(t.values())
+            worst, total = max(worst, loss), [*total, loss]
+            row = (
+                f"| {', '.join(map(str, shape[:5]))} ({shape[5]}) | {'fwd+bwd' if grad else 'fwd'} | "
+                f"{1e3 * t['fused']:.3f} | {1e3 * t['explicit']:.3f} | {t['fused'] / t['explicit']:.2f}x | "
+                f"{pick} | {loss:.2f} |"
+            )
+            lines.append(row)
+            print(row, flush=True)
+    geo = torch.tensor(total).log().mean().exp().item()
+    summary = [
+        "",
+        f"rule's pick over the fastest kernel: geometric mean {geo:.3f}, worst {worst:.2f} "
+        f"({len(total)} measurements, {(time.perf_counter() - started) / 60:.1f} min)",
+    ]
+    softmax_lines = ["", *softmax_table(budget / 2)]
+    summary += softmax_lines
+    print("\n".join(summary))
+    if args.quick and not args.output:
+        return
+    out = Path(args.output) if args.output else HERE / "results" / "kernels.md"
+    command = "python benchmarks/kernels.py" + ("" if not args.quick else " --quick")
+    out.write_text("\n".join([f"# Attention kernels\n\n`{command}`\n", *lines, *summary, ""]))
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
