@@ -1,6 +1,6 @@
 """The attention kernels at the shapes the blocks run, and the rule that chooses between them.
 
-    .venv/bin/python benchmarks/kernels.py            # the table (about 3 minutes on 2 cores)
+    .venv/bin/python benchmarks/kernels.py            # the tables (about a minute on 2 cores)
     .venv/bin/python benchmarks/kernels.py --quick    # a few shapes (under a minute)
 
 For each shape ``(B, H, Nq, Nk, Dh)`` it times :func:`settransformer.nn.attention.attention`'s two

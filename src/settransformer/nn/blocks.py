@@ -423,7 +423,9 @@ def _fused_linear(x: Tensor, q: nn.Linear, kv: nn.Linear) -> tuple[Tensor, Tenso
     """Queries, keys and values of a self-attention from one matrix product ``x [W_q; W_kv]^T``."""
     out = F.linear(x, torch.cat([q.weight, kv.weight]), torch.cat([q.bias, kv.bias]))
     d = q.out_features
-    return out[..., :d], out[..., d : 2 * d], out[..., 2 * d :]
+    # split, not three slices: its backward is one cat, where each slice's zero-fills a full-size grad
+    q_, k_, v_ = out.split([d, d, kv.out_features - d], dim=-1)
+    return q_, k_, v_
 
 
 def _chunked_input(x: object, chunk_size: int | None) -> bool:
