@@ -109,23 +109,25 @@ def test_cheapest_form_for_the_set_transformer_shapes() -> None:
     assert not induced_is_cheaper(1, sizes._replace(out_proj=False))
 
 
+# (Nq, Nk, Dh): the temperature on the queries, on the keys, on the scores (the smallest of each)
+@pytest.mark.parametrize(("nq", "nk", "dh"), [(5, 7, 4), (7, 5, 4), (2, 3, 8)])
 @pytest.mark.parametrize("kind", ["plain", "masked", "bias"])
-def test_explicit_kernel_agrees_with_fused(kind):
+def test_explicit_kernel_agrees_with_fused(kind, nq, nk, dh):
     """Batched products + softmax compute what the fused kernel does: masks, empty sets, a
     per-key bias (the dot-product scores' ``as_dot``), values and gradients, in float64."""
     from settransformer.nn.attention import attention
     from settransformer.nn.scores import make_score
 
     torch.manual_seed(2)
-    q = torch.randn(3, 2, 5, 4, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(3, 2, 7, 4, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(3, 2, 7, 6, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(3, 2, nq, dh, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(3, 2, nk, dh, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(3, 2, nk, 6, dtype=torch.float64, requires_grad=True)
     mask = None
     if kind != "plain":
-        mask = torch.rand(3, 7) > 0.4
+        mask = torch.rand(3, nk) > 0.4
         mask[0, 0] = True
         mask[1] = False  # an empty set: exactly zero, finite gradients
-    score = make_score("gaussian", 2, 4) if kind == "bias" else None
+    score = make_score("gaussian", 2, dh) if kind == "bias" else None
     if score is not None:
         score = score.double()
     results = {}

@@ -113,8 +113,35 @@ def test_induced_rows_take_the_folded_form_only_where_it_is_cheaper(num_inducing
     with torch.no_grad():
         h = isab.induce(x, None)
         rows = InducedRows(isab.mab1, h)
-        assert rows.fast == (isab.mab1.choose_form(30, num_inducing) == "induced") == (num_inducing == 2)
+        assert rows.fast
+        assert rows.folded == (isab.mab1.choose_form(30, num_inducing) == "induced") == (num_inducing == 2)
         assert_close(rows(x), isab.mab1.forward_unchecked(x, h, None))
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_induced_rows_without_output_projection(norm: str | None) -> None:
+    # the official layout: projected residual, no W^O -- per-head products on the fast path
+    isab = ISAB(DIM, DIM, HEADS, M, norm=norm, residual="projected", out_proj=False).eval()
+    x = torch.randn(3, 30, DIM)
+    with torch.no_grad():
+        h = isab.induce(x, None)
+        rows = InducedRows(isab.mab1, h)
+        assert rows.fast and not rows.folded
+        assert_close(rows(x[:, :13]), isab.mab1.forward_unchecked(x[:, :13], h, None))
+        assert_close(rows(x[1:3], slice(1, 3)), isab.mab1.forward_unchecked(x[1:3], h[1:3], None))
+
+
+@pytest.mark.parametrize("out_proj", [True, False])
+@pytest.mark.parametrize(("b", "n"), [(64, 40), (1, 3000), (3000, 1)])
+def test_isab_row_and_set_blocks_match_autograd_path(b: int, n: int, out_proj: bool) -> None:
+    # without autograd an ISAB runs mab1 over row blocks (few large sets) or set blocks (many
+    # small ones); with autograd, over the whole batch at once
+    isab = ISAB(3, DIM, HEADS, M, out_proj=out_proj).eval()
+    x = torch.randn(b, n, 3)
+    mask = torch.rand(b, n) > 0.3
+    with torch.no_grad():
+        blocked = isab(x, mask)
+    assert_close(blocked, isab(x, mask).detach())
 
 
 def test_per_element_outputs(padded) -> None:

@@ -252,7 +252,14 @@ def _explicit_sdpa(
 ) -> Tensor:
     """:func:`torch.nn.functional.scaled_dot_product_attention` as two batched products and a
     softmax (boolean ``attn_mask``: True = attend; a float one is added to the scores)."""
-    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+    # the temperature goes on the smallest of q, k and the scores: one pass over it forward, one back
+    nq, nk, dh = q.shape[-2], k.shape[-2], q.shape[-1]
+    if nq * nk <= min(nq, nk) * dh:
+        s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+    elif nq <= nk:
+        s = torch.matmul(q * scale, k.transpose(-1, -2))
+    else:
+        s = torch.matmul(q, (k * scale).transpose(-1, -2))
     if attn_mask is not None:
         s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
     w = softmax(s)

@@ -540,28 +540,34 @@ class ISAB(nn.Module):
         Without autograd, ``mab1`` runs over blocks of about :data:`ROW_BLOCK` rows: each element
         attends only to ``H``, so the result is the same, and a block's intermediates stay in the
         CPU cache instead of streaming ``(B, N, dim)`` tensors through memory (about 2x faster at
-        N = 100k). The blocks go through :class:`InducedRows`, which folds ``H`` into the
-        projections once and reuses its buffers from block to block. With autograd the whole set
-        goes through at once (backward needs every row), as it does for a batch of many sets
-        (blocks of fewer than :data:`MIN_BLOCK_ROWS` rows per set) and when :class:`InducedRows`
-        has no fast path (no output projection, say).
+        N = 100k, and a fraction of the memory). The blocks go through :class:`InducedRows`, which
+        prepares ``H`` once and reuses its buffers from block to block. A batch whose sets would
+        get fewer than :data:`MIN_BLOCK_ROWS` rows each goes through whole sets at a time instead
+        (a row block of many sets would be a strided slice, copied in and out). With autograd the
+        whole batch goes through at once: backward needs every row.
         """
         h = self.induce(x, mask)
         b, n = x.shape[:2]
         block = max(1, ROW_BLOCK // max(b, 1))
+        per = max(1, ROW_BLOCK // max(n, 1))  # sets per block when blocks hold whole sets
         # tracers and compilers see one graph: no Python loop over a size that varies between calls
         tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
-        rows = None if tracing or torch.is_grad_enabled() or n <= block else InducedRows(self.mab1, h)
-        # Blocks of fewer than MIN_BLOCK_ROWS rows per set are strided slices of many sets: copying
-        # them in and out costs more than the cache saves (3x slower at B = 64, N = 100).
-        if rows is None or not rows.fast or block < MIN_BLOCK_ROWS:
+        rows = None
+        if not (tracing or torch.is_grad_enabled() or (n <= block and b <= per)):
+            rows = InducedRows(self.mab1, h)
+        if rows is None or not rows.fast:
             return zero_padding(self.mab1.forward_unchecked(x, h, None), mask)
-
-        first = rows(x[:, :block])
-        out = first.new_empty(b, n, first.shape[-1])
-        out[:, :block] = first
-        for start in range(block, n, block):
-            out[:, start : start + block] = rows(x[:, start : start + block])
+        if block < MIN_BLOCK_ROWS:
+            starts, cut = range(0, b, per), lambda t, i: t[i : i + per]
+        else:
+            starts, cut = range(0, n, block), lambda t, i: t[:, i : i + block]
+        out: Tensor | None = None
+        for i in starts:
+            part = rows(cut(x, i), slice(i, i + per) if block < MIN_BLOCK_ROWS else slice(None))
+            if out is None:
+                out = part.new_empty(b, n, part.shape[-1])
+            cut(out, i).copy_(part)
+        assert out is not None
         return zero_padding(out, mask)
 
     def pipeline(self) -> Pipeline:
@@ -763,16 +769,18 @@ class InducedRows:
     """``mab.forward_unchecked(x, h, None)`` for many chunks ``x: (B, c, dim_q)`` of one set batch.
 
     Each element attends to the same ``m`` induced vectors ``h``, so everything that depends only
-    on ``h`` -- its keys folded with the query projection, its values folded with the output
-    projection (the ``"induced"`` form of :func:`settransformer.nn.attention.induced_attention`) --
-    is computed once instead of once per chunk, and each chunk costs two large products (scores,
-    output) plus the rFF, written into buffers reused from call to call. The output bias is folded
+    on ``h`` is computed once instead of once per chunk, and each chunk's products write into
+    buffers reused from call to call. Where :func:`~settransformer.nn.attention.induced_is_cheaper`
+    says so, ``h``'s keys are folded with the query projection and its values with the output
+    projection (the ``"induced"`` form of :func:`settransformer.nn.attention.induced_attention`):
+    a chunk then costs two large products (scores, output) plus the rFF. The output bias is folded
     into the values: each head's softmax weights sum to one, so adding ``b_o / H`` to every folded
-    value row adds ``b_o`` to the output.
+    value row adds ``b_o`` to the output. Otherwise (no output projection, as in the official
+    layout, or many induced vectors) a chunk runs the standard per-head products on ``h``'s
+    precomputed keys and values.
 
-    With autograd, autocast, active dropout, another score function or ``top_k``, no output
-    projection, or more induced vectors than :func:`~settransformer.nn.attention.induced_is_cheaper`
-    allows, it calls :meth:`MAB.forward_unchecked` instead; both agree up to float rounding.
+    With autograd, autocast, active dropout, another score function or ``top_k``, or off the CPU,
+    it calls :meth:`MAB.forward_unchecked` instead; both agree up to float rounding.
 
     Args:
         mab: an ISAB's ``mab1``.
@@ -800,12 +808,7 @@ class InducedRows:
         # The fast path keeps a CPU's caches warm and avoids page faults; a GPU gains nothing from
         # it, and its half-precision layer norm keeps float32 statistics that the buffers are not.
         self.fast = (
-            plain
-            and h.device.type == "cpu"
-            and induced_is_cheaper(h.shape[1], mab.form_sizes())  # else the standard form is cheaper
-            and not dropout
-            and not torch.is_grad_enabled()
-            and not autocast
+            plain and h.device.type == "cpu" and not dropout and not torch.is_grad_enabled() and not autocast
         )
         if not self.fast:
             return
@@ -815,6 +818,12 @@ class InducedRows:
         k, v = mab.to_kv(mab.norm_kv(h) if mab.norm == "pre" else h).chunk(2, dim=-1)
         b, m = k.shape[:2]
         kh = split_heads(k, heads)  # (B, H, m, dh)
+        self.m, self.ws = m, _Workspace(k)
+        self.folded = induced_is_cheaper(m, mab.form_sizes())
+        if not self.folded:
+            self.k_t = (kh * scale).transpose(-1, -2)  # (B, H, dh, m)
+            self.v_h = split_heads(v, heads).contiguous()  # (B, H, m, dh)
+            return
         w_q = mab.to_q.weight.view(heads, dh, -1)
         # explicit sizes, no -1: a batch of zero sets (b = 0) must reshape too
         self.k_in = torch.einsum("bhme,heq->bhmq", kh, w_q).reshape(b, heads * m, w_q.shape[-1]) * scale
@@ -825,31 +834,54 @@ class InducedRows:
         assert isinstance(out, nn.Linear)
         v_out = torch.einsum("bhme,fhe->bhmf", split_heads(v, heads), out.weight.view(d, heads, dh))
         self.v_out = v_out.reshape(b, heads * m, d) + out.bias / heads
-        self.m, self.ws = m, _Workspace(self.v_out)
 
-    def __call__(self, x: Tensor) -> Tensor:
-        """``x: (B, c, dim_q)`` -> ``(B, c, dim)``.
+    def __call__(self, x: Tensor, sets: slice = slice(None)) -> Tensor:
+        """``x: (B', c, dim_q)`` -> ``(B', c, dim)``: chunks of the sets ``sets`` of ``h``'s batch
+        (all ``B`` by default), so a batch of many small sets can go through a few sets at a time.
 
         On the fast path every intermediate and the result live in buffers reused by the next
         call: use the result (or copy it) before calling again.
         """
         mab = self.mab
         if not self.fast:
-            return mab.forward_unchecked(x, self.h, None)
+            return mab.forward_unchecked(x, self.h[sets], None)
         b, c = x.shape[:2]
         heads, d, ws = mab.num_heads, mab.dim, self.ws
         qn = mab.norm_q(x) if mab.norm == "pre" else x
+        if not self.folded:
+            return mab._norm_ff(self._heads(x, qn, sets), _BufferOps(ws))
         scores = ws.get("s", b, c, heads * self.m)
-        torch.baddbmm(self.k_bias, qn, self.k_in.transpose(1, 2), out=scores)
+        torch.baddbmm(self.k_bias[sets], qn, self.k_in[sets].transpose(1, 2), out=scores)
         weights = ws.get("w", b, c, heads, self.m)
         softmax(scores.view(b, c, heads, self.m), out=weights)
         weights = weights.view(b, c, heads * self.m)
         y = ws.get("y", b, c, d)  # residual + attention output, the residual added by the product
         if mab.residual == "projected":
-            _linear(mab.to_q, qn, y).baddbmm_(weights, self.v_out)
+            _linear(mab.to_q, qn, y).baddbmm_(weights, self.v_out[sets])
         else:
-            torch.baddbmm(x, weights, self.v_out, out=y)
+            torch.baddbmm(x, weights, self.v_out[sets], out=y)
         return mab._norm_ff(y, _BufferOps(ws))
+
+    def _heads(self, x: Tensor, qn: Tensor, sets: slice) -> Tensor:
+        """Residual + attention output ``(B', c, dim)`` of the chunk ``x`` of ``sets`` (``qn``: its
+        normalised queries) from per-head products over the precomputed keys and values."""
+        mab, ws, heads = self.mab, self.ws, self.mab.num_heads
+        b, c = x.shape[:2]
+        d = mab.dim
+        qp = _linear(mab.to_q, qn, ws.get("q", b, c, d))
+        scores = ws.get("s", b, heads, c, self.m)
+        torch.matmul(split_heads(qp, heads), self.k_t[sets], out=scores)
+        weights = softmax(scores, out=ws.get("w", b, heads, c, self.m))
+        o = torch.matmul(weights, self.v_h[sets], out=ws.get("o", b, heads, c, d // heads))
+        residual = qp if mab.residual == "projected" else x
+        y = ws.get("y", b, c, d)
+        by_head = (b, c, heads, d // heads)  # explicit sizes, no -1: zero sets or rows reshape too
+        if not isinstance(mab.to_out, nn.Linear):
+            torch.add(residual.view(by_head), o.transpose(1, 2), out=y.view(by_head))
+            return y
+        merged = ws.get("m", b, c, d)
+        merged.view(by_head).copy_(o.transpose(1, 2))
+        return _linear(mab.to_out, merged, y).add_(residual)
 
 
 class _Workspace:
