@@ -680,7 +680,7 @@ def main() -> None:
         "--max-call-s", type=float, default=20.0, help="skip block points extrapolated above this"
     )
     parser.add_argument(
-        "--mem-limit-gb", type=float, default=6.0, help="skip block points extrapolated above this"
+        "--mem-limit-gb", type=float, default=10.0, help="skip block points extrapolated above this"
     )
     parser.add_argument(
         "--chunk-size", type=int, default=None, help="chunk_size of the chunked row (library default)"

@@ -109,6 +109,15 @@ def test_cheapest_form_for_the_set_transformer_shapes() -> None:
     assert not induced_is_cheaper(1, sizes._replace(out_proj=False))
 
 
+def test_rewrites_need_a_large_side_of_rewrite_min_set() -> None:
+    from settransformer.nn.attention import REWRITE_MIN_SET
+
+    sizes = FormSizes(dim=64, num_heads=4, dim_q=64, dim_kv=64, projected_residual=False, out_proj=True)
+    few, enough = REWRITE_MIN_SET - 1, REWRITE_MIN_SET
+    assert cheapest_form(1, few, sizes) == "standard" and cheapest_form(1, enough, sizes) == "pooled"
+    assert cheapest_form(few, 4, sizes) == "standard" and cheapest_form(enough, 4, sizes) == "induced"
+
+
 # (Nq, Nk, Dh): the temperature on the queries, on the keys, on the scores (the smallest of each)
 @pytest.mark.parametrize(("nq", "nk", "dh"), [(5, 7, 4), (7, 5, 4), (2, 3, 8)])
 @pytest.mark.parametrize("kind", ["plain", "masked", "bias"])

@@ -310,8 +310,10 @@ def test_dropout_only_in_training() -> None:
 def test_isab_row_blocks_without_autograd_equal_one_pass(
     monkeypatch: pytest.MonkeyPatch, norm, num_inducing: int, form: str
 ) -> None:
+    import settransformer.nn.attention as attention
     import settransformer.nn.blocks as blocks
 
+    monkeypatch.setattr(attention, "REWRITE_MIN_SET", 1)  # the rewrites over blocks of 6 rows
     torch.manual_seed(0)
     isab = ISAB(3, 8, num_heads=2, num_inducing=num_inducing, norm=norm).eval()
     assert isab.mab1.choose_form(6, num_inducing) == form  # both forms of the row blocks are covered

@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from settransformer import ISAB, PMA, DeepSets, SetTransformer
+from settransformer.nn import blocks
 from settransformer.nn.blocks import InducedRows
 from settransformer.nn.streaming import (
     encode_chunked,
@@ -109,12 +110,12 @@ def test_induced_rows_fast_path(norm: str | None, residual: str, ff_dim: int | N
 @pytest.mark.parametrize("num_inducing", [2, M, 32])
 def test_induced_rows_take_the_folded_form_only_where_it_is_cheaper(num_inducing: int) -> None:
     isab = ISAB(DIM, DIM, HEADS, num_inducing, residual="projected").eval()
-    x = torch.randn(2, 30, DIM)
+    x = torch.randn(2, 40, DIM)
     with torch.no_grad():
         h = isab.induce(x, None)
         rows = InducedRows(isab.mab1, h)
         assert rows.fast
-        assert rows.folded == (isab.mab1.choose_form(30, num_inducing) == "induced") == (num_inducing == 2)
+        assert rows.folded == (isab.mab1.choose_form(40, num_inducing) == "induced") == (num_inducing == 2)
         assert_close(rows(x), isab.mab1.forward_unchecked(x, h, None))
 
 
@@ -133,14 +134,19 @@ def test_induced_rows_without_output_projection(norm: str | None) -> None:
 
 @pytest.mark.parametrize("out_proj", [True, False])
 @pytest.mark.parametrize(("b", "n"), [(64, 40), (1, 3000), (3000, 1)])
-def test_isab_row_and_set_blocks_match_autograd_path(b: int, n: int, out_proj: bool) -> None:
+def test_isab_row_and_set_blocks_match_autograd_path(b: int, n: int, out_proj: bool, monkeypatch) -> None:
     # without autograd an ISAB runs mab1 over row blocks (few large sets) or set blocks (many
-    # small ones); with autograd, over the whole batch at once
+    # small ones; here at any batch size); with autograd, over the whole batch at once
+    monkeypatch.setattr(blocks, "MIN_SET_BLOCK_ELEMENTS", 0)
     isab = ISAB(3, DIM, HEADS, M, out_proj=out_proj).eval()
+    calls = []
+    call = InducedRows.__call__
+    monkeypatch.setattr(InducedRows, "__call__", lambda self, *a: calls.append(a) or call(self, *a))
     x = torch.randn(b, n, 3)
     mask = torch.rand(b, n) > 0.3
     with torch.no_grad():
         blocked = isab(x, mask)
+    assert len(calls) == 2  # two blocks of rows or of sets
     assert_close(blocked, isab(x, mask).detach())
 
 
