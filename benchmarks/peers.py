@@ -29,10 +29,12 @@ previous N, exceeds ``--max-call-s`` / ``--mem-limit-gb``; and the SetTransforme
 
 Each cell: time per call (ms; per process the best of several passes over the same inputs, the
 table the median over ``--repeats`` processes run interleaved A B C D A B C D ...), speed against
-the fastest peer (official / PyG: ``t_peer / t``, above 1 = faster), peak memory above the
-process's baseline after imports, model and data (MB; ``ru_maxrss`` on CPU, the CUDA allocator's
-peak on GPU), and the achieved FLOP rate (matrix products counted by torch's ``FlopCounterMode``)
-as a share of a plain ``(rows, width) @ (width, width)`` product timed in the same process.
+the fastest peer (official / PyG: ``t_peer / t``, above 1 = faster), peak memory of one pass above
+the process's baseline after imports, model and data (MB; on CPU ``ru_maxrss`` in a probe process
+per peer and cell, run before the timed ones with glibc's mmap threshold fixed at 128 KiB, so the
+peak follows the live tensors rather than what the heap kept; the CUDA allocator's peak on GPU),
+and the achieved FLOP rate (matrix products counted by torch's ``FlopCounterMode``) as a share of
+a plain ``(rows, width) @ (width, width)`` product timed in the same process.
 """
 
 from __future__ import annotations
@@ -493,7 +495,17 @@ def worker(spec: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any
 SHAPES = {s.name: s for s in TASKS}
 
 
-def _run_worker(impl: str, cells: list[Cell], args: argparse.Namespace, flops: bool) -> list[dict] | None:
+#: glibc's mmap threshold in a CPU probe worker: fixed (so no longer raised by each free), every
+#: block above it is mapped on allocation and unmapped on free, and the resident peak follows the
+#: tensors alive at once instead of what the heap kept from earlier blocks.
+PROBE_MMAP_THRESHOLD = 128 * 1024
+
+
+def _run_worker(
+    impl: str, cells: list[Cell], args: argparse.Namespace, flops: bool, probe: bool = False
+) -> list[dict] | None:
+    """``impl``'s results on ``cells`` from a fresh worker process. ``probe``: the CPU memory and
+    FLOP worker (one pass, under :data:`PROBE_MMAP_THRESHOLD`; its times are not used)."""
     spec = {"impl": impl, "cells": [asdict(c) for c in cells]}
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec), *args.passthrough]
     if flops:
@@ -502,22 +514,29 @@ def _run_worker(impl: str, cells: list[Cell], args: argparse.Namespace, flops: b
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
     if args.omp_wait_policy != "default":
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy
+    if probe:
+        cmd += ["--budget", "1e-9"]  # the last --budget wins: one timed pass
+        env["MALLOC_MMAP_THRESHOLD_"] = str(PROBE_MMAP_THRESHOLD)
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         print(f"worker {impl} {[c.key for c in cells]} failed:\n{out.stderr[-1500:]}", file=sys.stderr)
         return None
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    return [{**r, "probe": True} for r in results] if probe else results
 
 
 def _median(results: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
-    runs = [r[mode] for r in results if mode in r]
+    """One cell from its workers' results: the median time of the timing workers and the median
+    memory of the probe workers (of all workers where there is no probe, as on CUDA)."""
+    probes = [r[mode] for r in results if mode in r and r.get("probe")]
+    runs = [r[mode] for r in results if mode in r and not r.get("probe")]
     if not runs:
         return None
-    first = next((r for r in runs if "gflop" in r), {})
+    first = next((r for r in probes + runs if "gflop" in r), {})
     gemm = next((r["gemm_gflops"] for r in results if "gemm_gflops" in r), None)
     return {
         "time_ms": statistics.median(r["time_ms"] for r in runs),
-        "mem_mb": statistics.median(r["mem_mb"] for r in runs),
+        "mem_mb": statistics.median(r["mem_mb"] for r in probes or runs),
         "gflop": first.get("gflop"),
         "gemm_gflops": gemm,
         "quadratic_memory": runs[0].get("quadratic_memory", False),
@@ -626,10 +645,10 @@ def _collect(table: Table, cells: list[Cell], impls: list[str], args: argparse.N
             for impl in impls
         }
         found: dict[str, list[dict[str, Any]]] = {impl: [] for impl in impls}
-        for r in range(args.repeats if cell.kind == "task" else args.block_repeats):
+        for r in range(1 + (args.repeats if cell.kind == "task" else args.block_repeats)):
             for impl in impls:
                 if todo[impl].modes:
-                    got = _run_worker(impl, [todo[impl]], args, flops=r == 0)
+                    got = _run_worker(impl, [todo[impl]], args, flops=r == 0, probe=r == 0)
                     found[impl] += got or []
         for impl in impls:
             table.fill(cell, impl, [*found[impl], {"skipped": skips[impl]}])
@@ -823,8 +842,11 @@ def main() -> None:
         "the fastest peer (official or PyG; above 1 = faster) · peak memory above the process's",
         "baseline · achieved FLOP rate as a share of a plain (rows, width) @ (width, width) product",
         "in the same process (above 100% where the model's products are larger, so faster, than that",
-        "reference). Memory: `ru_maxrss` after resetting it (`/proc/self/clear_refs`) on CPU,",
-        "`torch.cuda.max_memory_allocated` on GPU; training steps include Adam's state.",
+        "reference). Memory: the peak of one pass; on CPU `ru_maxrss` after resetting it",
+        "(`/proc/self/clear_refs`) in a probe process per peer and cell (run first, its time unused)",
+        "with `MALLOC_MMAP_THRESHOLD_=131072`, so freed blocks go back to the system and the peak",
+        "follows the live tensors; `torch.cuda.max_memory_allocated` on GPU. Training steps include",
+        "Adam's state.",
         "",
         table.render(),
         "",
