@@ -287,11 +287,12 @@ def _mem_peak(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _peak_mb()
 
 
-def _passes(run: Callable[[], None], device: torch.device, budget: float, max_passes: int = 40) -> float:
+def _passes(run: Callable[[], None], device: torch.device, budget: float, max_passes: int = 100) -> float:
     """Best wall time of ``run`` over at least 2 passes (1 when a pass exceeds ``budget``).
 
     Cheap passes repeat until ``budget`` is spent: the first calls of a fresh process (page faults,
-    the allocator's pools, thread-pool start) would otherwise decide a millisecond row. On a CPU each
+    the allocator's pools and thresholds settling, thread-pool start: up to about half a second at
+    the small task rows) would otherwise decide a millisecond row. On a CPU each
     pass after the first starts from a shifted heap (a few untouched blocks of seeded random sizes
     left allocated): where the allocator places a small model's activations can slow every call of
     a process by up to half (cache conflicts), so the best pass is the best of several placements
@@ -696,7 +697,7 @@ def main() -> None:
         "--block-repeats", type=int, default=None, help="rounds of a block or chunked row on CPU (default 3)"
     )
     parser.add_argument(
-        "--budget", type=float, default=None, help="seconds of passes per mode and process (default 0.6)"
+        "--budget", type=float, default=None, help="seconds of passes per mode and process (default 1.2)"
     )
     parser.add_argument(
         "--steps", type=int, default=None, help="inputs (batches) per pass of a task row (default 8)"
@@ -733,7 +734,7 @@ def main() -> None:
     cuda = args.device == "cuda"
     args.repeats = args.repeats or (1 if args.quick else 2 if cuda else 5)
     args.block_repeats = args.block_repeats or (1 if args.quick else 3)
-    args.budget = args.budget or (0.4 if args.quick else 0.6)
+    args.budget = args.budget or (0.4 if args.quick else 1.2)
     args.steps = args.steps or (4 if args.quick else 8)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker), args)))
