@@ -292,11 +292,11 @@ def _passes(run: Callable[[], None], device: torch.device, budget: float, max_pa
 
     Cheap passes repeat until ``budget`` is spent: the first calls of a fresh process (page faults,
     the allocator's pools and thresholds settling, thread-pool start: up to about half a second at
-    the small task rows) would otherwise decide a millisecond row. On a CPU each
-    pass after the first starts from a shifted heap (a few untouched blocks of seeded random sizes
-    left allocated): where the allocator places a small model's activations can slow every call of
-    a process by up to half (cache conflicts), so the best pass is the best of several placements
-    rather than one placement's luck. The blocks are never written, so they add no resident memory."""
+    the small task rows) would otherwise decide a millisecond row. On a CPU each pass after the
+    first starts from a shifted heap (a few blocks of seeded random sizes left allocated): where the
+    allocator places a small model's activations can slow every call of a process by up to half, so
+    the best pass is the best of several placements rather than one placement's luck. The blocks
+    take heap space, so the memory of a cell is measured before (:func:`measure`)."""
     times: list[float] = []
     shifts: list[Tensor] = []
     rng = torch.Generator().manual_seed(0)
@@ -416,7 +416,7 @@ def measure(cell: Cell, impl: str, args: argparse.Namespace) -> dict[str, Any]:
 
         run(small)  # kernels and thread pools before the memory baseline
         base = _mem_start(device)
-        run()  # the peak of one pass, before _passes shifts the heap
+        run()  # the peak of one full pass (and the full shapes' warm-up), before _passes shifts the heap
         mem = _mem_peak(device) - base
         best = _passes(run, device, args.budget)
         res = {"time_ms": 1e3 * best / len(xs), "mem_mb": mem}
