@@ -1,7 +1,7 @@
 """Data-parallel training: 2 CPU processes (gloo) give the parameters of 1 process with the same batch.
 
-The processes are forked from the test (cheap: they inherit the imported torch) and join a gloo group
-through the environment variables ``torchrun`` would set; one test goes through ``torchrun`` itself.
+The processes are spawned from the test and join a gloo group through the environment variables
+``torchrun`` would set; one test goes through ``torchrun`` itself.
 """
 
 from __future__ import annotations
@@ -82,11 +82,13 @@ def _worker(
 def _two_processes(
     out: Path, config: TrainConfig, resume: bool = False, **options: Any
 ) -> list[dict[str, Any]]:
-    """Train in 2 forked processes; return what each rank saved (``result``, ``params``)."""
+    """Train in 2 spawned processes; return what each rank saved (``result``, ``params``)."""
     import torch.multiprocessing as mp
 
     args = (2, _free_port(), str(out), config.to_dict(), resume, options)
-    mp.start_processes(_worker, args=args, nprocs=2, start_method="fork")
+    # spawn, not fork: a fork of this multi-threaded process (torch's pools, xdist's threads) can copy
+    # a lock that some other thread holds, and the child then waits on it forever
+    mp.start_processes(_worker, args=args, nprocs=2, start_method="spawn")
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
 
@@ -126,7 +128,7 @@ def test_setup_without_torchrun_variables_says_how_to_launch(monkeypatch: pytest
 def test_two_processes_give_the_parameters_of_one_with_the_same_global_batch(tmp_path: Path) -> None:
     config = _config(eval_every=2)
     single = _model()
-    expected = train(single, _task(), config, tmp_path / "single")  # first: the forks inherit its imports
+    expected = train(single, _task(), config, tmp_path / "single")
     ranks = _two_processes(tmp_path, config)
 
     # DDP averaged the gradients of two halves of the global batch: one process's step, to rounding
