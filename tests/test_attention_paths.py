@@ -175,6 +175,10 @@ def test_kernel_rule_follows_shape_and_autograd():
     with torch.no_grad():
         assert choose_kernel(stacked, one_set, one_set) == "fused"  # one (batch, head): fused splits it
     assert choose_kernel(stacked.requires_grad_(), one_set, one_set) == "explicit"  # its backward does not
+    large_set = torch.randn(1, 1, 100_000, 128)  # 128 x 100k scores: over the limit, no more than the keys
+    assert EXPLICIT_MAX_SCORES < 128 * 100_000
+    assert choose_kernel(stacked, large_set, large_set) == "explicit"
+    assert choose_kernel(rows.requires_grad_(), rows, rows) == "fused"  # N x N scores stay fused
     with pytest.raises(ValueError, match="kernel"):
         attention(tiny, tiny, tiny, kernel="bmm")
 

@@ -215,8 +215,10 @@ KERNELS: tuple[Kernel, ...] = get_args(Kernel)
 # wins where each (batch, head) has little work (a handful of queries and keys: its one call beats
 # three) and for large score matrices (it never stores them); the explicit form wins in between,
 # most where the keys are few (a set over its inducing points: 1.3-2.5x, forward and backward),
-# and under autograd for the pooled form's stacked queries (1.15-1.5x). Without autograd, a single
-# (batch, head) keeps the fused kernel, which splits its queries over the threads.
+# and under autograd for the pooled form's stacked queries (1.05-1.2x), at every set size: there the
+# scores are no larger than the keys autograd keeps anyway, so the size limit below does not apply.
+# Without autograd, a single (batch, head) keeps the fused kernel, which splits its queries over
+# the threads.
 #: Fewest multiply-adds per (batch, head), ``Nq * Nk * Dh``, for the explicit kernel.
 EXPLICIT_MIN_WORK = 2048
 #: Most scores in all, ``B * H * Nq * Nk``, for the explicit kernel (it stores them: 12 MB in float32).
@@ -243,7 +245,9 @@ def choose_kernel(q: Tensor, k: Tensor, v: Tensor) -> Kernel:
     b, h, nq, dh = k.shape[0], k.shape[1], q.shape[-2], q.shape[-1]
     nk = k.shape[-2]
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if nq * nk * dh < EXPLICIT_MIN_WORK or b * h * nq * nk > EXPLICIT_MAX_SCORES:
+    if nq * nk * dh < EXPLICIT_MIN_WORK:
+        return "fused"
+    if b * h * nq * nk > EXPLICIT_MAX_SCORES and not (grad and nq <= dh):
         return "fused"
     return "explicit" if grad or b * h > 1 else "fused"
 
@@ -263,7 +267,8 @@ def _explicit_sdpa(
         s = torch.matmul(q, (k * scale).transpose(-1, -2))
     if attn_mask is not None:
         s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
-    w = softmax(s)
+    # without autograd the weights overwrite the scores: one score-sized tensor at a time
+    w = softmax(s, out=s if not (torch.is_grad_enabled() and s.requires_grad) else None)
     return torch.matmul(F.dropout(w, dropout_p) if dropout_p > 0 else w, v)
 
 
