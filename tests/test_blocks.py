@@ -305,6 +305,24 @@ def test_dropout_only_in_training() -> None:
     torch.testing.assert_close(block(x), block(x))
 
 
+@pytest.mark.parametrize("opt", OPTIONS, ids=opt_id)
+@pytest.mark.parametrize("kind", KINDS)
+def test_in_place_tail_without_autograd_changes_nothing(kind: str, opt: dict[str, Any]) -> None:
+    """Without autograd a block's ReLU and residual sums run in place on its own new tensors:
+    the same bits as with autograd, and the caller's queries and set are left as they were."""
+    torch.manual_seed(7)
+    block = build(kind, **opt)
+    x, q = torch.randn(3, 6, dims(kind, opt)[1]), queries(kind, 3, opt)
+    mask = torch.arange(6)[None] < torch.tensor([[6], [2], [5]])
+    x0, q0 = x.clone(), None if q is None else q.clone()
+    with_grad = run(block, x, mask, q)
+    with torch.no_grad():
+        without = run(block, x, mask, q)
+    assert with_grad.requires_grad and not without.requires_grad
+    assert torch.equal(without, with_grad.detach())
+    assert torch.equal(x, x0) and (q is None or torch.equal(q, q0))
+
+
 @pytest.mark.parametrize("norm", ["post", "pre", None])
 @pytest.mark.parametrize(("num_inducing", "form"), [(4, "induced"), (64, "pooled")])
 def test_isab_row_blocks_without_autograd_equal_one_pass(

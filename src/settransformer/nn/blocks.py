@@ -47,7 +47,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Literal, TypedDict, Unpack, cast, get_args
+from typing import Literal, TypedDict, TypeGuard, Unpack, cast, get_args
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +74,7 @@ from .validation import (
     check_set,
     check_top_k,
     prepare_set,
+    tracing,
     zero_padding,
 )
 
@@ -187,7 +188,27 @@ class _Ops:
         return stream + branch
 
 
-_NEW_TENSORS = _Ops()
+class _InPlaceOps(_Ops):
+    """:class:`_Ops` without autograd: ReLU and sums in place on the tensors the block just made,
+    so the tail holds one set-sized tensor fewer at a time (inference's peak memory)."""
+
+    def ff(self, mab: MAB, x: Tensor) -> Tensor:
+        if not _plain_feed_forward(mab.ff):
+            return super().ff(mab, x)
+        for layer in mab.ff:
+            x = layer(x) if isinstance(layer, nn.Linear) else x.relu_()
+        return cast(Tensor, mab.drop(x))
+
+    def add(self, stream: Tensor, branch: Tensor) -> Tensor:
+        return branch.add_(stream) if branch.shape == stream.shape else stream + branch
+
+
+_NEW_TENSORS, _IN_PLACE = _Ops(), _InPlaceOps()
+
+
+def _tail_ops() -> _Ops:
+    """The ops of a block's tail: in place without autograd (a trace records new tensors)."""
+    return _NEW_TENSORS if torch.is_grad_enabled() or tracing() else _IN_PLACE
 
 
 class MAB(nn.Module):
@@ -400,7 +421,8 @@ class MAB(nn.Module):
         :attr:`residual` is ``"projected"``); ``o``: the attention output after ``W^O``, ``(B, Nq, dim)``.
         """
         residual = q if self.residual == "input" or qp is None else qp
-        return self._norm_ff(residual + self.drop(o))
+        ops = _tail_ops()
+        return self._norm_ff(ops.add(residual, self.drop(o)), ops)
 
     def _norm_ff(self, h: Tensor, ops: _Ops = _NEW_TENSORS) -> Tensor:
         """The rFF and the norms around it, on ``h`` = residual + attention output ``(B, Nq, dim)``.
@@ -556,9 +578,8 @@ class ISAB(nn.Module):
         block = max(1, ROW_BLOCK // max(b, 1))
         per = max(1, ROW_BLOCK // max(n, 1))  # sets per block when blocks hold whole sets
         # tracers and compilers see one graph: no Python loop over a size that varies between calls
-        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
         rows = None
-        if not (tracing or torch.is_grad_enabled() or (n <= block and b <= per)):
+        if not (tracing() or torch.is_grad_enabled() or (n <= block and b <= per)):
             rows = InducedRows(self.mab1, h)
         if (
             rows is None
@@ -950,9 +971,14 @@ def _layer_norm(norm: nn.Module, x: Tensor, out: Tensor, ws: _Workspace) -> Tens
     return out
 
 
+def _plain_feed_forward(ff: nn.Module) -> TypeGuard[nn.Sequential]:
+    """Whether ``ff`` is the blocks' own ``Linear, ReLU[, Linear]`` (not a user's replacement)."""
+    return isinstance(ff, nn.Sequential) and all(isinstance(m, nn.Linear | nn.ReLU) for m in ff)
+
+
 def _feed_forward_into(ff: nn.Module, x: Tensor, ws: _Workspace) -> Tensor:
     """``ff(x)`` for the blocks' ``Linear, ReLU[, Linear]`` into workspace buffers, ReLU in place."""
-    if not isinstance(ff, nn.Sequential) or not all(isinstance(m, nn.Linear | nn.ReLU) for m in ff):
+    if not _plain_feed_forward(ff):
         return ff(x)
     for i, layer in enumerate(ff):
         if isinstance(layer, nn.Linear):
