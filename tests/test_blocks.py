@@ -323,6 +323,20 @@ def test_in_place_tail_without_autograd_changes_nothing(kind: str, opt: dict[str
     assert torch.equal(x, x0) and (q is None or torch.equal(q, q0))
 
 
+def test_in_place_tail_keeps_the_dtype_under_autocast() -> None:
+    """Under bfloat16 autocast the raw float32 queries (``residual="input"``) plus the bfloat16
+    attention output is a float32 sum: without autograd too, not a bfloat16 one written in place."""
+    torch.manual_seed(8)
+    block = MAB(DIM, 5, DIM, HEADS, residual="input").eval()
+    q, x = torch.randn(2, 4, DIM), torch.randn(2, 6, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with_grad = block(q, x)
+        with torch.no_grad():
+            without = block(q, x)
+    assert without.dtype == with_grad.dtype
+    assert torch.equal(without, with_grad.detach())
+
+
 @pytest.mark.parametrize("norm", ["post", "pre", None])
 @pytest.mark.parametrize(("num_inducing", "form"), [(4, "induced"), (64, "pooled")])
 def test_isab_row_blocks_without_autograd_equal_one_pass(

@@ -200,7 +200,9 @@ class _InPlaceOps(_Ops):
         return cast(Tensor, mab.drop(x))
 
     def add(self, stream: Tensor, branch: Tensor) -> Tensor:
-        return branch.add_(stream) if branch.shape == stream.shape else stream + branch
+        # in place only where the sum has the branch's shape and dtype (autocast mixes dtypes)
+        same = branch.shape == stream.shape and branch.dtype == stream.dtype
+        return branch.add_(stream) if same else stream + branch
 
 
 _NEW_TENSORS, _IN_PLACE = _Ops(), _InPlaceOps()
