@@ -268,7 +268,7 @@ def _explicit_sdpa(
     if attn_mask is not None:
         s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
     # without autograd the weights overwrite the scores: one score-sized tensor at a time
-    w = softmax(s, out=s if not (torch.is_grad_enabled() and s.requires_grad) else None)
+    w = softmax(s, out=None if s.requires_grad else s)
     return torch.matmul(F.dropout(w, dropout_p) if dropout_p > 0 else w, v)
 
 

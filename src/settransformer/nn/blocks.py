@@ -47,7 +47,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Literal, TypedDict, TypeGuard, Unpack, cast, get_args
+from typing import Literal, TypedDict, Unpack, cast, get_args
 
 import torch
 import torch.nn.functional as F
@@ -193,11 +193,7 @@ class _InPlaceOps(_Ops):
     so the tail holds one set-sized tensor fewer at a time (inference's peak memory)."""
 
     def ff(self, mab: MAB, x: Tensor) -> Tensor:
-        if not _plain_feed_forward(mab.ff):
-            return super().ff(mab, x)
-        for layer in mab.ff:
-            x = layer(x) if isinstance(layer, nn.Linear) else x.relu_()
-        return cast(Tensor, mab.drop(x))
+        return cast(Tensor, mab.drop(_feed_forward_in_place(mab.ff, x)))
 
     def add(self, stream: Tensor, branch: Tensor) -> Tensor:
         # in place only where the sum has the branch's shape and dtype (autocast mixes dtypes)
@@ -932,8 +928,8 @@ class _Workspace:
         return buf[:n].view(shape)
 
 
-class _BufferOps(_Ops):
-    """:class:`_Ops` writing into workspace buffers (no autograd, no dropout), ReLU and sums in place."""
+class _BufferOps(_InPlaceOps):
+    """:class:`_InPlaceOps` writing into workspace buffers (no dropout)."""
 
     def __init__(self, ws: _Workspace) -> None:
         self.ws = ws
@@ -942,10 +938,7 @@ class _BufferOps(_Ops):
         return _layer_norm(layer, x, self.ws.get(name, *x.shape), self.ws)
 
     def ff(self, mab: MAB, x: Tensor) -> Tensor:
-        return _feed_forward_into(mab.ff, x, self.ws)
-
-    def add(self, stream: Tensor, branch: Tensor) -> Tensor:
-        return branch.add_(stream)
+        return _feed_forward_in_place(mab.ff, x, self.ws)
 
 
 def _linear(layer: nn.Linear, x: Tensor, out: Tensor) -> Tensor:
@@ -973,20 +966,18 @@ def _layer_norm(norm: nn.Module, x: Tensor, out: Tensor, ws: _Workspace) -> Tens
     return out
 
 
-def _plain_feed_forward(ff: nn.Module) -> TypeGuard[nn.Sequential]:
-    """Whether ``ff`` is the blocks' own ``Linear, ReLU[, Linear]`` (not a user's replacement)."""
-    return isinstance(ff, nn.Sequential) and all(isinstance(m, nn.Linear | nn.ReLU) for m in ff)
-
-
-def _feed_forward_into(ff: nn.Module, x: Tensor, ws: _Workspace) -> Tensor:
-    """``ff(x)`` for the blocks' ``Linear, ReLU[, Linear]`` into workspace buffers, ReLU in place."""
-    if not _plain_feed_forward(ff):
-        return ff(x)
+def _feed_forward_in_place(ff: nn.Module, x: Tensor, ws: _Workspace | None = None) -> Tensor:
+    """``ff(x)`` without autograd for the blocks' own ``Linear, ReLU[, Linear]``: ReLU in place, each
+    product into a workspace buffer of ``ws`` when given (any other module: called)."""
+    if not isinstance(ff, nn.Sequential) or not all(isinstance(m, nn.Linear | nn.ReLU) for m in ff):
+        return cast(Tensor, ff(x))
     for i, layer in enumerate(ff):
-        if isinstance(layer, nn.Linear):
-            x = _linear(layer, x, ws.get(f"ff{i}", *x.shape[:-1], layer.out_features))
-        else:
+        if not isinstance(layer, nn.Linear):
             x = x.relu_()
+        elif ws is None:
+            x = layer(x)
+        else:
+            x = _linear(layer, x, ws.get(f"ff{i}", *x.shape[:-1], layer.out_features))
     return x
 
 
