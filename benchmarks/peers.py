@@ -10,6 +10,9 @@ Columns (one model per cell, every cell in its own worker process on CPU):
   ``models.SetTransformer`` layout applies (ISAB encoders) its weights go through
   :func:`settransformer.compat.load_official`, and the output difference is checked; SAB-encoder
   rows and blocks use our blocks with :func:`settransformer.compat.official_options`.
+- ``ours (same fn, compiled)``: the same model under ``torch.compile(model, dynamic=True)``
+  (inductor), in the task rows and the modes of ``--compiled`` (default: inference). It compiles
+  on the full pass before the memory baseline and timing, and a recompile while timed is an error.
 - ``ours (default)``: our default block layout (``W^O``, its residual and scale) with ``norm=None``,
   the official code's (and its checkpoints') default of no LayerNorm.
 - ``official``: the official code (``modules.py``) imported from ``--official DIR`` (a clone of
@@ -67,8 +70,14 @@ from settransformer import ISAB, MAB, PMA, SAB, SetTransformer
 from settransformer.compat import load_official, official_options
 from settransformer.nn.streaming import DEFAULT_CHUNK_SIZE
 
-IMPLS = ("same", "default", "official", "pyg")
-TITLES = {"same": "ours (same fn)", "default": "ours (default)", "official": "official", "pyg": "PyG"}
+IMPLS = ("same", "compiled", "default", "official", "pyg")
+TITLES = {
+    "same": "ours (same fn)",
+    "compiled": "ours (same fn, compiled)",
+    "default": "ours (default)",
+    "official": "official",
+    "pyg": "PyG",
+}
 PEERS = ("official", "pyg")
 HERE = Path(__file__).resolve().parent
 
@@ -389,6 +398,9 @@ def measure(cell: Cell, impl: str, args: argparse.Namespace) -> dict[str, Any]:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     model, note = _build(cell, impl, args.official)
     model = model.to(device=device, dtype=dtype)
+    eager = model
+    if impl == "compiled":
+        model = torch.compile(model, dynamic=True)
     steps = args.steps if cell.kind == "task" else 1
     xs, per_call, width = _inputs(cell, steps, device, dtype)
     small = [x[:, : min(x.shape[1], 1000)] for x in xs[:1]]
@@ -414,19 +426,21 @@ def measure(cell: Cell, impl: str, args: argparse.Namespace) -> dict[str, Any]:
                     loss.backward()
                     opt.step()
 
-        run(small)  # kernels and thread pools before the memory baseline
+        # kernels and thread pools before the memory baseline; a compiled model compiles here
+        run(xs if impl == "compiled" else small)
         base = _mem_start(device)
         run()  # the peak of one full pass (and the full shapes' warm-up), before _passes shifts the heap
         mem = _mem_peak(device) - base
-        best = _passes(run, device, args.budget)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            best = _passes(run, device, args.budget)
         res = {"time_ms": 1e3 * best / len(xs), "mem_mb": mem}
         if args.flops:
             if mode == "infer":
                 with torch.no_grad():
-                    flops = sum(_count_flops(lambda x=x: model(x, **chunk)) for x in xs)
+                    flops = sum(_count_flops(lambda x=x: eager(x, **chunk)) for x in xs)
             else:
-                flops = sum(_count_flops(lambda x=x: model(x).float().square().mean().backward()) for x in xs)
-                model.zero_grad(set_to_none=True)
+                flops = sum(_count_flops(lambda x=x: eager(x).float().square().mean().backward()) for x in xs)
+                eager.zero_grad(set_to_none=True)
             res["gflop"] = flops / len(xs) / 1e9
         out[mode] = res
     if args.flops:
@@ -515,6 +529,8 @@ def _run_worker(
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
     if args.omp_wait_policy != "default":
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy
+    if impl == "compiled":  # inductor compiles in this process: no pool of compile workers left running
+        env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
     if probe:
         cmd += ["--budget", "1e-9"]  # the last --budget wins: one timed pass
         env["MALLOC_MMAP_THRESHOLD_"] = str(PROBE_MMAP_THRESHOLD)
@@ -626,23 +642,35 @@ def _label(cell: Cell, mode: str) -> str:
     return label
 
 
+def _modes(cell: Cell, impl: str, args: argparse.Namespace) -> Cell:
+    """``cell`` with the modes ``impl`` runs: the compiled model only the task rows' ``--compiled``."""
+    if impl != "compiled":
+        return cell
+    modes = args.compiled if cell.kind == "task" else ()
+    return Cell(cell.kind, cell.key, tuple(m for m in cell.modes if m in modes))
+
+
 def _collect(table: Table, cells: list[Cell], impls: list[str], args: argparse.Namespace) -> None:
     """Run ``cells`` for ``impls`` over ``args.repeats`` interleaved rounds and fill ``table``."""
     if args.device == "cuda":  # one process per impl and round: the allocator's peak is per cell
         results: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for r in range(args.repeats):
             for impl in impls:
-                got = _run_worker(impl, cells, args, flops=r == 0) or []
-                for c, res in zip(cells, got):
+                mine = [c for c in (_modes(c, impl, args) for c in cells) if c.modes]
+                got = (_run_worker(impl, mine, args, flops=r == 0) or []) if mine else []
+                for c, res in zip(mine, got):
                     results.setdefault((c.key, impl), []).append(res)
         for c in cells:
             for impl in impls:
-                table.fill(c, impl, results.get((c.key, impl), []))
+                if _modes(c, impl, args).modes:
+                    table.fill(_modes(c, impl, args), impl, results.get((c.key, impl), []))
         return
     for cell in cells:
         skips = {impl: plan(cell, table.done(impl), args) for impl in impls}
         todo = {
-            impl: Cell(cell.kind, cell.key, tuple(m for m in cell.modes if m not in skips[impl]))
+            impl: Cell(
+                cell.kind, cell.key, tuple(m for m in _modes(cell, impl, args).modes if m not in skips[impl])
+            )
             for impl in impls
         }
         found: dict[str, list[dict[str, Any]]] = {impl: [] for impl in impls}
@@ -652,7 +680,8 @@ def _collect(table: Table, cells: list[Cell], impls: list[str], args: argparse.N
                     got = _run_worker(impl, [todo[impl]], args, flops=r == 0, probe=r == 0)
                     found[impl] += got or []
         for impl in impls:
-            table.fill(cell, impl, [*found[impl], {"skipped": skips[impl]}])
+            if _modes(cell, impl, args).modes:
+                table.fill(_modes(cell, impl, args), impl, [*found[impl], {"skipped": skips[impl]}])
         if args.progress:
             for mode in cell.modes:
                 print(table.render([_label(cell, mode)]).splitlines()[-1], flush=True)
@@ -660,6 +689,14 @@ def _collect(table: Table, cells: list[Cell], impls: list[str], args: argparse.N
 
 def _available(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     impls, notes = list(IMPLS), []
+    if args.compiled:
+        notes.append(
+            f"{TITLES['compiled']}: torch.compile(model, dynamic=True), inductor; timed in the task rows' "
+            f"{' and '.join(args.compiled)} (`--compiled`), compiled before its memory baseline and timing; "
+            "the peers run eager"
+        )
+    else:
+        impls.remove("compiled")
     if not args.official or not (Path(args.official) / "modules.py").is_file():
         impls.remove("official")
         notes.append(
@@ -723,6 +760,12 @@ def main() -> None:
         help="OMP_WAIT_POLICY of the workers; 'auto' (default): passive when the load average exceeds the "
         "CPU count at start (spinning threads on a busy machine make timings erratic), else unchanged",
     )
+    parser.add_argument(
+        "--compiled",
+        default=None,
+        help="modes of the compiled column, comma-separated among infer, train, or 'none' "
+        "(default: infer; none with --quick)",
+    )
     parser.add_argument("--output", help="markdown file (default benchmarks/results/peers[-cuda].md)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--flops", action="store_true", help=argparse.SUPPRESS)
@@ -736,6 +779,10 @@ def main() -> None:
     args.block_repeats = args.block_repeats or (1 if args.quick else 3)
     args.budget = args.budget or (0.4 if args.quick else 1.2)
     args.steps = args.steps or (4 if args.quick else 8)
+    args.compiled = args.compiled or ("none" if args.quick else "infer")
+    args.compiled = () if args.compiled == "none" else tuple(args.compiled.split(","))
+    if not set(args.compiled) <= {"infer", "train"}:
+        parser.error("--compiled: infer, train (comma-separated) or none")
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker), args)))
         return
@@ -824,7 +871,7 @@ def main() -> None:
 
     task_labels = [_label(Cell("task", s.name, ()), m) for s in tasks for m in ("train", "infer")]
     summary = []
-    for impl in ("same", "default"):
+    for impl in ("same", "compiled", "default"):
         g = table.geomean(impl, [x for x in task_labels if x in table.rows])
         if g:
             summary.append(

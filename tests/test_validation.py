@@ -296,6 +296,36 @@ def test_large_finite_input_passes() -> None:
     assert check_finite(x16) is x16
 
 
+def test_a_blocks_untouched_output_is_read_once() -> None:
+    """Blocks chained by hand check a set's values once, as a model does: another block's output is
+    not read again, but a copy of it, or the output changed in place, or one made under
+    ``inference_mode`` (no version counter) is."""
+    torch.manual_seed(0)
+    first, second = SAB(5, 16, 4), SAB(16, 16, 4)
+    mab, pma = MAB(16, 16, 16, 4), PMA(16, 4, 2)
+    with torch.no_grad():
+        first.mab.ff[0].bias.fill_(float("nan"))  # diverged weights: NaN out of checked input
+    x, mask = torch.randn(B, N, 5), torch.ones(B, N, dtype=torch.bool)
+    h = first(x)
+    assert not torch.isfinite(h).any()
+    for forward in (lambda t: second(t), lambda t: second(t, mask), lambda t: pma(t), lambda t: mab(t, t)):
+        forward(h)  # not read again (mask or not, as keys or as queries)
+        with pytest.raises(ValueError, match="expected finite values"):
+            forward(h.clone())
+    with torch.no_grad():
+        first.mab.ff[0].bias.zero_()
+    h = first(x)
+    second(h)
+    h[0, 0, 0] = float("nan")  # a new version of the same tensor
+    with pytest.raises(ValueError, match=r"x\[0, 0\]"):
+        second(h)
+    with torch.inference_mode():
+        h = first(x)
+        h[0, 0, 0] = float("inf")
+        with pytest.raises(ValueError, match="expected finite values"):
+            second(h)
+
+
 def test_dtype_must_match_the_module(target) -> None:
     forward, name, dim = target
     with pytest.raises(TypeError, match=expect(name, "torch.float32", "torch.float64", ".to(")):

@@ -66,6 +66,7 @@ from .attention import (
 from .scores import ScoreSpec, check_score, make_score, softmax, softmax_scale
 from .streaming import Pipeline, isab_chunked, pma_chunked
 from .validation import (
+    block_output,
     check_finite,
     check_like,
     check_positive,
@@ -278,7 +279,7 @@ class MAB(nn.Module):
         if q.shape[0] not in (1, kv.shape[0]):
             raise ValueError(f"q: batch size {q.shape[0]} does not match kv's {kv.shape[0]}")
         check_finite(check_like(q, self.to_q.weight, "q"), "q")
-        return self.forward_unchecked(q, kv, mask)
+        return block_output(self.forward_unchecked(q, kv, mask))
 
     def project(self, q: Tensor, kv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Projected queries, keys and values, each ``(B, N, dim)``."""
@@ -484,7 +485,7 @@ class SAB(nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """``x: (B, N, dim_in)``, ``mask: (B, N)`` -> ``(B, N, dim)``, zero at padded positions."""
         x, mask = prepare_set(x, mask, self.dim_in, self.mab.to_q.weight)
-        return self.forward_unchecked(x, mask)
+        return block_output(self.forward_unchecked(x, mask))
 
     def forward_unchecked(self, x: Tensor, mask: Tensor | None) -> Tensor:
         """:meth:`forward` without input checks; ``x`` must be zero at padded rows."""
@@ -552,7 +553,7 @@ class ISAB(nn.Module):
         if _chunked_input(x, chunk_size):
             return cast(Tensor, isab_chunked(self, x, mask, chunk_size=cast(int, chunk_size)))
         x, mask = prepare_set(x, mask, self.dim_in, self.inducing)
-        return self.forward_unchecked(x, mask)
+        return block_output(self.forward_unchecked(x, mask))
 
     def induce(self, x: Tensor, mask: Tensor | None) -> Tensor:
         """``H = MAB(I, X)``: ``(B, num_inducing, dim)``; ``x`` zero at padded rows."""
@@ -655,7 +656,7 @@ class PMA(nn.Module):
         if _chunked_input(z, chunk_size):
             return pma_chunked(self, z, mask, chunk_size=cast(int, chunk_size))
         z, mask = prepare_set(z, mask, self.dim, self.seeds, name="z")
-        return self.forward_unchecked(z, mask)
+        return block_output(self.forward_unchecked(z, mask))
 
     def forward_unchecked(self, z: Tensor, mask: Tensor | None) -> Tensor:
         """:meth:`forward` without input checks; ``z`` must be zero at padded rows."""

@@ -18,8 +18,11 @@ What every public block and model checks on each call (see :func:`prepare_set`):
   Padded elements may hold anything (NaN included): they are zero-filled before use.
 
 The finiteness check reads the whole input (one ``sum`` over it, the exact element-wise test only
-when that sum is not finite), and on a GPU it synchronises with the device once per forward. It is
-on by default and can be switched off process-wide for speed::
+when that sum is not finite), and on a GPU it synchronises with the device once per forward. A
+block's input that another block has just returned, untouched since (the same tensor at the same
+version counter, see :func:`block_output`), is not read again: it came from checked input through
+the blocks' own arithmetic, like every tensor inside a model, so blocks chained by hand pay for
+one check, as a model does. It is on by default and can be switched off process-wide for speed::
 
     settransformer.nn.validation.set_finite_checks(False)        # from now on
     with settransformer.nn.validation.finite_checks(False): ...  # inside the block only
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -41,6 +45,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "block_output",
     "check_finite",
     "check_like",
     "check_mask",
@@ -123,6 +128,43 @@ def tracing() -> bool:
         or torch.compiler.is_compiling()
         or torch.compiler.is_exporting()
     )
+
+
+#: Tensors returned by the blocks' public forwards: ``id -> (weak reference, version counter)``. A
+#: few dozen at most: a chain of blocks needs only the last one, and ids of freed tensors are reused.
+_block_outputs: dict[int, tuple[weakref.ref[Tensor], int]] = {}
+_MAX_BLOCK_OUTPUTS = 64
+
+
+def block_output(y: Tensor) -> Tensor:
+    """Record ``y`` as a block's output and return it: while it is not modified in place, a block
+    that gets it as input does not check its values again (:func:`check_finite`).
+
+    Not recorded while the finiteness check is off, while tracing, or for inference-mode tensors
+    (they carry no version counter, so an in-place change could not be seen).
+
+    Example:
+        >>> y = block_output(torch.full((1, 2, 3), float("nan")))  # say, from diverged weights
+        >>> check_finite(y).shape  # not read again
+        torch.Size([1, 2, 3])
+        >>> check_finite(y.mul_(2))  # modified in place: read  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: x: expected finite values in every real (unmasked) element, ...
+    """
+    if _finite_checks and not tracing() and not y.is_inference():
+        if len(_block_outputs) >= _MAX_BLOCK_OUTPUTS:
+            _block_outputs.clear()
+        _block_outputs[id(y)] = (weakref.ref(y), y._version)
+    return y
+
+
+def _is_block_output(x: Tensor) -> bool:
+    """Whether ``x`` is a recorded block output (:func:`block_output`), unmodified since."""
+    if tracing() or not _block_outputs:  # a compiled graph must not depend on the record
+        return False
+    seen = _block_outputs.get(id(x))
+    return seen is not None and seen[0]() is x and seen[1] == x._version
 
 
 def check_set(x: object, dim: int, name: str = "x") -> Tensor:
@@ -216,16 +258,17 @@ def check_like(x: Tensor, like: Tensor, name: str = "x") -> Tensor:
 def check_finite(x: Tensor, name: str = "x") -> Tensor:
     """Check that every value of ``x`` is finite (``x`` zero at padded rows, so only real ones count).
 
-    A no-op when switched off (:func:`set_finite_checks`), while tracing or compiling, and on the
-    meta device. One ``sum`` decides in the common case (any NaN or inf makes the sum non-finite);
-    only a non-finite sum, which a large finite input can also overflow to, pays for the exact test.
+    A no-op when switched off (:func:`set_finite_checks`), while tracing or compiling, on the meta
+    device, and for another block's untouched output (:func:`block_output`). One ``sum`` decides
+    in the common case (any NaN or inf makes the sum non-finite); only a non-finite sum, which a
+    large finite input can also overflow to, pays for the exact test.
 
     Example:
         >>> with finite_checks(True):
         ...     check_finite(torch.ones(2, 3, 4)).shape
         torch.Size([2, 3, 4])
     """
-    if not _finite_checks or tracing() or x.numel() == 0 or x.device.type == "meta":
+    if not _finite_checks or tracing() or x.numel() == 0 or x.device.type == "meta" or _is_block_output(x):
         return x
     x0 = x.detach()
     if math.isfinite(x0.sum().item()):  # .item() and math: a third of the cost of bool(isfinite(...))
@@ -292,8 +335,9 @@ def prepare_set(
     m = check_mask(mask, xt, mask_name)
     if like is not None:
         check_like(xt, like, name)
-    xt = zero_padding(xt, m)
-    return check_finite(xt, name), m
+    if _is_block_output(xt):  # checked upstream; zero padding makes a new tensor, so decide here
+        return zero_padding(xt, m), m
+    return check_finite(zero_padding(xt, m), name), m
 
 
 def check_positive(name: str, value: object, *, allow_zero: bool = False) -> int:
