@@ -667,8 +667,8 @@ def _collect(table: Table, cells: list[Cell], impls: list[str], args: argparse.N
                     results.setdefault((c.key, impl), []).append(res)
         for c in cells:
             for impl in impls:
-                if _modes(c, impl, args).modes:
-                    table.fill(_modes(c, impl, args), impl, results.get((c.key, impl), []))
+                if (runs := _modes(c, impl, args)).modes:
+                    table.fill(runs, impl, results.get((c.key, impl), []))
         return
     for cell in cells:
         skips = {impl: plan(cell, table.done(impl), args) for impl in impls}
@@ -685,8 +685,8 @@ def _collect(table: Table, cells: list[Cell], impls: list[str], args: argparse.N
                     got = _run_worker(impl, [todo[impl]], args, flops=r == 0, probe=r == 0)
                     found[impl] += got or []
         for impl in impls:
-            if _modes(cell, impl, args).modes:
-                table.fill(_modes(cell, impl, args), impl, [*found[impl], {"skipped": skips[impl]}])
+            if (runs := _modes(cell, impl, args)).modes:
+                table.fill(runs, impl, [*found[impl], {"skipped": skips[impl]}])
         if args.progress:
             for mode in cell.modes:
                 print(table.render([_label(cell, mode)]).splitlines()[-1], flush=True)
