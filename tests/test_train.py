@@ -18,7 +18,7 @@ from settransformer.tasks.base import Batch, Task
 from settransformer.training.checkpoint import library_version, load_checkpoint
 from settransformer.training.config import TrainConfig
 from settransformer.training.loop import evaluated_weights, train
-from settransformer.training.optim import WeightAverage, bound_gradients
+from settransformer.training.optim import WeightAverage, bound_gradients, make_optimizer
 
 
 class Tiny(Task):
@@ -279,6 +279,52 @@ def test_weight_average_warms_up() -> None:
     average.update(w)  # keep min(0.99, 2/11): mostly the new weights already
     assert average.model.weight.item() == pytest.approx(1 - 2 / 11)
     assert not average.model.weight.requires_grad
+
+
+FUSED_ON_CPU = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 4)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_adam_is_fused_where_supported_and_steps_as_the_default_one(name: str) -> None:
+    """The fused kernel where PyTorch has one for the parameters (CPU float32 from torch 2.4), and
+    the same update as PyTorch's default implementation."""
+    torch.manual_seed(0)
+    a = DeepSets(3, 1, 1, dim_hidden=8)
+    b = DeepSets(3, 1, 1, dim_hidden=8)
+    b.load_state_dict(a.state_dict())
+    start = [p.detach().clone() for p in a.parameters()]
+    config = TrainConfig(optimizer=name, lr=1e-2, weight_decay=1e-2)
+    fast = make_optimizer(a, config)
+    plain = (torch.optim.Adam if name == "adam" else torch.optim.AdamW)(
+        b.parameters(), lr=1e-2, weight_decay=1e-2, foreach=False
+    )
+    assert bool(fast.defaults["fused"]) == FUSED_ON_CPU
+    x = torch.randn(4, 6, 3)
+    for _ in range(3):
+        for model, opt in ((a, fast), (b, plain)):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for p, q, p0 in zip(a.parameters(), b.parameters(), start):
+        assert not torch.equal(p, p0)  # the steps moved every parameter
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_optimizer_falls_back_where_no_fused_kernel_exists(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device or dtype without a fused kernel gets PyTorch's default implementation."""
+    calls: list[dict[str, Any]] = []
+    real = torch.optim.Adam
+
+    def refusing(params: Any, **options: Any) -> torch.optim.Optimizer:
+        calls.append(options)
+        if options.get("fused"):
+            raise RuntimeError("fused=True requires all the params to be on a supported device")
+        return real(params, **options)
+
+    monkeypatch.setattr(torch.optim, "Adam", refusing)
+    opt = make_optimizer(nn.Linear(2, 1), TrainConfig(optimizer="adam"))
+    assert [c.get("fused") for c in calls] == [True, None]
+    assert not opt.defaults["fused"] and len(opt.param_groups[0]["params"]) == 2
 
 
 def test_run_files_carry_the_library_version(tmp_path: Path) -> None:
