@@ -281,24 +281,28 @@ def test_weight_average_warms_up() -> None:
     assert not average.model.weight.requires_grad
 
 
-FUSED_ON_CPU = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 4)
+TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+PLAIN_OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, float]]] = {
+    "adam": (torch.optim.Adam, {}),
+    "adamw": (torch.optim.AdamW, {}),
+    "sgd": (torch.optim.SGD, {"momentum": 0.9}),
+}
 
 
-@pytest.mark.parametrize("name", ["adam", "adamw"])
-def test_adam_is_fused_where_supported_and_steps_as_the_default_one(name: str) -> None:
-    """The fused kernel where PyTorch has one for the parameters (CPU float32 from torch 2.4), and
+@pytest.mark.parametrize("name", sorted(PLAIN_OPTIMIZERS))
+def test_optimizer_is_fused_where_supported_and_steps_as_the_default_one(name: str) -> None:
+    """The fused kernel where PyTorch has one for the parameters (CPU float32 in recent torch), and
     the same update as PyTorch's default implementation."""
     torch.manual_seed(0)
     a = DeepSets(3, 1, 1, dim_hidden=8)
     b = DeepSets(3, 1, 1, dim_hidden=8)
     b.load_state_dict(a.state_dict())
     start = [p.detach().clone() for p in a.parameters()]
-    config = TrainConfig(optimizer=name, lr=1e-2, weight_decay=1e-2)
-    fast = make_optimizer(a, config)
-    plain = (torch.optim.Adam if name == "adam" else torch.optim.AdamW)(
-        b.parameters(), lr=1e-2, weight_decay=1e-2, foreach=False
-    )
-    assert bool(fast.defaults["fused"]) == FUSED_ON_CPU
+    fast = make_optimizer(a, TrainConfig(optimizer=name, lr=1e-2, weight_decay=1e-2))
+    kind, extra = PLAIN_OPTIMIZERS[name]
+    plain = kind(b.parameters(), lr=1e-2, weight_decay=1e-2, foreach=False, **extra)
+    if TORCH_VERSION >= (2, 5):
+        assert fast.defaults["fused"]
     x = torch.randn(4, 6, 3)
     for _ in range(3):
         for model, opt in ((a, fast), (b, plain)):
