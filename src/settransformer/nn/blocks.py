@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Literal, TypedDict, Unpack, cast, get_args
@@ -93,6 +95,7 @@ __all__ = [
     "PooledQueries",
     "attention_forms",
     "check_dot_product",
+    "clear_kept_buffers",
     "large_set_forms",
 ]
 
@@ -501,10 +504,14 @@ ROW_BLOCK = 2048
 #: Fewest rows per set in such a block: with more sets than ``ROW_BLOCK / MIN_BLOCK_ROWS`` the
 #: blocks hold whole sets instead.
 MIN_BLOCK_ROWS = 512
-#: Fewest elements ``B * N * dim`` of a batch of small sets for blocks of whole sets: below it
-#: (4 MiB in float32) the batch's tensors stay in cache anyway and the blocks only add calls
-#: (0.85x at B = 10, N = 450, width 128; 1.4x at B = 32, N = 1,000, width 256).
+#: Fewest elements ``B * N * dim`` of a batch for blocks: below it (4 MiB in float32) the batch's
+#: tensors stay in cache anyway, and it goes through ``mab1`` in one call.
 MIN_SET_BLOCK_ELEMENTS = 2**20
+#: Most elements ``rows * max(dim, ff_dim)`` of one call of an ISAB's ``mab1`` without autograd for
+#: which the block keeps its buffers from call to call (:class:`InducedRows` ``keep_buffers``): a
+#: few buffers of at most 4 MiB each in float32 per ISAB and thread. Fresh buffers each call cost
+#: page faults (1.2x at B = 10, N = 450, width 128); a larger call gets them fresh and frees them.
+KEPT_BUFFER_ELEMENTS = 2**20
 
 
 class ISAB(nn.Module):
@@ -562,41 +569,42 @@ class ISAB(nn.Module):
     def forward_unchecked(self, x: Tensor, mask: Tensor | None) -> Tensor:
         """:meth:`forward` without input checks; ``x`` must be zero at padded rows.
 
-        Without autograd, ``mab1`` runs over blocks of about :data:`ROW_BLOCK` rows: each element
-        attends only to ``H``, so the result is the same, and a block's intermediates stay in the
-        CPU cache instead of streaming ``(B, N, dim)`` tensors through memory (about 2x faster at
-        N = 100k, and a fraction of the memory). The blocks go through :class:`InducedRows`, which
-        prepares ``H`` once and reuses its buffers from block to block. A batch whose sets would
-        get fewer than :data:`MIN_BLOCK_ROWS` rows each goes through whole sets at a time instead
-        (a row block of many sets would be a strided slice, copied in and out), or at once when
-        it is smaller than :data:`MIN_SET_BLOCK_ELEMENTS`. With autograd the whole batch goes
-        through at once: backward needs every row.
+        Without autograd, ``mab1`` runs through :class:`InducedRows`, which prepares ``H`` once:
+        over blocks of about :data:`ROW_BLOCK` rows (each element attends only to ``H``, so the
+        result is the same, and a block's intermediates stay in the CPU cache instead of streaming
+        ``(B, N, dim)`` tensors through memory: about 2x faster at N = 100k, and a fraction of the
+        memory). A batch whose sets would get fewer than :data:`MIN_BLOCK_ROWS` rows each goes
+        through whole sets at a time instead (a row block of many sets would be a strided slice,
+        copied in and out), and a batch smaller than :data:`MIN_SET_BLOCK_ELEMENTS` in one call.
+        Calls of at most :data:`KEPT_BUFFER_ELEMENTS` keep their buffers for the next forward.
+        With autograd the whole batch goes through the standard path at once: backward needs
+        every row.
         """
         h = self.induce(x, mask)
         b, n = x.shape[:2]
-        block = max(1, ROW_BLOCK // max(b, 1))
-        per = max(1, ROW_BLOCK // max(n, 1))  # sets per block when blocks hold whole sets
         # tracers and compilers see one graph: no Python loop over a size that varies between calls
-        rows = None
-        if not (tracing() or torch.is_grad_enabled() or (n <= block and b <= per)):
-            rows = InducedRows(self.mab1, h)
-        if (
-            rows is None
-            or not rows.fast
-            or (block < MIN_BLOCK_ROWS and b * n * self.mab1.dim < MIN_SET_BLOCK_ELEMENTS)
-        ):
+        if tracing() or torch.is_grad_enabled():
             return zero_padding(self.mab1.forward_unchecked(x, h, None), mask)
-        if block < MIN_BLOCK_ROWS:
-            starts, cut = range(0, b, per), lambda t, i: t[i : i + per]
-        else:
-            starts, cut = range(0, n, block), lambda t, i: t[:, i : i + block]
-        out: Tensor | None = None
-        for i in starts:
-            part = rows(cut(x, i), slice(i, i + per) if block < MIN_BLOCK_ROWS else slice(None))
-            if out is None:
-                out = part.new_empty(b, n, part.shape[-1])
-            cut(out, i).copy_(part)
-        assert out is not None
+        block = max(1, ROW_BLOCK // max(b, 1))  # rows per set in a row block
+        per = max(1, ROW_BLOCK // max(n, 1))  # sets per block when blocks hold whole sets
+        by_set = block < MIN_BLOCK_ROWS
+        if b * n * self.mab1.dim < MIN_SET_BLOCK_ELEMENTS:
+            by_set, per = True, max(b, 1)  # one call over the whole batch
+        rows = per * n if by_set else b * block
+        ff = [f.out_features for f in self.mab1.ff.modules() if isinstance(f, nn.Linear)]
+        widths = [self.mab1.dim, *ff]
+        keep = rows * max(widths) <= KEPT_BUFFER_ELEMENTS
+        form = self.mab1.choose_form(n, h.shape[1], x.device.type)
+        induced = InducedRows(self.mab1, h, form=form, keep_buffers=keep)
+        if not induced.fast:
+            return zero_padding(self.mab1.forward_unchecked(x, h, None), mask)
+        out = x.new_empty(b, n, self.mab1.dim)
+        step = per if by_set else block
+        for i in range(0, b if by_set else n, step):
+            if by_set:
+                out[i : i + step] = induced(x[i : i + step], slice(i, i + step))
+            else:
+                out[:, i : i + step] = induced(x[:, i : i + step])
         return zero_padding(out, mask)
 
     def pipeline(self) -> Pipeline:
@@ -814,8 +822,14 @@ class InducedRows:
     Args:
         mab: an ISAB's ``mab1``.
         h: the induced set ``(B, m, dim)``.
+        form: ``"induced"``: fold as above; ``"standard"``: the per-head products; ``"pooled"``:
+            call :meth:`MAB.forward_unchecked`; ``None``: fold where it is cheaper.
+        keep_buffers: take the buffers ``mab`` kept on this thread from an earlier
+            ``InducedRows(..., keep_buffers=True)`` and keep them for the next one (see
+            :func:`clear_kept_buffers`), instead of new ones for this object only.
 
-    Results of the fast path are overwritten by the next call (see :meth:`__call__`).
+    Results of the fast path are overwritten by the next call (see :meth:`__call__`), and with
+    ``keep_buffers`` by the next call of any ``InducedRows`` of ``mab`` on this thread.
 
     Example:
         >>> import torch
@@ -828,10 +842,10 @@ class InducedRows:
         True
     """
 
-    def __init__(self, mab: MAB, h: Tensor) -> None:
+    def __init__(self, mab: MAB, h: Tensor, *, form: Form | None = None, keep_buffers: bool = False) -> None:
         self.mab, self.h = mab, h
         dropout = mab.training and mab.dropout > 0
-        plain = mab.score is None and mab.top_k is None
+        plain = mab.score is None and mab.top_k is None and form != "pooled"
         # out= variants do not autocast: under autocast the block's own code (which does) runs
         autocast = torch.is_autocast_enabled(h.device.type)
         # The fast path keeps a CPU's caches warm and avoids page faults; a GPU gains nothing from
@@ -847,8 +861,9 @@ class InducedRows:
         k, v = mab.to_kv(mab.norm_kv(h) if mab.norm == "pre" else h).chunk(2, dim=-1)
         b, m = k.shape[:2]
         kh = split_heads(k, heads)  # (B, H, m, dh)
-        self.m, self.ws = m, _Workspace(k)
-        self.folded = induced_is_cheaper(m, mab.form_sizes())
+        self.m = m
+        self.ws = _kept_workspace(mab, k) if keep_buffers else _Workspace(k.dtype, k.device)
+        self.folded = induced_is_cheaper(m, mab.form_sizes()) if form is None else form == "induced"
         if not self.folded:
             self.k_t = (kh * scale).transpose(-1, -2)  # (B, H, dh, m)
             self.v_h = split_heads(v, heads).contiguous()  # (B, H, m, dh)
@@ -917,16 +932,49 @@ class _Workspace:
     """Buffers reused from chunk to chunk: a fresh multi-megabyte tensor per operation can cost
     more in page faults than the operation itself, when the allocator hands memory back to the OS."""
 
-    def __init__(self, like: Tensor) -> None:
-        self.like = like
+    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
+        self.dtype, self.device = dtype, device
         self.buffers: dict[str, Tensor] = {}
 
     def get(self, name: str, *shape: int) -> Tensor:
         n = math.prod(shape)
         buf = self.buffers.get(name)
         if buf is None or buf.numel() < n:
-            buf = self.buffers[name] = self.like.new_empty(n)
+            buf = self.buffers[name] = torch.empty(n, dtype=self.dtype, device=self.device)
         return buf[:n].view(shape)
+
+
+# Per thread (a model serving several threads at once gives each its own buffers) and per block,
+# held weakly: the buffers go with the block, and a block pickles and copies without them.
+_KEPT = threading.local()
+
+
+def _kept_workspace(mab: MAB, like: Tensor) -> _Workspace:
+    """The workspace ``mab`` keeps on this thread for tensors like ``like`` (dtype, device), one
+    for inference mode and one outside it (a tensor made in inference mode cannot be written to
+    outside it)."""
+    kept: weakref.WeakKeyDictionary[MAB, dict[tuple[torch.dtype, torch.device, bool], _Workspace]]
+    kept = _KEPT.__dict__.setdefault("blocks", weakref.WeakKeyDictionary())
+    spaces = kept.setdefault(mab, {})
+    key = (like.dtype, like.device, torch.is_inference_mode_enabled())
+    if key not in spaces:
+        spaces[key] = _Workspace(like.dtype, like.device)
+    return spaces[key]
+
+
+def clear_kept_buffers() -> None:
+    """Free the inference buffers the ISABs keep on this thread (:data:`KEPT_BUFFER_ELEMENTS`).
+
+    They are freed with their block anyway; this returns their memory sooner.
+
+    Example:
+        >>> import torch
+        >>> isab = ISAB(3, 16, num_heads=4, num_inducing=8).eval()
+        >>> with torch.no_grad():
+        ...     _ = isab(torch.randn(2, 50, 3))
+        >>> clear_kept_buffers()
+    """
+    _KEPT.__dict__.pop("blocks", None)
 
 
 class _BufferOps(_InPlaceOps):
