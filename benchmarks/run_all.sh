@@ -10,13 +10,14 @@ PY=${PY:-.venv/bin/python}
 out=benchmarks/results
 mkdir -p "$out"
 names=("$@")
-[ ${#names[@]} -eq 0 ] && names=(blocks kernels optimizer scale ddp export scores validation kill_loop)
+[ ${#names[@]} -eq 0 ] && names=(blocks kernels optimizer kept_buffers scale ddp export scores validation kill_loop)
 for name in "${names[@]}"; do
   echo "[bench] $name"
   case $name in
     blocks) "$PY" benchmarks/blocks.py ;;
     kernels) "$PY" benchmarks/kernels.py --output /dev/null | sed '$d' ;;  # drop its "written to" line
     optimizer) "$PY" benchmarks/optimizer.py --output /dev/null | sed '$d' ;;
+    kept_buffers) "$PY" benchmarks/kept_buffers.py --output /dev/null | sed '$d' ;;
     scale) "$PY" benchmarks/scale.py --omp-wait-policy default --plot "$out/scale.png" ;;
     ddp) OMP_NUM_THREADS=1 "$PY" benchmarks/ddp.py ;;
     export) "$PY" benchmarks/export.py --threads 2 ;;

@@ -510,7 +510,7 @@ MIN_SET_BLOCK_ELEMENTS = 2**20
 #: Most elements ``rows * max(dim, ff_dim)`` of one call of an ISAB's ``mab1`` without autograd for
 #: which the block keeps its buffers from call to call (:class:`InducedRows` ``keep_buffers``): a
 #: few buffers of at most 4 MiB each in float32 per ISAB and thread. Fresh buffers each call cost
-#: page faults (1.2x at B = 10, N = 450, width 128); a larger call gets them fresh and frees them.
+#: page faults (``benchmarks/kept_buffers.py``); a larger call gets them fresh and frees them.
 KEPT_BUFFER_ELEMENTS = 2**20
 
 
@@ -577,13 +577,13 @@ class ISAB(nn.Module):
         through whole sets at a time instead (a row block of many sets would be a strided slice,
         copied in and out), and a batch smaller than :data:`MIN_SET_BLOCK_ELEMENTS` in one call.
         Calls of at most :data:`KEPT_BUFFER_ELEMENTS` keep their buffers for the next forward.
-        With autograd the whole batch goes through the standard path at once: backward needs
-        every row.
+        With autograd (and off the CPU) the whole batch goes through the standard path at once:
+        backward needs every row.
         """
         h = self.induce(x, mask)
         b, n = x.shape[:2]
         # tracers and compilers see one graph: no Python loop over a size that varies between calls
-        if tracing() or torch.is_grad_enabled():
+        if tracing() or torch.is_grad_enabled() or x.device.type != "cpu":
             return zero_padding(self.mab1.forward_unchecked(x, h, None), mask)
         block = max(1, ROW_BLOCK // max(b, 1))  # rows per set in a row block
         per = max(1, ROW_BLOCK // max(n, 1))  # sets per block when blocks hold whole sets
