@@ -16,8 +16,6 @@ over the rounds of the mean forward time; the speed-up is computed round by roun
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -28,11 +26,11 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from interleaved import Table, compare
 from peers import TASKS, build_block, build_task
 
 from settransformer.nn import blocks
 
-HERE = Path(__file__).resolve().parent
 QUICK = ("MoG clustering (official run.py)", "isab:1000")
 
 
@@ -57,34 +55,26 @@ def cases(quick: bool) -> list[tuple[str, Callable[[str], nn.Module], list[Tenso
     return out
 
 
-def measure(
-    model: nn.Module, xs: list[Tensor], rounds: int, seconds: float = 0.3
-) -> tuple[float, float, float]:
+def measure(model: nn.Module, xs: list[Tensor], rounds: int) -> tuple[float, float, float]:
     """Median forward time (s) with fresh and with kept buffers, and the median ratio."""
     model.eval()
     kept = blocks.KEPT_BUFFER_ELEMENTS
 
-    def run(limit: int, passes: int = 1) -> float:
+    def run(limit: int, passes: int) -> float:
         blocks.KEPT_BUFFER_ELEMENTS = limit
         start = time.perf_counter()
         with torch.no_grad():
             for _ in range(passes):
                 for x in xs:
                     model(x)
-        return (time.perf_counter() - start) / (passes * len(xs))
+        return (time.perf_counter() - start) / passes
 
     try:
-        run(0), run(kept)  # kernels, thread pools and the kept buffers before timing
-        passes = max(1, round(seconds / (run(0) * len(xs))))
-        fresh_t, kept_t = [], []
-        for _ in range(rounds):
-            fresh_t.append(run(0, passes))
-            kept_t.append(run(kept, passes))
+        fresh, kept_t, ratio = compare(lambda p: run(0, p), lambda p: run(kept, p), rounds)
     finally:
         blocks.KEPT_BUFFER_ELEMENTS = kept
         blocks.clear_kept_buffers()
-    ratio = statistics.median(f / k for f, k in zip(fresh_t, kept_t))
-    return statistics.median(fresh_t), statistics.median(kept_t), ratio
+    return fresh / len(xs), kept_t / len(xs), ratio
 
 
 def main() -> None:
@@ -100,31 +90,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rounds = args.rounds or (5 if args.quick else 11)
-    started = time.perf_counter()
-    lines = [
-        f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, float32, "
-        f"{rounds} interleaved rounds, load {os.getloadavg()[0]:.1f} at start",
-        "",
-        "| inference | layout | fresh buffers (ms) | kept buffers (ms) | speed-up |",
-        "|---|---|---|---|---|",
-    ]
-    print("\n".join(lines), flush=True)
+    header = ["inference", "layout", "fresh buffers (ms)", "kept buffers (ms)", "speed-up"]
+    table = Table(args.threads, rounds, header)
     for name, build, xs in cases(args.quick):
         for impl, layout in (("same", "official function"), ("default", "our default")):
             torch.manual_seed(0)
             fresh, kept, ratio = measure(build(impl), xs, rounds)
-            row = f"| {name} | {layout} | {1e3 * fresh:.3g} | {1e3 * kept:.3g} | {ratio:.2f}x |"
-            lines.append(row)
-            print(row, flush=True)
-    took = f"{(time.perf_counter() - started) / 60:.1f} min"
-    print(took)
-    if args.quick and not args.output:
-        return
-    out = Path(args.output) if args.output else HERE / "results" / "kept_buffers.md"
-    title = "# ISAB inference: buffers kept between calls against fresh buffers\n\n"
-    command = f"`python benchmarks/kept_buffers.py{' --quick' if args.quick else ''}` ({took})\n\n"
-    out.write_text(title + command + "\n".join(lines) + "\n")
-    print(f"written to {out}")
+            table.row([name, layout, f"{1e3 * fresh:.3g}", f"{1e3 * kept:.3g}", f"{ratio:.2f}x"])
+    title = "ISAB inference: buffers kept between calls against fresh buffers"
+    table.save("kept_buffers", title, args.quick, args.output)
 
 
 if __name__ == "__main__":

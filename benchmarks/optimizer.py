@@ -15,8 +15,6 @@ mean step time, and the speed-up is computed round by round.
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,16 +23,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from interleaved import Table, compare
 from peers import TASKS, Shape, build_task
 
 from settransformer.training.config import TrainConfig
 from settransformer.training.optim import make_optimizer
 
-HERE = Path(__file__).resolve().parent
 QUICK = ("max regression", "anomaly (set model)")
 
 
-def measure(shape: Shape, n: int, rounds: int, seconds: float = 0.3) -> tuple[float, float, float, bool]:
+def measure(shape: Shape, n: int, rounds: int) -> tuple[float, float, float, bool]:
     """Median step time (s) over sets of ``n`` elements with the default Adam and with
     ``make_optimizer``'s, the median ratio, and whether ``make_optimizer`` took the fused kernel."""
     torch.manual_seed(0)
@@ -43,9 +41,8 @@ def measure(shape: Shape, n: int, rounds: int, seconds: float = 0.3) -> tuple[fl
     x = torch.randn(shape.batch, n, shape.dim_input)
     ours = make_optimizer(model, TrainConfig(optimizer="adam", lr=1e-4))
     default = torch.optim.Adam(model.parameters(), lr=1e-4)
-    optimizers = {"default": default, "ours": ours}
 
-    def run(opt: torch.optim.Optimizer, steps: int = 1) -> float:
+    def run(opt: torch.optim.Optimizer, steps: int) -> float:
         start = time.perf_counter()
         for _ in range(steps):
             loss = model(x).float().square().mean()
@@ -54,16 +51,8 @@ def measure(shape: Shape, n: int, rounds: int, seconds: float = 0.3) -> tuple[fl
             opt.step()
         return (time.perf_counter() - start) / steps
 
-    for opt in optimizers.values():
-        run(opt)  # kernels, thread pools and the optimizer state before timing
-    steps = max(1, round(seconds / run(default)))  # each timed loop about ``seconds`` long
-    times: dict[str, list[float]] = {name: [] for name in optimizers}
-    for _ in range(rounds):
-        for name, opt in optimizers.items():
-            times[name].append(run(opt, steps))
-    ratio = statistics.median(d / o for d, o in zip(times["default"], times["ours"]))
-    fused = bool(ours.defaults.get("fused"))
-    return statistics.median(times["default"]), statistics.median(times["ours"]), ratio, fused
+    t_default, t_ours, ratio = compare(lambda s: run(default, s), lambda s: run(ours, s), rounds)
+    return t_default, t_ours, ratio, bool(ours.defaults.get("fused"))
 
 
 def main() -> None:
@@ -82,34 +71,22 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rounds = args.rounds or (5 if args.quick else 15)
     shapes = [s for s in TASKS if s.name in QUICK] if args.quick else TASKS
-    started = time.perf_counter()
-    lines = [
-        f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, float32, "
-        f"{rounds} interleaved rounds, load {os.getloadavg()[0]:.1f} at start",
-        "",
-        "| task shape (our default layout) | torch.optim.Adam (ms/step) | make_optimizer (ms/step) | fused "
-        "| speed-up |",
-        "|---|---|---|---|---|",
-    ]
-    print("\n".join(lines), flush=True)
+    header = ["task shape (our default layout)", "torch.optim.Adam (ms/step)", "make_optimizer (ms/step)"]
+    table = Table(args.threads, rounds, [*header, "fused", "speed-up"])
     for shape in shapes:
         n = sum(shape.sizes) // 2  # the middle of the task's set sizes
         default, ours, ratio, fused = measure(shape, n, rounds)
-        row = (
-            f"| {shape.name} (B={shape.batch}, N={n}, width {shape.width}) | {1e3 * default:.3g} | "
-            f"{1e3 * ours:.3g} | {'yes' if fused else 'no'} | {ratio:.2f}x |"
+        table.row(
+            [
+                f"{shape.name} (B={shape.batch}, N={n}, width {shape.width})",
+                f"{1e3 * default:.3g}",
+                f"{1e3 * ours:.3g}",
+                "yes" if fused else "no",
+                f"{ratio:.2f}x",
+            ]
         )
-        lines.append(row)
-        print(row, flush=True)
-    took = f"{(time.perf_counter() - started) / 60:.1f} min"
-    print(took)
-    if args.quick and not args.output:
-        return
-    out = Path(args.output) if args.output else HERE / "results" / "optimizer.md"
-    title = "# Training step: the training loop's optimizer against the default Adam\n\n"
-    command = f"`python benchmarks/optimizer.py{' --quick' if args.quick else ''}` ({took})\n\n"
-    out.write_text(title + command + "\n".join(lines) + "\n")
-    print(f"written to {out}")
+    title = "Training step: the training loop's optimizer against the default Adam"
+    table.save("optimizer", title, args.quick, args.output)
 
 
 if __name__ == "__main__":

@@ -591,9 +591,7 @@ class ISAB(nn.Module):
         if b * n * self.mab1.dim < MIN_SET_BLOCK_ELEMENTS:
             by_set, per = True, max(b, 1)  # one call over the whole batch
         rows = per * n if by_set else b * block
-        ff = [f.out_features for f in self.mab1.ff.modules() if isinstance(f, nn.Linear)]
-        widths = [self.mab1.dim, *ff]
-        keep = rows * max(widths) <= KEPT_BUFFER_ELEMENTS
+        keep = rows * max(self.mab1.dim, self.mab1.options.ff_dim or 0) <= KEPT_BUFFER_ELEMENTS
         form = self.mab1.choose_form(n, h.shape[1], x.device.type)
         induced = InducedRows(self.mab1, h, form=form, keep_buffers=keep)
         if not induced.fast:
