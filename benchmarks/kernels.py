@@ -11,9 +11,14 @@ queries), and shows which one :func:`settransformer.nn.attention.choose_kernel` 
 the best of interleaved rounds (fused, explicit, fused, ...) in one process, ``--threads`` threads.
 The last column is the time of the rule's pick over the faster kernel's (1.00 = the faster one).
 
-A second table times :func:`settransformer.nn.scores.softmax` against ``torch.softmax`` over
-20,000 rows of each length without autograd: below :data:`~settransformer.nn.scores.SHORT_ROW`
-it normalises in three vectorised passes, from there on it is ``torch.softmax`` itself.
+A second table times ``torch.softmax`` against the three vectorised passes
+(``exp(x - max) / sum``) that :func:`settransformer.nn.scores.softmax` runs without autograd for
+rows shorter than one CPU vector (:data:`~settransformer.nn.scores.SHORT_ROW` floats: 16 with
+AVX-512, 8 otherwise) in tensors of at least
+:data:`~settransformer.nn.scores.SHORT_ROW_MIN_ELEMENTS` values, and shows which one its rule
+(:func:`~settransformer.nn.scores.softmax_in_passes`) picks. PyTorch's kernel runs a scalar loop
+over a row shorter than one vector, so which is faster depends on the machine: the header records
+PyTorch's CPU capability.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from pathlib import Path
 import torch
 
 from settransformer.nn.attention import _attention, choose_kernel, split_heads
-from settransformer.nn.scores import SHORT_ROW, softmax
+from settransformer.nn.scores import SHORT_ROW, SHORT_ROW_MIN_ELEMENTS, _softmax_passes, softmax_in_passes
 
 HERE = Path(__file__).resolve().parent
 
@@ -63,7 +68,8 @@ SHAPES: list[tuple[int, int, int, int, int, str]] = [
     (1, 4, 4096, 4096, 32, "self"),  # SAB block, N = 4k
 ]
 QUICK = [0, 1, 4, 7, 8, 15, 20, 23]
-ROW_LENGTHS = [4, 8, 10, 15, 16, 32]
+ROW_LENGTHS = [2, 4, 7, 8, 10, 15, 16, 32]
+ROW_COUNTS = [512, 2048, 20_000]
 
 
 def inputs(
@@ -127,23 +133,31 @@ def measure(shape: tuple[int, int, int, int, int, str], grad: bool, budget: floa
     return {"times": times, "pick": pick}
 
 
-def softmax_table(budget: float) -> list[str]:
-    """Rows of the short-row softmax table: ``torch.softmax`` against :func:`softmax`."""
+def softmax_table(budget: float) -> tuple[list[str], list[float]]:
+    """Rows of the short-row softmax table (``torch.softmax`` against :func:`softmax`, and which
+    one :func:`softmax` runs), and the time of that pick over the faster one's, per measurement."""
     lines = [
-        f"softmax over 20,000 rows without autograd (SHORT_ROW = {SHORT_ROW})",
+        f"softmax without autograd (SHORT_ROW = {SHORT_ROW}, "
+        f"SHORT_ROW_MIN_ELEMENTS = {SHORT_ROW_MIN_ELEMENTS})",
         "",
-        "| row length | torch.softmax (ms) | settransformer softmax (ms) | speed-up |",
-        "|---|---|---|---|",
+        "| rows x length | torch.softmax (ms) | three passes (ms) | three passes' speed-up | rule picks | "
+        "pick / fastest |",
+        "|---|---|---|---|---|---|",
     ]
-    for n in ROW_LENGTHS:
-        x = torch.randn(20_000, n, generator=torch.Generator().manual_seed(0))
-        fns = {"torch": lambda x=x: torch.softmax(x, dim=-1), "ours": lambda x=x: softmax(x)}
-        with torch.no_grad():
-            t = best_time(fns, budget)
-        lines.append(
-            f"| {n} | {1e3 * t['torch']:.3f} | {1e3 * t['ours']:.3f} | {t['torch'] / t['ours']:.2f}x |"
-        )
-    return lines
+    losses = []
+    for rows in ROW_COUNTS:
+        for n in ROW_LENGTHS:
+            x = torch.randn(rows, n, generator=torch.Generator().manual_seed(0))
+            fns = {"torch": lambda x=x: torch.softmax(x, dim=-1), "passes": lambda x=x: _softmax_passes(x)}
+            with torch.no_grad():
+                t = best_time(fns, budget)
+                pick = "passes" if softmax_in_passes(x) else "torch"
+            losses.append(t[pick] / min(t.values()))
+            lines.append(
+                f"| {rows:,} x {n} | {1e3 * t['torch']:.3f} | {1e3 * t['passes']:.3f} | "
+                f"{t['torch'] / t['passes']:.2f}x | {pick} | {losses[-1]:.2f} |"
+            )
+    return lines, losses
 
 
 def main() -> None:
@@ -161,7 +175,8 @@ def main() -> None:
     budget = 0.15 if args.quick else 0.4
     started = time.perf_counter()
     header = (
-        f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, float32, "
+        f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs "
+        f"(capability {torch.backends.cpu.get_cpu_capability()}), float32, "
         f"load {os.getloadavg()[0]:.1f} at start"
     )
     lines = [
@@ -193,8 +208,14 @@ def main() -> None:
         f"rule's pick over the fastest kernel: geometric mean {geo:.3f}, worst {worst:.2f} "
         f"({len(total)} measurements, {(time.perf_counter() - started) / 60:.1f} min)",
     ]
-    softmax_lines = ["", *softmax_table(budget / 2)]
-    summary += softmax_lines
+    softmax_lines, losses = softmax_table(budget / 2)
+    summary += [
+        "",
+        *softmax_lines,
+        "",
+        f"softmax rule's pick over the faster: geometric mean "
+        f"{torch.tensor(losses).log().mean().exp().item():.3f}, worst {max(losses):.2f}",
+    ]
     print("\n".join(summary))
     if args.quick and not args.output:
         return

@@ -9,11 +9,16 @@ from torch import nn
 from settransformer import MAB, PMA, SAB, SetTransformer
 from settransformer.nn.attention import attention
 from settransformer.nn.scores import (
+    CPU_VECTOR_BYTES,
+    SHORT_ROW,
+    SHORT_ROW_MIN_ELEMENTS,
     AdditiveScore,
     GaussianScore,
     attention_weights,
     make_score,
     masked_softmax,
+    softmax,
+    softmax_in_passes,
     top_k_mask,
 )
 
@@ -253,3 +258,30 @@ def test_masked_softmax_in_place_with_no_keys():
     logits = torch.randn(2, 3, 4, 0)
     assert masked_softmax(logits, inplace=True).shape == (2, 3, 4, 0)
     assert masked_softmax(logits, torch.zeros(2, 0, dtype=torch.bool), inplace=True).shape == (2, 3, 4, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_short_row_softmax_in_passes_equals_torch_softmax(dtype):
+    row = CPU_VECTOR_BYTES // dtype.itemsize - 1  # the longest row shorter than one vector
+    x = torch.randn(SHORT_ROW_MIN_ELEMENTS // row + 1, row, dtype=dtype) * 30
+    x[0] = -torch.inf  # but one entry: a row can hold -inf where it is masked
+    x[0, 1] = 2.0
+    with torch.no_grad():
+        assert softmax_in_passes(x)
+        out = torch.empty_like(x)
+        got = softmax(x, out=out)
+        assert got.data_ptr() == out.data_ptr()
+        torch.testing.assert_close(got, torch.softmax(x, -1))
+        torch.testing.assert_close(softmax(x), torch.softmax(x, -1))
+
+
+def test_softmax_in_passes_rule():
+    short = torch.zeros(SHORT_ROW_MIN_ELEMENTS // 2, 2)
+    with torch.no_grad():
+        assert softmax_in_passes(short)
+        assert not softmax_in_passes(torch.zeros(SHORT_ROW_MIN_ELEMENTS, SHORT_ROW))  # one whole vector
+        assert not softmax_in_passes(torch.zeros(4, 2))  # too few values to pay for four launches
+        assert not softmax_in_passes(short.half())
+        assert not softmax_in_passes(torch.zeros(SHORT_ROW_MIN_ELEMENTS, 0))
+    assert softmax_in_passes(short)  # no tensor needs a gradient
+    assert not softmax_in_passes(short.requires_grad_())  # autograd: PyTorch's kernel and its backward

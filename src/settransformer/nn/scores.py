@@ -66,6 +66,7 @@ __all__ = [
     "masked_softmax",
     "score_logits",
     "softmax",
+    "softmax_in_passes",
     "softmax_scale",
     "top_k_mask",
 ]
@@ -87,19 +88,28 @@ def softmax_scale(head_dim: int, scale: float | None = None) -> float:
     return 1.0 / math.sqrt(head_dim) if scale is None else scale
 
 
-#: Rows shorter than this are normalised by :func:`softmax` in three vectorised passes on a CPU.
-#: PyTorch's CPU softmax vectorises along a row and runs a scalar loop for rows shorter than one
-#: vector (16 floats with AVX-512, 8 with AVX2; both measured slower up to 15): at 20,000 rows of
-#: 10 it takes 1.8 ms where ``exp(x - max) / sum`` takes 0.34 ms (``benchmarks/kernels.py``).
-SHORT_ROW = 16
+#: Bytes in one vector of PyTorch's CPU kernels on this machine: 64 with AVX-512, else 32 (AVX2).
+CPU_VECTOR_BYTES = 64 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 32
+#: Rows of float32 shorter than this (one vector; half as long in float64) are normalised by
+#: :func:`softmax` in three vectorised passes on a CPU. PyTorch's CPU softmax vectorises along a
+#: row and runs a scalar loop over a row shorter than one vector, so which is faster depends on
+#: the machine (``benchmarks/kernels.py``): 4.8-6.6x for the passes at 20,000 rows of 4-15 in
+#: ``results/kernels.md`` (PyTorch's kernel slow up to 15 floats and fast from 16: 16-float
+#: vectors, AVX-512); with AVX2 (``results/kernels-avx2.md``) 2.0-2.7x at 20,000 rows of 2-7,
+#: but 0.4-0.9x at rows of 8-15, which PyTorch's kernel covers with vectors.
+SHORT_ROW = CPU_VECTOR_BYTES // 4
+#: Fewest values for the three passes: below it their four launches cost more than the scalar
+#: loop saves (``results/kernels-avx2.md``: 0.56-1.20x at 512 rows of 2-7, 1.3-1.7x at 2,048).
+SHORT_ROW_MIN_ELEMENTS = 4096
 
 
 def softmax(x: Tensor, *, out: Tensor | None = None) -> Tensor:
     """``torch.softmax(x, dim=-1)`` for ``x: (..., L)``, computed the faster exact way.
 
-    Without autograd, rows shorter than :data:`SHORT_ROW` on a CPU in float32/float64 are
-    computed as ``exp(x - max) / sum`` (in place on one new tensor, or on ``out``); otherwise,
-    and while tracing or compiling (a graph holds one softmax), PyTorch's kernel.
+    Without autograd, rows shorter than one CPU vector (:data:`SHORT_ROW` floats) in a tensor of
+    at least :data:`SHORT_ROW_MIN_ELEMENTS` float32/float64 values on a CPU are computed as
+    ``exp(x - max) / sum`` (in place on one new tensor, or on ``out``); otherwise, and while
+    tracing or compiling (a graph holds one softmax), PyTorch's kernel.
 
     Example:
         >>> x = torch.randn(4, 10)
@@ -107,15 +117,33 @@ def softmax(x: Tensor, *, out: Tensor | None = None) -> Tensor:
         ...     torch.allclose(softmax(x), torch.softmax(x, dim=-1))
         True
     """
-    if (
-        x.shape[-1] >= SHORT_ROW
-        or x.shape[-1] == 0
+    if not softmax_in_passes(x):
+        return torch.softmax(x, dim=-1) if out is None else torch.softmax(x, dim=-1, out=out)
+    return _softmax_passes(x, out)
+
+
+def softmax_in_passes(x: Tensor) -> bool:
+    """Whether :func:`softmax` normalises ``x: (..., L)`` in three passes (rows shorter than one
+    CPU vector, at least :data:`SHORT_ROW_MIN_ELEMENTS` values, no autograd) or calls PyTorch's kernel.
+
+    Example:
+        >>> with torch.no_grad():
+        ...     softmax_in_passes(torch.zeros(4096, 4)), softmax_in_passes(torch.zeros(4096, 64))
+        (True, False)
+    """
+    return not (
+        tracing()  # first: no guard on the sizes below
         or x.device.type != "cpu"
         or x.dtype not in (torch.float32, torch.float64)
         or (x.requires_grad and torch.is_grad_enabled())
-        or tracing()
-    ):
-        return torch.softmax(x, dim=-1) if out is None else torch.softmax(x, dim=-1, out=out)
+        or x.shape[-1] * x.element_size() >= CPU_VECTOR_BYTES
+        or x.numel() < SHORT_ROW_MIN_ELEMENTS
+        or x.shape[-1] == 0
+    )
+
+
+def _softmax_passes(x: Tensor, out: Tensor | None = None) -> Tensor:
+    """``exp(x - max) / sum`` along the last dimension, in place on one new tensor or on ``out``."""
     e = torch.sub(x, x.amax(-1, keepdim=True), out=out).exp_()
     return e.div_(e.sum(-1, keepdim=True))
 
