@@ -47,7 +47,8 @@ class Table:
     def __init__(self, threads: int, rounds: int, header: list[str]) -> None:
         self.started = time.perf_counter()
         self.lines = [
-            f"torch {torch.__version__}, {threads} threads, {os.cpu_count()} CPUs, float32, "
+            f"torch {torch.__version__}, {threads} threads, {os.cpu_count()} CPUs "
+            f"(capability {torch.backends.cpu.get_cpu_capability()}), float32, "
             f"{rounds} interleaved rounds, load {os.getloadavg()[0]:.1f} at start",
             "",
             "| " + " | ".join(header) + " |",

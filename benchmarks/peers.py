@@ -819,7 +819,8 @@ def main() -> None:
         + (
             f" ({torch.cuda.get_device_name()})"
             if cuda
-            else f", {args.threads} threads, {os.cpu_count()} CPUs"
+            else f", {args.threads} threads, {os.cpu_count()} CPUs "
+            f"(capability {torch.backends.cpu.get_cpu_capability()})"
         )
         + f", {args.dtype}, {args.repeats} interleaved rounds ({args.block_repeats} for blocks)"
         + f", OMP_WAIT_POLICY {args.omp_wait_policy}"
