@@ -48,6 +48,9 @@ SHAPES: list[tuple[int, int, int, int, int, str]] = [
     (32, 4, 4, 8, 16, "cross"),  # anomaly: PMA(4) over 8 elements
     (128, 1, 4, 10, 64, "pooled"),  # max regression: PMA(1)
     (10, 1, 16, 450, 128, "pooled"),  # MoG: PMA(4)
+    (10, 1, 16, 200, 128, "pooled"),  # digits: PMA(4)
+    (64, 1, 4, 100, 256, "pooled"),  # point cloud, 100 points: PMA(1)
+    (32, 1, 4, 1000, 256, "pooled"),  # point cloud, 1,000 points: PMA(1)
     (10, 1, 128, 450, 128, "pooled"),  # MoG: 32 inducing points
     (10, 1, 64, 200, 128, "pooled"),  # digits: 16 inducing points
     (64, 1, 64, 100, 256, "pooled"),  # point cloud, 100 points: 16 inducing points
@@ -67,7 +70,7 @@ SHAPES: list[tuple[int, int, int, int, int, str]] = [
     (1, 4, 1000, 1000, 32, "self"),  # SAB block, N = 1k
     (1, 4, 4096, 4096, 32, "self"),  # SAB block, N = 4k
 ]
-QUICK = [0, 1, 4, 7, 8, 15, 20, 23]
+QUICK = [0, 1, 4, 7, 8, 18, 23, 26]
 ROW_LENGTHS = [2, 4, 7, 8, 10, 15, 16, 32]
 ROW_COUNTS = [512, 2048, 20_000]
 

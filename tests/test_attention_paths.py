@@ -179,6 +179,12 @@ def test_kernel_rule_follows_shape_and_autograd():
     assert EXPLICIT_MAX_SCORES < 128 * 100_000
     assert choose_kernel(stacked, large_set, large_set) == "explicit"
     assert choose_kernel(rows.requires_grad_(), rows, rows) == "fused"  # N x N scores stay fused
+    seeds, z = torch.randn(1, 1, 16, 128, requires_grad=True), torch.randn(10, 1, 450, 128)  # PMA(4), pooled
+    assert choose_kernel(seeds.expand(10, -1, -1, -1), z, z) == "fused"  # few queries over many keys
+    with torch.no_grad():
+        assert choose_kernel(seeds.expand(10, -1, -1, -1), z, z) == "explicit"
+    few_keys = torch.randn(128, 1, 10, 64)  # max regression's PMA(1) over 10 elements
+    assert choose_kernel(seeds[..., :4, :64].expand(128, -1, -1, -1), few_keys, few_keys) == "explicit"
     with pytest.raises(ValueError, match="kernel"):
         attention(tiny, tiny, tiny, kernel="bmm")
 

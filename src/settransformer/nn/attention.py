@@ -30,6 +30,8 @@ from .validation import check_probability, check_top_k, tracing
 __all__ = [
     "EXPLICIT_MAX_SCORES",
     "EXPLICIT_MIN_WORK",
+    "FUSED_GRAD_MAX_QUERIES",
+    "FUSED_GRAD_MIN_KEYS",
     "KERNELS",
     "REWRITE_MIN_SET",
     "FormSizes",
@@ -217,10 +219,17 @@ KERNELS: tuple[Kernel, ...] = get_args(Kernel)
 # most where the keys are few (a set over its inducing points: 1.3-2.5x, forward and backward),
 # and under autograd for the pooled form's stacked queries (1.05-1.2x), at every set size: there the
 # scores are no larger than the keys autograd keeps anyway, so the size limit below does not apply.
-# Without autograd, a single (batch, head) keeps the fused kernel, which splits its queries over
-# the threads.
+# But a pooling's few seeds over a larger set (PMA: at most 16 stacked queries over 100 keys or
+# more) keep the fused kernel under autograd: 1.12-1.72x in results/kernels-avx2.md, 1.24x at
+# MoG's PMA(4) in results/kernels.md. Without autograd, a single (batch, head) keeps the fused
+# kernel, which splits its queries over the threads.
 #: Fewest multiply-adds per (batch, head), ``Nq * Nk * Dh``, for the explicit kernel.
 EXPLICIT_MIN_WORK = 2048
+#: Under autograd, at most this many queries per (batch, head) over :data:`FUSED_GRAD_MIN_KEYS` keys
+#: or more take the fused kernel.
+FUSED_GRAD_MAX_QUERIES = 16
+#: See :data:`FUSED_GRAD_MAX_QUERIES`.
+FUSED_GRAD_MIN_KEYS = 100
 #: Most scores in all, ``B * H * Nq * Nk``, for the explicit kernel (it stores them: 12 MB in float32).
 EXPLICIT_MAX_SCORES = 3 * 2**20
 
@@ -229,8 +238,9 @@ def choose_kernel(q: Tensor, k: Tensor, v: Tensor) -> Kernel:
     """The faster dot-product kernel for ``q: (B, H, Nq, D)`` over ``k: (B, H, Nk, D)``,
     ``v: (B, H, Nk, Dv)``: ``"explicit"`` (batched products and a softmax) or ``"fused"``.
 
-    A calibrated rule for the CPU (see :data:`EXPLICIT_MIN_WORK`, :data:`EXPLICIT_MAX_SCORES`;
-    ``benchmarks/kernels.py`` checks it against measurements); the fused kernel on other devices
+    A calibrated rule for the CPU (see :data:`EXPLICIT_MIN_WORK`, :data:`EXPLICIT_MAX_SCORES` and
+    :data:`FUSED_GRAD_MAX_QUERIES`; ``benchmarks/kernels.py`` checks it against measurements); the
+    fused kernel on other devices
     and while tracing, compiling or exporting, so a graph holds the same kernel for every size.
     A rule, not a timer, so a seeded run computes the same bits every time.
 
@@ -245,7 +255,9 @@ def choose_kernel(q: Tensor, k: Tensor, v: Tensor) -> Kernel:
     b, h, nq, dh = k.shape[0], k.shape[1], q.shape[-2], q.shape[-1]
     nk = k.shape[-2]
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if nq * nk * dh < EXPLICIT_MIN_WORK:
+    if nq * nk * dh < EXPLICIT_MIN_WORK or (
+        grad and nq <= FUSED_GRAD_MAX_QUERIES and nk >= FUSED_GRAD_MIN_KEYS
+    ):
         return "fused"
     if b * h * nq * nk > EXPLICIT_MAX_SCORES and not (grad and nq <= dh):
         return "fused"

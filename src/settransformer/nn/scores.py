@@ -95,11 +95,11 @@ CPU_VECTOR_BYTES = 64 if torch.backends.cpu.get_cpu_capability() == "AVX512" els
 #: row and runs a scalar loop over a row shorter than one vector, so which is faster depends on
 #: the machine (``benchmarks/kernels.py``): 4.8-6.6x for the passes at 20,000 rows of 4-15 in
 #: ``results/kernels.md`` (PyTorch's kernel slow up to 15 floats and fast from 16: 16-float
-#: vectors, AVX-512); with AVX2 (``results/kernels-avx2.md``) 2.0-2.7x at 20,000 rows of 2-7,
-#: but 0.4-0.9x at rows of 8-15, which PyTorch's kernel covers with vectors.
+#: vectors, AVX-512); with AVX2 (``results/kernels-avx2.md``) 2.3-2.9x at 20,000 rows of 2-7,
+#: but 0.3-0.6x at rows of 8-15, which PyTorch's kernel covers with vectors.
 SHORT_ROW = CPU_VECTOR_BYTES // 4
 #: Fewest values for the three passes: below it their four launches cost more than the scalar
-#: loop saves (``results/kernels-avx2.md``: 0.56-1.20x at 512 rows of 2-7, 1.3-1.7x at 2,048).
+#: loop saves (``results/kernels-avx2.md``: 0.86-1.27x at 512 rows of 2-7, 1.3-1.7x at 2,048).
 SHORT_ROW_MIN_ELEMENTS = 4096
 
 
