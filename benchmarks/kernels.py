@@ -163,6 +163,10 @@ def softmax_table(budget: float) -> tuple[list[str], list[float]]:
     return lines, losses
 
 
+def _geomean(values: list[float]) -> float:
+    return torch.tensor(values).log().mean().exp().item()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -205,7 +209,7 @@ def main() -> None:
             )
             lines.append(row)
             print(row, flush=True)
-    geo = torch.tensor(total).log().mean().exp().item()
+    geo = _geomean(total)
     summary = [
         "",
         f"rule's pick over the fastest kernel: geometric mean {geo:.3f}, worst {worst:.2f} "
@@ -216,8 +220,8 @@ def main() -> None:
         "",
         *softmax_lines,
         "",
-        f"softmax rule's pick over the faster: geometric mean "
-        f"{torch.tensor(losses).log().mean().exp().item():.3f}, worst {max(losses):.2f}",
+        f"softmax rule's pick over the faster: geometric mean {_geomean(losses):.3f}, "
+        f"worst {max(losses):.2f}",
     ]
     print("\n".join(summary))
     if args.quick and not args.output:

@@ -240,8 +240,8 @@ def choose_kernel(q: Tensor, k: Tensor, v: Tensor) -> Kernel:
 
     A calibrated rule for the CPU (see :data:`EXPLICIT_MIN_WORK`, :data:`EXPLICIT_MAX_SCORES` and
     :data:`FUSED_GRAD_MAX_QUERIES`; ``benchmarks/kernels.py`` checks it against measurements); the
-    fused kernel on other devices
-    and while tracing, compiling or exporting, so a graph holds the same kernel for every size.
+    fused kernel on other devices and while tracing, compiling or exporting, so a graph holds the
+    same kernel for every size.
     A rule, not a timer, so a seeded run computes the same bits every time.
 
     Example:
