@@ -202,3 +202,31 @@ def test_standard_form_without_autograd_equals_with():
     with torch.no_grad():
         without = mab.forward_unchecked(q, kv, mask)
     torch.testing.assert_close(without, with_grad.detach(), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_isab_asks_for_its_form_once_per_call(training, monkeypatch):
+    """A pinned sequence of forms advances one place per attention call, also where the ISAB's
+    row-by-row path falls back to the block's own (pooled form; dropout in training mode)."""
+    blocks = importlib.import_module("settransformer.nn.blocks")
+    pooled_calls = []
+    pooled = blocks.pooled_attention
+
+    def counting(*args, **kwargs):
+        pooled_calls.append(args[1].shape[1])  # keys per set: the inducing points for mab1
+        return pooled(*args, **kwargs)
+
+    monkeypatch.setattr(blocks, "pooled_attention", counting)
+    torch.manual_seed(0)
+    isab = blocks.ISAB(3, 16, num_heads=4, num_inducing=4, dropout=0.1 if training else 0.0)
+    isab.train(training)
+    isab.mab0.form = "standard"
+    isab.mab1.form = ("pooled", "standard")
+    x = torch.randn(2, 30, 3)
+    with torch.no_grad():
+        isab(x)
+        isab(x)
+    assert isab.mab1._form_calls == 2
+    assert pooled_calls == [4]  # the first call pooled, the second standard
+    with blocks.large_set_forms(isab, (x,), (x[:, :20],), lambda b: isab(*b)):
+        assert isab.mab1.form == ("induced",)  # one logged call per forward: one pinned form

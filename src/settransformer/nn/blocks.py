@@ -361,16 +361,20 @@ class MAB(nn.Module):
         kv: Tensor,
         mask: Tensor | None,
         projected: tuple[Tensor, Tensor, Tensor] | None = None,
+        form: Form | None = None,
     ) -> Tensor:
         """:meth:`forward` without input checks; ``kv`` must already be zero at padded rows.
 
         ``projected`` lets a caller that already computed ``(q', k, v)`` (in one fused product,
-        say) skip the projections; otherwise the form of :meth:`choose_form` is used.
+        say) skip the projections. ``form`` is the form a caller already took from
+        :meth:`choose_form` for this call (a second call would advance a pinned sequence again);
+        by default this method asks :meth:`choose_form` itself.
         """
         h, p = self.num_heads, self.dropout if self.training else 0.0
-        form = (
-            "standard" if projected is not None else self.choose_form(q.shape[1], kv.shape[1], kv.device.type)
-        )
+        if projected is not None:
+            form = "standard"
+        elif form is None:
+            form = self.choose_form(q.shape[1], kv.shape[1], kv.device.type)
         qn, kvn = (self.norm_q(q), self.norm_kv(kv)) if self.norm == "pre" else (q, kv)
         qp: Tensor | None = None
         if form == "pooled":
@@ -595,7 +599,7 @@ class ISAB(nn.Module):
         form = self.mab1.choose_form(n, h.shape[1], x.device.type)
         induced = InducedRows(self.mab1, h, form=form, keep_buffers=keep)
         if not induced.fast:
-            return zero_padding(self.mab1.forward_unchecked(x, h, None), mask)
+            return zero_padding(self.mab1.forward_unchecked(x, h, None, form=form), mask)
         out = x.new_empty(b, n, self.mab1.dim)
         step = per if by_set else block
         for i in range(0, b if by_set else n, step):
@@ -815,13 +819,15 @@ class InducedRows:
     precomputed keys and values.
 
     With autograd, autocast, active dropout, another score function or ``top_k``, or off the CPU,
-    it calls :meth:`MAB.forward_unchecked` instead; both agree up to float rounding.
+    it calls :meth:`MAB.forward_unchecked` instead (in ``form`` where one is given); both agree up
+    to float rounding.
 
     Args:
         mab: an ISAB's ``mab1``.
         h: the induced set ``(B, m, dim)``.
         form: ``"induced"``: fold as above; ``"standard"``: the per-head products; ``"pooled"``:
-            call :meth:`MAB.forward_unchecked`; ``None``: fold where it is cheaper.
+            call :meth:`MAB.forward_unchecked` in that form; ``None``: fold where it is cheaper
+            (and off the fast path, let each call choose).
         keep_buffers: take the buffers ``mab`` kept on this thread from an earlier
             ``InducedRows(..., keep_buffers=True)`` and keep them for the next one (see
             :func:`clear_kept_buffers`), instead of new ones for this object only.
@@ -841,7 +847,7 @@ class InducedRows:
     """
 
     def __init__(self, mab: MAB, h: Tensor, *, form: Form | None = None, keep_buffers: bool = False) -> None:
-        self.mab, self.h = mab, h
+        self.mab, self.h, self.form = mab, h, form
         dropout = mab.training and mab.dropout > 0
         plain = mab.score is None and mab.top_k is None and form != "pooled"
         # out= variants do not autocast: under autocast the block's own code (which does) runs
@@ -886,7 +892,7 @@ class InducedRows:
         """
         mab = self.mab
         if not self.fast:
-            return mab.forward_unchecked(x, self.h[sets], None)
+            return mab.forward_unchecked(x, self.h[sets], None, form=self.form)
         b, c = x.shape[:2]
         heads, d, ws = mab.num_heads, mab.dim, self.ws
         qn = mab.norm_q(x) if mab.norm == "pre" else x
