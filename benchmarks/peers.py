@@ -35,7 +35,9 @@ table the median over ``--repeats`` processes run interleaved A B C D A B C D ..
 the fastest peer (official / PyG: ``t_peer / t``, above 1 = faster), peak memory of one pass above
 the process's baseline after imports, model and data (MB; on CPU ``ru_maxrss`` in a probe process
 per peer and cell, run before the timed ones with glibc's mmap threshold fixed at 128 KiB, so the
-peak follows the live tensors rather than what the heap kept; the CUDA allocator's peak on GPU),
+peak follows the live tensors rather than what the heap kept; the CUDA allocator's peak on GPU;
+the buffers our ISABs keep between inference calls are freed before the pass, so it counts them;
+``benchmarks/memory.py`` counts the same rows' peaks exactly, through PyTorch's allocator),
 and the achieved FLOP rate (matrix products counted by torch's ``FlopCounterMode``) as a share of
 a plain ``(rows, width) @ (width, width)`` product timed in the same process.
 """
@@ -68,6 +70,7 @@ from blocks import _peak_mb, _register_cpu_sdpa_flops, _rss_mb
 
 from settransformer import ISAB, MAB, PMA, SAB, SetTransformer
 from settransformer.compat import load_official, official_options
+from settransformer.nn.blocks import clear_kept_buffers
 from settransformer.nn.streaming import DEFAULT_CHUNK_SIZE
 
 IMPLS = ("same", "compiled", "default", "official", "pyg")
@@ -428,6 +431,7 @@ def measure(cell: Cell, impl: str, args: argparse.Namespace) -> dict[str, Any]:
 
         # kernels and thread pools before the memory baseline; a compiled model compiles here
         run(xs if impl == "compiled" else small)
+        clear_kept_buffers()  # buffers our ISABs keep between calls count in the pass that makes them
         base = _mem_start(device)
         run()  # the peak of one full pass (and the full shapes' warm-up), before _passes shifts the heap
         mem = _mem_peak(device) - base
@@ -899,8 +903,10 @@ def main() -> None:
         "reference). Memory: the peak of one pass; on CPU `ru_maxrss` after resetting it",
         "(`/proc/self/clear_refs`) in a probe process per peer and cell (run first, its time unused)",
         "with `MALLOC_MMAP_THRESHOLD_=131072`, so freed blocks go back to the system and the peak",
-        "follows the live tensors; `torch.cuda.max_memory_allocated` on GPU. Training steps include",
-        "Adam's state.",
+        "follows the live tensors; `torch.cuda.max_memory_allocated` on GPU. Adam's moments, made in",
+        "the warm-up pass, are in the baseline; the buffers our ISABs keep between inference calls are",
+        "freed before the pass, so it counts them. `benchmarks/memory.py` counts the same peaks through",
+        "PyTorch's allocator, repeatable run to run.",
         "",
         table.render(),
         "",

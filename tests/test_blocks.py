@@ -417,6 +417,56 @@ def test_isab_kept_buffers_per_thread_mode_and_dtype() -> None:
     assert len(_kept(isab.mab1)) == 3
 
 
+def test_isabs_on_a_thread_share_their_kept_buffers() -> None:
+    import gc
+
+    import settransformer.nn.blocks as blocks
+
+    blocks.clear_kept_buffers()
+    torch.manual_seed(0)
+    first = ISAB(3, 8, num_heads=2, num_inducing=4).eval()
+    second = ISAB(8, 8, num_heads=2, num_inducing=4).eval()
+    x = torch.randn(2, 30, 3)
+    expected = second(first(x)).detach()
+    with torch.no_grad():
+        got = second(first(x))
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    (space,) = _kept(first.mab1).values()
+    assert list(_kept(second.mab1).values()) == [space]
+    # three set-sized buffers (queries, scores, heads' outputs), reused by the tail's steps, and
+    # the layer norms' statistics
+    assert set(space.buffers) == {"q", "s", "o", "ln_stats"}
+    shared = blocks._KEPT.shared
+    del first, space
+    gc.collect()
+    assert len(shared) == 1  # the second block still holds them
+    del second
+    gc.collect()
+    assert len(shared) == 0  # and they go with the last block that used them
+
+
+class _WithInnerISAB(nn.Module):
+    """A feed-forward module that runs another ISAB: the outer block's buffers are in use meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = ISAB(8, 8, num_heads=2, num_inducing=4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x)
+
+
+def test_an_isab_within_an_isab_does_not_take_the_kept_buffers_in_use() -> None:
+    torch.manual_seed(0)
+    outer = ISAB(3, 8, num_heads=2, num_inducing=4).eval()
+    outer.mab1.ff = _WithInnerISAB().eval()
+    x = torch.randn(2, 30, 3)
+    expected = outer(x).detach()
+    with torch.no_grad():
+        torch.testing.assert_close(outer(x), expected, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(outer(x), expected, atol=1e-6, rtol=1e-5)
+
+
 def test_isab_kept_buffers_are_bounded_and_freed(monkeypatch: pytest.MonkeyPatch) -> None:
     import copy
     import gc

@@ -93,18 +93,24 @@ def test_blocks(norm: str | None, padded) -> None:
         assert_close(pma_chunked(pma, z, zmask, chunk_size=6), pma(z, zmask))
 
 
+@pytest.mark.parametrize(("form", "out_proj"), [("induced", True), ("standard", True), ("standard", False)])
 @pytest.mark.parametrize("ff_dim", [None, 24])
 @pytest.mark.parametrize("residual", ["auto", "projected"])
 @pytest.mark.parametrize("norm", NORMS)
-def test_induced_rows_fast_path(norm: str | None, residual: str, ff_dim: int | None) -> None:
-    # 2 induced vectors: few enough for the folded form with either residual at this width
-    isab = ISAB(DIM, DIM, HEADS, 2, norm=norm, residual=residual, ff_dim=ff_dim).eval()
+def test_induced_rows_fast_path(
+    norm: str | None, residual: str, ff_dim: int | None, form: str, out_proj: bool
+) -> None:
+    # every step of the block writes into a reused buffer: each layout, and two calls of
+    # different sizes (the second must not read what the first left)
+    isab = ISAB(DIM, DIM, HEADS, 2, norm=norm, residual=residual, ff_dim=ff_dim, out_proj=out_proj).eval()
     x = torch.randn(2, 30, DIM)
     with torch.no_grad():
         h = isab.induce(x, None)
-        rows = InducedRows(isab.mab1, h)
-        assert rows.fast
-        assert_close(rows(x[:, :13]), isab.mab1.forward_unchecked(x[:, :13], h, None))
+        rows = InducedRows(isab.mab1, h, form=form)  # type: ignore[arg-type]
+        assert rows.fast and rows.folded == (form == "induced")
+        first = rows(x[:, :13]).clone()
+        assert_close(rows(x[:, 13:]), isab.mab1.forward_unchecked(x[:, 13:], h, None))
+        assert_close(first, isab.mab1.forward_unchecked(x[:, :13], h, None))
 
 
 @pytest.mark.parametrize("num_inducing", [2, M, 32])

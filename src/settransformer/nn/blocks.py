@@ -513,8 +513,9 @@ MIN_BLOCK_ROWS = 512
 MIN_SET_BLOCK_ELEMENTS = 2**20
 #: Most elements ``rows * max(dim, ff_dim)`` of one call of an ISAB's ``mab1`` without autograd for
 #: which the block keeps its buffers from call to call (:class:`InducedRows` ``keep_buffers``): a
-#: few buffers of at most 4 MiB each in float32 per ISAB and thread. Fresh buffers each call cost
-#: page faults (``benchmarks/kept_buffers.py``); a larger call gets them fresh and frees them.
+#: few buffers of at most 4 MiB each in float32 per thread, shared by the ISABs on it. Fresh buffers
+#: each call cost page faults (``benchmarks/kept_buffers.py``); a larger call gets them fresh and
+#: frees them.
 KEPT_BUFFER_ELEMENTS = 2**20
 
 
@@ -580,7 +581,9 @@ class ISAB(nn.Module):
         memory). A batch whose sets would get fewer than :data:`MIN_BLOCK_ROWS` rows each goes
         through whole sets at a time instead (a row block of many sets would be a strided slice,
         copied in and out), and a batch smaller than :data:`MIN_SET_BLOCK_ELEMENTS` in one call.
-        Calls of at most :data:`KEPT_BUFFER_ELEMENTS` keep their buffers for the next forward.
+        Calls of at most :data:`KEPT_BUFFER_ELEMENTS` keep their buffers for the next forward
+        (shared by the ISABs of this thread; a handful, each step writing over one whose content
+        is not read again).
         With autograd (and off the CPU) the whole batch goes through the standard path at once:
         backward needs every row.
         """
@@ -597,16 +600,17 @@ class ISAB(nn.Module):
         rows = per * n if by_set else b * block
         keep = rows * max(self.mab1.dim, self.mab1.options.ff_dim or 0) <= KEPT_BUFFER_ELEMENTS
         form = self.mab1.choose_form(n, h.shape[1], x.device.type)
-        induced = InducedRows(self.mab1, h, form=form, keep_buffers=keep)
-        if not induced.fast:
-            return zero_padding(self.mab1.forward_unchecked(x, h, None, form=form), mask)
-        out = x.new_empty(b, n, self.mab1.dim)
-        step = per if by_set else block
-        for i in range(0, b if by_set else n, step):
-            if by_set:
-                out[i : i + step] = induced(x[i : i + step], slice(i, i + step))
-            else:
-                out[:, i : i + step] = induced(x[:, i : i + step])
+        with _kept_buffers_free(keep) as keep:
+            induced = InducedRows(self.mab1, h, form=form, keep_buffers=keep)
+            if not induced.fast:
+                return zero_padding(self.mab1.forward_unchecked(x, h, None, form=form), mask)
+            out = x.new_empty(b, n, self.mab1.dim)
+            step = per if by_set else block
+            for i in range(0, b if by_set else n, step):
+                if by_set:
+                    out[i : i + step] = induced(x[i : i + step], slice(i, i + step))
+                else:
+                    out[:, i : i + step] = induced(x[:, i : i + step])
         return zero_padding(out, mask)
 
     def pipeline(self) -> Pipeline:
@@ -828,12 +832,12 @@ class InducedRows:
         form: ``"induced"``: fold as above; ``"standard"``: the per-head products; ``"pooled"``:
             call :meth:`MAB.forward_unchecked` in that form; ``None``: fold where it is cheaper
             (and off the fast path, let each call choose).
-        keep_buffers: take the buffers ``mab`` kept on this thread from an earlier
-            ``InducedRows(..., keep_buffers=True)`` and keep them for the next one (see
-            :func:`clear_kept_buffers`), instead of new ones for this object only.
+        keep_buffers: take the buffers kept on this thread from an earlier
+            ``InducedRows(..., keep_buffers=True)`` of any block and keep them for the next one
+            (see :func:`clear_kept_buffers`), instead of new ones for this object only.
 
     Results of the fast path are overwritten by the next call (see :meth:`__call__`), and with
-    ``keep_buffers`` by the next call of any ``InducedRows`` of ``mab`` on this thread.
+    ``keep_buffers`` by the next call of any ``InducedRows`` with ``keep_buffers`` on this thread.
 
     Example:
         >>> import torch
@@ -897,50 +901,68 @@ class InducedRows:
         heads, d, ws = mab.num_heads, mab.dim, self.ws
         qn = mab.norm_q(x) if mab.norm == "pre" else x
         if not self.folded:
-            return mab._norm_ff(self._heads(x, qn, sets), _BufferOps(ws))
-        scores = ws.get("s", b, c, heads * self.m)
-        torch.baddbmm(self.k_bias[sets], qn, self.k_in[sets].transpose(1, 2), out=scores)
-        weights = ws.get("w", b, c, heads, self.m)
-        softmax(scores.view(b, c, heads, self.m), out=weights)
-        weights = weights.view(b, c, heads * self.m)
-        y = ws.get("y", b, c, d)  # residual + attention output, the residual added by the product
+            y, slot, spare = self._heads(x, qn, sets)
+            return mab._norm_ff(y, _BufferOps(ws, _tail_slots(mab, slot, spare)))
+        weights = ws.get("s", b, c, heads * self.m)
+        torch.baddbmm(self.k_bias[sets], qn, self.k_in[sets].transpose(1, 2), out=weights)
+        by_head = weights.view(b, c, heads, self.m)
+        softmax(by_head, out=by_head)  # in place: the scores are not needed again
+        y = ws.get("q", b, c, d)  # residual + attention output, the residual added by the product
         if mab.residual == "projected":
             _linear(mab.to_q, qn, y).baddbmm_(weights, self.v_out[sets])
         else:
             torch.baddbmm(x, weights, self.v_out[sets], out=y)
-        return mab._norm_ff(y, _BufferOps(ws))
+        return mab._norm_ff(y, _BufferOps(ws, _tail_slots(mab, "q", ("s",))))
 
-    def _heads(self, x: Tensor, qn: Tensor, sets: slice) -> Tensor:
+    def _heads(self, x: Tensor, qn: Tensor, sets: slice) -> tuple[Tensor, str, tuple[str, ...]]:
         """Residual + attention output ``(B', c, dim)`` of the chunk ``x`` of ``sets`` (``qn``: its
-        normalised queries) from per-head products over the precomputed keys and values."""
+        normalised queries) from per-head products over the precomputed keys and values; the
+        workspace slot that holds it and the slots free again."""
         mab, ws, heads = self.mab, self.ws, self.mab.num_heads
         b, c = x.shape[:2]
         d = mab.dim
         qp = _linear(mab.to_q, qn, ws.get("q", b, c, d))
-        scores = ws.get("s", b, heads, c, self.m)
-        torch.matmul(split_heads(qp, heads), self.k_t[sets], out=scores)
-        weights = softmax(scores, out=ws.get("w", b, heads, c, self.m))
+        # the product needs the heads contiguous (it would copy them into a fresh tensor): copied
+        # into the output's slot, which is free until the scores are made
+        by_head = ws.get("o", b, heads, c, d // heads).copy_(split_heads(qp, heads))
+        weights = ws.get("s", b, heads, c, self.m)
+        torch.matmul(by_head, self.k_t[sets], out=weights)
+        softmax(weights, out=weights)  # in place: the scores are not needed again
         o = torch.matmul(weights, self.v_h[sets], out=ws.get("o", b, heads, c, d // heads))
         residual = qp if mab.residual == "projected" else x
-        y = ws.get("y", b, c, d)
-        by_head = (b, c, heads, d // heads)  # explicit sizes, no -1: zero sets or rows reshape too
+        rows = (b, c, heads, d // heads)  # explicit sizes, no -1: zero sets or rows reshape too
         if not isinstance(mab.to_out, nn.Linear):
-            torch.add(residual.view(by_head), o.transpose(1, 2), out=y.view(by_head))
-            return y
-        merged = ws.get("m", b, c, d)
-        merged.view(by_head).copy_(o.transpose(1, 2))
-        return _linear(mab.to_out, merged, y).add_(residual)
+            # into the queries' slot: read only by the scores (or the residual itself, added in place)
+            y = qp if residual is qp else ws.get("q", b, c, d)
+            torch.add(residual.view(rows), o.transpose(1, 2), out=y.view(rows))
+            return y, "q", ("s", "o")
+        merged = ws.get("s", b, c, d)  # the weights' slot: they are not needed again
+        merged.view(rows).copy_(o.transpose(1, 2))
+        return _linear(mab.to_out, merged, ws.get("o", b, c, d)).add_(residual), "o", ("s", "q")
 
 
 class _Workspace:
     """Buffers reused from chunk to chunk: a fresh multi-megabyte tensor per operation can cost
     more in page faults than the operation itself, when the allocator hands memory back to the OS."""
 
-    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        dtype: torch.dtype,
+        device: torch.device,
+        buffers: dict[str, Tensor] | None = None,
+        slots: Mapping[str, str] | None = None,
+    ) -> None:
         self.dtype, self.device = dtype, device
-        self.buffers: dict[str, Tensor] = {}
+        self.buffers: dict[str, Tensor] = {} if buffers is None else buffers
+        self.slots = slots or {}
+
+    def named(self, slots: Mapping[str, str]) -> _Workspace:
+        """The same buffers, with the names of ``slots`` standing for the buffers they map to."""
+        return _Workspace(self.dtype, self.device, self.buffers, slots)
 
     def get(self, name: str, *shape: int) -> Tensor:
+        """A ``shape`` view of the buffer ``name``: its content is whatever was written last."""
+        name = self.slots.get(name, name)
         n = math.prod(shape)
         buf = self.buffers.get(name)
         if buf is None or buf.numel() < n:
@@ -948,22 +970,42 @@ class _Workspace:
         return buf[:n].view(shape)
 
 
-# Per thread (a model serving several threads at once gives each its own buffers) and per block,
-# held weakly: the buffers go with the block, and a block pickles and copies without them.
+# Per thread (a model serving several threads at once gives each its own buffers), shared by the
+# blocks on it (a model's blocks run one after another, and an ISAB's result is never a buffer),
+# held through the blocks that used them: the buffers go with the last of them, and a block
+# pickles and copies without them.
 _KEPT = threading.local()
+_Key = tuple[torch.dtype, torch.device, bool]
 
 
 def _kept_workspace(mab: MAB, like: Tensor) -> _Workspace:
-    """The workspace ``mab`` keeps on this thread for tensors like ``like`` (dtype, device), one
+    """The workspace the blocks keep on this thread for tensors like ``like`` (dtype, device), one
     for inference mode and one outside it (a tensor made in inference mode cannot be written to
-    outside it)."""
-    kept: weakref.WeakKeyDictionary[MAB, dict[tuple[torch.dtype, torch.device, bool], _Workspace]]
+    outside it); ``mab`` holds it from now on."""
+    kept: weakref.WeakKeyDictionary[MAB, dict[_Key, _Workspace]]
     kept = _KEPT.__dict__.setdefault("blocks", weakref.WeakKeyDictionary())
+    shared: weakref.WeakValueDictionary[_Key, _Workspace]
+    shared = _KEPT.__dict__.setdefault("shared", weakref.WeakValueDictionary())
     spaces = kept.setdefault(mab, {})
     key = (like.dtype, like.device, torch.is_inference_mode_enabled())
     if key not in spaces:
-        spaces[key] = _Workspace(like.dtype, like.device)
+        ws = shared.get(key)
+        if ws is None:
+            ws = shared[key] = _Workspace(like.dtype, like.device)
+        spaces[key] = ws
     return spaces[key]
+
+
+@contextlib.contextmanager
+def _kept_buffers_free(wanted: bool) -> Iterator[bool]:
+    """Whether the kept buffers may be used within the context: ``wanted`` and no ISAB on this
+    thread using them already (a block's own module that runs another ISAB, say)."""
+    busy = _KEPT.__dict__.get("busy", False)
+    _KEPT.busy = busy or wanted
+    try:
+        yield wanted and not busy
+    finally:
+        _KEPT.busy = busy
 
 
 def clear_kept_buffers() -> None:
@@ -979,19 +1021,34 @@ def clear_kept_buffers() -> None:
         >>> clear_kept_buffers()
     """
     _KEPT.__dict__.pop("blocks", None)
+    _KEPT.__dict__.pop("shared", None)
 
 
 class _BufferOps(_InPlaceOps):
-    """:class:`_InPlaceOps` writing into workspace buffers (no dropout)."""
+    """:class:`_InPlaceOps` writing into workspace buffers (no dropout): the tail's steps named by
+    :meth:`MAB._norm_ff` (``"n1"``, ``"out"``, ``"nff"``) and :func:`_feed_forward_in_place`
+    (``"ff0"``, ``"ff2"``) go to the slots of ``slots`` (see :func:`_tail_slots`)."""
 
-    def __init__(self, ws: _Workspace) -> None:
-        self.ws = ws
+    def __init__(self, ws: _Workspace, slots: Mapping[str, str]) -> None:
+        self.ws = ws.named(slots)
 
     def norm(self, layer: nn.Module, x: Tensor, name: str) -> Tensor:
         return _layer_norm(layer, x, self.ws.get(name, *x.shape), self.ws)
 
     def ff(self, mab: MAB, x: Tensor) -> Tensor:
         return _feed_forward_in_place(mab.ff, x, self.ws)
+
+
+def _tail_slots(mab: MAB, stream: str, spare: tuple[str, ...]) -> dict[str, str]:
+    """Where each step of ``mab``'s tail writes (:class:`_BufferOps`), given the slot ``stream``
+    holding its input and the slots ``spare`` free to overwrite: each step takes a slot whose
+    content is not read again, so a block holds three or four buffers, not one per step."""
+    a, b = spare[0], spare[1] if len(spare) > 1 else "t"
+    if mab.norm == "post":  # n1 = norm1(y); ff(n1) (+ n1, in place); out = norm2(that)
+        return {"n1": a, "ff0": stream, "ff2": b, "out": a}
+    if mab.norm == "pre":  # nff = norm(y); ff(nff) (+ y, in place)
+        return {"nff": a, "ff0": b, "ff2": a}
+    return {"ff0": a, "ff2": b}  # ff(y) (+ y, in place)
 
 
 def _linear(layer: nn.Linear, x: Tensor, out: Tensor) -> Tensor:
