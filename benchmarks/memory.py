@@ -27,7 +27,6 @@ at the largest rows), where the resident peak moves by megabytes.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -50,6 +49,7 @@ from peers import (
     _build,
     _inputs,
     _label,
+    missing_peers,
 )
 
 from settransformer.nn.blocks import clear_kept_buffers
@@ -151,13 +151,8 @@ def main() -> None:
     parser.add_argument("--output", help="markdown file (default benchmarks/results/memory.md)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    impls, notes = list(IMPLS), []
-    if not args.official or not (Path(args.official) / "modules.py").is_file():
-        impls.remove("official")
-        notes.append("official: skipped (--official DIR: a clone of github.com/juho-lee/set_transformer)")
-    if importlib.util.find_spec("torch_geometric") is None:
-        impls.remove("pyg")
-        notes.append("PyG: skipped (torch_geometric not installed: pip install 'settransformer[bench]')")
+    missing = missing_peers(args.official)
+    impls, notes = [i for i in IMPLS if i not in missing], list(missing.values())
     max_n = int(1e3 if args.quick else args.max_n)
     cells = [Cell("task", s.name, ("infer", "train")) for s in (TASKS[:2] if args.quick else TASKS)]
     for block, largest in (("isab", max_n), ("sab", min(max_n, args.max_sab_n))):

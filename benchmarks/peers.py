@@ -696,6 +696,22 @@ def _collect(table: Table, cells: list[Cell], impls: list[str], args: argparse.N
                 print(table.render([_label(cell, mode)]).splitlines()[-1], flush=True)
 
 
+def missing_peers(official: str | None) -> dict[str, str]:
+    """The peer columns that cannot run here, each with a note saying why (empty: both run)."""
+    missing = {}
+    if not official or not (Path(official) / "modules.py").is_file():
+        missing["official"] = (
+            "official: skipped (pass --official DIR, a clone of github.com/juho-lee/set_transformer)"
+            if not official
+            else f"official: skipped ({official}/modules.py not found)"
+        )
+    # found, not imported: importing it sets TORCHINDUCTOR_CACHE_DIR, which the workers would inherit
+    # (and with it about 80 MB more resident memory in their first forward)
+    if importlib.util.find_spec("torch_geometric") is None:
+        missing["pyg"] = "PyG: skipped (torch_geometric not installed: pip install 'settransformer[bench]')"
+    return missing
+
+
 def _available(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     impls, notes = list(IMPLS), []
     if args.compiled:
@@ -706,19 +722,10 @@ def _available(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         )
     else:
         impls.remove("compiled")
-    if not args.official or not (Path(args.official) / "modules.py").is_file():
-        impls.remove("official")
-        notes.append(
-            "official: skipped (pass --official DIR, a clone of github.com/juho-lee/set_transformer)"
-            if not args.official
-            else f"official: skipped ({args.official}/modules.py not found)"
-        )
-    # found, not imported: importing it sets TORCHINDUCTOR_CACHE_DIR, which the workers would inherit
-    # (and with it about 80 MB more resident memory in their first forward)
-    if importlib.util.find_spec("torch_geometric") is None:
-        impls.remove("pyg")
-        notes.append("PyG: skipped (torch_geometric not installed: pip install 'settransformer[bench]')")
-    else:
+    missing = missing_peers(args.official)
+    impls = [i for i in impls if i not in missing]
+    notes += missing.values()
+    if "pyg" not in missing:
         notes.append(
             "PyG: its MAB is nn.MultiheadAttention (W^O, the raw query as the residual) plus an rFF before "
             "PMA; in inference its fused fast path runs products FlopCounterMode does not see, so its "
