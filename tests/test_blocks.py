@@ -433,9 +433,9 @@ def test_isabs_on_a_thread_share_their_kept_buffers() -> None:
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
     (space,) = _kept(first.mab1).values()
     assert list(_kept(second.mab1).values()) == [space]
-    # three set-sized buffers (queries, scores, heads' outputs), reused by the tail's steps, and
-    # the layer norms' statistics
-    assert set(space.buffers) == {"q", "s", "o", "ln_stats"}
+    # two set-sized buffers (queries, heads' outputs) reused by the tail's steps, the block's own
+    # output standing for a third (scores, then the tail's result), and the layer norms' statistics
+    assert set(space.buffers) == {"q", "o", "ln_stats"}
     shared = blocks._KEPT.shared
     del first, space
     gc.collect()

@@ -111,6 +111,14 @@ def test_induced_rows_fast_path(
         first = rows(x[:, :13]).clone()
         assert_close(rows(x[:, 13:]), isab.mab1.forward_unchecked(x[:, 13:], h, None))
         assert_close(first, isab.mab1.forward_unchecked(x[:, :13], h, None))
+        # into a caller's tensor: a contiguous one also serves as a step's buffer, a strided one not
+        expected = isab.mab1.forward_unchecked(x, h, None)
+        out = torch.full((2, 30, DIM), float("nan"))
+        assert rows(x[:1], slice(0, 1), out=out[:1]) is not None
+        assert_close(out[:1], expected[:1])
+        assert rows(x[:, 20:], out=out[:, 20:]).data_ptr() == out[:, 20:].data_ptr()
+        assert_close(out[:, 20:], expected[:, 20:])
+        assert_close(rows(x[1:, :20], slice(1, 2)), expected[1:, :20])  # no longer lent: kept buffers
 
 
 @pytest.mark.parametrize("num_inducing", [2, M, 32])
@@ -122,7 +130,11 @@ def test_induced_rows_take_the_folded_form_only_where_it_is_cheaper(num_inducing
         rows = InducedRows(isab.mab1, h)
         assert rows.fast
         assert rows.folded == (isab.mab1.choose_form(40, num_inducing) == "induced") == (num_inducing == 2)
-        assert_close(rows(x), isab.mab1.forward_unchecked(x, h, None))
+        expected = isab.mab1.forward_unchecked(x, h, None)
+        assert_close(rows(x), expected)
+        out = torch.empty(2, 40, DIM)  # smaller than the scores where num_inducing * HEADS > DIM
+        assert rows(x, out=out) is out
+        assert_close(out, expected)
 
 
 @pytest.mark.parametrize("norm", NORMS)
@@ -147,7 +159,7 @@ def test_isab_row_and_set_blocks_match_autograd_path(b: int, n: int, out_proj: b
     isab = ISAB(3, DIM, HEADS, M, out_proj=out_proj).eval()
     calls = []
     call = InducedRows.__call__
-    monkeypatch.setattr(InducedRows, "__call__", lambda self, *a: calls.append(a) or call(self, *a))
+    monkeypatch.setattr(InducedRows, "__call__", lambda self, *a, **k: calls.append(a) or call(self, *a, **k))
     x = torch.randn(b, n, 3)
     mask = torch.rand(b, n) > 0.3
     with torch.no_grad():

@@ -583,7 +583,8 @@ class ISAB(nn.Module):
         copied in and out), and a batch smaller than :data:`MIN_SET_BLOCK_ELEMENTS` in one call.
         Calls of at most :data:`KEPT_BUFFER_ELEMENTS` keep their buffers for the next forward
         (shared by the ISABs of this thread; a handful, each step writing over one whose content
-        is not read again).
+        is not read again). A block's last step writes into the block's output, which also holds
+        the attention scores before it where they fit, in place of one more buffer.
         With autograd (and off the CPU) the whole batch goes through the standard path at once:
         backward needs every row.
         """
@@ -608,9 +609,9 @@ class ISAB(nn.Module):
             step = per if by_set else block
             for i in range(0, b if by_set else n, step):
                 if by_set:
-                    out[i : i + step] = induced(x[i : i + step], slice(i, i + step))
+                    induced(x[i : i + step], slice(i, i + step), out=out[i : i + step])
                 else:
-                    out[:, i : i + step] = induced(x[:, i : i + step])
+                    induced(x[:, i : i + step], out=out[:, i : i + step])
         return zero_padding(out, mask)
 
     def pipeline(self) -> Pipeline:
@@ -887,21 +888,38 @@ class InducedRows:
         v_out = torch.einsum("bhme,fhe->bhmf", split_heads(v, heads), out.weight.view(d, heads, dh))
         self.v_out = v_out.reshape(b, heads * m, d) + out.bias / heads
 
-    def __call__(self, x: Tensor, sets: slice = slice(None)) -> Tensor:
+    def __call__(self, x: Tensor, sets: slice = slice(None), *, out: Tensor | None = None) -> Tensor:
         """``x: (B', c, dim_q)`` -> ``(B', c, dim)``: chunks of the sets ``sets`` of ``h``'s batch
         (all ``B`` by default), so a batch of many small sets can go through a few sets at a time.
 
         On the fast path every intermediate and the result live in buffers reused by the next
-        call: use the result (or copy it) before calling again.
+        call: use the result (or copy it) before calling again. ``out: (B', c, dim)``: where to
+        write the result instead (returned); where it is contiguous the fast path also uses it for
+        a step whose output fits, before the last step writes the result there, so it takes the
+        place of one reused buffer.
         """
         mab = self.mab
         if not self.fast:
-            return mab.forward_unchecked(x, self.h[sets], None, form=self.form)
+            y = mab.forward_unchecked(x, self.h[sets], None, form=self.form)
+            return y if out is None else out.copy_(y)
+        ws = self.ws
+        if out is not None and out.is_contiguous() and out.dtype == ws.dtype:
+            # every tail writes its last step into "s" (_tail_slots); a step too large for ``out``
+            # takes the kept buffer of that name
+            ws = ws.with_buffer("s", out)
+        y = self._rows(x, sets, ws)
+        if out is None or y.data_ptr() == out.data_ptr():  # the last step wrote into ``out``
+            return y if out is None else out
+        return out.copy_(y)
+
+    def _rows(self, x: Tensor, sets: slice, ws: _Workspace) -> Tensor:
+        """The fast path of :meth:`__call__`, in the buffers of ``ws``."""
+        mab = self.mab
         b, c = x.shape[:2]
-        heads, d, ws = mab.num_heads, mab.dim, self.ws
+        heads, d = mab.num_heads, mab.dim
         qn = mab.norm_q(x) if mab.norm == "pre" else x
         if not self.folded:
-            y, slot, spare = self._heads(x, qn, sets)
+            y, slot, spare = self._heads(x, qn, sets, ws)
             return mab._norm_ff(y, _BufferOps(ws, _tail_slots(mab, slot, spare)))
         weights = ws.get("s", b, c, heads * self.m)
         torch.baddbmm(self.k_bias[sets], qn, self.k_in[sets].transpose(1, 2), out=weights)
@@ -914,11 +932,13 @@ class InducedRows:
             torch.baddbmm(x, weights, self.v_out[sets], out=y)
         return mab._norm_ff(y, _BufferOps(ws, _tail_slots(mab, "q", ("s",))))
 
-    def _heads(self, x: Tensor, qn: Tensor, sets: slice) -> tuple[Tensor, str, tuple[str, ...]]:
+    def _heads(
+        self, x: Tensor, qn: Tensor, sets: slice, ws: _Workspace
+    ) -> tuple[Tensor, str, tuple[str, ...]]:
         """Residual + attention output ``(B', c, dim)`` of the chunk ``x`` of ``sets`` (``qn``: its
         normalised queries) from per-head products over the precomputed keys and values; the
         workspace slot that holds it and the slots free again."""
-        mab, ws, heads = self.mab, self.ws, self.mab.num_heads
+        mab, heads = self.mab, self.mab.num_heads
         b, c = x.shape[:2]
         d = mab.dim
         qp = _linear(mab.to_q, qn, ws.get("q", b, c, d))
@@ -951,19 +971,28 @@ class _Workspace:
         device: torch.device,
         buffers: dict[str, Tensor] | None = None,
         slots: Mapping[str, str] | None = None,
+        lent: Mapping[str, Tensor] | None = None,
     ) -> None:
         self.dtype, self.device = dtype, device
         self.buffers: dict[str, Tensor] = {} if buffers is None else buffers
         self.slots = slots or {}
+        self.lent = lent or {}
 
     def named(self, slots: Mapping[str, str]) -> _Workspace:
         """The same buffers, with the names of ``slots`` standing for the buffers they map to."""
-        return _Workspace(self.dtype, self.device, self.buffers, slots)
+        return _Workspace(self.dtype, self.device, self.buffers, slots, self.lent)
+
+    def with_buffer(self, name: str, buf: Tensor) -> _Workspace:
+        """The same buffers, with the contiguous ``buf`` (not kept) serving ``name`` where large enough."""
+        return _Workspace(self.dtype, self.device, self.buffers, self.slots, {**self.lent, name: buf})
 
     def get(self, name: str, *shape: int) -> Tensor:
         """A ``shape`` view of the buffer ``name``: its content is whatever was written last."""
         name = self.slots.get(name, name)
         n = math.prod(shape)
+        lent = self.lent.get(name)
+        if lent is not None and lent.numel() >= n:
+            return lent.view(-1)[:n].view(shape)
         buf = self.buffers.get(name)
         if buf is None or buf.numel() < n:
             buf = self.buffers[name] = torch.empty(n, dtype=self.dtype, device=self.device)
@@ -1042,13 +1071,17 @@ class _BufferOps(_InPlaceOps):
 def _tail_slots(mab: MAB, stream: str, spare: tuple[str, ...]) -> dict[str, str]:
     """Where each step of ``mab``'s tail writes (:class:`_BufferOps`), given the slot ``stream``
     holding its input and the slots ``spare`` free to overwrite: each step takes a slot whose
-    content is not read again, so a block holds three or four buffers, not one per step."""
+    content is not read again, so a block holds a few buffers, not one per step. The last step
+    writes the tail's result into ``spare[0]``, which the callers name ``"s"``: the slot
+    :meth:`InducedRows.__call__` lends to its ``out``."""
     a, b = spare[0], spare[1] if len(spare) > 1 else "t"
     if mab.norm == "post":  # n1 = norm1(y); ff(n1) (+ n1, in place); out = norm2(that)
         return {"n1": a, "ff0": stream, "ff2": b, "out": a}
-    if mab.norm == "pre":  # nff = norm(y); ff(nff) (+ y, in place)
-        return {"nff": a, "ff0": b, "ff2": a}
-    return {"ff0": a, "ff2": b}  # ff(y) (+ y, in place)
+    # ff(...) (+ y, in place): the rFF's last product holds the result
+    two = len(mab.ff) > 2 if isinstance(mab.ff, nn.Sequential) else False
+    if mab.norm == "pre":  # nff = norm(y), read by the first product only
+        return {"nff": a, "ff0": b, "ff2": a} if two else {"nff": b, "ff0": a}
+    return {"ff0": b, "ff2": a} if two else {"ff0": a}
 
 
 def _linear(layer: nn.Linear, x: Tensor, out: Tensor) -> Tensor:
