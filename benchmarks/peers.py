@@ -327,6 +327,20 @@ def _passes(run: Callable[[], None], device: torch.device, budget: float, max_pa
     return min(times)
 
 
+def _register_native_mha_flops() -> None:
+    """Teach the counter ``nn.MultiheadAttention``'s fused inference kernel (PyG's blocks take it
+    under ``eval`` and ``no_grad``): projections, both attention products and the output projection."""
+    op = torch.ops.aten._native_multi_head_attention
+    if op in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(op)
+    def _mha(q_shape, k_shape, v_shape, embed_dim, *args, out_shape=None, **kwargs) -> int:  # type: ignore[no-untyped-def]
+        b, nq, nk = q_shape[0], q_shape[-2], k_shape[-2]
+        # q and the output projection over the queries, k and v over the keys; scores and weights @ v
+        return 2 * b * embed_dim * (2 * nq * embed_dim + 2 * nk * embed_dim + 2 * nq * nk)
+
+
 class _FlopCount(TorchDispatchMode):
     """FLOPs of the matrix products run inside it (torch's formulas, without ``FlopCounterMode``'s
     module tracker, which fails under ``no_grad``)."""
@@ -334,6 +348,7 @@ class _FlopCount(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         _register_cpu_sdpa_flops()
+        _register_native_mha_flops()
         self.total = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
@@ -623,6 +638,27 @@ class Table:
                     cells.append(c or "-")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
+
+    def render_flops(self) -> list[str]:
+        """Each row's counted matrix-product GFLOP per call by column, and the fewest any peer
+        counts over ours (the speed-up ours would have at the peer's FLOP rate); empty without counts."""
+        gflop: dict[str, dict[str, float]] = {}
+        for label in self.rows:
+            cells = {i: self.cell(label, i) for i in self.impls}
+            gflop[label] = {i: c["gflop"] for i, c in cells.items() if isinstance(c, dict) and c.get("gflop")}
+        impls = [i for i in self.impls if i != "compiled" and any(i in row for row in gflop.values())]
+        if not any(gflop.values()) or "same" not in impls:
+            return []
+        lines = [
+            "| row | " + " | ".join(TITLES[i] for i in impls) + " | leanest peer / ours (same fn) |",
+            "|---|" + "---|" * (len(impls) + 1),
+        ]
+        for label, row in gflop.items():
+            peers = [row[i] for i in PEERS if i in row]
+            ratio = f"{min(peers) / row['same']:.2f}x" if peers and row.get("same") else "-"
+            cells = [f"{row[i]:.4g}" if i in row else "-" for i in impls]
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {ratio} |")
+        return lines
 
     def geomean(self, impl: str, labels: list[str]) -> tuple[float, int] | None:
         ratios = []
@@ -919,6 +955,17 @@ def main() -> None:
         "",
         *summary,
         "",
+        *(
+            [
+                "Matrix-product GFLOP per call, counted (torch's FLOP formulas; the fused attention",
+                "kernels counted as their products): the work each column does for the same row.",
+                "",
+                *flops,
+                "",
+            ]
+            if (flops := table.render_flops())
+            else []
+        ),
         *chunk_lines,
         "",
         "Notes:",
