@@ -60,12 +60,16 @@ def _default_sigint() -> None:
 
 
 def _signal_self(sig: int) -> None:
-    """Send ``sig`` to this process and wait until the training loop's handler has seen it."""
+    """Send ``sig`` to this process's main thread and wait until the training loop's handler has seen it."""
     handler = signal.getsignal(sig)
     stop = getattr(handler, "__self__", None)
     if not isinstance(stop, StopOnSignal):  # never send SIGTERM to pytest without our handler
         raise RuntimeError(f"{signal.Signals(sig).name} is not handled by StopOnSignal: {handler}")
-    os.kill(os.getpid(), sig)
+    # to the main thread, where Python runs the handler: a signal sent to the process may land on a
+    # thread of a library instead (gloo's, under DDP), interrupting its system call
+    main = threading.main_thread().ident
+    assert main is not None
+    signal.pthread_kill(main, sig)
     _wait_for(lambda: stop.signum is not None, 10, "the signal handler")
 
 
