@@ -50,6 +50,7 @@ from peers import (
     _inputs,
     _label,
     missing_peers,
+    results_head,
 )
 
 from settransformer.nn.blocks import clear_kept_buffers
@@ -175,21 +176,14 @@ def main() -> None:
                 results.setdefault(_label(cell, mode), {})[impl] = mb
         for mode in cell.modes:
             print(render({_label(cell, mode): results[_label(cell, mode)]}, impls)[-1], flush=True)
-    minutes = (time.perf_counter() - started) / 60
     above = [
         label
         for label, row in results.items()
         if isinstance(row.get("same"), float)
         and any(isinstance(row.get(p), float) and row["same"] > row[p] for p in PEERS)  # type: ignore[operator]
     ]
-    command = "python benchmarks/memory.py " + " ".join(sys.argv[1:])
     text = [
-        "# Peak memory (PyTorch's allocator)",
-        "",
-        f"`{command}` ({minutes:.1f} min)",
-        "",
-        header,
-        "",
+        *results_head("Peak memory (PyTorch's allocator)", started, header),
         "Each cell: the peak of the bytes held through PyTorch's CPU allocator during one pass, above",
         "what was held at its start (the profiler's allocation events, summed in order; see the",
         "script's docstring for what this counts) · for our columns, that peak over the leanest peer's",

@@ -732,6 +732,14 @@ def _collect(table: Table, cells: list[Cell], impls: list[str], args: argparse.N
                 print(table.render([_label(cell, mode)]).splitlines()[-1], flush=True)
 
 
+def results_head(title: str, started: float, header: str) -> list[str]:
+    """The first lines of a results file: ``title``, the command that wrote it (this script and its
+    arguments) with the minutes since ``started`` (a ``time.perf_counter()``), and ``header``."""
+    command = f"python benchmarks/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:])
+    minutes = (time.perf_counter() - started) / 60
+    return [f"# {title}", "", f"`{command}` ({minutes:.1f} min)", "", header, ""]
+
+
 def missing_peers(official: str | None) -> dict[str, str]:
     """The peer columns that cannot run here, each with a note saying why (empty: both run)."""
     missing = {}
@@ -930,15 +938,8 @@ def main() -> None:
             summary.append(
                 f"{TITLES[impl]}: geometric mean over {g[1]} task rows {g[0]:.2f}x the fastest peer"
             )
-    minutes = (time.perf_counter() - started) / 60
-    command = "python benchmarks/peers.py " + " ".join(sys.argv[1:])
     text = [
-        "# Peer benchmark",
-        "",
-        f"`{command}` ({minutes:.1f} min)",
-        "",
-        header,
-        "",
+        *results_head("Peer benchmark", started, header),
         "Each cell: time per call (median over rounds of each process's best pass) · speed against",
         "the fastest peer (official or PyG; above 1 = faster) · peak memory above the process's",
         "baseline · achieved FLOP rate as a share of a plain (rows, width) @ (width, width) product",

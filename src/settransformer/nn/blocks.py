@@ -908,9 +908,9 @@ class InducedRows:
             # takes the kept buffer of that name
             ws = ws.with_buffer("s", out)
         y = self._rows(x, sets, ws)
-        if out is None or y.data_ptr() == out.data_ptr():  # the last step wrote into ``out``
-            return y if out is None else out
-        return out.copy_(y)
+        if out is None:
+            return y
+        return out if y.data_ptr() == out.data_ptr() else out.copy_(y)  # same: the last step wrote there
 
     def _rows(self, x: Tensor, sets: slice, ws: _Workspace) -> Tensor:
         """The fast path of :meth:`__call__`, in the buffers of ``ws``."""
