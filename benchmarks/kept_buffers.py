@@ -30,6 +30,7 @@ from interleaved import Table, compare
 from peers import TASKS, build_block, build_task
 
 from settransformer.nn import blocks
+from settransformer.nn.workspace import clear_kept_buffers
 
 QUICK = ("MoG clustering (official run.py)", "isab:1000")
 
@@ -73,7 +74,7 @@ def measure(model: nn.Module, xs: list[Tensor], rounds: int) -> tuple[float, flo
         fresh, kept_t, ratio = compare(lambda p: run(0, p), lambda p: run(kept, p), rounds)
     finally:
         blocks.KEPT_BUFFER_ELEMENTS = kept
-        blocks.clear_kept_buffers()
+        clear_kept_buffers()
     return fresh / len(xs), kept_t / len(xs), ratio
 
 

@@ -70,8 +70,8 @@ from blocks import _peak_mb, _register_cpu_sdpa_flops, _rss_mb
 
 from settransformer import ISAB, MAB, PMA, SAB, SetTransformer
 from settransformer.compat import load_official, official_options
-from settransformer.nn.blocks import clear_kept_buffers
 from settransformer.nn.streaming import DEFAULT_CHUNK_SIZE
+from settransformer.nn.workspace import clear_kept_buffers
 
 IMPLS = ("same", "compiled", "default", "official", "pyg")
 TITLES = {

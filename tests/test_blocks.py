@@ -13,6 +13,7 @@ import reference as ref
 import torch
 from torch import Tensor, nn
 
+from settransformer.nn import workspace
 from settransformer.nn.blocks import ISAB, MAB, PMA, SAB
 
 DIM, HEADS, NUM_INDUCING, NUM_SEEDS, NQ = 16, 4, 3, 2, 4
@@ -366,9 +367,7 @@ def test_isab_row_blocks_without_autograd_equal_one_pass(
 
 
 def _kept(mab: MAB) -> dict:
-    import settransformer.nn.blocks as blocks
-
-    return blocks._KEPT.__dict__.get("blocks", {}).get(mab, {})
+    return workspace._KEPT.__dict__.get("blocks", {}).get(mab, {})
 
 
 def test_isab_keeps_its_inference_buffers_from_call_to_call() -> None:
@@ -420,9 +419,7 @@ def test_isab_kept_buffers_per_thread_mode_and_dtype() -> None:
 def test_isabs_on_a_thread_share_their_kept_buffers() -> None:
     import gc
 
-    import settransformer.nn.blocks as blocks
-
-    blocks.clear_kept_buffers()
+    workspace.clear_kept_buffers()
     torch.manual_seed(0)
     first = ISAB(3, 8, num_heads=2, num_inducing=4).eval()
     second = ISAB(8, 8, num_heads=2, num_inducing=4).eval()
@@ -436,7 +433,7 @@ def test_isabs_on_a_thread_share_their_kept_buffers() -> None:
     # two set-sized buffers (queries, heads' outputs) reused by the tail's steps, the block's own
     # output standing for a third (scores, then the tail's result), and the layer norms' statistics
     assert set(space.buffers) == {"q", "o", "ln_stats"}
-    shared = blocks._KEPT.shared
+    shared = workspace._KEPT.shared
     del first, space
     gc.collect()
     assert len(shared) == 1  # the second block still holds them
@@ -479,7 +476,7 @@ def test_isab_kept_buffers_are_bounded_and_freed(monkeypatch: pytest.MonkeyPatch
     with torch.no_grad():
         isab(torch.randn(2, 30, 3))
         assert _kept(isab.mab1)
-        blocks.clear_kept_buffers()
+        workspace.clear_kept_buffers()
         assert _kept(isab.mab1) == {}
         monkeypatch.setattr(blocks, "KEPT_BUFFER_ELEMENTS", 8 * 59)  # 59 rows of width 8 or fewer
         isab(torch.randn(2, 30, 3))  # 60 rows in one call: fresh buffers, freed after the call
@@ -489,7 +486,7 @@ def test_isab_kept_buffers_are_bounded_and_freed(monkeypatch: pytest.MonkeyPatch
     assert set(isab.state_dict()) == keys
     copy.deepcopy(isab), pickle.loads(pickle.dumps(isab))
     mab = isab.mab1
-    kept = blocks._KEPT.blocks
+    kept = workspace._KEPT.blocks
     before = len(kept)
     del isab, mab
     gc.collect()

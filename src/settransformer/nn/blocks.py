@@ -45,8 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import threading
-import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Literal, TypedDict, Unpack, cast, get_args
@@ -80,6 +78,7 @@ from .validation import (
     tracing,
     zero_padding,
 )
+from .workspace import Workspace, kept_buffers_free, kept_workspace
 
 __all__ = [
     "FORMS",
@@ -95,7 +94,6 @@ __all__ = [
     "PooledQueries",
     "attention_forms",
     "check_dot_product",
-    "clear_kept_buffers",
     "large_set_forms",
 ]
 
@@ -601,7 +599,7 @@ class ISAB(nn.Module):
         rows = per * n if by_set else b * block
         keep = rows * max(self.mab1.dim, self.mab1.options.ff_dim or 0) <= KEPT_BUFFER_ELEMENTS
         form = self.mab1.choose_form(n, h.shape[1], x.device.type)
-        with _kept_buffers_free(keep) as keep:
+        with kept_buffers_free(keep) as keep:
             induced = InducedRows(self.mab1, h, form=form, keep_buffers=keep)
             if not induced.fast:
                 return zero_padding(self.mab1.forward_unchecked(x, h, None, form=form), mask)
@@ -835,7 +833,7 @@ class InducedRows:
             (and off the fast path, let each call choose).
         keep_buffers: take the buffers kept on this thread from an earlier
             ``InducedRows(..., keep_buffers=True)`` of any block and keep them for the next one
-            (see :func:`clear_kept_buffers`), instead of new ones for this object only.
+            (see :mod:`settransformer.nn.workspace`), instead of new ones for this object only.
 
     Results of the fast path are overwritten by the next call (see :meth:`__call__`), and with
     ``keep_buffers`` by the next call of any ``InducedRows`` with ``keep_buffers`` on this thread.
@@ -871,7 +869,7 @@ class InducedRows:
         b, m = k.shape[:2]
         kh = split_heads(k, heads)  # (B, H, m, dh)
         self.m = m
-        self.ws = _kept_workspace(mab, k) if keep_buffers else _Workspace(k.dtype, k.device)
+        self.ws = kept_workspace(mab, k) if keep_buffers else Workspace(k.dtype, k.device)
         self.folded = induced_is_cheaper(m, mab.form_sizes()) if form is None else form == "induced"
         if not self.folded:
             self.k_t = (kh * scale).transpose(-1, -2)  # (B, H, dh, m)
@@ -912,7 +910,7 @@ class InducedRows:
             return y
         return out if y.data_ptr() == out.data_ptr() else out.copy_(y)  # same: the last step wrote there
 
-    def _rows(self, x: Tensor, sets: slice, ws: _Workspace) -> Tensor:
+    def _rows(self, x: Tensor, sets: slice, ws: Workspace) -> Tensor:
         """The fast path of :meth:`__call__`, in the buffers of ``ws``."""
         mab = self.mab
         b, c = x.shape[:2]
@@ -933,7 +931,7 @@ class InducedRows:
         return mab._norm_ff(y, _BufferOps(ws, _tail_slots(mab, "q", ("s",))))
 
     def _heads(
-        self, x: Tensor, qn: Tensor, sets: slice, ws: _Workspace
+        self, x: Tensor, qn: Tensor, sets: slice, ws: Workspace
     ) -> tuple[Tensor, str, tuple[str, ...]]:
         """Residual + attention output ``(B', c, dim)`` of the chunk ``x`` of ``sets`` (``qn``: its
         normalised queries) from per-head products over the precomputed keys and values; the
@@ -961,104 +959,12 @@ class InducedRows:
         return _linear(mab.to_out, merged, ws.get("o", b, c, d)).add_(residual), "o", ("s", "q")
 
 
-class _Workspace:
-    """Buffers reused from chunk to chunk: a fresh multi-megabyte tensor per operation can cost
-    more in page faults than the operation itself, when the allocator hands memory back to the OS."""
-
-    def __init__(
-        self,
-        dtype: torch.dtype,
-        device: torch.device,
-        buffers: dict[str, Tensor] | None = None,
-        slots: Mapping[str, str] | None = None,
-        lent: Mapping[str, Tensor] | None = None,
-    ) -> None:
-        self.dtype, self.device = dtype, device
-        self.buffers: dict[str, Tensor] = {} if buffers is None else buffers
-        self.slots = slots or {}
-        self.lent = lent or {}
-
-    def named(self, slots: Mapping[str, str]) -> _Workspace:
-        """The same buffers, with the names of ``slots`` standing for the buffers they map to."""
-        return _Workspace(self.dtype, self.device, self.buffers, slots, self.lent)
-
-    def with_buffer(self, name: str, buf: Tensor) -> _Workspace:
-        """The same buffers, with the contiguous ``buf`` (not kept) serving ``name`` where large enough."""
-        return _Workspace(self.dtype, self.device, self.buffers, self.slots, {**self.lent, name: buf})
-
-    def get(self, name: str, *shape: int) -> Tensor:
-        """A ``shape`` view of the buffer ``name``: its content is whatever was written last."""
-        name = self.slots.get(name, name)
-        n = math.prod(shape)
-        lent = self.lent.get(name)
-        if lent is not None and lent.numel() >= n:
-            return lent.view(-1)[:n].view(shape)
-        buf = self.buffers.get(name)
-        if buf is None or buf.numel() < n:
-            buf = self.buffers[name] = torch.empty(n, dtype=self.dtype, device=self.device)
-        return buf[:n].view(shape)
-
-
-# Per thread (a model serving several threads at once gives each its own buffers), shared by the
-# blocks on it (a model's blocks run one after another, and an ISAB's result is never a buffer),
-# held through the blocks that used them: the buffers go with the last of them, and a block
-# pickles and copies without them.
-_KEPT = threading.local()
-_Key = tuple[torch.dtype, torch.device, bool]
-
-
-def _kept_workspace(mab: MAB, like: Tensor) -> _Workspace:
-    """The workspace the blocks keep on this thread for tensors like ``like`` (dtype, device), one
-    for inference mode and one outside it (a tensor made in inference mode cannot be written to
-    outside it); ``mab`` holds it from now on."""
-    kept: weakref.WeakKeyDictionary[MAB, dict[_Key, _Workspace]]
-    kept = _KEPT.__dict__.setdefault("blocks", weakref.WeakKeyDictionary())
-    shared: weakref.WeakValueDictionary[_Key, _Workspace]
-    shared = _KEPT.__dict__.setdefault("shared", weakref.WeakValueDictionary())
-    spaces = kept.setdefault(mab, {})
-    key = (like.dtype, like.device, torch.is_inference_mode_enabled())
-    if key not in spaces:
-        ws = shared.get(key)
-        if ws is None:
-            ws = shared[key] = _Workspace(like.dtype, like.device)
-        spaces[key] = ws
-    return spaces[key]
-
-
-@contextlib.contextmanager
-def _kept_buffers_free(wanted: bool) -> Iterator[bool]:
-    """Whether the kept buffers may be used within the context: ``wanted`` and no ISAB on this
-    thread using them already (a block's own module that runs another ISAB, say)."""
-    busy = _KEPT.__dict__.get("busy", False)
-    _KEPT.busy = busy or wanted
-    try:
-        yield wanted and not busy
-    finally:
-        _KEPT.busy = busy
-
-
-def clear_kept_buffers() -> None:
-    """Free the inference buffers the ISABs keep on this thread (:data:`KEPT_BUFFER_ELEMENTS`).
-
-    They are freed with their block anyway; this returns their memory sooner.
-
-    Example:
-        >>> import torch
-        >>> isab = ISAB(3, 16, num_heads=4, num_inducing=8).eval()
-        >>> with torch.no_grad():
-        ...     _ = isab(torch.randn(2, 50, 3))
-        >>> clear_kept_buffers()
-    """
-    _KEPT.__dict__.pop("blocks", None)
-    _KEPT.__dict__.pop("shared", None)
-
-
 class _BufferOps(_InPlaceOps):
     """:class:`_InPlaceOps` writing into workspace buffers (no dropout): the tail's steps named by
     :meth:`MAB._norm_ff` (``"n1"``, ``"out"``, ``"nff"``) and :func:`_feed_forward_in_place`
     (``"ff0"``, ``"ff2"``) go to the slots of ``slots`` (see :func:`_tail_slots`)."""
 
-    def __init__(self, ws: _Workspace, slots: Mapping[str, str]) -> None:
+    def __init__(self, ws: Workspace, slots: Mapping[str, str]) -> None:
         self.ws = ws.named(slots)
 
     def norm(self, layer: nn.Module, x: Tensor, name: str) -> Tensor:
@@ -1091,7 +997,7 @@ def _linear(layer: nn.Linear, x: Tensor, out: Tensor) -> Tensor:
     return out
 
 
-def _layer_norm(norm: nn.Module, x: Tensor, out: Tensor, ws: _Workspace) -> Tensor:
+def _layer_norm(norm: nn.Module, x: Tensor, out: Tensor, ws: Workspace) -> Tensor:
     """``norm(x)`` written into ``out`` for a plain ``nn.LayerNorm`` (any other module: called)."""
     if type(norm) is not nn.LayerNorm or not norm.elementwise_affine or norm.bias is None:
         return norm(x)
@@ -1109,7 +1015,7 @@ def _layer_norm(norm: nn.Module, x: Tensor, out: Tensor, ws: _Workspace) -> Tens
     return out
 
 
-def _feed_forward_in_place(ff: nn.Module, x: Tensor, ws: _Workspace | None = None) -> Tensor:
+def _feed_forward_in_place(ff: nn.Module, x: Tensor, ws: Workspace | None = None) -> Tensor:
     """``ff(x)`` without autograd for the blocks' own ``Linear, ReLU[, Linear]``: ReLU in place, each
     product into a workspace buffer of ``ws`` when given (any other module: called)."""
     if not isinstance(ff, nn.Sequential) or not all(isinstance(m, nn.Linear | nn.ReLU) for m in ff):
