@@ -952,10 +952,7 @@ def main() -> None:
         "freed before the pass, so it counts them. `benchmarks/memory.py` counts the same peaks through",
         "PyTorch's allocator, repeatable run to run.",
         "",
-        table.render(),
-        "",
-        *summary,
-        "",
+        *([table.render(), "", *summary, ""] if cells else []),
         *(
             [
                 "Matrix-product GFLOP per call, counted (torch's FLOP formulas; the fused attention",

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/scale.py --plot scale.png     # N = 1e3 .. 1e7 (10+ minutes on 2 cores)
     .venv/bin/python benchmarks/scale.py --quick              # N <= 1e5, small ragged batch (a minute)
     .venv/bin/python benchmarks/scale.py --max-n 1e6 --rows st,flops
+    .venv/bin/python benchmarks/scale.py --rows chunks                  # chunk sizes at N = 1e6 (8 minutes)
 
 Rows (float32, ``dim_input`` 3, width 128, 4 heads, 32 inducing points, ``ff_dim=None``, inference):
 
@@ -15,6 +16,10 @@ Rows (float32, ``dim_input`` 3, width 128, 4 heads, 32 inducing points, ``ff_dim
   process, both writing into a preallocated output (``out=``; the chunked ISAB also into a new
   one). FLOPs are counted for the attention forms the code runs (2 per multiply-add of every
   matrix product, including the ``K = 3`` products; softmax, LayerNorm, bias and ReLU not counted).
+- ``chunks`` (not run by default): the SetTransformer at N = 1e6 (``--max-n`` if smaller) chunked at
+  each of ``--chunk-sizes`` and unchunked, in rounds of one process per point (``--chunk-rounds``,
+  interleaved), each point's best round: time, memory above baseline and throughput against the
+  unchunked path, the evidence for the library's default ``chunk_size``.
 - ``ragged``: 64 sets with sizes log-uniform in [10, ``--ragged-max``] (seed 0) through the
   SetTransformer as a ragged batch (:func:`settransformer.large.ragged.ragged_forward`) and padded to
   the largest set (``model(x, mask)``; if that would exceed the memory limit, the padded batch
@@ -298,6 +303,36 @@ def ragged_row(args: argparse.Namespace, max_size: int) -> None:
     )
 
 
+def chunks_row(args: argparse.Namespace, n: int) -> None:
+    """The SetTransformer at ``n`` elements chunked at each of ``args.chunk_sizes`` and unchunked."""
+    points: list[tuple[str, int]] = [("unchunked", 0)] + [("chunked", c) for c in args.chunk_sizes]
+    best: dict[int, dict[str, float]] = {}
+    for _ in range(args.chunk_rounds):  # interleaved: a slow spell of a shared machine hits every point
+        for impl, chunk in points:
+            r = _run_worker(
+                args.threads, kind="point", what="st", impl=impl, n=n, chunk_size=chunk or DEFAULT_CHUNK_SIZE,
+                budget=args.budget,
+            )  # fmt: skip
+            if r is not None and (chunk not in best or r["time_s"] < best[chunk]["time_s"]):
+                best[chunk] = r
+    if 0 not in best:
+        return
+    print(
+        f"\nSetTransformer at N={n:,} by chunk size (best of {args.chunk_rounds} rounds, one process per "
+        f"point and round; default {DEFAULT_CHUNK_SIZE}):\n"
+        "| chunk size | time (s) | CPU (s) | above base (MB) | throughput vs unchunked | load |\n"
+        "|---|---|---|---|---|---|"
+    )
+    for _, chunk in points:
+        r = best.get(chunk)
+        if r is not None:
+            ratio = best[0]["time_s"] / r["time_s"]
+            print(
+                f"| {chunk or 'unchunked'} | {r['time_s']:.3f} | {r['cpu_s']:.2f} | "
+                f"{r['peak_mb'] - r['base_mb']:.0f} | {ratio:.2f}x | {r['load']:.1f} |"
+            )
+
+
 def flops_row(args: argparse.Namespace, n: int) -> None:
     r = _run_worker(args.threads, kind="flops", n=n, chunk_size=args.chunk_size, budget=args.budget)
     if r is None:
@@ -363,7 +398,17 @@ def main() -> None:
         default=DEFAULT_CHUNK_SIZE,
         help=f"elements per chunk (default {DEFAULT_CHUNK_SIZE}, the library's default)",
     )
-    parser.add_argument("--rows", default="isab,st,flops,ragged", help="which rows to run (comma-separated)")
+    parser.add_argument(
+        "--rows", default="isab,st,flops,ragged", help="which rows to run (comma-separated; also: chunks)"
+    )
+    parser.add_argument(
+        "--chunk-sizes",
+        default="1024,2048,4096,8192,16384",
+        help="chunk sizes of the chunks row (comma-separated)",
+    )
+    parser.add_argument(
+        "--chunk-rounds", type=int, default=2, help="interleaved rounds of the chunks row (default 2)"
+    )
     parser.add_argument(
         "--ragged-max", type=int, default=100_000, help="largest ragged set size (default 1e5)"
     )
@@ -401,13 +446,16 @@ def main() -> None:
         f"dim_input {DIM_IN}, width {DIM}, {HEADS} heads, {INDUCING} inducing points, "
         f"OMP_WAIT_POLICY {WAIT_POLICY}, load {os.getloadavg()[0]:.1f}"
     )
-    results = sweep(args, sizes)
+    results = sweep(args, sizes) if {"isab", "st"} & set(args.rows) else {}
     for n in (1_000_000, 100_000):
         for what in ("isab", "st"):
             pts = {impl: dict(results.get((what, impl), [])).get(n) for impl in ("chunked", "unchunked")}
             if pts["chunked"] and pts["unchunked"]:
                 ratio = pts["unchunked"]["time_s"] / pts["chunked"]["time_s"]
                 print(f"{what} N={n:,}: chunked throughput {ratio:.2f}x the unchunked path")
+    if "chunks" in args.rows:
+        args.chunk_sizes = [int(c) for c in args.chunk_sizes.split(",")]
+        chunks_row(args, min(1_000_000, max_n))
     if "flops" in args.rows:
         flops_row(args, min(1_000_000, max_n))
     if "ragged" in args.rows:
