@@ -70,6 +70,7 @@ from blocks import _peak_mb, _register_cpu_sdpa_flops, _rss_mb
 
 from settransformer import ISAB, MAB, PMA, SAB, SetTransformer
 from settransformer.compat import load_official, official_options
+from settransformer.heap import keep_freed_memory
 from settransformer.nn.streaming import DEFAULT_CHUNK_SIZE
 from settransformer.nn.workspace import clear_kept_buffers
 
@@ -556,7 +557,7 @@ def _run_worker(
     if impl == "compiled":  # inductor compiles in this process: no pool of compile workers left running
         env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
     if probe:
-        cmd += ["--budget", "1e-9"]  # the last --budget wins: one timed pass
+        cmd += ["--budget", "1e-9", "--heap", "system"]  # the last flag wins: one pass, its own heap
         env["MALLOC_MMAP_THRESHOLD_"] = str(PROBE_MMAP_THRESHOLD)
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
@@ -826,6 +827,13 @@ def main() -> None:
         help="modes of the compiled column, comma-separated among infer, train, or 'none' "
         "(default: infer; none with --quick)",
     )
+    parser.add_argument(
+        "--heap",
+        choices=["system", "keep"],
+        default="system",
+        help="the C heap of every timed worker, each column alike: 'system' (default) glibc's defaults, "
+        "'keep' settransformer.heap.keep_freed_memory() (large tensors reuse the heap's pages)",
+    )
     parser.add_argument("--output", help="markdown file (default benchmarks/results/peers[-cuda].md)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--flops", action="store_true", help=argparse.SUPPRESS)
@@ -844,6 +852,8 @@ def main() -> None:
     if not set(args.compiled) <= {"infer", "train"}:
         parser.error("--compiled: infer, train (comma-separated) or none")
     if args.worker:
+        if args.heap == "keep":
+            keep_freed_memory()
         print(json.dumps(worker(json.loads(args.worker), args)))
         return
     args.passthrough = ["--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads)]
@@ -856,6 +866,7 @@ def main() -> None:
         str(args.chunk_size),
     ]
     args.passthrough += ["--max-call-s", str(args.max_call_s), "--mem-limit-gb", str(args.mem_limit_gb)]
+    args.passthrough += ["--heap", args.heap]
     if args.official:
         args.passthrough += ["--official", str(Path(args.official).resolve())]
 
@@ -879,6 +890,7 @@ def main() -> None:
         )
         + f", {args.dtype}, {args.repeats} interleaved rounds ({args.block_repeats} for blocks)"
         + f", OMP_WAIT_POLICY {args.omp_wait_policy}"
+        + (", heap kept (settransformer.heap.keep_freed_memory, every column)" if args.heap == "keep" else "")
         + f", load {load:.1f} at start"
     )
     print(header, flush=True)

@@ -10,7 +10,7 @@ PY=${PY:-.venv/bin/python}
 out=benchmarks/results
 mkdir -p "$out"
 names=("$@")
-[ ${#names[@]} -eq 0 ] && names=(blocks kernels optimizer kept_buffers scale chunk_sizes ddp export scores validation kill_loop)
+[ ${#names[@]} -eq 0 ] && names=(blocks kernels optimizer kept_buffers heap scale chunk_sizes ddp export scores validation kill_loop)
 for name in "${names[@]}"; do
   echo "[bench] $name"
   case $name in
@@ -18,6 +18,7 @@ for name in "${names[@]}"; do
     kernels) "$PY" benchmarks/kernels.py --output /dev/null | sed '$d' ;;  # drop its "written to" line
     optimizer) "$PY" benchmarks/optimizer.py --output /dev/null | sed '$d' ;;
     kept_buffers) "$PY" benchmarks/kept_buffers.py --output /dev/null | sed '$d' ;;
+    heap) "$PY" benchmarks/heap.py --output /dev/null | sed '$d' ;;
     scale) "$PY" benchmarks/scale.py --omp-wait-policy default --plot "$out/scale.png" ;;
     chunk_sizes) "$PY" benchmarks/scale.py --rows chunks --omp-wait-policy default ;;
     ddp) OMP_NUM_THREADS=1 "$PY" benchmarks/ddp.py ;;

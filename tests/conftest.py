@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch import Tensor
 
+from settransformer import heap
+
 # `import reference` from any test file, whatever pytest's import mode or rootdir.
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -21,6 +23,14 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _system_heap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The suite's processes keep glibc's heap: ``cli.main`` (run in-process by the CLI tests) and the
+    ``heap`` doctest would change it for the rest of the worker, one way. ``tests/test_heap.py`` runs
+    the real setting in child processes."""
+    monkeypatch.setattr(heap, "_libc", lambda: None)
 
 
 def _padded(

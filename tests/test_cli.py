@@ -281,6 +281,14 @@ def test_reproduce_checks_every_folder_before_training(capsys: pytest.CaptureFix
     assert code == 2 and Path("rep/settransformer/seed0/notes.txt").read_text() == "mine"
 
 
+def test_heap_flag(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(1) or True)
+    assert cli.main(["--heap", "system", "tasks"]) == 0 and calls == []
+    assert cli.main(["tasks"]) == 0 and calls == [1]  # the default keeps freed memory
+    capsys.readouterr()
+
+
 def test_tasks_list_and_did_you_mean(capsys: pytest.CaptureFixture[str]) -> None:
     from settransformer.tasks import TASKS
 

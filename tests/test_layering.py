@@ -1,6 +1,6 @@
 """The package's imports point one way: no cycles, and no import from a lower layer to a higher one.
 
-Layers (rank): ``nn`` 0; ``large``, ``data`` 1; ``deploy``, ``training`` 2; ``tasks``, ``compat`` 3;
+Layers (rank): ``nn``, ``heap`` 0; ``large``, ``data`` 1; ``deploy``, ``training`` 2; ``tasks``, ``compat`` 3;
 ``cli`` 4; the root package ``settransformer/__init__`` 5 (with ``__main__``). A module may import
 modules of a lower rank and of its own subpackage only: not a higher rank, not another subpackage
 of the same rank (``large`` <-> ``data``, ``deploy`` <-> ``training``), not ``cli`` (only
@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 
 RANKS = {
     "nn": 0,
+    "heap": 0,
     "large": 1,
     "data": 1,
     "deploy": 2,

@@ -2,12 +2,9 @@
 
 Run ``settransformer --help`` or ``settransformer SUBCOMMAND --help``. Every bad input (an unknown
 task or model, a malformed setting, a missing run folder...) ends with one line on stderr naming
-the culprit and exit code 2, before anything on disk is touched.
-
-
-Pieces shared by the ``settransformer`` subcommands' parsers (:mod:`.cli`, :mod:`.cli_deploy`).
-
-The ``predict`` and ``export`` subcommands: use a trained run on new sets, or export its model."""
+the culprit and exit code 2, before anything on disk is touched. ``predict`` and ``export`` use a
+trained run on new sets, or export its model.
+"""
 
 from __future__ import annotations
 
@@ -38,6 +35,7 @@ from .deploy.inference import (
     top_labels,
     write_outputs,
 )
+from .heap import keep_freed_memory
 from .tasks import TASKS
 from .tasks.demo import demo_tasks, run_demo
 from .tasks.report import plot_training_curve
@@ -400,6 +398,14 @@ def build_parser() -> argparse.ArgumentParser:
     tasks = ", ".join(TASKS)
     parser = Parser(prog="settransformer", description=_MAIN_DOC)
     parser.add_argument("--version", action="version", version=f"settransformer {library_version()}")
+    parser.add_argument(
+        "--heap",
+        choices=("keep", "system"),
+        default="keep",
+        help="before the subcommand: 'keep' (default) keeps freed memory in the process heap for the next "
+        "tensor (glibc; large sets on the CPU run faster, the heap holds its peak: see "
+        "settransformer.heap); 'system' leaves glibc's defaults",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     p = sub.add_parser("train", help="train one model of a task", description=_TRAIN_DOC)
@@ -489,6 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``settransformer`` and ``python -m settransformer``; returns the exit code."""
     args = build_parser().parse_args(argv)
+    if args.heap == "keep":
+        keep_freed_memory()
     if getattr(args, "threads", None) is not None:
         torch.set_num_threads(args.threads)
     try:
