@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from blocks import _peak_mb
-from peers import HERE, build_block, results_head
+from peers import HERE, build_block, results_head, worker_env
 
 from settransformer.heap import keep_freed_memory
 
@@ -92,9 +92,7 @@ def measure(kind: str, n: int, mode: str, impl: str, official: str | None, budge
 
 def _worker(spec: dict, heap: str) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec), "--heap", heap]
-    src = str(HERE.parent / "src")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(), check=True)
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 

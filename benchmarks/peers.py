@@ -541,6 +541,13 @@ SHAPES = {s.name: s for s in TASKS}
 PROBE_MMAP_THRESHOLD = 128 * 1024
 
 
+def worker_env() -> dict[str, str]:
+    """This process's environment with the checkout's ``src`` first on ``PYTHONPATH``: a worker
+    process imports the library under test, installed or not."""
+    src = str(HERE.parent / "src")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+
+
 def _run_worker(
     impl: str, cells: list[Cell], args: argparse.Namespace, flops: bool, probe: bool = False
 ) -> list[dict] | None:
@@ -550,8 +557,7 @@ def _run_worker(
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec), *args.passthrough]
     if flops:
         cmd.append("--flops")
-    src = str(HERE.parent / "src")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+    env = worker_env()
     if args.omp_wait_policy != "default":
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy
     if impl == "compiled":  # inductor compiles in this process: no pool of compile workers left running

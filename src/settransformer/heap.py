@@ -42,10 +42,9 @@ def _libc() -> ctypes.CDLL | None:
         return None
     try:
         libc = ctypes.CDLL(name)
-        version = libc.gnu_get_libc_version
+        libc.gnu_get_libc_version  # noqa: B018  (only glibc has it)
     except (OSError, AttributeError):
         return None
-    version.restype = ctypes.c_char_p
     return libc
 
 
