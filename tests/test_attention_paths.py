@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from settransformer.nn.attention import FormSizes, cheapest_form, induced_is_cheaper
-from settransformer.nn.blocks import MAB
+from settransformer.nn.blocks import ISAB
+from settransformer.nn.mab import MAB
 
 PATHS = ("standard", "pooled", "induced")
 
@@ -208,17 +209,17 @@ def test_standard_form_without_autograd_equals_with():
 def test_isab_asks_for_its_form_once_per_call(training, monkeypatch):
     """A pinned sequence of forms advances one place per attention call, also where the ISAB's
     row-by-row path falls back to the block's own (pooled form; dropout in training mode)."""
-    blocks = importlib.import_module("settransformer.nn.blocks")
+    mab_module = importlib.import_module("settransformer.nn.mab")
     pooled_calls = []
-    pooled = blocks.pooled_attention
+    pooled = mab_module.pooled_attention
 
     def counting(*args, **kwargs):
         pooled_calls.append(args[1].shape[1])  # keys per set: the inducing points for mab1
         return pooled(*args, **kwargs)
 
-    monkeypatch.setattr(blocks, "pooled_attention", counting)
+    monkeypatch.setattr(mab_module, "pooled_attention", counting)
     torch.manual_seed(0)
-    isab = blocks.ISAB(3, 16, num_heads=4, num_inducing=4, dropout=0.1 if training else 0.0)
+    isab = ISAB(3, 16, num_heads=4, num_inducing=4, dropout=0.1 if training else 0.0)
     isab.train(training)
     isab.mab0.form = "standard"
     isab.mab1.form = ("pooled", "standard")
@@ -228,5 +229,5 @@ def test_isab_asks_for_its_form_once_per_call(training, monkeypatch):
         isab(x)
     assert isab.mab1._form_calls == 2
     assert pooled_calls == [4]  # the first call pooled, the second standard
-    with blocks.large_set_forms(isab, (x,), (x[:, :20],), lambda b: isab(*b)):
+    with mab_module.large_set_forms(isab, (x,), (x[:, :20],), lambda b: isab(*b)):
         assert isab.mab1.form == ("induced",)  # one logged call per forward: one pinned form

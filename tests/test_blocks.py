@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from settransformer.nn import workspace
-from settransformer.nn.blocks import ISAB, MAB, PMA, SAB
+from settransformer.nn.blocks import ISAB, PMA, SAB
+from settransformer.nn.mab import MAB
 
 DIM, HEADS, NUM_INDUCING, NUM_SEEDS, NQ = 16, 4, 3, 2, 4
 KINDS = ["mab", "sab", "isab", "pma"]

@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from settransformer import ISAB, PMA, DeepSets, SetTransformer
 from settransformer.nn import blocks
-from settransformer.nn.blocks import InducedRows
+from settransformer.nn.rows import InducedRows
 from settransformer.nn.streaming import (
     encode_chunked,
     encode_pool_chunked,

@@ -27,7 +27,8 @@ from settransformer.deploy.export import (
     export_onnx,
     export_torchscript,
 )
-from settransformer.nn.blocks import MAB, ROW_BLOCK
+from settransformer.nn.blocks import ROW_BLOCK
+from settransformer.nn.mab import MAB
 from settransformer.nn.models import SetTransformer
 from settransformer.tasks.runs import build_task, load_run, train_run
 from settransformer.training.config import TrainConfig

@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from settransformer.nn.blocks import ISAB, MAB, PMA, SAB
+from settransformer.nn.blocks import ISAB, PMA, SAB
+from settransformer.nn.mab import MAB
 from settransformer.nn.models import DeepSets, SetTransformer
 from settransformer.nn.sets import masked_pool
 from settransformer.nn.validation import check_finite, check_mask, check_set, zero_padding

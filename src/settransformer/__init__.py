@@ -14,7 +14,8 @@ from .deploy.saved import load_model, save_model
 from .large.aggregation import SetAggregation
 from .large.ragged import ragged_forward
 from .nn.attention import attention
-from .nn.blocks import ISAB, MAB, PMA, SAB, BlockOptions
+from .nn.blocks import ISAB, PMA, SAB
+from .nn.mab import MAB, BlockOptions
 from .nn.models import DeepSets, SetTransformer
 from .nn.sets import masked_pool, pad_sets, unpad_sets
 from .nn.validation import finite_checks

@@ -16,7 +16,7 @@ this with options (:func:`official_options`): ``scale=1/sqrt(dim_hidden)``, ``re
 The official model takes no mask; ours accepts one, so converted weights also work on padded
 batches of sets of different sizes.
 
-Example:
+Examples:
     >>> import torch
     >>> from settransformer.compat import load_official
     >>> ckpt = torch.load("results/set_transformer/trial/model.tar", weights_only=True)  # doctest: +SKIP
@@ -136,7 +136,7 @@ def to_official_state_dict(model: SetTransformer) -> dict[str, Tensor]:
     ``model`` must have been built with the official options (:func:`official_set_transformer`);
     otherwise ``ValueError``, since the official code would compute something else with these weights.
 
-    Example:
+    Examples:
         >>> model = official_set_transformer(2, 4, 4, num_inds=8, dim_hidden=16)
         >>> state = to_official_state_dict(model)
         >>> state["enc.0.I"].shape, state["enc.0.mab0.fc_k.weight"].shape
@@ -225,9 +225,14 @@ def load_official(
     Args:
         state_dict: the official model's ``state_dict()``, or the ``{"state_dict": ...}`` checkpoint
             its ``run.py`` saves; a ``module.`` prefix (``nn.DataParallel``) is removed.
-        dim_input, num_outputs, dim_output, num_inds, dim_hidden, num_heads, ln: the arguments the
-            official model was built with (``num_heads`` cannot be read from the weights: it must
-            match). The number of encoder ISABs and decoder SABs is read from the keys.
+        dim_input: the official model's ``dim_input``.
+        num_outputs: its ``num_outputs``.
+        dim_output: its ``dim_output``.
+        num_inds: its ``num_inds`` (inducing points per ISAB).
+        dim_hidden: its ``dim_hidden``.
+        num_heads: its ``num_heads``; it cannot be read from the weights, so it must match.
+        ln: its ``ln`` (layer norms). The number of encoder ISABs and decoder SABs is read from
+            the keys.
 
     Returns:
         A model mapping ``x: (B, N, dim_input)`` (optionally with ``mask: (B, N)``) to
@@ -237,7 +242,7 @@ def load_official(
         ValueError: a missing or unexpected key, or a shape mismatch (naming the key and both shapes).
         TypeError: ``state_dict`` is not a mapping of tensors.
 
-    Example:
+    Examples:
         >>> official = to_official_state_dict(official_set_transformer(2, 4, 4, dim_hidden=16, num_heads=2))
         >>> load_official(official, 2, 4, 4, dim_hidden=16, num_heads=2)(torch.randn(3, 50, 2)).shape
         torch.Size([3, 4, 4])

@@ -63,7 +63,7 @@ def keep_freed_memory(limit: int = KEEP_LIMIT) -> bool:
     Returns:
         Whether the setting took: ``False`` where the C library is not glibc.
 
-    Example:
+    Examples:
         >>> import torch
         >>> took = keep_freed_memory()  # True on Linux with glibc
         >>> x = torch.ones(1, 100_000, 128)  # 51 MB: from the heap, and back to it when freed

@@ -6,7 +6,7 @@ download) becomes the set of its inked pixels, one point per pixel with value > 
 have 16 to 42 points (33 on average), so batches are padded and masked. The train/test split is
 fixed, disjoint and stratified (:func:`~settransformer.data.pointclouds.split_stratified`).
 
-Example:
+Examples:
     >>> data = load_digit_points()
     >>> data.train.points.shape[2], data.num_classes, data.train.mask is not None
     (3, 10, True)

@@ -9,7 +9,7 @@ Accepted sources (all read without pickle):
 
 Labels are non-negative integers (integral floats are accepted); features must be finite.
 
-Example:
+Examples:
     >>> np.savez("features.npz", features=np.random.rand(100, 16), labels=np.arange(100) % 4)
     >>> data = load_features("features.npz")
     >>> data.features.shape, data.features.dtype, data.labels.shape, data.labels.dtype

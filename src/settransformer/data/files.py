@@ -10,7 +10,7 @@ Operating-system failures become a :class:`WriteError` (an ``OSError``) with one
 the file and says what happened: ``disk full while writing X``, ``X is read-only``, ``permission
 denied writing X``. :func:`short` keeps values quoted in error messages short.
 
-Example:
+Examples:
     >>> import tempfile, pathlib
     >>> folder = pathlib.Path(tempfile.mkdtemp())
     >>> atomic_write(folder / "a.txt", lambda f: f.write(b"hello")).read_text()

@@ -6,7 +6,7 @@ A link may point nowhere (a missing file or object) or loop (``/x`` -> ``/y`` ->
 ``KeyError``, ``RuntimeError`` or ``OSError`` whose text names neither the file nor the link. Here each
 becomes a ``ValueError`` of one line naming the file and the link, which the CLI prints with exit code 2.
 
-Example:
+Examples:
     >>> import h5py, numpy as np
     >>> with h5py.File("links.h5", "w") as f:
     ...     f["x"] = np.arange(3)

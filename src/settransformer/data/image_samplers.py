@@ -21,7 +21,7 @@ class ClassSampler:
         labels: ``(M,)`` class ids in ``0..K-1`` (classes may be empty).
         num_classes: ``K``.
 
-    Example:
+    Examples:
         >>> sampler = ClassSampler(np.array([0, 1, 1, 2]), 3)
         >>> idx = sampler.sample(torch.tensor([[1, 2], [0, 1]]), torch.Generator().manual_seed(0))
         >>> idx.shape  # image indices, one per requested class
@@ -60,7 +60,7 @@ class AttributePairSampler:
         attributes: ``(M, A)`` bool.
         min_both: the fewest "both" images a usable pair needs.
 
-    Example:
+    Examples:
         >>> attrs = np.array([[1, 1, 0], [1, 1, 1], [0, 0, 0], [1, 1, 0]], bool)
         >>> sampler = AttributePairSampler(attrs, min_both=2)
         >>> g = torch.Generator().manual_seed(0)

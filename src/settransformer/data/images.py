@@ -13,7 +13,7 @@ Three sources, one result (:class:`ImageData`: ``images (M, C, H, W)`` float32 i
   CelebA's 40 attributes; the set anomaly task uses them as in the paper). Optional
   ``label_names`` names the classes or attributes.
 
-Example:
+Examples:
     >>> data = load_images("digits")
     >>> data.images.shape, data.num_classes
     ((1797, 1, 8, 8), 10)

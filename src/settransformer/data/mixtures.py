@@ -17,7 +17,7 @@ while the parser reads ``1 + 2D``), which is not copied here. The likelihoods, r
 the EM step work on padded batches, ``x: (B, N, D)`` with ``mask: (B, N)`` (True = real point), and
 are vectorised over the batch: no Python loop over sets.
 
-Example:
+Examples:
     >>> s = sample_mog(3, 100, torch.Generator().manual_seed(0))  # 3 sets of 100 points in 2-D
     >>> out = torch.randn(3, 4, 1 + 2 * 2)          # a network's output: 4 components in 2-D
     >>> params = MixtureParams.from_output(out)
@@ -128,7 +128,7 @@ def sample_mog(
     Returns:
         A :class:`MoGSample` with ``x: (B, N, D)``, ``labels: (B, N)`` and the true parameters.
 
-    Example:
+    Examples:
         >>> s = sample_mog(10, 300, torch.Generator().manual_seed(0))
         >>> s.x.shape, s.labels.shape, s.params.mu.shape
         (torch.Size([10, 300, 2]), torch.Size([10, 300]), torch.Size([10, 4, 2]))
@@ -234,7 +234,7 @@ def load_benchmark(
         ``num_clusters: (S,)`` and ``oracle_ll: (S,)``, the log-likelihood per point of each set
         under its true parameters (computed in float64).
 
-    Example:
+    Examples:
         >>> data = load_benchmark("cache", num_sets=8, min_size=10, max_size=20)  # written to cache/
         >>> data["x"].shape, data["mask"].shape, data["mu"].shape
         (torch.Size([8, 20, 2]), torch.Size([8, 20]), torch.Size([8, 4, 2]))

@@ -4,7 +4,7 @@
 split where the rule is deterministic) and per batch where it is random, in the order of the DeepSets
 / Set Transformer code: subsample, standardise, augment (training only).
 
-Example:
+Examples:
     >>> from settransformer.data.pointclouds import load_array
     >>> points = np.random.default_rng(0).normal(size=(50, 200, 3)).astype(np.float32)
     >>> np.savez("clouds.npz", points=points, labels=np.arange(50) % 5)

@@ -54,7 +54,7 @@ def fixed_subsample(x: Tensor, num_points: int, mask: Tensor) -> tuple[Tensor, T
         ``(x, mask)``: ``x: (B, P, D)`` with ``P = min(num_points, N)``, padded rows zero; ``mask: (B, P)``,
         ``mask[b, j] = j < min(n_b, P)``.
 
-    Example:
+    Examples:
         >>> x = torch.arange(8.0).view(1, 8, 1)
         >>> mask = torch.tensor([[True, False, True, True, False, True, True, True]])
         >>> out, m = fixed_subsample(x, 3, mask)  # real points 0, 2, 3, 5, 6, 7: indices 0, 2, 4
@@ -93,7 +93,7 @@ def subsample(
         ``(x, mask)`` with ``x: (B, P, D)``, ``P = min(num_points, N)``, real points first; ``mask`` is
         None when every cloud has ``P`` real points.
 
-    Example:
+    Examples:
         >>> x = torch.arange(10.0).view(1, 10, 1)
         >>> out, mask = subsample(x, 5)  # every 2nd point
         >>> out[0, :, 0].tolist(), mask
@@ -152,7 +152,7 @@ def standardize_per_cloud(x: Tensor, mask: Tensor | None = None, spatial_dims: i
 class Standardizer:
     """The same rule with statistics of a whole (training) split: clip, one scalar mean, one scalar std.
 
-    Example:
+    Examples:
         >>> train_x = torch.arange(12.0).reshape(2, 2, 3)  # 2 clouds of 2 points in 3-D
         >>> st = Standardizer.fit(train_x)
         >>> st.mean, round(st.std, 3)

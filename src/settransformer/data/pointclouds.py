@@ -11,7 +11,7 @@ Formats (see ``shared/reference/paper.md``, "Data formats"):
 - :func:`settransformer.data.modelnet_off.load_modelnet_off`: the raw ModelNet40 tree of ``.off`` meshes;
 - :func:`load_array`: any user ``.npy``/``.npz`` with points ``(S, N, D)`` and labels ``(S,)``.
 
-Example:
+Examples:
     >>> points = np.random.default_rng(0).normal(size=(50, 200, 3)).astype(np.float32)
     >>> np.savez("clouds.npz", points=points, labels=np.arange(50) % 5)  # 50 clouds of 5 classes
     >>> data = load_array("clouds.npz")  # a stratified 80/20 split
@@ -308,7 +308,8 @@ def load_array(
     Args:
         path: the ``.npz`` or ``.npy`` file.
         labels_path: ``.npy`` labels for a ``.npy`` points file.
-        test_fraction, seed: the split of single-split data.
+        test_fraction: the test share of single-split data.
+        seed: the seed of that split.
     """
     path = Path(path)
     if not path.is_file():

@@ -24,7 +24,7 @@ Files are never unpickled (``np.load(allow_pickle=False)``). A bad file (unreada
 ambiguous arrays, wrong rank, non-numeric values, another feature size than ``dim_input``, NaN or
 inf) raises ``ValueError`` naming the file and the problem; a missing file ``FileNotFoundError``.
 
-Example:
+Examples:
     >>> values = np.random.default_rng(0).normal(size=(599, 3)).astype("float32")
     >>> np.savez("clouds.npz", values=values, offsets=np.array([0, 512, 599]))
     >>> sets, ids = read_sets("clouds.npz", dim_input=3)   # ragged: values + offsets
@@ -157,7 +157,7 @@ def read_queries(paths: Sequence[str | Path]) -> list[np.ndarray]:
     Returns:
         One float32 array ``(Q_i, Dq)`` per set.
 
-    Example:
+    Examples:
         >>> np.savez("fits.npz", x=np.zeros((2, 5, 2)), queries=np.ones((2, 3, 1)))
         >>> [tuple(q.shape) for q in read_queries(["fits.npz"])]
         [(3, 1), (3, 1)]

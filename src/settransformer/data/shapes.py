@@ -9,7 +9,7 @@ extent along an axis) separates the classes; the model must look at the shape.
 
 Everything is vectorised numpy: a batch of 64 clouds of 128 points takes a few milliseconds.
 
-Example:
+Examples:
     >>> points, labels = sample_shapes(8, 256, rng=0)
     >>> points.shape, labels.shape
     ((8, 256, 3), (8,))

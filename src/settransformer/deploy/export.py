@@ -21,11 +21,11 @@ Examples: :func:`export_onnx` and :func:`export_torchscript`.
 Tracing bakes Python control flow into the graph, so two things are taken care of here:
 
 - The attention blocks pick a form of the attention by cost from the set size
-  (:meth:`~settransformer.nn.blocks.MAB.choose_form`). The forms are exact rewrites of each
+  (:meth:`~settransformer.nn.mab.MAB.choose_form`). The forms are exact rewrites of each
   other, but a trace keeps one of them for every size: the one chosen for the example's size, or
   the plain form when the tracer hands sizes over as tensors (about 1.5x slower in ONNX Runtime
   for the MoG model). During export every block is pinned to the form it uses for large sets
-  (:func:`~settransformer.nn.blocks.large_set_forms`, what ``torch.export`` picks with a symbolic
+  (:func:`~settransformer.nn.mab.large_set_forms`, what ``torch.export`` picks with a symbolic
   set size); which side of each attention grows with the set size is found by running the model
   at two sizes first.
 - The written file is checked (``onnx.checker``), then run (in ONNX Runtime when it is
@@ -58,7 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.files import atomic_path
-from ..nn.blocks import large_set_forms
+from ..nn.mab import large_set_forms
 from ..nn.validation import check_positive
 
 __all__ = ["INPUT_NAMES", "OUTPUT_NAME", "QUERIES_NAME", "ExportError", "export_onnx", "export_torchscript"]
@@ -80,7 +80,7 @@ _TOLERANCE = 1e-4  # atol and rtol of the comparison
 class ExportError(ValueError):
     """The model cannot be exported, or the exported file does not agree with the model.
 
-    Example:
+    Examples:
         >>> class Broken(torch.nn.Module):
         ...     def forward(self, x, mask):
         ...         raise RuntimeError("boom")
@@ -124,7 +124,7 @@ def export_onnx(
         comparison fails, ``TypeError`` for a model that is not called as ``model(x, mask)`` (or
         ``model(x, mask, queries)`` with ``dim_query``), ``ImportError`` without the ``onnx`` package.
 
-    Example:
+    Examples:
         >>> import onnx
         >>> from settransformer import SetTransformer
         >>> model = SetTransformer(2, num_outputs=1, dim_output=3, dim_hidden=8, num_heads=2, num_inducing=2)
@@ -216,7 +216,7 @@ def export_torchscript(
     Returns:
         ``path``; errors as :func:`export_onnx`. The graph is traced on the model's device.
 
-    Example:
+    Examples:
         >>> from settransformer import SetTransformer
         >>> model = SetTransformer(2, num_outputs=1, dim_output=3, dim_hidden=8, num_heads=2, num_inducing=2)
         >>> loaded = torch.jit.load(export_torchscript(model, "model.pt", dim_input=2))
@@ -359,7 +359,7 @@ def _call(model: nn.Module, example: tuple[Tensor, ...]) -> object:
 def _large_set_forms(
     model: nn.Module, example: tuple[Tensor, ...]
 ) -> contextlib.AbstractContextManager[None]:
-    """:func:`~settransformer.nn.blocks.large_set_forms`, probing at ``example``'s sizes and at
+    """:func:`~settransformer.nn.mab.large_set_forms`, probing at ``example``'s sizes and at
     ``_PROBE_SIZE`` elements and queries (both grow in the exported graph)."""
     x = example[0]
     dim_query = example[2].shape[2] if len(example) > 2 else None

@@ -14,7 +14,7 @@ model with per-element outputs (``(B, N, ...)``, e.g. anomaly scores) gives ``(N
 element and an ``element`` column) or ``.jsonl`` (``{"set": id, "output": [...]}`` per line),
 atomically, refusing to replace a file unless asked.
 
-Example:
+Examples:
     >>> from settransformer import SetTransformer
     >>> model = SetTransformer(2, num_outputs=4, dim_output=5).eval()
     >>> sets = [torch.randn(n, 2) for n in (120, 1, 45)]
@@ -75,7 +75,7 @@ def _required_inputs(model: nn.Module) -> tuple[int, int, bool]:
 def takes_queries(model: nn.Module) -> bool:
     """Whether ``model`` must be called as ``model(x, mask, queries)`` (three required inputs).
 
-    Example:
+    Examples:
         >>> class AtQueries(torch.nn.Module):
         ...     def forward(self, x, mask, queries):
         ...         return x.sum((1, 2))[:, None] + queries[..., 0]
@@ -185,7 +185,7 @@ def top_labels(outputs: Sequence[Tensor], classes: Sequence[Any]) -> list[Any]:
     """The class of each set's highest output: ``classes[argmax]`` per output of
     ``(len(classes),)`` values (any leading size-1 dimensions, e.g. ``(1, C)``, are fine).
 
-    Example:
+    Examples:
         >>> top_labels([torch.tensor([0.1, 2.0]), torch.tensor([[3.0, -1.0]])], ["cat", "dog"])
         ['dog', 'cat']
     """
@@ -240,7 +240,7 @@ def predict(
         cut to ``(N_i, ...)`` for per-element outputs, or ``(Q_i, ...)`` with ``queries``; equal to
         running each set alone, unpadded.
 
-    Example:
+    Examples:
         >>> class AtQueries(torch.nn.Module):  # (B, N, 2), (B, N), (B, Q, 1) -> (B, Q)
         ...     def forward(self, x, mask, queries):
         ...         return x.sum((1, 2))[:, None] + queries[..., 0]

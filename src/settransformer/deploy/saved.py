@@ -13,7 +13,7 @@ Models that can be saved: :class:`~settransformer.SetTransformer` and
 :class:`~settransformer.DeepSets` (they keep their constructor arguments in ``.config``), built
 with JSON-serialisable arguments (a score given by name, not as a module).
 
-Example:
+Examples:
     >>> model = SetTransformer(3, 1, 2, dim_hidden=16, num_inducing=4)
     >>> folder = save_model(model, "my-model")
     >>> sorted(p.name for p in folder.iterdir())

@@ -15,7 +15,7 @@ Argument names, PyG -> ours (the wrapped :class:`~settransformer.SetTransformer`
 ``norm="post"`` (else no normalisation); ``dropout`` -> ``dropout``; ``concat`` as PyG (seeds
 concatenated, else averaged). ``ptr`` (CSR offsets) is our ``offsets``.
 
-Example:
+Examples:
     >>> aggr = SetAggregation(8, num_seed_points=2, heads=2).eval()
     >>> x, index = torch.randn(10, 8), torch.tensor([2, 0, 0, 2, 2, 0, 1, 1, 2, 0])
     >>> aggr(x, index).shape           # 3 groups, 2 seeds x 8 channels

@@ -13,7 +13,7 @@ scattered back into the ragged order. Results equal the padded path up to float 
 every block option, with no attention code of its own. ``slack=1`` never pads (sets of equal size
 share a bucket, every other set runs alone).
 
-Example:
+Examples:
     >>> from settransformer import SetTransformer
     >>> model = SetTransformer(2, num_outputs=1, dim_output=3, dim_hidden=16, num_inducing=4).eval()
     >>> x, offsets = torch.randn(120, 2), torch.tensor([0, 10, 110, 120])
@@ -54,7 +54,7 @@ def batch_to_offsets(batch: Tensor, num_sets: int | None = None) -> Tensor:
 
     ``num_sets`` counts trailing empty sets (default ``batch.max() + 1``).
 
-    Example:
+    Examples:
         >>> batch_to_offsets(torch.tensor([0, 0, 1, 3])).tolist()
         [0, 2, 3, 3, 4]
     """
@@ -81,7 +81,7 @@ def batch_to_offsets(batch: Tensor, num_sets: int | None = None) -> Tensor:
 def offsets_to_batch(offsets: Tensor) -> Tensor:
     """``offsets: (S + 1,)`` -> ``batch: (total,)``, the set index of every row.
 
-    Example:
+    Examples:
         >>> offsets_to_batch(torch.tensor([0, 2, 3, 3, 4])).tolist()
         [0, 0, 1, 3]
     """
@@ -144,7 +144,7 @@ def ragged_to_padded(
 
     ``N`` is the largest set size (or ``max_size``, at least that). Pass ``offsets`` or ``batch``.
 
-    Example:
+    Examples:
         >>> x, mask = ragged_to_padded(torch.randn(5, 2), torch.tensor([0, 2, 5]))
         >>> x.shape, mask.sum(1).tolist()
         (torch.Size([2, 3, 2]), [2, 3])
@@ -164,7 +164,7 @@ def padded_to_ragged(x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Ten
 
     Each set keeps its real elements (mask True) in order; ``mask=None`` keeps every row.
 
-    Example:
+    Examples:
         >>> x, mask = torch.arange(4.0).view(2, 2, 1), torch.tensor([[True, False], [True, True]])
         >>> rows, offsets = padded_to_ragged(x, mask)
         >>> rows[:, 0].tolist(), offsets.tolist()
@@ -204,7 +204,7 @@ def size_buckets(
     count as one row), at most ``max_rows`` rows in all unless its one set is larger, and at most
     ``max_sets`` sets; a set of more than ``alone_above`` elements is a bucket of its own.
 
-    Example:
+    Examples:
         >>> size_buckets([5, 100, 4, 90, 5], slack=1.25)
         [[1, 3], [0, 4, 2]]
         >>> size_buckets([5, 100, 4, 90, 5], slack=float("inf"), max_sets=2, alone_above=50)
@@ -274,7 +274,7 @@ def isab_ragged(
 
     ``offsets: (S + 1,)`` or ``batch: (total,)`` as in :func:`ragged_forward`.
 
-    Example:
+    Examples:
         >>> isab = ISAB(2, 8, num_heads=2, num_inducing=3)
         >>> isab_ragged(isab, torch.randn(7, 2), torch.tensor([0, 3, 7])).shape
         torch.Size([7, 8])
@@ -299,7 +299,7 @@ def pma_ragged(
 
     ``offsets: (S + 1,)`` or ``batch: (total,)`` as in :func:`ragged_forward`.
 
-    Example:
+    Examples:
         >>> pma = PMA(8, num_heads=2, num_seeds=1)
         >>> pma_ragged(pma, torch.randn(7, 8), batch=torch.tensor([0, 0, 0, 1, 1, 1, 1])).shape
         torch.Size([2, 1, 8])
@@ -324,7 +324,7 @@ def ragged_encode(
 
     ``offsets: (S + 1,)`` or ``batch: (total,)`` as in :func:`ragged_forward`.
 
-    Example:
+    Examples:
         >>> from settransformer import SetTransformer
         >>> model = SetTransformer(2, num_outputs=1, dim_output=3, dim_hidden=8, num_heads=2, num_inducing=3)
         >>> ragged_encode(model, torch.randn(7, 2), torch.tensor([0, 3, 7])).shape
@@ -353,12 +353,13 @@ def ragged_forward(
         offsets: ``(S + 1,)``; or ``batch: (total,)`` sorted set indices (``num_sets`` counts
             trailing empty sets).
         chunk_size: also evaluate each bucket chunk by chunk (see :mod:`settransformer.nn.streaming`).
-        slack, max_rows: bucketing, see :func:`size_buckets`.
+        slack: bucketing, see :func:`size_buckets`.
+        max_rows: bucketing, see :func:`size_buckets`.
 
     Returns:
         ``(S, num_outputs, dim_output)``, equal to ``model(*ragged_to_padded(x, offsets))``.
 
-    Example:
+    Examples:
         >>> from settransformer import DeepSets
         >>> model = DeepSets(2, num_outputs=1, dim_output=3, dim_hidden=8)
         >>> ragged_forward(model, torch.randn(7, 2), batch=torch.tensor([0, 0, 0, 1, 2, 2, 2])).shape

@@ -50,7 +50,7 @@ __all__ = [
 def split_heads(x: Tensor, num_heads: int) -> Tensor:
     """View ``x: (B, N, H * Dh)`` as ``(B, H, N, Dh)`` without copying.
 
-    Example:
+    Examples:
         >>> split_heads(torch.zeros(2, 5, 8), num_heads=4).shape
         torch.Size([2, 4, 5, 2])
     """
@@ -64,7 +64,7 @@ def merge_heads(x: Tensor) -> Tensor:
     Free when ``x`` is laid out as ``(B, N, H, Dh)`` in memory, which is what the fused CPU and
     CUDA kernels return.
 
-    Example:
+    Examples:
         >>> x = torch.randn(2, 5, 8)
         >>> torch.equal(merge_heads(split_heads(x, 4)), x)
         True
@@ -114,7 +114,7 @@ def attention(
     Padded keys and values (``mask`` False) are zero-filled first, so they may hold anything,
     NaN included. (The blocks call the unchecked :func:`_attention` on already zero-filled sets.)
 
-    Example:
+    Examples:
         >>> q, k = torch.randn(2, 4, 3, 8), torch.randn(2, 4, 5, 8)
         >>> mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
         >>> attention(q, k, k, mask).shape
@@ -244,7 +244,7 @@ def choose_kernel(q: Tensor, k: Tensor, v: Tensor) -> Kernel:
     same kernel for every size.
     A rule, not a timer, so a seeded run computes the same bits every time.
 
-    Example:
+    Examples:
         >>> q = torch.randn(10, 4, 450, 32)
         >>> inducing = torch.randn(10, 4, 32, 32)
         >>> choose_kernel(q, inducing, inducing), choose_kernel(q, q, q)
@@ -299,7 +299,7 @@ class FormSizes(NamedTuple):
     ``projected_residual``: the residual adds the projected query (one more ``dq d`` per query
     in the induced form); ``out_proj``: the block has ``W^O`` (the induced form folds it in).
 
-    Example:
+    Examples:
         >>> FormSizes(dim=64, num_heads=4, dim_q=64, dim_kv=64, projected_residual=False, out_proj=True).dim
         64
     """
@@ -329,7 +329,7 @@ def induced_is_cheaper(nk: float, s: FormSizes) -> bool:
     (``torch.compile(dynamic=True)``, ``torch.export``) or an infinite one counts as large: the test
     adds no guard on it, so a compiled model is not recompiled for a new set size.
 
-    Example:
+    Examples:
         >>> s = FormSizes(64, 4, 64, 64, projected_residual=False, out_proj=True)
         >>> induced_is_cheaper(8, s), induced_is_cheaper(1000, s)
         (True, False)
@@ -361,7 +361,7 @@ def cheapest_form(nq: float, nk: float, s: FormSizes) -> str:
     adds no guard on the set size. Both rewrites hold only for plain dot-product softmax; the
     caller checks that.
 
-    Example:
+    Examples:
         >>> s = FormSizes(64, 4, 64, 64, projected_residual=False, out_proj=True)
         >>> cheapest_form(1, 1000, s), cheapest_form(1000, 8, s), cheapest_form(1000, 1000, s)
         ('pooled', 'induced', 'standard')
@@ -411,7 +411,9 @@ def pooled_attention(
     Args:
         q: projected queries ``(Bq, Nq, D)``, ``Bq`` = 1 (shared seeds) or ``B``.
         kv: the set ``(B, N, Dkv)``, zero at padded rows.
-        w_k, w_v: key and value projection weights ``(D, Dkv)``; b_v: value bias ``(D,)``.
+        w_k: key projection weight ``(D, Dkv)``.
+        w_v: value projection weight ``(D, Dkv)``.
+        b_v: value bias ``(D,)``.
         num_heads: heads ``H`` (``D = H * Dh``).
         mask: ``(B, N)`` bool, True for real elements.
         scale: softmax temperature, ``1 / sqrt(Dh)`` by default.
@@ -420,7 +422,7 @@ def pooled_attention(
     Returns:
         ``(B, Nq, D)``, exactly zero for empty sets.
 
-    Example:
+    Examples:
         >>> q, kv = torch.randn(1, 2, 8), torch.randn(3, 10, 6)
         >>> w_k, w_v, b_v = torch.randn(8, 6), torch.randn(8, 6), torch.zeros(8)
         >>> pooled_attention(q, kv, w_k, w_v, b_v, num_heads=4).shape
@@ -465,15 +467,21 @@ def induced_attention(
 
     Args:
         q: raw queries ``(B, N, Dq)``.
-        k, v: projected keys and values ``(B, M, D)``.
-        w_q: ``(D, Dq)``, b_q: ``(D,)``: the query projection.
-        w_o: ``(D, D)``, b_o: ``(D,)``: the output projection.
-        num_heads, mask (over the ``M`` keys), scale, dropout_p: as in :func:`pooled_attention`.
+        k: projected keys ``(B, M, D)``.
+        v: projected values ``(B, M, D)``.
+        w_q: query projection weight ``(D, Dq)``.
+        b_q: query projection bias ``(D,)``.
+        w_o: output projection weight ``(D, D)``.
+        b_o: output projection bias ``(D,)``.
+        num_heads: as in :func:`pooled_attention`.
+        mask: ``(B, M)`` over the keys, as in :func:`pooled_attention`.
+        scale: as in :func:`pooled_attention`.
+        dropout_p: as in :func:`pooled_attention`.
 
     Returns:
         ``(B, N, D)``; for an empty key set the attention output is zero (the result is ``b_o``).
 
-    Example:
+    Examples:
         >>> q, k = torch.randn(3, 10, 6), torch.randn(3, 2, 8)
         >>> w_q, w_o, b = torch.randn(8, 6), torch.randn(8, 8), torch.zeros(8)
         >>> induced_attention(q, k, k, w_q, b, w_o, b, num_heads=4).shape

@@ -11,7 +11,8 @@ from typing import Any, Literal, Unpack
 
 from torch import Tensor, nn
 
-from .blocks import ISAB, PMA, SAB, BlockKeywords, BlockOptions
+from .blocks import ISAB, PMA, SAB
+from .mab import BlockKeywords, BlockOptions
 from .sets import PoolKind, masked_pool
 from .streaming import Pipeline, encode_pool_chunked
 from .validation import check_positive, check_probability, prepare_set, zero_padding
@@ -102,15 +103,16 @@ class SetTransformer(_SetModel):
         dim_hidden: width of every block.
         num_heads: attention heads per block.
         num_inducing: inducing points per ISAB, or ``None`` for SABs.
-        num_encoder_layers, num_decoder_layers: depth of encoder and decoder.
+        num_encoder_layers: depth of the encoder.
+        num_decoder_layers: SABs of the decoder after pooling.
         decoder_dropout: dropout before pooling and before the head (the paper's point-cloud model).
-        options: :class:`~settransformer.nn.blocks.BlockOptions` of every block; keywords of the
+        options: :class:`~settransformer.nn.mab.BlockOptions` of every block; keywords of the
             same names (``norm``, ``ff_dim``, ``dropout``, ``scale``, ``residual``, ``out_proj``,
             ``score``, ``top_k``) override its fields. ``dropout`` also applies inside an rFF
             encoder. A ``score`` module is shared by every block; pass a name for a separate
             score per block.
 
-    Example:
+    Examples:
         >>> import torch
         >>> model = SetTransformer(2, num_outputs=4, dim_output=5, dim_hidden=32, num_inducing=8)
         >>> x, mask = torch.randn(3, 50, 2), torch.rand(3, 50) > 0.2
@@ -253,13 +255,16 @@ class DeepSets(_SetModel):
     ``num_decoder_layers`` x (Linear, ReLU) + Linear to ``num_outputs * dim_output``.
 
     Args:
-        dim_input, num_outputs, dim_output: as in :class:`SetTransformer`.
+        dim_input: as in :class:`SetTransformer`.
+        num_outputs: as in :class:`SetTransformer`.
+        dim_output: as in :class:`SetTransformer`.
         dim_hidden: width of both MLPs.
         pool: ``"mean"``, ``"sum"`` or ``"max"``.
-        num_encoder_layers, num_decoder_layers: depth of ``phi`` and ``rho``.
+        num_encoder_layers: depth of ``phi``.
+        num_decoder_layers: depth of ``rho``.
         dropout: dropout after each hidden layer of ``rho``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> DeepSets(1, 1, 1, dim_hidden=64, pool="max")(torch.rand(8, 10, 1)).shape
         torch.Size([8, 1, 1])

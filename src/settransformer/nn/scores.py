@@ -20,7 +20,7 @@ A score that is a dot product in disguise may also define ``as_dot(q, k) -> (q',
 ``score(q, k) = q' . k' + bias + c`` (``bias: (B, H, 1, Nk)``, ``c`` constant per query, which the
 softmax ignores); attention then runs through the fused kernel (:class:`DotForm`).
 
-Example:
+Examples:
     >>> q, k = torch.randn(2, 4, 3, 8), torch.randn(2, 4, 5, 8)
     >>> attention_weights(q, k, score=GaussianScore(4), top_k=2).shape
     torch.Size([2, 4, 3, 5])
@@ -81,7 +81,7 @@ SCORE_NAMES = ("dot", "additive", "gaussian")
 def softmax_scale(head_dim: int, scale: float | None = None) -> float:
     """The dot product's softmax temperature: ``scale``, or ``1 / sqrt(head_dim)`` when ``None``.
 
-    Example:
+    Examples:
         >>> softmax_scale(16), softmax_scale(16, 0.5)
         (0.25, 0.5)
     """
@@ -111,7 +111,7 @@ def softmax(x: Tensor, *, out: Tensor | None = None) -> Tensor:
     ``exp(x - max) / sum`` (in place on one new tensor, or on ``out``); otherwise, and while
     tracing or compiling (a graph holds one softmax), PyTorch's kernel.
 
-    Example:
+    Examples:
         >>> x = torch.randn(4, 10)
         >>> with torch.no_grad():
         ...     torch.allclose(softmax(x), torch.softmax(x, dim=-1))
@@ -126,7 +126,7 @@ def softmax_in_passes(x: Tensor) -> bool:
     """Whether :func:`softmax` normalises ``x: (..., L)`` in three passes (rows shorter than one
     CPU vector, at least :data:`SHORT_ROW_MIN_ELEMENTS` values, no autograd) or calls PyTorch's kernel.
 
-    Example:
+    Examples:
         >>> with torch.no_grad():
         ...     softmax_in_passes(torch.zeros(4096, 4)), softmax_in_passes(torch.zeros(4096, 64))
         (True, False)
@@ -152,7 +152,7 @@ def _softmax_passes(x: Tensor, out: Tensor | None = None) -> Tensor:
 class DotForm(Protocol):
     """A score equal (up to a per-query constant) to ``q' . k' + bias``: it can use the fused kernel.
 
-    Example:
+    Examples:
         >>> isinstance(GaussianScore(2), DotForm), isinstance(AdditiveScore(2, 4), DotForm)
         (True, False)
     """
@@ -176,7 +176,7 @@ class GaussianScore(nn.Module):
             ``Dh ** 0.25``, which gives the ``q . k`` term the scaled dot product's temperature.
         learnable: train ``log h`` (a parameter) or keep ``h`` fixed (a buffer).
 
-    Example:
+    Examples:
         >>> GaussianScore(2, bandwidth=0.5)(torch.zeros(1, 2, 1, 3), torch.ones(1, 2, 4, 3))[0, 0, 0]
         tensor([-6., -6., -6., -6.], grad_fn=<SelectBackward0>)
     """
@@ -224,7 +224,7 @@ class GaussianScore(nn.Module):
 def check_score(spec: object) -> ScoreSpec:
     """Check a block's ``score`` option: ``None``, a name of :data:`SCORE_NAMES`, a module or a callable.
 
-    Example:
+    Examples:
         >>> check_score("gaussian")
         'gaussian'
     """
@@ -251,7 +251,7 @@ def make_score(spec: ScoreSpec, num_heads: int, head_dim: int) -> nn.Module | Sc
     ``"additive"`` -> an :class:`AdditiveScore`; an ``nn.Module`` or callable is used as is (one
     module passed to several blocks is shared by them).
 
-    Example:
+    Examples:
         >>> make_score("dot", 4, 8) is None, type(make_score("gaussian", 4, 8)).__name__
         (True, 'GaussianScore')
     """
@@ -272,7 +272,7 @@ def score_logits(q: Tensor, k: Tensor, score: ScoreFn | None = None, scale: floa
     ``score=None`` is the dot product with ``scale`` defaulting to ``1/sqrt(Dh)``; for any other
     score, ``scale`` (default 1) multiplies the score's logits.
 
-    Example:
+    Examples:
         >>> q, k = torch.randn(2, 4, 3, 8), torch.randn(2, 4, 5, 8)
         >>> score_logits(q, k).shape, score_logits(q, k, GaussianScore(4)).shape
         (torch.Size([2, 4, 3, 5]), torch.Size([2, 4, 3, 5]))
@@ -295,7 +295,7 @@ def top_k_mask(logits: Tensor, k: int, keep: Tensor | None = None) -> Tensor:
     only in exact ties depends on the order of the keys). ``keep`` (broadcastable bool) excludes
     keys from selection; a row with fewer than ``k`` kept keys selects all of them.
 
-    Example:
+    Examples:
         >>> top_k_mask(torch.tensor([[0.1, 0.5, 0.5, 0.2], [1.0, 1.0, 1.0, 0.0]]), 2)
         tensor([[False,  True,  True, False],
                 [ True,  True, False, False]])
@@ -332,7 +332,7 @@ def masked_softmax(
         ``(B, H, Nq, Nk)``, rows summing to 1, or all zero (with zero gradient) for a query
         whose keys are all masked.
 
-    Example:
+    Examples:
         >>> mask = torch.tensor([[True, True, False, False], [False, False, False, False]])
         >>> masked_softmax(torch.zeros(2, 1, 1, 4), mask)[:, 0, 0]
         tensor([[0.5000, 0.5000, 0.0000, 0.0000],
@@ -379,7 +379,7 @@ def attention_weights(
     ``q: (B, H, Nq, Dh)`` (batch 1 broadcasts), ``k: (B, H, Nk, Dh)``, ``mask: (B, Nk)``; ``scale``
     and ``score`` as in :func:`score_logits`, ``top_k`` as in :func:`masked_softmax`.
 
-    Example:
+    Examples:
         >>> w = attention_weights(torch.randn(1, 4, 3, 8), torch.randn(2, 4, 5, 8), top_k=2)
         >>> w.shape, bool(((w > 0).sum(-1) == 2).all()), torch.allclose(w.sum(-1), torch.ones(2, 4, 3))
         (torch.Size([2, 4, 3, 5]), True, True)
@@ -508,7 +508,7 @@ def factored_range(p: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
     ``p: (B, H, Nq, A)``, ``r: (B, H, A, Nk)``. With ``c`` halfway between the smallest and the
     largest exponent, every ``|p - c|`` and ``|-r - c|`` is at most half the spread.
 
-    Example:
+    Examples:
         >>> p, r = torch.tensor([0.0, 4.0]).view(1, 1, 2, 1), torch.tensor([-2.0, 2.0]).view(1, 1, 1, 2)
         >>> factored_range(p, r)
         (tensor([[[1.]]]), tensor([[[6.]]]))
@@ -537,7 +537,7 @@ class AdditiveScore(nn.Module):
         chunk_elements: terms computed at once: a block of queries and keys (the sigmoid kernel
             takes at least one whole query row).
 
-    Example:
+    Examples:
         >>> AdditiveScore(4, 8)(torch.randn(2, 4, 3, 8), torch.randn(2, 4, 5, 8)).shape
         torch.Size([2, 4, 3, 5])
     """

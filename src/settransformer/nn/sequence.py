@@ -54,7 +54,7 @@ class SinusoidalPositionalEncoding(nn.Module):
 
     Shapes: ``x: (B, T, d)`` -> ``(B, T, d)``; computed on the fly (any length, ``x``'s device and dtype).
 
-    Example:
+    Examples:
         >>> SinusoidalPositionalEncoding(4)(torch.zeros(2, 3, 4)).shape
         torch.Size([2, 3, 4])
         >>> SinusoidalPositionalEncoding.table(2, 4)
@@ -87,12 +87,16 @@ class PositionalTransformer(nn.Module):
     """``nn.TransformerEncoder`` (batch first) over inputs plus sinusoidal positional encodings.
 
     Args:
-        d_model, nhead, num_layers, dim_feedforward, dropout: as ``torch.nn.TransformerEncoderLayer``.
+        d_model: as in ``torch.nn.TransformerEncoderLayer``.
+        nhead: as in ``torch.nn.TransformerEncoderLayer``.
+        num_layers: encoder layers.
+        dim_feedforward: as in ``torch.nn.TransformerEncoderLayer``.
+        dropout: as in ``torch.nn.TransformerEncoderLayer``.
 
     Shapes: ``x: (B, T, d_model)``, ``mask: (B, T)`` bool (True = real step; each row needs one)
     -> ``(B, T, d_model)``.
 
-    Example:
+    Examples:
         >>> model = PositionalTransformer(8, nhead=2, num_layers=1, dim_feedforward=16).eval()
         >>> model(torch.randn(2, 5, 8), torch.tensor([[True] * 5, [True, True, False, False, False]])).shape
         torch.Size([2, 5, 8])
@@ -122,7 +126,7 @@ def compact(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     ``x: (B, N, D)``, ``mask: (B, N)`` -> ``(x', lengths)``: ``x'[b, :lengths[b]]`` are the real
     elements of set ``b`` in the order they appear in ``x``.
 
-    Example:
+    Examples:
         >>> x, mask = torch.tensor([[[1.0], [2.0], [3.0]]]), torch.tensor([[False, True, True]])
         >>> xc, lengths = compact(x, mask)
         >>> xc[0, :, 0], lengths
@@ -145,7 +149,9 @@ class SequenceSetModel(nn.Module):
     MLP head. An empty set reads as the zero vector.
 
     Args:
-        dim_input, num_outputs, dim_output: as :class:`settransformer.SetTransformer`.
+        dim_input: as in :class:`settransformer.SetTransformer`.
+        num_outputs: as in :class:`settransformer.SetTransformer`.
+        dim_output: as in :class:`settransformer.SetTransformer`.
         kind: ``"lstm"``, ``"janet"``, ``"indrnn"`` or ``"transformer"``.
         dim_hidden: recurrent state size / transformer width, and the head's hidden width.
         num_layers: recurrent or transformer layers.
@@ -155,7 +161,7 @@ class SequenceSetModel(nn.Module):
 
     Shapes: ``x: (B, N, dim_input)``, ``mask: (B, N)`` -> ``(B, num_outputs, dim_output)``.
 
-    Example:
+    Examples:
         >>> model = SequenceSetModel(1, 1, 1, kind="janet", dim_hidden=32)
         >>> model(torch.rand(8, 10, 1), torch.rand(8, 10) > 0.3).shape
         torch.Size([8, 1, 1])
@@ -395,7 +401,7 @@ class JANET(_Recurrent):
     ``log(U(1, chrono_t_max - 1))`` (chrono initialisation, as in the paper); otherwise at 1.
     ``forward`` returns ``(output, (h_n, c_n))`` with ``c_n = h_n`` (the cell is the state).
 
-    Example:
+    Examples:
         >>> out, (h, c) = JANET(3, 16, num_layers=2, batch_first=True)(torch.randn(4, 10, 3))
         >>> out.shape, h.shape
         (torch.Size([4, 10, 16]), torch.Size([2, 4, 16]))
@@ -448,7 +454,7 @@ class IndRNN(_Recurrent):
     ``T`` steps) and ``nonlinearity`` is ``"relu"`` or ``"tanh"``. Otherwise as ``torch.nn.LSTM``;
     ``forward`` returns ``(output, (h_n, c_n))`` with ``c_n = h_n``.
 
-    Example:
+    Examples:
         >>> out, (h, _) = IndRNN(3, 16)(torch.randn(10, 4, 3))
         >>> out.shape, h.shape
         (torch.Size([10, 4, 16]), torch.Size([1, 4, 16]))

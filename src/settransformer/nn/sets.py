@@ -35,7 +35,7 @@ def pad_sets(sets: Sequence[Tensor], *, max_size: int | None = None) -> tuple[Te
     Returns:
         ``x: (B, N, D)`` with zeros at padded rows and ``mask: (B, N)`` bool, True for real elements.
 
-    Example:
+    Examples:
         >>> x, mask = pad_sets([torch.randn(3, 2), torch.randn(5, 2)])
         >>> x.shape, mask.sum(1).tolist()
         (torch.Size([2, 5, 2]), [3, 5])
@@ -73,7 +73,7 @@ def unpad_sets(x: Tensor, mask: Tensor) -> list[Tensor]:
 
     Real elements need not come first: each set keeps its elements where ``mask`` is True, in order.
 
-    Example:
+    Examples:
         >>> x, mask = pad_sets([torch.randn(3, 2), torch.randn(5, 2)])
         >>> [s.shape[0] for s in unpad_sets(x, mask)]
         [3, 5]
@@ -103,7 +103,7 @@ def masked_pool(x: Tensor, mask: Tensor | None, how: PoolKind = "mean") -> Tenso
     Returns:
         ``(B, D)``. An empty set pools to zeros (all three kinds), with zero gradient.
 
-    Example:
+    Examples:
         >>> x, mask = torch.tensor([[[1.0], [3.0], [99.0]]]), torch.tensor([[True, True, False]])
         >>> masked_pool(x, mask, "mean"), masked_pool(x, mask, "max")
         (tensor([[2.]]), tensor([[3.]]))
@@ -125,7 +125,7 @@ def masked_pool(x: Tensor, mask: Tensor | None, how: PoolKind = "mean") -> Tenso
 def pool_count(x: Tensor, mask: Tensor | None) -> Tensor:
     """The number of real elements of each set of ``x: (B, N, D)``: ``(B, 1)`` in ``x``'s dtype.
 
-    Example:
+    Examples:
         >>> pool_count(torch.zeros(2, 3, 4), torch.tensor([[True, True, False], [False, False, False]]))
         tensor([[2.],
                 [0.]])
@@ -139,7 +139,7 @@ def pool_partial(x: Tensor, mask: Tensor | None, how: PoolKind) -> Tensor:
     """The sum (``"mean"``, ``"sum"``) or maximum (``"max"``) of the real rows of ``x: (B, N, D)``
     (zero at padded rows): ``(B, D)``; an all-padding set's maximum is the dtype's lowest value.
 
-    Example:
+    Examples:
         >>> x, mask = torch.tensor([[[1.0], [3.0], [0.0]]]), torch.tensor([[True, True, False]])
         >>> pool_partial(x, mask, "sum"), pool_partial(x, mask, "max")
         (tensor([[4.]]), tensor([[3.]]))
@@ -153,7 +153,7 @@ def pool_partial(x: Tensor, mask: Tensor | None, how: PoolKind) -> Tensor:
 def merge_pooled(a: Tensor, b: Tensor, how: PoolKind) -> Tensor:
     """Two :func:`pool_partial` results ``(B, D)`` of disjoint parts of the same sets, combined.
 
-    Example:
+    Examples:
         >>> a, b = torch.tensor([[1.0, 5.0]]), torch.tensor([[2.0, 3.0]])
         >>> merge_pooled(a, b, "sum"), merge_pooled(a, b, "max")
         (tensor([[3., 8.]]), tensor([[2., 5.]]))
@@ -165,7 +165,7 @@ def finish_pool(partial: Tensor, count: Tensor, how: PoolKind) -> Tensor:
     """The pooled ``(B, D)`` from :func:`pool_partial` over every element and the counts ``(B, 1)``;
     an empty set pools to zero.
 
-    Example:
+    Examples:
         >>> partial, count = torch.tensor([[4.0], [0.0]]), torch.tensor([[2.0], [0.0]])
         >>> finish_pool(partial, count, "mean")
         tensor([[2.],

@@ -58,7 +58,7 @@ The references are detached: they cancel out of ``A / S`` exactly, so treating t
 gives the true gradient, and combining a chunk's statistics then saves only its ``(B, queries, 1)``
 factors for backward, never the chunk's ``(B, queries, D)`` sums.
 
-Example:
+Examples:
     >>> import torch
     >>> from settransformer import SetTransformer
     >>> model = SetTransformer(3, num_outputs=1, dim_output=2, dim_hidden=16, num_inducing=4).eval()
@@ -115,7 +115,7 @@ class SummaryQueries(Protocol):
     ``x: (B, c, D)`` zero at padded rows; ``finish(pooled, empty)``: the attention block's output
     from the softmax-weighted rows and the ``(B,)`` flags of empty sets.
 
-    Example:
+    Examples:
         >>> from settransformer.nn.blocks import PMA
         >>> queries = PMA(8, num_heads=2, num_seeds=1).summary_queries("pma")
         >>> ref, denom, acc = queries.stats(torch.randn(2, 5, 8), None)
@@ -133,7 +133,7 @@ class SummarySource(Protocol):
     """What attends over the whole set: ``summary_queries(name)`` returns its :class:`SummaryQueries`
     (``ValueError`` naming ``name`` when its attention cannot be accumulated chunk by chunk).
 
-    Example:
+    Examples:
         >>> from settransformer.nn.blocks import PMA
         >>> isinstance(PMA(8, num_heads=2, num_seeds=1), SummarySource)
         True
@@ -149,7 +149,7 @@ class InducedStage(SummarySource, Protocol):
     ``summary_queries`` gives the summary ``H`` over the stage's input; ``rows_given(H)`` the
     row-wise function ``(B, c, D_in) -> (B, c, D_out)`` of the stage.
 
-    Example:
+    Examples:
         >>> from settransformer.nn.blocks import ISAB
         >>> isab = ISAB(3, 8, num_heads=2, num_inducing=4)
         >>> isinstance(isab, InducedStage), isab.rows_given(torch.randn(2, 4, 8))(torch.randn(2, 5, 3)).shape
@@ -175,7 +175,7 @@ class Pipeline:
         decode_pooled: from the pooled ``(B, k, dim)`` (attention) or ``(B, dim)`` (masked
             pooling) to the module's output.
 
-    Example:
+    Examples:
         >>> from settransformer import DeepSets
         >>> pipe = DeepSets(3, 1, 2, dim_hidden=16, pool="max").pipeline()
         >>> pipe.dim_in, pipe.dim_out, pipe.pooling, len(pipe.stages)
@@ -195,7 +195,7 @@ class Pipeline:
 class Chunkable(Protocol):
     """A module evaluated chunk by chunk: ``pipeline()`` describes it (:class:`Pipeline`).
 
-    Example:
+    Examples:
         >>> from settransformer import SetTransformer
         >>> model = SetTransformer(3, num_outputs=1, dim_output=2, dim_hidden=16, num_inducing=4)
         >>> isinstance(model, Chunkable), isinstance(torch.nn.Linear(3, 2), Chunkable)
@@ -212,7 +212,7 @@ class OnlineSoftmax:
     ``ref: (B, Q, 1)`` detached, ``denom: (B, Q, 1)`` and ``acc: (B, Q, D)`` relative to it.
     :meth:`result` returns the softmax-weighted sums ``(B, Q, D)`` and which sets were empty.
 
-    Example:
+    Examples:
         >>> import torch
         >>> s = torch.randn(1, 1, 10)  # scores of one query over 10 rows x
         >>> x = torch.randn(1, 10, 3)
@@ -398,7 +398,7 @@ def encode_pool_chunked(
         ``(B, num_outputs, dim_output)`` (``(num_outputs, dim_output)`` for one set), equal to the
         unchunked ``model(x, mask)`` up to float rounding.
 
-    Example:
+    Examples:
         >>> from settransformer import DeepSets
         >>> model, x = DeepSets(3, 1, 2, dim_hidden=8, pool="max"), np.random.rand(500, 3)  # one set
         >>> with torch.no_grad():
@@ -415,7 +415,7 @@ def pma_chunked(pma: Chunkable, z: Any, mask: Any = None, *, chunk_size: int = D
 
     Returns ``(B, num_seeds, dim)`` (``(num_seeds, dim)`` for one set).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from settransformer import PMA
         >>> pma, z = PMA(8, num_heads=2, num_seeds=3).eval(), torch.randn(2, 100, 8)
@@ -433,7 +433,7 @@ def induce_chunked(
 ) -> Tensor:
     """An ISAB's induced set ``H = MAB(I, X)`` accumulated chunk by chunk: ``(B, m, dim)``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from settransformer import ISAB
         >>> isab, x = ISAB(3, 8, num_heads=2, num_inducing=4).eval(), torch.randn(2, 100, 3)
@@ -460,7 +460,7 @@ def iter_encode_chunked(
     Yields ``(start, z)`` with ``z: (B, c, dim_hidden)`` (``(c, dim_hidden)`` for one set) the
     embeddings of elements ``start .. start + c``, zero at padded positions.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from settransformer import ISAB
         >>> isab, x = ISAB(3, 8, num_heads=2, num_inducing=4).eval(), torch.randn(1, 100, 3)
@@ -484,7 +484,10 @@ def encode_chunked(
     """``model.encode(x, mask)`` (or an ISAB's output) computed chunk by chunk.
 
     Args:
-        model, x, mask, chunk_size: as in :func:`encode_pool_chunked` (or an ISAB).
+        model: as in :func:`encode_pool_chunked` (or an ISAB).
+        x: as in :func:`encode_pool_chunked`.
+        mask: as in :func:`encode_pool_chunked`.
+        chunk_size: as in :func:`encode_pool_chunked`.
         out: where to write the ``(B, N, dim_hidden)`` (or ``(N, dim_hidden)``) result: a tensor,
             a NumPy array / memmap or an h5py dataset of that shape; ``None`` allocates a tensor.
             Needs grad disabled unless ``None``.
@@ -492,7 +495,7 @@ def encode_chunked(
     Returns:
         ``out`` (with grad enabled and ``out=None``: a tensor that backpropagates per chunk).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from settransformer import SetTransformer
         >>> model = SetTransformer(3, 1, 2, dim_hidden=16, num_inducing=4).eval()
@@ -511,7 +514,7 @@ def isab_chunked(
 
     Returns ``(B, N, dim)`` (``(N, dim)`` for one set), zero at padded positions.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from settransformer import ISAB
         >>> isab = ISAB(3, 16, num_heads=4, num_inducing=8).eval()
@@ -570,12 +573,13 @@ class ChunkSource:
         x: the set(s), any floating-point array-like.
         mask: ``None`` or a bool ``(B, N)`` (``(N,)`` for one set) tensor or NumPy array.
         dim: the expected feature size.
-        dtype, device: what each chunk is converted to (the model's).
+        dtype: what each chunk is converted to (the model's).
+        device: where each chunk goes (the model's).
 
     Accepts a tensor, a NumPy array or ``np.memmap``, an h5py dataset, or anything with ``shape``,
     ``dtype`` and slicing; only the requested chunk is ever turned into a tensor.
 
-    Example:
+    Examples:
         >>> import numpy as np, torch
         >>> src = ChunkSource(np.ones((10, 3), np.float64), None, 3, dtype=torch.float32, device="cpu")
         >>> x, mask = src.chunk(8, 12)

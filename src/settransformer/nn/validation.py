@@ -69,7 +69,7 @@ _finite_checks = os.environ.get("SETTRANSFORMER_CHECK_FINITE", "1").strip().lowe
 def finite_checks_enabled() -> bool:
     """Whether blocks and models check that the real elements of their inputs are finite.
 
-    Example:
+    Examples:
         >>> with finite_checks(False):
         ...     finite_checks_enabled()
         False
@@ -80,7 +80,7 @@ def finite_checks_enabled() -> bool:
 def set_finite_checks(enabled: bool) -> None:
     """Turn the finiteness check of inputs on or off for the whole process.
 
-    Example:
+    Examples:
         >>> previous = finite_checks_enabled()
         >>> set_finite_checks(False)
         >>> check_finite(torch.tensor([[[float("nan")]]])).shape  # not checked
@@ -97,7 +97,7 @@ def set_finite_checks(enabled: bool) -> None:
 def finite_checks(enabled: bool) -> Iterator[None]:
     """Context manager: the finiteness check on (or off) inside the ``with`` block only.
 
-    Example:
+    Examples:
         >>> with finite_checks(True):  # doctest: +ELLIPSIS
         ...     check_finite(torch.tensor([[[1.0], [float("inf")]]]))
         Traceback (most recent call last):
@@ -118,7 +118,7 @@ def tracing() -> bool:
 
     Covers ONNX export too: the TorchScript exporter traces, the dynamo exporter uses torch.export.
 
-    Example:
+    Examples:
         >>> tracing()
         False
     """
@@ -143,7 +143,7 @@ def block_output(y: Tensor) -> Tensor:
     Not recorded while the finiteness check is off, while tracing, or for inference-mode tensors
     (they carry no version counter, so an in-place change could not be seen).
 
-    Example:
+    Examples:
         >>> y = block_output(torch.full((1, 2, 3), float("nan")))  # say, from diverged weights
         >>> check_finite(y).shape  # not read again
         torch.Size([1, 2, 3])
@@ -170,7 +170,7 @@ def _is_block_output(x: Tensor) -> bool:
 def check_set(x: object, dim: int, name: str = "x") -> Tensor:
     """Check that ``x`` is a floating-point set batch ``(B, N, dim)`` and return it.
 
-    Example:
+    Examples:
         >>> check_set(torch.zeros(2, 5, 3), 3).shape
         torch.Size([2, 5, 3])
         >>> check_set(torch.zeros(5, 3), 3)  # doctest: +ELLIPSIS
@@ -197,7 +197,7 @@ def check_mask(mask: object, x: Tensor, name: str = "mask") -> Tensor | None:
     Only ``torch.bool`` is accepted (True = real element); see the module docstring for why 0/1
     integer or float masks are not converted.
 
-    Example:
+    Examples:
         >>> x = torch.zeros(2, 3, 4)
         >>> check_mask(torch.ones(2, 3, dtype=torch.bool), x).shape
         torch.Size([2, 3])
@@ -233,7 +233,7 @@ def check_like(x: Tensor, like: Tensor, name: str = "x") -> Tensor:
     The dtype is not compared while autocast is enabled for ``x``'s device (mixed precision
     legitimately feeds float32 parameters with float16/bfloat16 activations and back).
 
-    Example:
+    Examples:
         >>> like = torch.nn.Linear(3, 2).weight
         >>> check_like(torch.zeros(1, 4, 3), like).dtype
         torch.float32
@@ -263,7 +263,7 @@ def check_finite(x: Tensor, name: str = "x") -> Tensor:
     in the common case (any NaN or inf makes the sum non-finite); only a non-finite sum, which a
     large finite input can also overflow to, pays for the exact test.
 
-    Example:
+    Examples:
         >>> with finite_checks(True):
         ...     check_finite(torch.ones(2, 3, 4)).shape
         torch.Size([2, 3, 4])
@@ -292,7 +292,7 @@ def zero_padding(x: Tensor, mask: Tensor | None) -> Tensor:
     ``masked_fill`` rather than a multiplication, so padded values that are NaN or infinite
     cannot leak (``0 * nan`` is NaN) and padded positions receive exactly zero gradient.
 
-    Example:
+    Examples:
         >>> x = torch.tensor([[[1.0], [float("nan")]]])
         >>> zero_padding(x, torch.tensor([[True, False]]))
         tensor([[[1.],
@@ -319,13 +319,14 @@ def prepare_set(
         mask: ``None`` or bool ``(B, N)``, True for real elements.
         dim: the expected feature size.
         like: a parameter of the module: ``x`` must share its device and (outside autocast) dtype.
-        name, mask_name: argument names for the messages.
+        name: the argument's name for the messages.
+        mask_name: the mask's name for the messages.
 
     Returns:
         ``(x, mask)`` with ``x: (B, N, dim)`` zero at padded rows (checked finite, unless
         switched off) and the mask unchanged.
 
-    Example:
+    Examples:
         >>> x, mask = torch.tensor([[[1.0], [float("nan")]]]), torch.tensor([[True, False]])
         >>> prepare_set(x, mask, 1)[0]
         tensor([[[1.],
@@ -343,7 +344,7 @@ def prepare_set(
 def check_positive(name: str, value: object, *, allow_zero: bool = False) -> int:
     """Check a size argument (an ``int``, positive or, with ``allow_zero``, non-negative).
 
-    Example:
+    Examples:
         >>> check_positive("chunk_size", 0)
         Traceback (most recent call last):
         ...
@@ -359,7 +360,7 @@ def check_positive(name: str, value: object, *, allow_zero: bool = False) -> int
 def check_probability(name: str, value: object) -> float:
     """Check a dropout probability in ``[0, 1)``.
 
-    Example:
+    Examples:
         >>> check_probability("dropout", 0.1)
         0.1
     """
@@ -371,7 +372,7 @@ def check_probability(name: str, value: object) -> float:
 def check_top_k(value: object, name: str = "top_k") -> int | None:
     """Check a hard-attention ``top_k``: a positive integer, or ``None`` for soft attention.
 
-    Example:
+    Examples:
         >>> check_top_k(3), check_top_k(None)
         (3, None)
     """
@@ -383,7 +384,7 @@ def check_top_k(value: object, name: str = "top_k") -> int | None:
 def check_scale(value: object, name: str = "scale") -> float | None:
     """Check a softmax temperature: a positive finite number, or ``None`` for the default.
 
-    Example:
+    Examples:
         >>> check_scale(0.25), check_scale(None)
         (0.25, None)
     """

@@ -1,7 +1,7 @@
 """Buffers reused from call to call by the blocks' inference fast paths, and the per-thread store that
 keeps them between forwards.
 
-Without autograd an ISAB's second block (:class:`~settransformer.nn.blocks.InducedRows`) writes each
+Without autograd an ISAB's second block (:class:`~settransformer.nn.rows.InducedRows`) writes each
 step of a row block into a named buffer of a :class:`Workspace` instead of a fresh tensor: a fresh
 multi-megabyte tensor per operation can cost more in page faults than the operation itself, when the
 allocator hands memory back to the operating system. Where a call's buffers are small enough
@@ -38,7 +38,7 @@ class Workspace:
     buffer whose content is not read again); ``lent`` holds caller-owned contiguous tensors that serve
     a name instead of its buffer wherever they are large enough (a block's output, say).
 
-    Example:
+    Examples:
         >>> ws = Workspace(torch.float32, torch.device("cpu"))
         >>> a = ws.get("s", 2, 3)
         >>> b = ws.get("s", 6)  # the same memory, whatever was written last
@@ -94,7 +94,7 @@ def kept_workspace(owner: object, like: Tensor) -> Workspace:
     current inference mode, shared by every owner on this thread; ``owner`` (a block, held weakly)
     holds it from now on.
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> first, second = nn.Linear(2, 2), nn.Linear(2, 2)
         >>> x = torch.randn(3, 2)
@@ -124,7 +124,7 @@ def kept_buffers_free(wanted: bool) -> Iterator[bool]:
     """Whether the kept buffers may be used within the context: ``wanted``, and no caller on this
     thread using them already (a block's own module that runs another ISAB, say).
 
-    Example:
+    Examples:
         >>> with kept_buffers_free(True) as outer:
         ...     with kept_buffers_free(True) as inner:
         ...         outer, inner
@@ -143,7 +143,7 @@ def clear_kept_buffers() -> None:
 
     They are freed with their blocks anyway; this returns their memory sooner.
 
-    Example:
+    Examples:
         >>> from settransformer import ISAB
         >>> isab = ISAB(3, 16, num_heads=4, num_inducing=8).eval()
         >>> with torch.no_grad():

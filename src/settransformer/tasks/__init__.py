@@ -5,7 +5,7 @@ registry maps CLI names to ``"module:Class"`` strings and imports lazily, so a t
 dependency is missing, or whose module is not part of this installation, fails only when it is
 asked for, with a message that says why.
 
-Example:
+Examples:
     >>> cls = get_task("max-regression")
     >>> cls.model_names[:4]
     ('deepsets-mean', 'deepsets-sum', 'deepsets-max', 'settransformer')
@@ -45,7 +45,7 @@ class TaskUnavailable(ValueError):
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """``" (did you mean X?)"`` for the closest of ``choices`` to a misspelled ``word``, else ``""``.
 
-    Example:
+    Examples:
         >>> did_you_mean("max-regresion", TASKS)
         " (did you mean 'max-regression'?)"
     """

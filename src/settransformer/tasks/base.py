@@ -81,7 +81,7 @@ class Preprocessed(nn.Module):
     keys are moved under ``model.``, and the statistics keep the values fitted when the task was
     built from its data, which are the ones such a run was trained with.
 
-    Example:
+    Examples:
         >>> class Shift(Preprocessed):
         ...     def __init__(self, model: nn.Module) -> None:
         ...         super().__init__()

@@ -61,7 +61,7 @@ class CountUnique(ImageSetTask):
     and ``c``, so the paper's accuracy stays well below 1 even for a model that knows the answer;
     ``accuracy_rounded`` shows how often it does.
 
-    Example:
+    Examples:
         >>> task = CountUnique(test_sets=64)
         >>> model = task.build_model("sab-pma")
         >>> batch = task.sample_batch(8, torch.Generator().manual_seed(0))

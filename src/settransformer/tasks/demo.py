@@ -51,7 +51,7 @@ def demo_tasks() -> list[str]:
     """The tasks ``settransformer demo`` runs by default: every available one that brings its own
     data (tasks on a user's file, ``user_data``, are left out).
 
-    Example:
+    Examples:
         >>> "max-regression" in demo_tasks(), "set-classification" in demo_tasks()
         (True, False)
     """
@@ -98,7 +98,8 @@ def run_demo(
         out: the demo folder; earlier demo runs of these tasks' models are replaced.
         jobs: worker processes (1: everything in this process, with per-run progress bars).
         threads: torch threads per process.
-        device, steps: as ``settransformer train``'s ``--device`` and ``--steps``.
+        device: as ``settransformer train``'s ``--device``.
+        steps: as ``settransformer train``'s ``--steps``.
         all_models: every row of each table, not just the task's ``demo_models``.
         progress: progress bars (one over all runs when ``jobs > 1``).
         log: where one line per finished run and per skipped task goes.

@@ -90,7 +90,7 @@ class FeatureProjection(Preprocessed):
     stay zero. ``x: (B, N, F)``, ``mask: (B, N)``. ``preprocessed=True`` takes features already
     projected (the task's training and test sets are projected once, not per batch).
 
-    Example:
+    Examples:
         >>> net = build_clustering_model("rff-pool", 2, 3, dim_hidden=8)
         >>> model = FeatureProjection(net, torch.zeros(5), torch.ones(5), torch.eye(5)[:, :2])
         >>> model(torch.randn(4, 10, 5)).shape  # 3 Gaussians in the 2-d projected space
@@ -153,7 +153,7 @@ class DigitsClustering(Task):
     digits), ``dim_hidden`` of the model, ``baseline_n_init`` (restarts of k-means and EM) and
     ``cache_dir`` for the baselines' results.
 
-    Example:
+    Examples:
         >>> task = DigitsClustering(num_test_sets=20)
         >>> model = task.build_model("isab16-pma")   # 4 Gaussians in the 16-d PCA space
         >>> metrics = task.evaluate(model, torch.device("cpu"))  # ari, nmi, kmeans_ari, em_ari, ...

@@ -38,7 +38,7 @@ class ImageEncoder(nn.Module):
 
     Shapes: ``x: (M, C*H*W)`` or ``(M, C, H, W)`` -> ``(M, dim)``.
 
-    Example:
+    Examples:
         >>> ImageEncoder((1, 8, 8), 64, "cnn")(torch.rand(5, 64)).shape
         torch.Size([5, 64])
     """
@@ -76,7 +76,7 @@ class ImageSetModel(nn.Module):
 
     Shapes: ``x: (B, N, C*H*W)``, ``mask: (B, N)`` -> whatever ``set_model((B, N, dim), mask)`` returns.
 
-    Example:
+    Examples:
         >>> from settransformer import DeepSets
         >>> model = ImageSetModel(ImageEncoder((1, 8, 8), 16), DeepSets(16, 1, 1, dim_hidden=16))
         >>> model(torch.rand(3, 5, 64), torch.rand(3, 5) > 0.3).shape

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn.attention import split_heads
-from ..nn.blocks import MAB, SAB
+from ..nn.blocks import SAB
+from ..nn.mab import MAB
 from ..nn.scores import GaussianScore, attention_weights
 from ..nn.sequence import SequenceSetModel
 from .base import Batch, Task
@@ -104,8 +105,11 @@ class SetRegressor(nn.Module):
     encoded set, a linear head.
 
     Args:
-        dim_hidden, num_heads, num_layers: encoder width, heads and depth.
-        score, top_k: block options of every block (see :mod:`settransformer.nn.blocks`).
+        dim_hidden: encoder width.
+        num_heads: attention heads.
+        num_layers: encoder depth.
+        **block: options of every block (:class:`~settransformer.nn.mab.BlockOptions`), e.g.
+            ``score`` and ``top_k``.
 
     Shapes: ``context: (B, N, 2)``, ``mask: (B, N)``, ``queries: (B, Q, 1)`` -> ``(B, Q)``.
     """
@@ -181,7 +185,7 @@ class KernelRegression(Task):
     ``test_seed``, ``sensitivity_sets`` and ``sensitivity_orders`` (permutation sensitivity on
     the first 200 test sets, 4 orderings).
 
-    Example:
+    Examples:
         >>> task = KernelRegression(test_sets=16)
         >>> batch = task.sample_batch(4, torch.Generator().manual_seed(0))
         >>> model = task.build_model("settransformer")

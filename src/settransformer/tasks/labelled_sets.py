@@ -21,7 +21,7 @@ Models (``--model``): ``settransformer`` (``encoder=isab|sab|rff``, ``num_induci
 ``pooling=pma|mean|sum|max``, ``dim_hidden``, ``num_heads``, ``num_layers``) or ``deepsets``
 (``pooling=mean|sum|max``).
 
-Example:
+Examples:
     >>> sets = [np.random.rand(n, 3).astype(np.float32) for n in (5, 8, 6, 7, 9, 4, 5, 6, 8, 7)]
     >>> np.savez("bags.npz", values=np.concatenate(sets), offsets=np.cumsum([0] + [len(s) for s in sets]),
     ...          y=np.array(["a", "b"] * 5))
@@ -89,7 +89,7 @@ def read_labelled_sets(path: str | Path, *, target: str = "y", set_column: str =
     See the module docstring for the layouts. Raises ``ValueError`` naming the file for a missing
     file, an unknown layout, a missing target, or a target count that differs from the set count.
 
-    Example:
+    Examples:
         >>> _ = Path("bags.csv").write_text("set,a,b,y\\ns1,1,2,cat\\ns1,3,4,cat\\ns2,5,6,dog\\n")
         >>> data = read_labelled_sets("bags.csv")
         >>> [s.shape for s in data.sets], data.targets.tolist(), data.ids
@@ -196,7 +196,7 @@ def split_indices(
     With ``strata: (count,)`` (class ids) each class is split in the given fractions on its own,
     so every split keeps the class proportions (up to rounding).
 
-    Example:
+    Examples:
         >>> train, val, test = split_indices(10, 0.2, 0.2, seed=0)
         >>> len(train), len(val), len(test)
         (6, 2, 2)
@@ -223,7 +223,7 @@ class Standardized(nn.Module):
     (``(B,)`` when ``squeeze``); padded rows stay zero. ``mean, std: (D,)``, ``shift, scale: (K,)``
     are buffers, saved with the weights.
 
-    Example:
+    Examples:
         >>> net = SetTransformer(2, 1, 3, dim_hidden=8, num_heads=2, num_inducing=None)
         >>> model = Standardized(net, torch.tensor([100.0, 0.0]), torch.tensor([10.0, 1.0]))
         >>> model(torch.randn(4, 6, 2), torch.ones(4, 6, dtype=torch.bool)).shape

@@ -8,7 +8,7 @@ far behind; max pooling has it built in, and attention (SAB + PMA) learns it.
 Every model sees the set rescaled to [0, 1] and its output is scaled back (``y * (high - low) +
 low``): the same function class as raw inputs, but well conditioned for any range.
 
-Example:
+Examples:
     >>> task = MaxRegression()
     >>> batch = task.sample_batch(4, torch.Generator().manual_seed(0))
     >>> batch.x.shape, batch.mask.shape, batch.target.shape   # (B, N, 1), (B, N), (B,)

@@ -9,7 +9,7 @@ Labels may be any integers (only equality matters); padded points are left out t
 Inputs may be torch tensors or numpy arrays. One labelling ``(N,)`` gives a Python float; a batch
 ``(B, N)`` gives one score per set, ``(B,)`` float64, as a tensor (or an array for numpy input).
 
-Example:
+Examples:
     >>> adjusted_rand_index([0, 0, 1, 1], [1, 1, 0, 0])
     1.0
     >>> t = torch.tensor([[0, 0, 1, 1], [0, 1, 2, 2]])
@@ -21,7 +21,7 @@ Example:
 changes it only by floating-point rounding; an order-aware baseline (:mod:`settransformer.nn.sequence`)
 changes for real. :func:`permutation_sensitivity` puts a number on it.
 
-Example:
+Examples:
     >>> from settransformer import DeepSets
     >>> x, mask = torch.randn(16, 10, 2), torch.rand(16, 10) > 0.3
     >>> permutation_sensitivity(DeepSets(2, 1, 1), x, mask) < 1e-5
@@ -66,7 +66,8 @@ def contingency_tables(
     """Contingency tables of two labellings of each set.
 
     Args:
-        labels_true, labels_pred: integer labels ``(B, N)`` (or ``(N,)``: a batch of one).
+        labels_true: integer labels ``(B, N)`` (or ``(N,)``: a batch of one).
+        labels_pred: predicted labels of the same shape.
         mask: ``(B, N)`` bool, True = real point; ``None`` = all real.
 
     Returns:

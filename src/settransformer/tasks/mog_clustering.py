@@ -149,7 +149,8 @@ def evaluate_mixture_model(
         model: ``(B, N, D), mask -> (B, K, 1 + 2D)``.
         x: ``(S, N_max, D)``; mask: ``(S, N_max)``; labels: ``(S, N_max)`` true clusters (-1 at padding).
         max_points: padded points per forward pass (memory bound).
-        count_threshold, count_separation: how clusters are counted (:func:`num_active_components`).
+        count_threshold: how clusters are counted (:func:`num_active_components`).
+        count_separation: how clusters are counted (:func:`num_active_components`).
 
     Returns:
         Per set ``(S,)``: ``ll0``, ``ll1`` (after one EM step), ``ari``, ``nmi``, ``ari1``
@@ -192,7 +193,7 @@ class MoGClustering(Task):
     benchmark's ``num_test_sets`` / ``test_seed`` / ``cache_dir`` (``None``: ``$SETTRANSFORMER_CACHE``
     or ``~/.cache/settransformer``), and the model width ``dim_hidden``.
 
-    Example:
+    Examples:
         >>> task = MoGClustering(dim=1, num_components=5)   # a 1-D mixture of 5 components
         >>> model = task.build_model("isab16-pma")
         >>> batch = task.sample_batch(10, torch.Generator().manual_seed(0))

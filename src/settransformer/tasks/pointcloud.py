@@ -19,7 +19,7 @@ only (rotation about z by U(-0.1π, 0.1π), per-axis scaling by U(0.8, 1.25)).
 Rows (Table 4): ``rff-pool`` (row-wise MLP + max pooling: DeepSets/PointNet style), ``rff-pma``,
 ``isab-pool`` (ISAB(16) x2 + max pooling) and ``isab-pma`` (ISAB(16) x2 + PMA_1, the default).
 
-Example:
+Examples:
     >>> task = PointCloudClassification(source="shapes", num_points=128)
     >>> batch = task.sample_batch(4, torch.Generator().manual_seed(0))
     >>> batch.x.shape, batch.target.shape
@@ -79,7 +79,7 @@ class CloudPreprocessing(Preprocessed):
     ``preprocessed=True`` skips the preprocessing: training batches arrive subsampled, standardised
     and augmented (in that order, as in the DeepSets code).
 
-    Example:
+    Examples:
         >>> net = DeepSets(3, 1, 4, dim_hidden=8)
         >>> model = CloudPreprocessing(net, num_points=16, standardize="cloud", spatial_dims=3)
         >>> model(torch.randn(2, 50, 3) * 50 + 200).shape  # raw clouds of 50 points

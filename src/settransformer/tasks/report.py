@@ -1,6 +1,6 @@
 """Results tables (ours beside the paper's) and figure saving, shared by every task.
 
-Example:
+Examples:
     >>> from settransformer.tasks.max_regression import MaxRegression
     >>> runs = {"deepsets-max": [{"mae": 0.14}, {"mae": 0.12}], "settransformer": [{"mae": 0.1}]}
     >>> print(results_table(MaxRegression, runs))  # doctest: +ELLIPSIS
@@ -130,7 +130,7 @@ def plot_training_curve(run_dir: str | Path, metric: str | None = None) -> Path 
     """``training_curve.png`` in ``run_dir``: the loss (log scale) and the headline ``metric``
     against steps, read from ``run_dir/metrics.jsonl``; ``None`` when it holds no logged step.
 
-    Example:
+    Examples:
         >>> Path("run").mkdir()
         >>> lines = ['{"step": 10, "loss": 0.5}', '{"step": 20, "loss": 0.2, "mae": 1.5}']
         >>> _ = Path("run/metrics.jsonl").write_text("\\n".join(lines))

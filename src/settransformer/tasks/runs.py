@@ -338,7 +338,7 @@ def run_lock(run_dir: str | Path) -> Iterator[Path]:
     release. Under torchrun only rank 0 writes, so only it locks. Where ``fcntl`` is missing
     (Windows) the block runs unlocked.
 
-    Example:
+    Examples:
         >>> with run_lock(folder):  # doctest: +SKIP
         ...     train(...)
     """

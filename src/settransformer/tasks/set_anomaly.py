@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.image_samplers import AttributePairSampler
-from ..nn.blocks import MAB, PMA, SAB
+from ..nn.blocks import PMA, SAB
+from ..nn.mab import MAB
 from ..nn.sets import masked_pool
 from ..nn.validation import zero_padding
 from .base import Batch
@@ -63,7 +64,7 @@ class ElementScorer(nn.Module):
     ``"mean"``: the masked mean of the set concatenated to each element, then FC(dim, ReLU) and a
     linear score. Padded elements score ``-inf``.
 
-    Example:
+    Examples:
         >>> scorer = ElementScorer(16, 4, "attention", "pma")
         >>> scorer(torch.randn(2, 8, 16)).shape
         torch.Size([2, 8])
@@ -121,7 +122,7 @@ class SetAnomaly(ImageSetTask):
     ``normal_classes`` (see the module docstring), ``num_layers`` (SAB blocks; paper 4) and
     ``num_seeds`` (PMA seeds; paper 4).
 
-    Example:
+    Examples:
         >>> task = SetAnomaly(test_sets=64)
         >>> batch = task.sample_batch(4, torch.Generator().manual_seed(0))
         >>> batch.x.shape, batch.target  # 4 sets of 8 flattened 8x8 images; the odd one's position

@@ -15,7 +15,7 @@ A training checkpoint (see :mod:`settransformer.training.loop`) also says what i
 ``version``, ``task``, ``task_options``, ``model_name`` and ``model_config`` (:func:`model_config`),
 which :func:`check_checkpoint` validates, so the model can be rebuilt from the file alone.
 
-Example:
+Examples:
     >>> model = torch.nn.Linear(2, 3)
     >>> save_checkpoint({"step": 3, "model": model.state_dict()}, "runs/x/checkpoint.pt")
     PosixPath('runs/x/checkpoint.pt')
@@ -64,7 +64,7 @@ def library_version() -> str:
 
     Read from the package metadata, so that modules below the package root need not import it.
 
-    Example:
+    Examples:
         >>> import settransformer
         >>> library_version() == settransformer.__version__
         True

@@ -1,6 +1,6 @@
 """Training settings: one dataclass, checked on construction, read from dicts, JSON and YAML.
 
-Example:
+Examples:
     >>> cfg = TrainConfig.from_dict({"steps": 200, "lr": 1e-3, "lr_milestones": [100]})
     >>> cfg.replace(seed=1).seed
     1

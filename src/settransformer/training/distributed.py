@@ -31,7 +31,7 @@ def is_main_process() -> bool:
 def resolve_device(name: str) -> torch.device:
     """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without CUDA is an error.
 
-    Example:
+    Examples:
         >>> resolve_device("cpu")
         device(type='cpu')
         >>> resolve_device("auto").type in ("cpu", "cuda")

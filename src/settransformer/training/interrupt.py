@@ -15,7 +15,7 @@ stop at the same step, or some would wait forever in a collective the others nev
 decide together: every ``log_every`` steps, where the loop already synchronises, they all-reduce
 their flags and all stop when any has one. Rank 0 then writes the checkpoint.
 
-Example:
+Examples:
     >>> import os, signal
     >>> step = 0
     >>> with StopOnSignal() as stop:
@@ -53,7 +53,7 @@ class Interrupted(KeyboardInterrupt):
     A ``KeyboardInterrupt``, so code that handles Ctrl-C handles it, and ``except Exception`` does not
     swallow it.
 
-    Example:
+    Examples:
         >>> err = Interrupted(signal.SIGTERM, 120, Path("runs/x/checkpoint.pt"))
         >>> print(err)
         interrupted by SIGTERM at step 120; checkpoint saved: runs/x/checkpoint.pt

@@ -17,7 +17,7 @@ are checkpointed, so a resumed run reproduces an uninterrupted one exactly (on C
 from, the run's files), then until ``config.steps`` one training step at a time, a logged line every
 ``log_every`` steps, an evaluation and a checkpoint every ``eval_every`` steps and at the end.
 
-Example:
+Examples:
     >>> from settransformer.tasks.max_regression import MaxRegression
     >>> task = MaxRegression(test_sets=256)
     >>> model = task.build_model("deepsets-max")
@@ -215,7 +215,7 @@ def train(
     evaluates (on the whole test set) and writes files. With ``config.ema_decay``
     the metrics are those of the moving average of the weights, which ``model`` holds at the end.
 
-    Example:
+    Examples:
         >>> from settransformer.tasks.max_regression import MaxRegression
         >>> task = MaxRegression(test_sets=256)
         >>> config = TrainConfig(steps=40, batch_size=32, device="cpu", progress=False)

@@ -1,7 +1,7 @@
 """The optimisation pieces of the training loop: optimizer, learning-rate schedule, gradient bounds
 and a moving average of the weights.
 
-Example:
+Examples:
     >>> model = torch.nn.Linear(3, 1)
     >>> config = TrainConfig(steps=100, lr=1e-3, lr_milestones=(50,))
     >>> optimizer = make_optimizer(model, config)
@@ -37,7 +37,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     CPU up to 1.2x faster (``benchmarks/optimizer.py``). Elsewhere it takes PyTorch's default
     implementation; the update is the same up to float rounding.
 
-    Example:
+    Examples:
         >>> make_optimizer(torch.nn.Linear(3, 1), TrainConfig(optimizer="sgd", lr=0.1)).defaults["momentum"]
         0.9
     """
@@ -66,7 +66,7 @@ def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torc
     ``"step"``: ``lr_gamma ** (number of milestones passed)``; ``"cosine"``: half a cosine from 1 to 0
     over ``steps``; ``"constant"``: 1.
 
-    Example:
+    Examples:
         >>> optimizer = make_optimizer(torch.nn.Linear(3, 1), TrainConfig(lr=1.0))
         >>> schedule = make_schedule(optimizer, TrainConfig(steps=4, lr=1.0, schedule="cosine"))
         >>> rates = []
@@ -99,7 +99,7 @@ def bound_gradients(
     (fp16 GradScaler): the hooks see scaled gradients, so the bounds are scaled with them.
     Remove the hooks with ``[h.remove() for h in handles]``.
 
-    Example:
+    Examples:
         >>> model = torch.nn.Linear(2, 1)
         >>> handles = bound_gradients(model, -0.5, 0.5)
         >>> (model(torch.full((1, 2), 10.0)).sum() * 100).backward()
@@ -124,7 +124,7 @@ class WeightAverage:
     ``decay`` is warmed up as ``min(decay, (1 + t) / (10 + t))`` after ``t`` updates, so the average
     forgets the initial weights quickly. ``model`` is the averaged copy (eval mode, no gradients).
 
-    Example:
+    Examples:
         >>> model = torch.nn.Linear(1, 1, bias=False)
         >>> _ = torch.nn.init.zeros_(model.weight)
         >>> average = WeightAverage(model, decay=0.9)
