@@ -135,7 +135,7 @@ _NOT_IN_CONFIG = ("help", "config", "task", "func", "command", "parser")
 def _read_config(args: argparse.Namespace) -> dict[str, Any]:
     """Read ``--config`` once: every key named like one of the command's flags (``threads``,
     ``model``, ``out``, ``budget``...) fills that flag where the command line left it unset; the
-    rest (training settings, ``task_options``) is returned for :func:`_settings`."""
+    rest (training settings, ``task_options``) is returned for `_settings`."""
     cached = getattr(args, "config_values", None)
     if cached is not None:
         return dict(cached)

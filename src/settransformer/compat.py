@@ -7,11 +7,11 @@ The official model computes, in every MAB (queries ``X``, set ``Y``, width ``d =
     O = ln0(O) if ln;  O = O + relu(fc_o(O));  O = ln1(O) if ln   # no output projection W^O
 
 and ``enc`` = ISAB x 2 (x 3 in early versions), ``dec`` = PMA, SAB, SAB, Linear. Our blocks express
-this with options (:func:`official_options`): ``scale=1/sqrt(dim_hidden)``, ``residual="projected"``,
-``out_proj=False``, ``ff_dim=None`` (our ``ff.0`` is their ``fc_o``) and ``norm="post"`` when
-``ln`` else ``None``. Parameters map as: ``to_kv`` = rows of ``fc_k`` then ``fc_v``; ``norm1``,
-``norm2`` = ``ln0``, ``ln1``; ``encoder.i.inducing`` = ``enc.i.I[0]``; ``pma.seeds`` = ``dec.0.S[0]``;
-``decoder.j`` = ``dec.(j+1)``; ``head`` = the final ``Linear``.
+this with options ([`official_options`][settransformer.compat.official_options]):
+``scale=1/sqrt(dim_hidden)``, ``residual="projected"``, ``out_proj=False``, ``ff_dim=None`` (our ``ff.0`` is
+their ``fc_o``) and ``norm="post"`` when ``ln`` else ``None``. Parameters map as: ``to_kv`` = rows of ``fc_k``
+then ``fc_v``; ``norm1``, ``norm2`` = ``ln0``, ``ln1``; ``encoder.i.inducing`` = ``enc.i.I[0]``; ``pma.seeds``
+= ``dec.0.S[0]``; ``decoder.j`` = ``dec.(j+1)``; ``head`` = the final ``Linear``.
 
 The official model takes no mask; ours accepts one, so converted weights also work on padded
 batches of sets of different sizes.
@@ -41,7 +41,8 @@ __all__ = ["load_official", "official_options", "official_set_transformer", "to_
 
 
 def official_options(dim_hidden: int = 128, ln: bool = False) -> dict[str, Any]:
-    """The :class:`SetTransformer` block options that reproduce the official code's MAB."""
+    """The [`SetTransformer`][settransformer.nn.models.SetTransformer] block options that reproduce the
+    official code's MAB."""
     return {
         "norm": "post" if ln else None,
         "ff_dim": None,
@@ -63,7 +64,8 @@ def official_set_transformer(
     num_encoder_layers: int = 2,
     num_decoder_layers: int = 2,
 ) -> SetTransformer:
-    """A (randomly initialised) :class:`SetTransformer` computing what the official
+    """A (randomly initialised) [`SetTransformer`][settransformer.nn.models.SetTransformer] computing what the
+    official
     ``models.SetTransformer(dim_input, num_outputs, dim_output, num_inds, dim_hidden, num_heads, ln)``
     computes. Input ``(B, N, dim_input)`` -> ``(B, num_outputs, dim_output)``."""
     return SetTransformer(
@@ -131,10 +133,12 @@ def _check_official_structure(model: SetTransformer) -> None:
 
 
 def to_official_state_dict(model: SetTransformer) -> dict[str, Tensor]:
-    """The official code's ``state_dict`` for ``model`` (the inverse of :func:`load_official`).
+    """The official code's ``state_dict`` for ``model`` (the inverse of
+    [`load_official`][settransformer.compat.load_official]).
 
-    ``model`` must have been built with the official options (:func:`official_set_transformer`);
-    otherwise ``ValueError``, since the official code would compute something else with these weights.
+    ``model`` must have been built with the official options
+    ([`official_set_transformer`][settransformer.compat.official_set_transformer]); otherwise ``ValueError``,
+    since the official code would compute something else with these weights.
 
     Examples:
         >>> model = official_set_transformer(2, 4, 4, num_inds=8, dim_hidden=16)
@@ -220,7 +224,8 @@ def load_official(
     num_heads: int = 4,
     ln: bool = False,
 ) -> SetTransformer:
-    """Build our :class:`SetTransformer` from a ``state_dict`` of the official ``models.SetTransformer``.
+    """Build our [`SetTransformer`][settransformer.nn.models.SetTransformer] from a ``state_dict`` of the
+    official ``models.SetTransformer``.
 
     Args:
         state_dict: the official model's ``state_dict()``, or the ``{"state_dict": ...}`` checkpoint

@@ -9,10 +9,10 @@ a forward and backward pass through an ISAB at that size makes some twenty of th
 (``benchmarks/heap.py`` measures both). Keeping freed memory in the heap, as jemalloc and tcmalloc
 do (PyTorch's CPU tuning guide preloads one of them), removes that cost after the first step.
 
-:func:`keep_freed_memory` does it for this process through glibc's ``mallopt``, with nothing to
-install or preload: it raises the mmap threshold and the trim threshold so that large blocks come
-from the heap and stay there when freed. The price is resident memory: the heap keeps what it once
-held, and blocks freed out of order leave holes (about twice glibc's peak in ``benchmarks/heap.py``).
+[`keep_freed_memory`][settransformer.heap.keep_freed_memory] does it for this process through glibc's
+``mallopt``, with nothing to install or preload: it raises the mmap threshold and the trim threshold so that
+large blocks come from the heap and stay there when freed. The price is resident memory: the heap keeps what
+it once held, and blocks freed out of order leave holes (about twice glibc's peak in ``benchmarks/heap.py``).
 The ``settransformer`` command sets it for its own process (``--heap system`` leaves glibc's
 defaults).
 """

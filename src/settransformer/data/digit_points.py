@@ -4,7 +4,7 @@ Each 8x8 image of ``sklearn.datasets.load_digits`` (1,797 images, bundled with s
 download) becomes the set of its inked pixels, one point per pixel with value > 0 and features
 ``(x, y, intensity)``: ``x, y`` in ``[-1, 1]`` (y pointing up) and ``intensity`` in ``(0, 1]``. Sets
 have 16 to 42 points (33 on average), so batches are padded and masked. The train/test split is
-fixed, disjoint and stratified (:func:`~settransformer.data.pointclouds.split_stratified`).
+fixed, disjoint and stratified ([`split_stratified`][settransformer.data.pointclouds.split_stratified]).
 
 Examples:
     >>> data = load_digit_points()
@@ -49,7 +49,8 @@ def load_digit_points(test_fraction: float = 0.2, seed: int = 0) -> PointCloudDa
     """The digits as point sets with a fixed stratified split (``test_fraction`` of each class).
 
     Returns:
-        :class:`PointCloudData`: points ``(S, 42, 3)`` with masks, labels 0-9, class names ``"0".."9"``.
+        [`PointCloudData`][settransformer.data.pointclouds.PointCloudData]: points ``(S, 42, 3)`` with masks,
+            labels 0-9, class names ``"0".."9"``.
     """
     from sklearn.datasets import load_digits
 

@@ -1,14 +1,17 @@
-"""Every file the library writes goes through :func:`atomic_write`: the old file or the whole new one.
+"""Every file the library writes goes through [`atomic_write`][settransformer.data.files.atomic_write]: the
+old file or the whole new one.
 
-:func:`atomic_write` (and :func:`atomic_path` for writers that need a path, e.g. exporters) writes to
-a temporary file beside the target, flushes and fsyncs it, then renames it over the target
-(``os.replace`` is atomic on POSIX and Windows): a crash, ``kill -9``, a file-size limit or a full
-disk during the write leaves the previous file intact and no temporary behind. Temporaries of
-writers that were killed are removed by the next write of the same file.
+[`atomic_write`][settransformer.data.files.atomic_write] (and
+[`atomic_path`][settransformer.data.files.atomic_path] for writers that need a path, e.g. exporters) writes to
+a temporary file beside the target, flushes and fsyncs it, then renames it over the target (``os.replace`` is
+atomic on POSIX and Windows): a crash, ``kill -9``, a file-size limit or a full disk during the write leaves
+the previous file intact and no temporary behind. Temporaries of writers that were killed are removed by the
+next write of the same file.
 
-Operating-system failures become a :class:`WriteError` (an ``OSError``) with one line that names
-the file and says what happened: ``disk full while writing X``, ``X is read-only``, ``permission
-denied writing X``. :func:`short` keeps values quoted in error messages short.
+Operating-system failures become a [`WriteError`][settransformer.data.files.WriteError] (an ``OSError``) with
+one line that names the file and says what happened: ``disk full while writing X``, ``X is read-only``,
+``permission denied writing X``. [`short`][settransformer.data.files.short] keeps values quoted in error
+messages short.
 
 Examples:
     >>> import tempfile, pathlib
@@ -116,7 +119,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
     For writers that take a file name (``torch.onnx.export``, ``torch.jit.save``). The file is
     fsynced before the rename; on any error it is removed and ``path`` is left as it was.
-    Operating-system errors become a :class:`WriteError` naming ``path``.
+    Operating-system errors become a [`WriteError`][settransformer.data.files.WriteError] naming ``path``.
     """
     path = Path(path)
     try:
@@ -143,8 +146,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
     """Call ``write(f)`` on a binary file that replaces ``path`` atomically once it is complete.
 
-    Returns ``path``. Raises :class:`WriteError` (one line naming ``path``) for a full disk, a
-    read-only folder or another operating-system error; other errors of ``write`` propagate.
+    Returns ``path``. Raises [`WriteError`][settransformer.data.files.WriteError] (one line naming ``path``)
+    for a full disk, a read-only folder or another operating-system error; other errors of ``write``
+    propagate.
     """
     path = Path(path)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -154,7 +158,8 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write`)."""
+    """Write ``text`` (UTF-8) to ``path`` atomically (see
+    [`atomic_write`][settransformer.data.files.atomic_write])."""
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 

@@ -1,5 +1,6 @@
 """Reading HDF5 files with one-line errors: every HDF5 reader of the library opens files and follows
-dataset names through :func:`open_file` and :func:`dataset`.
+dataset names through [`open_file`][settransformer.data.hdf5.open_file] and
+[`dataset`][settransformer.data.hdf5.dataset].
 
 HDF5 names can be links: a soft link (``/x`` -> ``/y``) or an external link (``x`` -> ``other.h5:/data``).
 A link may point nowhere (a missing file or object) or loop (``/x`` -> ``/y`` -> ``/x``); h5py then raises a
@@ -91,7 +92,8 @@ def dataset(f: Any, path: str | Path, key: str) -> Any:
 
 
 def read(f: Any, path: str | Path, key: str, index: Any = ()) -> np.ndarray:
-    """``f[key][index]`` as a NumPy array (see :func:`dataset`); a failing read names ``path`` and ``key``.
+    """``f[key][index]`` as a NumPy array (see [`dataset`][settransformer.data.hdf5.dataset]); a failing read
+    names ``path`` and ``key``.
 
     ``index`` selects a part (``slice(0, 100)``); the default reads the whole dataset.
     """

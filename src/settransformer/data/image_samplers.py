@@ -1,5 +1,7 @@
-"""Vectorised random draws of images: by class (:class:`ClassSampler`) and by pairs of attributes
-(:class:`AttributePairSampler`, the paper's CelebA anomaly rule).
+"""Vectorised random draws of images: by class
+([`ClassSampler`][settransformer.data.image_samplers.ClassSampler]) and by pairs of attributes
+([`AttributePairSampler`][settransformer.data.image_samplers.AttributePairSampler], the paper's CelebA anomaly
+rule).
 
 Both return image indices as ``torch.long`` tensors and draw only from a ``torch.Generator``, so
 batches are repeatable.

@@ -1,7 +1,7 @@
 """Labelled image collections for the image-set experiments (counting, set anomaly detection).
 
-Three sources, one result (:class:`ImageData`: ``images (M, C, H, W)`` float32 in ``[0, 1]`` and
-``labels``):
+Three sources, one result ([`ImageData`][settransformer.data.images.ImageData]: ``images (M, C, H, W)``
+float32 in ``[0, 1]`` and ``labels``):
 
 - ``"digits"``: scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes; shipped with
   scikit-learn, nothing is downloaded).
@@ -19,7 +19,8 @@ Examples:
     ((1797, 1, 8, 8), 10)
     >>> train, test = data.split(0.3, seed=0)
 
-Random draws of images by class or by attributes live in :mod:`.image_samplers`.
+Random draws of images by class or by attributes live in
+[`.image_samplers`][settransformer.data.image_samplers].
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def load_images(source: str | Path, image_size: SizeArg = None, class_depth: int
         image_size: resize every image to ``(H, W)`` (an int means square); ``None`` keeps the
             size (folder images must then all have the same size).
         class_depth: for folders, how many levels down the class folders are (see
-            :func:`load_image_folder`).
+            [`load_image_folder`][settransformer.data.images.load_image_folder]).
     """
     if str(source) == "digits":
         data = load_digits_images()

@@ -3,19 +3,19 @@
 **The data.** Each set is drawn from its own mixture: mixing weights ``pi ~ Dirichlet(1, ..., 1)``
 (flat), means ``mu_k ~ U(-4, 4)^D``, one standard deviation ``sigma = 0.3`` for every component and
 dimension, labels ``z_i ~ Categorical(pi)`` and points ``x_i ~ N(mu_{z_i}, sigma^2 I)``. Training
-batches (:func:`sample_mog`) share one set size ``n`` across the batch, as the official code does,
-so they need no mask; the size varies from batch to batch. The fixed test benchmark
-(:func:`load_benchmark`) has a different ``n`` per set and is stored padded, with a mask. Beyond the
-paper, ``vary_components=True`` draws the number of clusters of each set, ``K ~ U{1..num_components}``:
-the unused mixture slots get weight 0.
+batches ([`sample_mog`][settransformer.data.mixtures.sample_mog]) share one set size ``n`` across the batch,
+as the official code does, so they need no mask; the size varies from batch to batch. The fixed test benchmark
+([`load_benchmark`][settransformer.data.mixtures.load_benchmark]) has a different ``n`` per set and is stored
+padded, with a mask. Beyond the paper, ``vary_components=True`` draws the number of clusters of each set,
+``K ~ U{1..num_components}``: the unused mixture slots get weight 0.
 
 **The math.** A network emits, per set, ``K`` vectors of ``1 + 2D`` numbers: the logit of the mixing
 weight, the mean (``D``) and a raw scale (``D``) that goes through softplus
-(:meth:`MixtureParams.from_output`). Each component has its own scale *per dimension*; the official
-code's parser shares one scale across dimensions (its network emits ``2D`` numbers per component
-while the parser reads ``1 + 2D``), which is not copied here. The likelihoods, responsibilities and
-the EM step work on padded batches, ``x: (B, N, D)`` with ``mask: (B, N)`` (True = real point), and
-are vectorised over the batch: no Python loop over sets.
+([`MixtureParams.from_output`][settransformer.data.mixtures.MixtureParams.from_output]). Each component has
+its own scale *per dimension*; the official code's parser shares one scale across dimensions (its network
+emits ``2D`` numbers per component while the parser reads ``1 + 2D``), which is not copied here. The
+likelihoods, responsibilities and the EM step work on padded batches, ``x: (B, N, D)`` with ``mask: (B, N)``
+(True = real point), and are vectorised over the batch: no Python loop over sets.
 
 Examples:
     >>> s = sample_mog(3, 100, torch.Generator().manual_seed(0))  # 3 sets of 100 points in 2-D
@@ -126,7 +126,8 @@ def sample_mog(
         vary_components: draw the number of clusters of each set uniformly in ``1..K``.
 
     Returns:
-        A :class:`MoGSample` with ``x: (B, N, D)``, ``labels: (B, N)`` and the true parameters.
+        A [`MoGSample`][settransformer.data.mixtures.MoGSample] with ``x: (B, N, D)``, ``labels: (B, N)`` and
+            the true parameters.
 
     Examples:
         >>> s = sample_mog(10, 300, torch.Generator().manual_seed(0))
@@ -158,8 +159,8 @@ def sample_mog(
 
 
 def default_cache_dir() -> Path:
-    """Where :func:`load_benchmark` caches by default: ``$SETTRANSFORMER_CACHE`` if set, else
-    ``~/.cache/settransformer``."""
+    """Where [`load_benchmark`][settransformer.data.mixtures.load_benchmark] caches by default:
+    ``$SETTRANSFORMER_CACHE`` if set, else ``~/.cache/settransformer``."""
     env = os.environ.get("SETTRANSFORMER_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "settransformer"
 
@@ -382,7 +383,8 @@ def mixture_nll(out: Tensor, x: Tensor, mask: Tensor | None = None, min_sigma: f
     """The training loss: negative log-likelihood per point, averaged over every real point of the batch.
 
     Args:
-        out: network output ``(B, K, 1 + 2D)`` (see :meth:`MixtureParams.from_output`).
+        out: network output ``(B, K, 1 + 2D)`` (see
+            [`MixtureParams.from_output`][settransformer.data.mixtures.MixtureParams.from_output]).
         x: points ``(B, N, D)``.
         mask: ``(B, N)`` or ``None`` (all real).
 

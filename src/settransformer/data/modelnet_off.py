@@ -121,7 +121,8 @@ def load_modelnet_off(
         progress: show a tqdm bar while sampling.
 
     Returns:
-        :class:`PointCloudData` with ``(S, points_per_shape, 3)`` clouds and the class folder names.
+        [`PointCloudData`][settransformer.data.pointclouds.PointCloudData] with ``(S, points_per_shape, 3)``
+            clouds and the class folder names.
     """
     root = Path(root)
     files, classes = find_off_files(root)

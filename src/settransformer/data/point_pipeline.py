@@ -1,7 +1,9 @@
-"""Point-cloud data ready for training: a :class:`PointCloudData` after the preprocessing rules.
+"""Point-cloud data ready for training: a [`PointCloudData`][settransformer.data.pointclouds.PointCloudData]
+after the preprocessing rules.
 
-:class:`PreparedClouds` applies :class:`Preprocessing` once to the test split (and to the training
-split where the rule is deterministic) and per batch where it is random, in the order of the DeepSets
+[`PreparedClouds`][settransformer.data.point_pipeline.PreparedClouds] applies
+[`Preprocessing`][settransformer.data.point_pipeline.Preprocessing] once to the test split (and to the
+training split where the rule is deterministic) and per batch where it is random, in the order of the DeepSets
 / Set Transformer code: subsample, standardise, augment (training only).
 
 Examples:

@@ -39,12 +39,14 @@ def fixed_indices(n: int, num_points: int) -> np.ndarray:
 
 
 def fixed_subsample(x: Tensor, num_points: int, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """The fixed rule of :func:`subsample` for each cloud's real points, in tensor operations only.
+    """The fixed rule of [`subsample`][settransformer.data.point_transforms.subsample] for each cloud's real
+    points, in tensor operations only.
 
     Each cloud's real points are moved to the front in their order, then the evenly spaced ones are
     kept: indices ``floor(j * n / num_points)`` of a cloud with ``n > num_points`` real points
-    (:func:`fixed_indices`), all ``n`` of a smaller one. No Python branch depends on the sizes or the
-    values, so a traced graph (TorchScript, ONNX) computes the same for every batch and set size.
+    ([`fixed_indices`][settransformer.data.point_transforms.fixed_indices]), all ``n`` of a smaller one. No
+    Python branch depends on the sizes or the values, so a traced graph (TorchScript, ONNX) computes the same
+    for every batch and set size.
 
     Args:
         x: ``(B, N, D)`` clouds; mask: ``(B, N)`` bool, True = real point.
@@ -86,8 +88,8 @@ def subsample(
         x: ``(B, N, D)`` clouds; mask: ``(B, N)`` bool or None.
         num_points: points to keep; clouds with fewer real points keep them all (and get padding).
         generator: draws the random subsets; ``None`` selects the fixed every-k-th rule of
-            :func:`fixed_indices`, applied to each cloud's real points in order
-            (:func:`fixed_subsample`).
+            [`fixed_indices`][settransformer.data.point_transforms.fixed_indices], applied to each cloud's
+            real points in order ([`fixed_subsample`][settransformer.data.point_transforms.fixed_subsample]).
 
     Returns:
         ``(x, mask)`` with ``x: (B, P, D)``, ``P = min(num_points, N)``, real points first; ``mask`` is

@@ -1,15 +1,20 @@
 """Point-cloud classification data: a common container and loaders for the usual file formats.
 
-Every loader returns a :class:`PointCloudData` (train and test :class:`PointSplit` plus class names),
-checked on the way in, so that a bad file ends with a ``ValueError`` that names the file and the
-problem rather than with a shape error deep inside training.
+Every loader returns a [`PointCloudData`][settransformer.data.pointclouds.PointCloudData] (train and test
+[`PointSplit`][settransformer.data.pointclouds.PointSplit] plus class names), checked on the way in, so that a
+bad file ends with a ``ValueError`` that names the file and the problem rather than with a shape error deep
+inside training.
 
 Formats (see ``shared/reference/paper.md``, "Data formats"):
 
-- :func:`load_deepsets_h5`: the DeepSets / Set Transformer ``ModelNet40_cloud.h5``;
-- :func:`load_pointnet_h5`: the PointNet release folder ``modelnet40_ply_hdf5_2048/``;
-- :func:`settransformer.data.modelnet_off.load_modelnet_off`: the raw ModelNet40 tree of ``.off`` meshes;
-- :func:`load_array`: any user ``.npy``/``.npz`` with points ``(S, N, D)`` and labels ``(S,)``.
+- [`load_deepsets_h5`][settransformer.data.pointclouds.load_deepsets_h5]: the DeepSets / Set Transformer
+  ``ModelNet40_cloud.h5``;
+- [`load_pointnet_h5`][settransformer.data.pointclouds.load_pointnet_h5]: the PointNet release folder
+  ``modelnet40_ply_hdf5_2048/``;
+- [`settransformer.data.modelnet_off.load_modelnet_off`][settransformer.data.modelnet_off.load_modelnet_off]:
+  the raw ModelNet40 tree of ``.off`` meshes;
+- [`load_array`][settransformer.data.pointclouds.load_array]: any user ``.npy``/``.npz`` with points
+  ``(S, N, D)`` and labels ``(S,)``.
 
 Examples:
     >>> points = np.random.default_rng(0).normal(size=(50, 200, 3)).astype(np.float32)
@@ -65,7 +70,8 @@ class PointSplit:
 
 @dataclass
 class PointCloudData:
-    """A train/test pair of :class:`PointSplit` with the class names (``num_classes = len(class_names)``)."""
+    """A train/test pair of [`PointSplit`][settransformer.data.pointclouds.PointSplit] with the class names
+    (``num_classes = len(class_names)``)."""
 
     train: PointSplit
     test: PointSplit
@@ -84,7 +90,8 @@ class PointCloudData:
 def check_split(
     points: Any, labels: Any, mask: Any, where: str, num_classes: int | None = None
 ) -> PointSplit:
-    """Validate raw arrays and return them as a :class:`PointSplit` (float32 / int64 / bool).
+    """Validate raw arrays and return them as a [`PointSplit`][settransformer.data.pointclouds.PointSplit]
+    (float32 / int64 / bool).
 
     Args:
         points: ``(S, N, D)`` numbers; labels: ``(S,)`` or ``(S, 1)`` integers; mask: ``(S, N)`` bool or None.
@@ -156,7 +163,8 @@ def _read_h5(
     f: Any, path: Path, keys: Sequence[str], num_points: int | None = None
 ) -> tuple[str, np.ndarray]:
     """Read the first of ``keys`` present in ``f``; clouds are read in chunks, keeping ``num_points``
-    evenly spaced points when given (:func:`fixed_indices`, the DeepSets every-k-th rule)."""
+    evenly spaced points when given ([`fixed_indices`][settransformer.data.point_transforms.fixed_indices],
+    the DeepSets every-k-th rule)."""
     key = next((k for k in keys if k in f), None)
     if key is None:
         raise ValueError(f"{path}: missing dataset {' or '.join(map(repr, keys))}; found {sorted(f.keys())}")
@@ -302,8 +310,8 @@ def load_array(
 
     ``.npz`` keys, either ``train_points``, ``train_labels``, ``test_points``, ``test_labels`` (optional
     ``train_mask``/``test_mask``) or ``points``, ``labels`` (optional ``mask``), split by
-    :func:`split_stratified`; optional ``class_names`` (strings). A ``.npy`` holds the points only,
-    with labels from ``labels_path``.
+    [`split_stratified`][settransformer.data.pointclouds.split_stratified]; optional ``class_names``
+    (strings). A ``.npy`` holds the points only, with labels from ``labels_path``.
 
     Args:
         path: the ``.npz`` or ``.npy`` file.

@@ -17,8 +17,8 @@ Layouts (every array numeric; ``D`` = features per element):
   into sets by that column's value, in order of first appearance, and the value is the set's id.
 
 Set ids: those in the file (``ids``, the CSV set column); else a file holding one set is named by
-its path and the sets of a batch by their index. :func:`read_inputs` over several files prefixes
-ids from the file (``"FILE:ID"``) so that they stay unique.
+its path and the sets of a batch by their index. [`read_inputs`][settransformer.data.set_files.read_inputs]
+over several files prefixes ids from the file (``"FILE:ID"``) so that they stay unique.
 
 Files are never unpickled (``np.load(allow_pickle=False)``). A bad file (unreadable, missing or
 ambiguous arrays, wrong rank, non-numeric values, another feature size than ``dim_input``, NaN or
@@ -77,7 +77,8 @@ def read_sets(
 def read_inputs(
     paths: Sequence[str | Path], *, dim_input: int | None = None, set_column: str | None = None
 ) -> tuple[list[np.ndarray], list[SetId]]:
-    """The sets of several files, in order: ``(sets, ids)`` as :func:`read_sets`.
+    """The sets of several files, in order: ``(sets, ids)`` as
+    [`read_sets`][settransformer.data.set_files.read_sets].
 
     With more than one file, ids from a file holding several sets become ``"FILE:ID"``
     (``"FILE:i"`` by index); a file holding one set is named by its path.
@@ -148,7 +149,8 @@ def _named_arrays(path: Path, names: tuple[str, ...]) -> dict[str, Any]:
 
 def read_queries(paths: Sequence[str | Path]) -> list[np.ndarray]:
     """The query points of every set in ``paths`` (``.npz`` / ``.h5``), in the order of
-    :func:`read_inputs`: for models called as ``model(x, mask, queries)`` (e.g. kernel regression).
+    [`read_inputs`][settransformer.data.set_files.read_inputs]: for models called as
+    ``model(x, mask, queries)`` (e.g. kernel regression).
 
     Each file holds ``queries`` ``(S, Q, Dq)`` (or ``(Q, Dq)`` beside a single set), or the ragged
     form ``query_values (total, Dq)`` with ``query_offsets (S+1,)``, set ``i`` asking for

@@ -1,9 +1,9 @@
 """Procedural 3-D shapes: an offline point-cloud classification data set generated from a seed.
 
-Twelve classes of parametric surfaces (:data:`SHAPE_CLASSES`). Each shape gets its own proportions
-(a cylinder's height, a torus' tube radius...), points drawn uniformly on its surface (parts chosen
-by area, exact inverse-CDF sampling where the area element is not constant), then a random pose:
-anisotropic per-axis scaling, a global size, a random rotation (about the vertical axis, like
+Twelve classes of parametric surfaces ([`SHAPE_CLASSES`][settransformer.data.shapes.SHAPE_CLASSES]). Each
+shape gets its own proportions (a cylinder's height, a torus' tube radius...), points drawn uniformly on its
+surface (parts chosen by area, exact inverse-CDF sampling where the area element is not constant), then a
+random pose: anisotropic per-axis scaling, a global size, a random rotation (about the vertical axis, like
 ModelNet's aligned models, or uniform in 3-D) and Gaussian noise. So no single statistic (size,
 extent along an axis) separates the classes; the model must look at the shape.
 
@@ -205,7 +205,8 @@ def sample_shapes(
         num_shapes: ``S``; num_points: ``N`` points per cloud.
         rng: a numpy ``Generator`` or a seed.
         labels: ``(S,)`` classes to draw (default: uniform over the first ``num_classes``).
-        num_classes: use the first ``num_classes`` of :data:`SHAPE_CLASSES` (2 to 12).
+        num_classes: use the first ``num_classes`` of
+            [`SHAPE_CLASSES`][settransformer.data.shapes.SHAPE_CLASSES] (2 to 12).
         noise: std of the Gaussian jitter, relative to the shape's size.
         anisotropy: range of the independent per-axis scale factors (in the shape's own frame).
         size: range of the overall size (log-uniform).

@@ -13,26 +13,27 @@ and, for a model called as ``model(x, mask, queries)`` (``dim_query`` given; the
 - ``queries``: ``(B, Q, dim_query)``, the model's floating dtype, the points each set is asked about;
 
 and return the model's output (``(B, num_outputs, dim_output)`` for a
-:class:`~settransformer.SetTransformer`), named ``output`` in the ONNX graph. Both exports run
+[`SetTransformer`][settransformer.SetTransformer]), named ``output`` in the ONNX graph. Both exports run
 the model in evaluation mode (no dropout).
 
-Examples: :func:`export_onnx` and :func:`export_torchscript`.
+Examples: [`export_onnx`][settransformer.deploy.export.export_onnx] and
+[`export_torchscript`][settransformer.deploy.export.export_torchscript].
 
 Tracing bakes Python control flow into the graph, so two things are taken care of here:
 
 - The attention blocks pick a form of the attention by cost from the set size
-  (:meth:`~settransformer.nn.mab.MAB.choose_form`). The forms are exact rewrites of each
+  ([`choose_form`][settransformer.nn.mab.MAB.choose_form]). The forms are exact rewrites of each
   other, but a trace keeps one of them for every size: the one chosen for the example's size, or
   the plain form when the tracer hands sizes over as tensors (about 1.5x slower in ONNX Runtime
   for the MoG model). During export every block is pinned to the form it uses for large sets
-  (:func:`~settransformer.nn.mab.large_set_forms`, what ``torch.export`` picks with a symbolic
+  ([`large_set_forms`][settransformer.nn.mab.large_set_forms], what ``torch.export`` picks with a symbolic
   set size); which side of each attention grows with the set size is found by running the model
   at two sizes first.
 - The written file is checked (``onnx.checker``), then run (in ONNX Runtime when it is
   installed; ``torch.jit.load`` for TorchScript) on padded batches of sizes not used at export,
   one of them with an empty set, and compared with the eager model (atol = rtol = 1e-4). A
   model whose output depends on the sizes in a way the trace cannot follow fails here with
-  :class:`ExportError` instead of writing a wrong file.
+  [`ExportError`][settransformer.deploy.export.ExportError] instead of writing a wrong file.
 
 The file is written to a temporary name beside ``path`` and renamed only once it passed the
 checks, so a failed export never leaves a half-written file or replaces an existing one.
@@ -113,16 +114,16 @@ def export_onnx(
         dim_input: feature size of the set elements.
         dim_query: feature size of the query points, for a model that takes them (required
             then, refused otherwise).
-        opset: ONNX opset (default :data:`DEFAULT_OPSET`; 14 to 20, or 18+ with ``dynamo``).
-        overwrite: replace an existing file (otherwise :class:`FileExistsError`).
+        opset: ONNX opset (default `DEFAULT_OPSET`; 14 to 20, or 18+ with ``dynamo``).
+        overwrite: replace an existing file (otherwise `FileExistsError`).
         verify: run the file in ONNX Runtime (when installed) on padded batches of other sizes
             and compare with ``model`` (atol = rtol = 1e-4).
         dynamo: use the ``torch.export``-based exporter instead of the TorchScript-based one.
 
     Returns:
-        ``path``. Raises :class:`ExportError` (a ``ValueError``) when the export or the
-        comparison fails, ``TypeError`` for a model that is not called as ``model(x, mask)`` (or
-        ``model(x, mask, queries)`` with ``dim_query``), ``ImportError`` without the ``onnx`` package.
+        ``path``. Raises [`ExportError`][settransformer.deploy.export.ExportError] (a ``ValueError``) when the
+        export or the comparison fails, ``TypeError`` for a model that is not called as ``model(x, mask)``
+        (or ``model(x, mask, queries)`` with ``dim_query``), ``ImportError`` without the ``onnx`` package.
 
     Examples:
         >>> import onnx
@@ -210,11 +211,12 @@ def export_torchscript(
         dim_input: feature size of the set elements.
         dim_query: feature size of the query points, for a model that takes them (required
             then, refused otherwise).
-        overwrite: replace an existing file (otherwise :class:`FileExistsError`).
+        overwrite: replace an existing file (otherwise `FileExistsError`).
         verify: load the file back and compare with ``model`` on padded batches of other sizes.
 
     Returns:
-        ``path``; errors as :func:`export_onnx`. The graph is traced on the model's device.
+        ``path``; errors as [`export_onnx`][settransformer.deploy.export.export_onnx]. The graph is traced on
+            the model's device.
 
     Examples:
         >>> from settransformer import SetTransformer
@@ -308,7 +310,7 @@ def _queries(b: int, q: int, dim_query: int, dtype: torch.dtype, device: torch.d
 def _inputs(
     b: int, n: int, q: int, dim_input: int, dim_query: int | None, dtype: torch.dtype, device: torch.device
 ) -> tuple[Tensor, ...]:
-    """:func:`_example`'s ``(x, mask)``, with :func:`_queries` ``(b, q, dim_query)`` when ``dim_query``."""
+    """`_example`'s ``(x, mask)``, with `_queries` ``(b, q, dim_query)`` when ``dim_query``."""
     x, mask = _example(b, n, dim_input, dtype, device)
     return (x, mask) if dim_query is None else (x, mask, _queries(b, q, dim_query, dtype, device))
 
@@ -359,7 +361,7 @@ def _call(model: nn.Module, example: tuple[Tensor, ...]) -> object:
 def _large_set_forms(
     model: nn.Module, example: tuple[Tensor, ...]
 ) -> contextlib.AbstractContextManager[None]:
-    """:func:`~settransformer.nn.mab.large_set_forms`, probing at ``example``'s sizes and at
+    """[`large_set_forms`][settransformer.nn.mab.large_set_forms], probing at ``example``'s sizes and at
     ``_PROBE_SIZE`` elements and queries (both grow in the exported graph)."""
     x = example[0]
     dim_query = example[2].shape[2] if len(example) > 2 else None
@@ -442,7 +444,8 @@ def _compare(
     device: torch.device,
     kind: str,
 ) -> None:
-    """:class:`ExportError` unless ``run`` agrees with ``model`` on padded batches of untraced sizes."""
+    """[`ExportError`][settransformer.deploy.export.ExportError] unless ``run`` agrees with ``model`` on
+    padded batches of untraced sizes."""
     for b, n, q in _CHECK_SIZES:
         inputs = _inputs(b, n, q, dim_input, dim_query, dtype, device)
         at = f" with {q} queries" if dim_query is not None else ""

@@ -1,18 +1,18 @@
 """Batch inference over lists of variable-size sets, and writing the outputs to files.
 
-:func:`predict` runs a set model (``forward(x, mask)``) over ``S`` sets of different sizes: it sorts
-the sets by size so that each batch pads little, pads them with :func:`settransformer.pad_sets`,
-runs the model under :func:`torch.inference_mode`, and returns the outputs in the input order.
-A model that also takes query points (``forward(x, mask, queries)``, e.g. kernel regression's
-regressors, ``queries: (B, Q, Dq)`` -> ``(B, Q)``) gets each set's queries as its third input.
-Outputs are the model's raw ones, one ``model(x, mask)[i]`` per set (for a Set Transformer
+[`predict`][settransformer.deploy.inference.predict] runs a set model (``forward(x, mask)``) over ``S`` sets
+of different sizes: it sorts the sets by size so that each batch pads little, pads them with
+[`settransformer.pad_sets`][settransformer.pad_sets], runs the model under `torch.inference_mode`, and returns
+the outputs in the input order. A model that also takes query points (``forward(x, mask, queries)``, e.g.
+kernel regression's regressors, ``queries: (B, Q, Dq)`` -> ``(B, Q)``) gets each set's queries as its third
+input. Outputs are the model's raw ones, one ``model(x, mask)[i]`` per set (for a Set Transformer
 ``(num_outputs, dim_output)``; logits, not probabilities; mixture parameters, not clusters). A
 model with per-element outputs (``(B, N, ...)``, e.g. anomaly scores) gives ``(N_i, ...)`` per set.
 
-:func:`write_outputs` writes them as ``.npy`` (one array ``(S, ...)``, rows in input order),
-``.csv`` (a ``set`` column and one column per output value; per-element outputs get one row per
-element and an ``element`` column) or ``.jsonl`` (``{"set": id, "output": [...]}`` per line),
-atomically, refusing to replace a file unless asked.
+[`write_outputs`][settransformer.deploy.inference.write_outputs] writes them as ``.npy`` (one array
+``(S, ...)``, rows in input order), ``.csv`` (a ``set`` column and one column per output value; per-element
+outputs get one row per element and an ``element`` column) or ``.jsonl`` (``{"set": id, "output": [...]}`` per
+line), atomically, refusing to replace a file unless asked.
 
 Examples:
     >>> from settransformer import SetTransformer
@@ -231,8 +231,8 @@ def predict(
         batch_size: sets per forward pass; sets are sorted by size first, so a batch pads little.
         device: where to run (the model is moved there, in place); ``None``: where the model is.
         chunk_size: evaluate ``chunk_size`` elements at a time with bounded memory (models whose
-            forward takes ``chunk_size``, see :mod:`settransformer.nn.streaming`); a set larger than
-            this is evaluated alone, read from its array one chunk at a time.
+            forward takes ``chunk_size``, see [`settransformer.nn.streaming`][settransformer.nn.streaming]); a
+            set larger than this is evaluated alone, read from its array one chunk at a time.
         progress: a tqdm bar (on stderr) over the sets, when tqdm is installed.
 
     Returns:
@@ -310,7 +310,7 @@ def predict(
 
 
 def check_output_path(path: str | Path, *, overwrite: bool = False) -> Path:
-    """``path`` as a :class:`Path` if it is a writable output: a known suffix, and no existing file
+    """``path`` as a `Path` if it is a writable output: a known suffix, and no existing file
     unless ``overwrite``. Raises ``ValueError`` otherwise."""
     p = Path(path)
     if p.suffix.lower() not in OUTPUT_SUFFIXES:
@@ -389,13 +389,15 @@ def write_outputs(
     labels: Sequence[Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write ``outputs`` (one tensor per set, as :func:`predict` returns) to ``path``.
+    """Write ``outputs`` (one tensor per set, as [`predict`][settransformer.deploy.inference.predict] returns)
+    to ``path``.
 
     The format follows the suffix: ``.npy`` (``np.stack``: every output must have the same shape),
     ``.csv`` or ``.jsonl``; see the module docstring. ``per_element``: the outputs are
     ``(N_i, ...)`` per element (CSV: one row per element). The file is written to a temporary
     name and renamed, so an interrupted write leaves no partial file. ``labels``: one value per
-    set (e.g. :func:`top_labels`), written as a ``label`` column (``.csv``) or field (``.jsonl``).
+    set (e.g. [`top_labels`][settransformer.deploy.inference.top_labels]), written as a ``label`` column
+    (``.csv``) or field (``.jsonl``).
     """
     p = check_output_path(path, overwrite=overwrite)
     if len(ids) != len(outputs):

@@ -1,16 +1,17 @@
 """Save a model trained in your own code, and load it back, without pickle.
 
-:func:`save_model` writes a folder with two files:
+[`save_model`][settransformer.deploy.saved.save_model] writes a folder with two files:
 
 - ``config.json``: ``{"format": 1, "class": "SetTransformer", "config": {...constructor arguments...}}``;
 - ``model.safetensors``: the weights, in the `safetensors <https://huggingface.co/docs/safetensors>`_
   format (plain tensors and names: loading it runs no code).
 
-:func:`load_model` rebuilds the model from ``config.json`` and loads the weights. Such a folder is
-accepted by ``settransformer predict`` and ``settransformer export`` like a run folder.
+[`load_model`][settransformer.deploy.saved.load_model] rebuilds the model from ``config.json`` and loads the
+weights. Such a folder is accepted by ``settransformer predict`` and ``settransformer export`` like a run
+folder.
 
-Models that can be saved: :class:`~settransformer.SetTransformer` and
-:class:`~settransformer.DeepSets` (they keep their constructor arguments in ``.config``), built
+Models that can be saved: [`SetTransformer`][settransformer.SetTransformer] and
+[`DeepSets`][settransformer.DeepSets] (they keep their constructor arguments in ``.config``), built
 with JSON-serialisable arguments (a score given by name, not as a module).
 
 Examples:
@@ -48,7 +49,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 #: Bumped when the layout of ``config.json`` changes incompatibly.
 SAVED_FORMAT = 1
-#: The classes :func:`save_model` writes and :func:`load_model` rebuilds, by name.
+#: The classes [`save_model`][settransformer.deploy.saved.save_model] writes and
+#: [`load_model`][settransformer.deploy.saved.load_model] rebuilds, by name.
 MODEL_CLASSES: dict[str, type[nn.Module]] = {"SetTransformer": SetTransformer, "DeepSets": DeepSets}
 
 
@@ -90,12 +92,14 @@ def save_model(model: nn.Module, path: str | Path, *, overwrite: bool = False) -
 
 
 def is_saved_model(path: str | Path) -> bool:
-    """Whether ``path`` is a folder written by :func:`save_model` (it holds ``model.safetensors``)."""
+    """Whether ``path`` is a folder written by [`save_model`][settransformer.deploy.saved.save_model] (it
+    holds ``model.safetensors``)."""
     return Path(path).is_dir() and (Path(path) / WEIGHTS_FILE).is_file()
 
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
-    """The model saved in the folder ``path`` by :func:`save_model`, on ``device``, in eval mode.
+    """The model saved in the folder ``path`` by [`save_model`][settransformer.deploy.saved.save_model], on
+    ``device``, in eval mode.
 
     Raises:
         ValueError: naming the file, for a missing or unreadable file, an unknown class or format,

@@ -1,14 +1,14 @@
 """Set Transformer aggregation for graph libraries: pool the rows of ``x`` that share an ``index``.
 
-:class:`SetAggregation` takes the arguments of PyTorch Geometric's
+[`SetAggregation`][settransformer.large.aggregation.SetAggregation] takes the arguments of PyTorch Geometric's
 ``torch_geometric.nn.aggr.SetTransformerAggregation`` and is called the same way,
 ``aggr(x, index, dim_size=...)`` with ``x: (total, channels)`` (node features) and ``index: (total,)``
 (the graph, or target node, of every row; sorted or not). Each group of rows is one set; the
-groups are evaluated by the ragged path (:func:`settransformer.large.ragged.ragged_forward`: sets
-of similar size are padded together, never to the largest), so the result equals the padded
-model on every group.
+groups are evaluated by the ragged path
+([`settransformer.large.ragged.ragged_forward`][settransformer.large.ragged.ragged_forward]: sets of similar
+size are padded together, never to the largest), so the result equals the padded model on every group.
 
-Argument names, PyG -> ours (the wrapped :class:`~settransformer.SetTransformer`):
+Argument names, PyG -> ours (the wrapped [`SetTransformer`][settransformer.SetTransformer]):
 ``channels`` -> ``dim_input = dim_hidden = dim_output``; ``num_seed_points`` -> ``num_outputs``;
 ``num_encoder_blocks`` -> ``num_encoder_layers`` (SABs, or ISABs with ``num_inducing``);
 ``num_decoder_blocks`` -> ``num_decoder_layers``; ``heads`` -> ``num_heads``; ``layer_norm`` ->
@@ -50,7 +50,8 @@ class SetAggregation(nn.Module):
         num_inducing: inducing points per encoder block (ISAB): linear in the group size.
 
     Attributes:
-        model: the wrapped :class:`~settransformer.SetTransformer` (``x: (B, N, channels)``, ``mask``).
+        model: the wrapped [`SetTransformer`][settransformer.SetTransformer] (``x: (B, N, channels)``,
+            ``mask``).
     """
 
     def __init__(

@@ -272,7 +272,8 @@ def isab_ragged(
 ) -> Tensor:
     """``ISAB`` over a ragged batch: ``x: (total, dim_in)`` -> ``(total, dim)``, row for row.
 
-    ``offsets: (S + 1,)`` or ``batch: (total,)`` as in :func:`ragged_forward`.
+    ``offsets: (S + 1,)`` or ``batch: (total,)`` as in
+    [`ragged_forward`][settransformer.large.ragged.ragged_forward].
 
     Examples:
         >>> isab = ISAB(2, 8, num_heads=2, num_inducing=3)
@@ -297,7 +298,8 @@ def pma_ragged(
 ) -> Tensor:
     """``PMA`` over a ragged batch: ``z: (total, dim)`` -> ``(S, num_seeds, dim)``.
 
-    ``offsets: (S + 1,)`` or ``batch: (total,)`` as in :func:`ragged_forward`.
+    ``offsets: (S + 1,)`` or ``batch: (total,)`` as in
+    [`ragged_forward`][settransformer.large.ragged.ragged_forward].
 
     Examples:
         >>> pma = PMA(8, num_heads=2, num_seeds=1)
@@ -322,7 +324,8 @@ def ragged_encode(
 ) -> Tensor:
     """A set model's element embeddings over a ragged batch: ``(total, dim_input) -> (total, dim_hidden)``.
 
-    ``offsets: (S + 1,)`` or ``batch: (total,)`` as in :func:`ragged_forward`.
+    ``offsets: (S + 1,)`` or ``batch: (total,)`` as in
+    [`ragged_forward`][settransformer.large.ragged.ragged_forward].
 
     Examples:
         >>> from settransformer import SetTransformer
@@ -345,16 +348,18 @@ def ragged_forward(
     slack: float = DEFAULT_SLACK,
     max_rows: int = DEFAULT_MAX_ROWS,
 ) -> Tensor:
-    """``model`` (a :class:`SetTransformer` or :class:`DeepSets`) over a ragged batch.
+    """``model`` (a [`SetTransformer`][settransformer.nn.models.SetTransformer] or
+    [`DeepSets`][settransformer.nn.models.DeepSets]) over a ragged batch.
 
     Args:
         model: the set model; its ``forward(x, mask)`` runs on each padded bucket.
         x: ``(total, dim_input)``, the sets' rows concatenated.
         offsets: ``(S + 1,)``; or ``batch: (total,)`` sorted set indices (``num_sets`` counts
             trailing empty sets).
-        chunk_size: also evaluate each bucket chunk by chunk (see :mod:`settransformer.nn.streaming`).
-        slack: bucketing, see :func:`size_buckets`.
-        max_rows: bucketing, see :func:`size_buckets`.
+        chunk_size: also evaluate each bucket chunk by chunk (see
+            [`settransformer.nn.streaming`][settransformer.nn.streaming]).
+        slack: bucketing, see [`size_buckets`][settransformer.large.ragged.size_buckets].
+        max_rows: bucketing, see [`size_buckets`][settransformer.large.ragged.size_buckets].
 
     Returns:
         ``(S, num_outputs, dim_output)``, equal to ``model(*ragged_to_padded(x, offsets))``.

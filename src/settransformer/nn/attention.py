@@ -2,8 +2,9 @@
 
 Tensors keep the heads as their own dimension, ``(B, H, N, head_dim)``, so splitting and merging
 heads are views (no ``split``/``cat`` copies). The scores go through PyTorch's fused
-:func:`torch.nn.functional.scaled_dot_product_attention` kernel or through two batched products
-and a softmax, whichever :func:`choose_kernel` finds faster for the shape.
+`torch.nn.functional.scaled_dot_product_attention` kernel or through two batched products
+and a softmax, whichever [`choose_kernel`][settransformer.nn.attention.choose_kernel] finds faster for the
+shape.
 
 Masks follow PyTorch Geometric's ``to_dense_batch``: a boolean ``mask`` of shape ``(B, N)`` in
 which ``True`` marks a real element and ``False`` padding.
@@ -59,7 +60,8 @@ def split_heads(x: Tensor, num_heads: int) -> Tensor:
 
 
 def merge_heads(x: Tensor) -> Tensor:
-    """Inverse of :func:`split_heads`: ``(B, H, N, Dh) -> (B, N, H * Dh)``.
+    """Inverse of [`split_heads`][settransformer.nn.attention.split_heads]:
+    ``(B, H, N, Dh) -> (B, N, H * Dh)``.
 
     Free when ``x`` is laid out as ``(B, N, H, Dh)`` in memory, which is what the fused CPU and
     CUDA kernels return.
@@ -97,12 +99,14 @@ def attention(
             ``score``, it multiplies the score's logits (default 1).
         dropout_p: dropout on the attention weights (pass 0 in evaluation).
         score: ``score(q, k) -> (B, H, Nq, Nk)`` logits instead of the dot product (see
-            :mod:`settransformer.nn.scores`); ``None`` is the dot product on the fused kernel.
+            [`settransformer.nn.scores`][settransformer.nn.scores]); ``None`` is the dot product on the fused
+            kernel.
         top_k: hard attention: each query keeps only its ``top_k`` highest-scoring real keys
             (ties to the lower key index), renormalised; the others get weight exactly 0.
         kernel: how a dot product is computed: ``"fused"`` (PyTorch's fused kernel),
             ``"explicit"`` (batched products and a softmax) or ``"auto"`` (the faster one for the
-            shape, :func:`choose_kernel`). Both compute the same function.
+            shape, [`choose_kernel`][settransformer.nn.attention.choose_kernel]). Both compute the same
+            function.
 
     Returns:
         ``(B, H, Nq, Dv)``. Rows of an empty set (all keys masked) are exactly zero.
@@ -112,7 +116,7 @@ def attention(
         ValueError: shapes that do not fit together, ``dropout_p`` outside ``[0, 1)``, a bad ``top_k``.
 
     Padded keys and values (``mask`` False) are zero-filled first, so they may hold anything,
-    NaN included. (The blocks call the unchecked :func:`_attention` on already zero-filled sets.)
+    NaN included. (The blocks call the unchecked `_attention` on already zero-filled sets.)
 
     Examples:
         >>> q, k = torch.randn(2, 4, 3, 8), torch.randn(2, 4, 5, 8)
@@ -133,7 +137,7 @@ def attention(
 def _check_attention(
     q: object, k: object, v: object, mask: object, dropout_p: object, score: object, top_k: object
 ) -> Tensor | None:
-    """The argument checks of :func:`attention`; returns the mask."""
+    """The argument checks of [`attention`][settransformer.nn.attention.attention]; returns the mask."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         expected = "a floating-point tensor of shape (B, H, N, D)"
         if not isinstance(t, Tensor):
@@ -184,7 +188,8 @@ def _attention(
     top_k: int | None = None,
     kernel: Kernel = "auto",
 ) -> Tensor:
-    """:func:`attention` without argument checks; keys and values must be finite at padded rows."""
+    """[`attention`][settransformer.nn.attention.attention] without argument checks; keys and values must be
+    finite at padded rows."""
     if q.shape[0] != k.shape[0]:
         q = q.expand(k.shape[0], -1, -1, -1)
     bias = None
@@ -209,7 +214,8 @@ def _attention(
 
 
 Kernel = Literal["auto", "fused", "explicit"]
-#: The ways :func:`attention` computes a dot product (see its ``kernel`` argument).
+#: The ways [`attention`][settransformer.nn.attention.attention] computes a dot product (see its ``kernel``
+#: argument).
 KERNELS: tuple[Kernel, ...] = get_args(Kernel)
 
 # Calibration of choose_kernel: benchmarks/kernels.py times both kernels at the shapes the blocks
@@ -225,10 +231,10 @@ KERNELS: tuple[Kernel, ...] = get_args(Kernel)
 # kernel, which splits its queries over the threads.
 #: Fewest multiply-adds per (batch, head), ``Nq * Nk * Dh``, for the explicit kernel.
 EXPLICIT_MIN_WORK = 2048
-#: Under autograd, at most this many queries per (batch, head) over :data:`FUSED_GRAD_MIN_KEYS` keys
+#: Under autograd, at most this many queries per (batch, head) over `FUSED_GRAD_MIN_KEYS` keys
 #: or more take the fused kernel.
 FUSED_GRAD_MAX_QUERIES = 16
-#: See :data:`FUSED_GRAD_MAX_QUERIES`.
+#: See `FUSED_GRAD_MAX_QUERIES`.
 FUSED_GRAD_MIN_KEYS = 100
 #: Most scores in all, ``B * H * Nq * Nk``, for the explicit kernel (it stores them: 12 MB in float32).
 EXPLICIT_MAX_SCORES = 3 * 2**20
@@ -238,8 +244,8 @@ def choose_kernel(q: Tensor, k: Tensor, v: Tensor) -> Kernel:
     """The faster dot-product kernel for ``q: (B, H, Nq, D)`` over ``k: (B, H, Nk, D)``,
     ``v: (B, H, Nk, Dv)``: ``"explicit"`` (batched products and a softmax) or ``"fused"``.
 
-    A calibrated rule for the CPU (see :data:`EXPLICIT_MIN_WORK`, :data:`EXPLICIT_MAX_SCORES` and
-    :data:`FUSED_GRAD_MAX_QUERIES`; ``benchmarks/kernels.py`` checks it against measurements); the
+    A calibrated rule for the CPU (see `EXPLICIT_MIN_WORK`, `EXPLICIT_MAX_SCORES` and
+    `FUSED_GRAD_MAX_QUERIES`; ``benchmarks/kernels.py`` checks it against measurements); the
     fused kernel on other devices and while tracing, compiling or exporting, so a graph holds the
     same kernel for every size.
     A rule, not a timer, so a seeded run computes the same bits every time.
@@ -267,7 +273,7 @@ def choose_kernel(q: Tensor, k: Tensor, v: Tensor) -> Kernel:
 def _explicit_sdpa(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float, scale: float
 ) -> Tensor:
-    """:func:`torch.nn.functional.scaled_dot_product_attention` as two batched products and a
+    """`torch.nn.functional.scaled_dot_product_attention` as two batched products and a
     softmax (boolean ``attn_mask``: True = attend; a float one is added to the scores)."""
     # the temperature goes on the smallest of q, k and the scores: one pass over it forward, one back
     nq, nk, dh = q.shape[-2], k.shape[-2], q.shape[-1]
@@ -322,7 +328,8 @@ def _surely(cond: object) -> bool:
 
 
 def induced_is_cheaper(nk: float, s: FormSizes) -> bool:
-    """Whether ``nk`` keys are few enough that :func:`induced_attention` costs less per query.
+    """Whether ``nk`` keys are few enough that
+    [`induced_attention`][settransformer.nn.attention.induced_attention] costs less per query.
 
     Per query, induced - standard = ``h nk (dq + d) + extra - dq d - d d - 2 nk d`` multiply-adds
     (``extra``: the projected residual's ``dq d``), whatever the number of queries. A symbolic count
@@ -352,11 +359,11 @@ def cheapest_form(nq: float, nk: float, s: FormSizes) -> str:
     """``"standard"``, ``"pooled"`` or ``"induced"``: the form with the fewest multiply-adds.
 
     Counting projections, scores, weighted sum and output projection, the pooled form
-    (:func:`pooled_attention`) beats the standard one for every large set once the queries are
-    few (PMA seeds, inducing points) and the induced form once the keys are few (a set attending
-    to inducing points). With both counts concrete the totals decide, so small sets on both sides
-    (a few queries over a handful of keys) keep the standard form, as does a large side of fewer
-    than :data:`REWRITE_MIN_SET` elements. A symbolic count
+    ([`pooled_attention`][settransformer.nn.attention.pooled_attention]) beats the standard one for every
+    large set once the queries are few (PMA seeds, inducing points) and the induced form once the keys are few
+    (a set attending to inducing points). With both counts concrete the totals decide, so small sets on both
+    sides (a few queries over a handful of keys) keep the standard form, as does a large side of fewer
+    than `REWRITE_MIN_SET` elements. A symbolic count
     (``torch.export`` with a dynamic set size) counts as large and decides nothing, so tracing
     adds no guard on the set size. Both rewrites hold only for plain dot-product softmax; the
     caller checks that.
@@ -473,10 +480,11 @@ def induced_attention(
         b_q: query projection bias ``(D,)``.
         w_o: output projection weight ``(D, D)``.
         b_o: output projection bias ``(D,)``.
-        num_heads: as in :func:`pooled_attention`.
-        mask: ``(B, M)`` over the keys, as in :func:`pooled_attention`.
-        scale: as in :func:`pooled_attention`.
-        dropout_p: as in :func:`pooled_attention`.
+        num_heads: as in [`pooled_attention`][settransformer.nn.attention.pooled_attention].
+        mask: ``(B, M)`` over the keys, as in
+            [`pooled_attention`][settransformer.nn.attention.pooled_attention].
+        scale: as in [`pooled_attention`][settransformer.nn.attention.pooled_attention].
+        dropout_p: as in [`pooled_attention`][settransformer.nn.attention.pooled_attention].
 
     Returns:
         ``(B, N, D)``; for an empty key set the attention output is zero (the result is ``b_o``).

@@ -1,15 +1,15 @@
 """The Set Transformer's set blocks: SAB, ISAB and PMA (Lee et al., 2019, section 3), built on the
-multihead attention block :class:`~settransformer.nn.mab.MAB`.
+multihead attention block [`MAB`][settransformer.nn.mab.MAB].
 
 Every block takes sets as ``(B, N, D)`` tensors with an optional boolean ``mask: (B, N)`` (True =
 real element). Outputs at padded positions are exactly zero, and padded inputs (whatever their
 values, NaN included) have no influence on any output and receive zero gradient. Their options
-(:class:`~settransformer.nn.mab.BlockOptions`, or the same names as keywords) are the MAB's.
+([`BlockOptions`][settransformer.nn.mab.BlockOptions], or the same names as keywords) are the MAB's.
 
-Each block's ``forward`` checks its input (:mod:`settransformer.nn.validation`); its
-``forward_unchecked`` is the same computation on input already checked and zero at padded rows,
+Each block's ``forward`` checks its input ([`settransformer.nn.validation`][settransformer.nn.validation]);
+its ``forward_unchecked`` is the same computation on input already checked and zero at padded rows,
 which is what blocks call on each other. ISAB and PMA also take ``chunk_size``: the set is then read
-a chunk at a time (:mod:`settransformer.nn.streaming`).
+a chunk at a time ([`settransformer.nn.streaming`][settransformer.nn.streaming]).
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def _chunked_input(x: object, chunk_size: int | None) -> bool:
 class SAB(nn.Module):
     """Set attention block ``SAB(X) = MAB(X, X)``: permutation equivariant, cost quadratic in N.
 
-    Shapes: ``x: (B, N, dim_in)``, ``mask: (B, N)`` -> ``(B, N, dim)``. Options as in :class:`MAB`.
+    Shapes: ``x: (B, N, dim_in)``, ``mask: (B, N)`` -> ``(B, N, dim)``. Options as in
+    [`MAB`][settransformer.nn.mab.MAB].
 
     Examples:
         >>> import torch
@@ -77,7 +78,8 @@ class SAB(nn.Module):
         return block_output(self.forward_unchecked(x, mask))
 
     def forward_unchecked(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        """:meth:`forward` without input checks; ``x`` must be zero at padded rows."""
+        """[`forward`][settransformer.nn.blocks.SAB.forward] without input checks; ``x`` must be zero at
+        padded rows."""
         mab = self.mab
         projected = None
         if mab.norm != "pre":  # queries, keys and values from one product
@@ -94,10 +96,10 @@ MIN_BLOCK_ROWS = 512
 #: tensors stay in cache anyway, and it goes through ``mab1`` in one call.
 MIN_SET_BLOCK_ELEMENTS = 2**20
 #: Most elements ``rows * max(dim, ff_dim)`` of one call of an ISAB's ``mab1`` without autograd for
-#: which the block keeps its buffers from call to call (:class:`InducedRows` ``keep_buffers``): a
-#: few buffers of at most 4 MiB each in float32 per thread, shared by the ISABs on it. Fresh buffers
-#: each call cost page faults (``benchmarks/kept_buffers.py``); a larger call gets them fresh and
-#: frees them.
+#: which the block keeps its buffers from call to call ([`InducedRows`][settransformer.nn.rows.InducedRows]
+#: ``keep_buffers``): a few buffers of at most 4 MiB each in float32 per thread, shared by the ISABs on it.
+#: Fresh buffers each call cost page faults (``benchmarks/kept_buffers.py``); a larger call gets them fresh
+#: and frees them.
 KEPT_BUFFER_ELEMENTS = 2**20
 
 
@@ -107,7 +109,8 @@ class ISAB(nn.Module):
     ``m = num_inducing`` learned inducing points ``I`` summarise the set, so time and memory are
     linear in N (``O(N m)`` instead of ``O(N^2)``). ``mab0`` computes ``H``, ``mab1`` the output.
 
-    Shapes: ``x: (B, N, dim_in)``, ``mask: (B, N)`` -> ``(B, N, dim)``. Options as in :class:`MAB`.
+    Shapes: ``x: (B, N, dim_in)``, ``mask: (B, N)`` -> ``(B, N, dim)``. Options as in
+    [`MAB`][settransformer.nn.mab.MAB].
 
     Examples:
         >>> import torch
@@ -142,7 +145,7 @@ class ISAB(nn.Module):
 
         ``chunk_size``: read ``x`` (then any sliceable array-like) ``chunk_size`` elements at a time,
         so that no activation larger than one chunk exists
-        (see :func:`settransformer.nn.streaming.isab_chunked`).
+        (see [`settransformer.nn.streaming.isab_chunked`][settransformer.nn.streaming.isab_chunked]).
         """
         if _chunked_input(x, chunk_size):
             return cast(Tensor, isab_chunked(self, x, mask, chunk_size=cast(int, chunk_size)))
@@ -154,16 +157,17 @@ class ISAB(nn.Module):
         return self.mab0.forward_unchecked(self.inducing[None], x, mask)
 
     def forward_unchecked(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        """:meth:`forward` without input checks; ``x`` must be zero at padded rows.
+        """[`forward`][settransformer.nn.blocks.ISAB.forward] without input checks; ``x`` must be zero at
+        padded rows.
 
-        Without autograd, ``mab1`` runs through :class:`InducedRows`, which prepares ``H`` once:
-        over blocks of about :data:`ROW_BLOCK` rows (each element attends only to ``H``, so the
+        Without autograd, ``mab1`` runs through [`InducedRows`][settransformer.nn.rows.InducedRows], which
+        prepares ``H`` once: over blocks of about `ROW_BLOCK` rows (each element attends only to ``H``, so the
         result is the same, and a block's intermediates stay in the CPU cache instead of streaming
         ``(B, N, dim)`` tensors through memory: about 2x faster at N = 100k, and a fraction of the
-        memory). A batch whose sets would get fewer than :data:`MIN_BLOCK_ROWS` rows each goes
+        memory). A batch whose sets would get fewer than `MIN_BLOCK_ROWS` rows each goes
         through whole sets at a time instead (a row block of many sets would be a strided slice,
-        copied in and out), and a batch smaller than :data:`MIN_SET_BLOCK_ELEMENTS` in one call.
-        Calls of at most :data:`KEPT_BUFFER_ELEMENTS` keep their buffers for the next forward
+        copied in and out), and a batch smaller than `MIN_SET_BLOCK_ELEMENTS` in one call.
+        Calls of at most `KEPT_BUFFER_ELEMENTS` keep their buffers for the next forward
         (shared by the ISABs of this thread; a handful, each step writing over one whose content
         is not read again). A block's last step writes into the block's output, which also holds
         the attention scores before it where they fit, in place of one more buffer.
@@ -197,7 +201,7 @@ class ISAB(nn.Module):
         return zero_padding(out, mask)
 
     def pipeline(self) -> Pipeline:
-        """The block as chunked evaluation sees it (:class:`~settransformer.nn.streaming.Chunkable`)."""
+        """The block as chunked evaluation sees it ([`Chunkable`][settransformer.nn.streaming.Chunkable])."""
         return Pipeline(self.dim_in, self.mab1.dim, self.inducing, stages=[self])
 
     def summary_queries(self, name: str) -> PooledQueries:
@@ -248,7 +252,8 @@ class PMA(nn.Module):
         """``z: (B, N, dim)``, ``mask: (B, N)`` -> ``(B, num_seeds, dim)``.
 
         ``chunk_size``: accumulate the attention over ``chunk_size`` elements at a time with an online
-        softmax (see :func:`settransformer.nn.streaming.pma_chunked`); ``z`` may be any sliceable array-like.
+        softmax (see [`settransformer.nn.streaming.pma_chunked`][settransformer.nn.streaming.pma_chunked]);
+        ``z`` may be any sliceable array-like.
         """
         if _chunked_input(z, chunk_size):
             return pma_chunked(self, z, mask, chunk_size=cast(int, chunk_size))
@@ -256,11 +261,12 @@ class PMA(nn.Module):
         return block_output(self.forward_unchecked(z, mask))
 
     def forward_unchecked(self, z: Tensor, mask: Tensor | None) -> Tensor:
-        """:meth:`forward` without input checks; ``z`` must be zero at padded rows."""
+        """[`forward`][settransformer.nn.blocks.PMA.forward] without input checks; ``z`` must be zero at
+        padded rows."""
         return self.mab.forward_unchecked(self.seeds[None], z, mask)
 
     def pipeline(self) -> Pipeline:
-        """The block as chunked evaluation sees it (:class:`~settransformer.nn.streaming.Chunkable`)."""
+        """The block as chunked evaluation sees it ([`Chunkable`][settransformer.nn.streaming.Chunkable])."""
         return Pipeline(self.dim, self.dim, self.seeds, pooling=self)
 
     def summary_queries(self, name: str) -> PooledQueries:

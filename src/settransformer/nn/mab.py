@@ -4,9 +4,9 @@ every form of its attention.
 A MAB takes its queries ``(B, Nq, dim_q)`` and the set they attend to ``(B, N, dim_kv)`` with an
 optional boolean ``mask: (B, N)`` (True = real element); padded elements (whatever their values,
 NaN included) have no influence on any output and receive zero gradient. The set blocks built on it
-(SAB, ISAB, PMA) are in :mod:`settransformer.nn.blocks`.
+(SAB, ISAB, PMA) are in [`settransformer.nn.blocks`][settransformer.nn.blocks].
 
-Options (:class:`BlockOptions`, or the same names as keywords of every block):
+Options ([`BlockOptions`][settransformer.nn.mab.BlockOptions], or the same names as keywords of every block):
 
 - ``norm``: ``"post"`` (the paper: ``LN(H + rFF(H))``, ``H = LN(X + Multihead(X, Y, Y))``), ``"pre"``
   (``H = X + Multihead(LN(X), LN(Y))``, ``H + rFF(LN(H))``; steadier for deep stacks) or ``None``.
@@ -21,19 +21,20 @@ Options (:class:`BlockOptions`, or the same names as keywords of every block):
   has none).
 - ``score``: the attention score: ``"dot"`` (default, the fused scaled dot product), ``"additive"``,
   ``"gaussian"``, or your own ``nn.Module``/callable ``(q, k) -> logits``; see
-  :mod:`settransformer.nn.scores`.
+  [`settransformer.nn.scores`][settransformer.nn.scores].
 - ``top_k``: hard attention: each query keeps only its ``top_k`` highest-scoring keys (``None``: all).
 
 Forms of the attention. A MAB computes its dot-product attention in one of three exact forms
-(:mod:`settransformer.nn.attention`), chosen by cost from the numbers of queries and keys
-(:meth:`MAB.choose_form`): ``"standard"``; ``"pooled"`` for a few queries over a large set (PMA
-seeds, inducing points); ``"induced"`` for a large set attending to a few keys (an ISAB's second
-block). Sets read in chunks, and an ISAB's rows without autograd, use two more
-(:mod:`settransformer.nn.rows`). All agree up to float rounding.
+([`settransformer.nn.attention`][settransformer.nn.attention]), chosen by cost from the numbers of queries and
+keys ([`MAB.choose_form`][settransformer.nn.mab.MAB.choose_form]): ``"standard"``; ``"pooled"`` for a few
+queries over a large set (PMA seeds, inducing points); ``"induced"`` for a large set attending to a few keys
+(an ISAB's second block). Sets read in chunks, and an ISAB's rows without autograd, use two more
+([`settransformer.nn.rows`][settransformer.nn.rows]). All agree up to float rounding.
 
-A form can be pinned (:attr:`MAB.form`, :func:`attention_forms`): a trace (TorchScript, ONNX) keeps
-the form chosen at the traced size for every size, so :func:`large_set_forms` pins each block, while
-a model is traced, to the form it uses for large sets.
+A form can be pinned ([`MAB.form`][settransformer.nn.mab.MAB.form],
+[`attention_forms`][settransformer.nn.mab.attention_forms]): a trace (TorchScript, ONNX) keeps the form chosen
+at the traced size for every size, so [`large_set_forms`][settransformer.nn.mab.large_set_forms] pins each
+block, while a model is traced, to the form it uses for large sets.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ FORMS: tuple[Form, ...] = get_args(Form)
 
 
 class BlockKeywords(TypedDict, total=False):
-    """The fields of :class:`BlockOptions`, as keyword arguments of the blocks and models.
+    """The fields of [`BlockOptions`][settransformer.nn.mab.BlockOptions], as keyword arguments of the blocks
+    and models.
 
     Examples:
         >>> keywords: BlockKeywords = {"norm": "pre", "ff_dim": 64}
@@ -163,7 +165,7 @@ def _feed_forward(dim: int, ff_dim: int | None) -> nn.Sequential:
 
 
 class _Ops:
-    """The operations of a block's tail (:meth:`MAB._norm_ff`): new tensors, autograd, dropout."""
+    """The operations of a block's tail (`MAB._norm_ff`): new tensors, autograd, dropout."""
 
     def norm(self, layer: nn.Module, x: Tensor, name: str) -> Tensor:
         return cast(Tensor, layer(x))
@@ -176,7 +178,7 @@ class _Ops:
 
 
 class _InPlaceOps(_Ops):
-    """:class:`_Ops` without autograd: ReLU and sums in place on the tensors the block just made,
+    """`_Ops` without autograd: ReLU and sums in place on the tensors the block just made,
     so the tail holds one set-sized tensor fewer at a time (inference's peak memory)."""
 
     def ff(self, mab: MAB, x: Tensor) -> Tensor:
@@ -204,7 +206,8 @@ class MAB(nn.Module):
         dim_kv: feature size of the keys/values (the set attended to).
         dim: width of the block and of its output.
         num_heads: number of heads; must divide ``dim``.
-        options: :class:`BlockOptions`; keywords of the same names override its fields.
+        options: [`BlockOptions`][settransformer.nn.mab.BlockOptions]; keywords of the same names override its
+            fields.
 
     Shapes: ``q: (B, Nq, dim_q)`` (or ``(1, Nq, dim_q)``, shared by the batch), ``kv: (B, Nk, dim_kv)``,
     ``mask: (B, Nk)`` over ``kv`` -> ``(B, Nq, dim)``.
@@ -277,7 +280,7 @@ class MAB(nn.Module):
     @property
     def form(self) -> Form | tuple[Form, ...] | None:
         """The pinned form of the attention: ``None`` (default: the cheapest for each call's sizes),
-        one of :data:`FORMS` for every call, or a tuple of them replayed call after call.
+        one of `FORMS` for every call, or a tuple of them replayed call after call.
 
         Blocks with another score or ``top_k`` always use ``"standard"``.
 
@@ -307,8 +310,9 @@ class MAB(nn.Module):
         self._form_calls = 0
 
     def choose_form(self, nq: int, nk: int, device_type: str = "cpu") -> Form:
-        """The form of the attention for ``nq`` queries and ``nk`` keys: the pinned :attr:`form`, or
-        the cheapest exact one (:func:`~settransformer.nn.attention.cheapest_form`) on a CPU.
+        """The form of the attention for ``nq`` queries and ``nk`` keys: the pinned
+        [`form`][settransformer.nn.mab.MAB.form], or the cheapest exact one
+        ([`cheapest_form`][settransformer.nn.attention.cheapest_form]) on a CPU.
 
         The exact rewrites save multiply-adds, which is what a CPU's time follows. On a GPU the
         time at these sizes follows kernel launches and memory traffic, where the standard form
@@ -346,12 +350,14 @@ class MAB(nn.Module):
         projected: tuple[Tensor, Tensor, Tensor] | None = None,
         form: Form | None = None,
     ) -> Tensor:
-        """:meth:`forward` without input checks; ``kv`` must already be zero at padded rows.
+        """[`forward`][settransformer.nn.mab.MAB.forward] without input checks; ``kv`` must already be zero at
+        padded rows.
 
         ``projected`` lets a caller that already computed ``(q', k, v)`` (in one fused product,
         say) skip the projections. ``form`` is the form a caller already took from
-        :meth:`choose_form` for this call (a second call would advance a pinned sequence again);
-        by default this method asks :meth:`choose_form` itself.
+        [`choose_form`][settransformer.nn.mab.MAB.choose_form] for this call (a second call would advance a
+        pinned sequence again); by default this method asks
+        [`choose_form`][settransformer.nn.mab.MAB.choose_form] itself.
         """
         h, p = self.num_heads, self.dropout if self.training else 0.0
         if projected is not None:
@@ -404,10 +410,10 @@ class MAB(nn.Module):
         return self._after_attention(q, qp, o)
 
     def _after_attention(self, q: Tensor, qp: Tensor | None, o: Tensor) -> Tensor:
-        """The block after its attention: residual, then :meth:`_norm_ff`.
+        """The block after its attention: residual, then `_norm_ff`.
 
         ``q``: the raw queries ``(Bq, Nq, dim_q)``; ``qp``: the projected ones (the residual when
-        :attr:`residual` is ``"projected"``); ``o``: the attention output after ``W^O``, ``(B, Nq, dim)``.
+        `residual` is ``"projected"``); ``o``: the attention output after ``W^O``, ``(B, Nq, dim)``.
         """
         residual = q if self.residual == "input" or qp is None else qp
         ops = _tail_ops()
@@ -416,7 +422,8 @@ class MAB(nn.Module):
     def _norm_ff(self, h: Tensor, ops: _Ops = _NEW_TENSORS) -> Tensor:
         """The rFF and the norms around it, on ``h`` = residual + attention output ``(B, Nq, dim)``.
 
-        ``ops`` computes each step: new tensors by default, workspace buffers in :class:`InducedRows`.
+        ``ops`` computes each step: new tensors by default, workspace buffers in
+        [`InducedRows`][settransformer.nn.rows.InducedRows].
         """
         if self.norm == "post":
             h = ops.norm(self.norm1, h, "n1")
@@ -454,11 +461,12 @@ def _feed_forward_in_place(ff: nn.Module, x: Tensor, ws: Workspace | None = None
 
 @contextlib.contextmanager
 def attention_forms(model: nn.Module, forms: Form | Mapping[MAB, Form | Sequence[Form]]) -> Iterator[None]:
-    """Within the context, the attention blocks of ``model`` use pinned forms (:attr:`MAB.form`).
+    """Within the context, the attention blocks of ``model`` use pinned forms
+    ([`MAB.form`][settransformer.nn.mab.MAB.form]).
 
     Args:
-        model: the module whose :class:`MAB` s are pinned.
-        forms: one of :data:`FORMS` for every block of ``model``, or a form (or a sequence of
+        model: the module whose [`MAB`][settransformer.nn.mab.MAB]s are pinned.
+        forms: one of `FORMS` for every block of ``model``, or a form (or a sequence of
             forms, replayed call after call) per block; blocks not named keep choosing by cost.
 
     The forms are exact rewrites of each other, so results agree up to float rounding; what
@@ -492,7 +500,8 @@ Batch = tuple[Tensor, ...]  # (x, mask) and the model's further inputs, if any
 def large_set_forms(
     model: nn.Module, example: Batch, probe: Batch, call: Callable[[Batch], object]
 ) -> Iterator[None]:
-    """Within the context, every :class:`MAB` of ``model`` uses the form it picks for large sets.
+    """Within the context, every [`MAB`][settransformer.nn.mab.MAB] of ``model`` uses the form it picks for
+    large sets.
 
     That is the form ``torch.export`` picks with a symbolic set size; a trace at ``example``'s
     size then holds for every size.
@@ -536,7 +545,8 @@ def large_set_forms(
 def _attention_sizes(
     mabs: list[MAB], batch: Batch, call: Callable[[Batch], object]
 ) -> dict[MAB, list[tuple[int, int]]]:
-    """The ``(queries, keys)`` counts of every :meth:`MAB.choose_form` call of each block on ``batch``."""
+    """The ``(queries, keys)`` counts of every [`MAB.choose_form`][settransformer.nn.mab.MAB.choose_form] call
+    of each block on ``batch``."""
     for m in mabs:
         m._size_log = []
     try:

@@ -41,9 +41,9 @@ def _mlp(dim_in: int, dim_hidden: int, num_layers: int, dropout: float = 0.0) ->
 class _SetModel(nn.Module):
     """Input checks and the ``(B, N, D) -> (B, num_outputs, dim_output)`` contract shared by models.
 
-    A model is an encoder (:meth:`encode`, element-wise embeddings), a pooling and a decoder of
-    the pooled vectors (:meth:`decode_pooled`); :meth:`pipeline` describes the same to the chunked
-    evaluation (:mod:`settransformer.nn.streaming`).
+    A model is an encoder (`encode`, element-wise embeddings), a pooling and a decoder of
+    the pooled vectors (`decode_pooled`); `pipeline` describes the same to the chunked
+    evaluation ([`settransformer.nn.streaming`][settransformer.nn.streaming]).
     """
 
     dim_input: int
@@ -55,11 +55,13 @@ class _SetModel(nn.Module):
         """``x: (B, N, dim_input)``, ``mask: (B, N)`` bool -> ``(B, num_outputs, dim_output)``.
 
         ``chunk_size``: evaluate ``chunk_size`` elements at a time with bounded memory (ISAB or rFF
-        encoders; ``x`` may then be any sliceable array-like): see :mod:`settransformer.nn.streaming`.
-        A tensor with ``N = 0`` takes the ordinary path (nothing to chunk).
+        encoders; ``x`` may then be any sliceable array-like): see
+        [`settransformer.nn.streaming`][settransformer.nn.streaming]. A tensor with ``N = 0`` takes the
+        ordinary path (nothing to chunk).
 
         Raises ``TypeError``/``ValueError`` naming ``x`` or ``mask`` for a bad input; see
-        :mod:`settransformer.nn.validation` (including the opt-out of the finiteness check).
+        [`settransformer.nn.validation`][settransformer.nn.validation] (including the opt-out of the
+        finiteness check).
         """
         if chunk_size is not None:
             check_positive("chunk_size", chunk_size)
@@ -81,7 +83,7 @@ class _SetModel(nn.Module):
         raise NotImplementedError
 
     def pipeline(self) -> Pipeline:
-        """The model as chunked evaluation sees it (:class:`~settransformer.nn.streaming.Chunkable`)."""
+        """The model as chunked evaluation sees it ([`Chunkable`][settransformer.nn.streaming.Chunkable])."""
         raise NotImplementedError
 
 
@@ -106,7 +108,7 @@ class SetTransformer(_SetModel):
         num_encoder_layers: depth of the encoder.
         num_decoder_layers: SABs of the decoder after pooling.
         decoder_dropout: dropout before pooling and before the head (the paper's point-cloud model).
-        options: :class:`~settransformer.nn.mab.BlockOptions` of every block; keywords of the
+        options: [`BlockOptions`][settransformer.nn.mab.BlockOptions] of every block; keywords of the
             same names (``norm``, ``ff_dim``, ``dropout``, ``scale``, ``residual``, ``out_proj``,
             ``score``, ``top_k``) override its fields. ``dropout`` also applies inside an rFF
             encoder. A ``score`` module is shared by every block; pass a name for a separate
@@ -227,7 +229,8 @@ class SetTransformer(_SetModel):
         return self.head(self.decoder_drop(self.decoder_norm(pooled)))
 
     def pipeline(self) -> Pipeline:
-        """The encoder layers and its final norm as stages, the pooling and :meth:`decode_pooled`.
+        """The encoder layers and its final norm as stages, the pooling and
+        [`decode_pooled`][settransformer.nn.models.SetTransformer.decode_pooled].
 
         Raises ``ValueError`` for SAB encoder layers, which attend over the whole set at once.
         """
@@ -255,9 +258,9 @@ class DeepSets(_SetModel):
     ``num_decoder_layers`` x (Linear, ReLU) + Linear to ``num_outputs * dim_output``.
 
     Args:
-        dim_input: as in :class:`SetTransformer`.
-        num_outputs: as in :class:`SetTransformer`.
-        dim_output: as in :class:`SetTransformer`.
+        dim_input: as in [`SetTransformer`][settransformer.nn.models.SetTransformer].
+        num_outputs: as in [`SetTransformer`][settransformer.nn.models.SetTransformer].
+        dim_output: as in [`SetTransformer`][settransformer.nn.models.SetTransformer].
         dim_hidden: width of both MLPs.
         pool: ``"mean"``, ``"sum"`` or ``"max"``.
         num_encoder_layers: depth of ``phi``.
@@ -313,7 +316,8 @@ class DeepSets(_SetModel):
         return self.rho(pooled).view(pooled.shape[0], self.num_outputs, self.dim_output)
 
     def pipeline(self) -> Pipeline:
-        """``phi`` as the one stage, the masked pooling and :meth:`decode_pooled`."""
+        """``phi`` as the one stage, the masked pooling and
+        [`decode_pooled`][settransformer.nn.models.DeepSets.decode_pooled]."""
         return Pipeline(
             self.dim_input,
             self.config["dim_hidden"],

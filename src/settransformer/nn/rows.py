@@ -1,16 +1,17 @@
 """A MAB's attention between a few fixed vectors and many rows, prepared once and reused.
 
-Two forms of a :class:`~settransformer.nn.mab.MAB` serve a large set read in chunks
-(:mod:`settransformer.nn.streaming`) and an ISAB's rows without autograd
-(:meth:`~settransformer.nn.blocks.ISAB.forward_unchecked`):
+Two forms of a [`MAB`][settransformer.nn.mab.MAB] serve a large set read in chunks
+([`settransformer.nn.streaming`][settransformer.nn.streaming]) and an ISAB's rows without autograd
+([`forward_unchecked`][settransformer.nn.blocks.ISAB.forward_unchecked]):
 
-- :class:`PooledQueries`: a few queries (PMA seeds, inducing points) attending over raw chunks of
-  the set, accumulated by an online softmax.
-- :class:`InducedRows`: chunk after chunk of rows attending to the same few keys (an ISAB's induced
-  set), with everything that depends only on them computed once and every intermediate written
-  into buffers reused from call to call (:mod:`settransformer.nn.workspace`).
+- [`PooledQueries`][settransformer.nn.rows.PooledQueries]: a few queries (PMA seeds, inducing points)
+  attending over raw chunks of the set, accumulated by an online softmax.
+- [`InducedRows`][settransformer.nn.rows.InducedRows]: chunk after chunk of rows attending to the same few
+  keys (an ISAB's induced set), with everything that depends only on them computed once and every intermediate
+  written into buffers reused from call to call
+  ([`settransformer.nn.workspace`][settransformer.nn.workspace]).
 
-Both agree with :meth:`MAB.forward_unchecked <settransformer.nn.mab.MAB.forward_unchecked>` up to
+Both agree with [`MAB.forward_unchecked`][settransformer.nn.mab.MAB.forward_unchecked] up to
 float rounding.
 """
 
@@ -60,7 +61,7 @@ class PooledQueries:
 
     ``q~_h = (q W_q + b_q)_h W_k,h * scale`` is computed once; each chunk then costs one
     ``(c, D_kv) x (D_kv, H * Nq)`` product for the scores and one for the weighted sum. Implements
-    :class:`~settransformer.nn.streaming.SummaryQueries`.
+    [`SummaryQueries`][settransformer.nn.streaming.SummaryQueries].
 
     Args:
         mab: the block, with dot-product scores.
@@ -114,7 +115,8 @@ class PooledQueries:
         return ref, denom, torch.matmul(weights, kvn)
 
     def _fused_stats(self, kvn: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """:meth:`stats` by PyTorch's fused CPU flash-attention kernel (no autograd, no dropout).
+        """[`stats`][settransformer.nn.rows.PooledQueries.stats] by PyTorch's fused CPU flash-attention kernel
+        (no autograd, no dropout).
 
         Its normalised output and log-sum-exp are the statistics relative to ``ref = lse``
         (``denom = 1``); about twice as fast as separate products and exponentials for narrow sets.
@@ -156,30 +158,32 @@ class InducedRows:
 
     Each element attends to the same ``m`` induced vectors ``h``, so everything that depends only
     on ``h`` is computed once instead of once per chunk, and each chunk's products write into
-    buffers reused from call to call. Where :func:`~settransformer.nn.attention.induced_is_cheaper`
-    says so, ``h``'s keys are folded with the query projection and its values with the output
-    projection (the ``"induced"`` form of :func:`settransformer.nn.attention.induced_attention`):
-    a chunk then costs two large products (scores, output) plus the rFF. The output bias is folded
-    into the values: each head's softmax weights sum to one, so adding ``b_o / H`` to every folded
-    value row adds ``b_o`` to the output. Otherwise (no output projection, as in the official
-    layout, or many induced vectors) a chunk runs the standard per-head products on ``h``'s
-    precomputed keys and values.
+    buffers reused from call to call. Where
+    [`induced_is_cheaper`][settransformer.nn.attention.induced_is_cheaper] says so, ``h``'s keys are folded
+    with the query projection and its values with the output projection (the ``"induced"`` form of
+    [`settransformer.nn.attention.induced_attention`][settransformer.nn.attention.induced_attention]): a chunk
+    then costs two large products (scores, output) plus the rFF. The output bias is folded into the values:
+    each head's softmax weights sum to one, so adding ``b_o / H`` to every folded value row adds ``b_o`` to
+    the output. Otherwise (no output projection, as in the official layout, or many induced vectors) a chunk
+    runs the standard per-head products on ``h``'s precomputed keys and values.
 
     With autograd, autocast, active dropout, another score function or ``top_k``, or off the CPU,
-    it calls :meth:`MAB.forward_unchecked` instead (in ``form`` where one is given); both agree up
-    to float rounding.
+    it calls [`MAB.forward_unchecked`][settransformer.nn.mab.MAB.forward_unchecked] instead (in ``form`` where
+    one is given); both agree up to float rounding.
 
     Args:
         mab: an ISAB's ``mab1``.
         h: the induced set ``(B, m, dim)``.
         form: ``"induced"``: fold as above; ``"standard"``: the per-head products; ``"pooled"``:
-            call :meth:`MAB.forward_unchecked` in that form; ``None``: fold where it is cheaper
+            call [`MAB.forward_unchecked`][settransformer.nn.mab.MAB.forward_unchecked] in that form;
+                ``None``: fold where it is cheaper
             (and off the fast path, let each call choose).
         keep_buffers: take the buffers kept on this thread from an earlier
             ``InducedRows(..., keep_buffers=True)`` of any block and keep them for the next one
-            (see :mod:`settransformer.nn.workspace`), instead of new ones for this object only.
+            (see [`settransformer.nn.workspace`][settransformer.nn.workspace]), instead of new ones for this
+            object only.
 
-    Results of the fast path are overwritten by the next call (see :meth:`__call__`), and with
+    Results of the fast path are overwritten by the next call (see `__call__`), and with
     ``keep_buffers`` by the next call of any ``InducedRows`` with ``keep_buffers`` on this thread.
 
     Examples:
@@ -256,7 +260,7 @@ class InducedRows:
         return out if y.data_ptr() == out.data_ptr() else out.copy_(y)  # same: the last step wrote there
 
     def _rows(self, x: Tensor, sets: slice, ws: Workspace) -> Tensor:
-        """The fast path of :meth:`__call__`, in the buffers of ``ws``."""
+        """The fast path of `__call__`, in the buffers of ``ws``."""
         mab = self.mab
         b, c = x.shape[:2]
         heads, d = mab.num_heads, mab.dim
@@ -305,9 +309,9 @@ class InducedRows:
 
 
 class _BufferOps(_InPlaceOps):
-    """:class:`_InPlaceOps` writing into workspace buffers (no dropout): the tail's steps named by
-    :meth:`MAB._norm_ff` (``"n1"``, ``"out"``, ``"nff"``) and :func:`_feed_forward_in_place`
-    (``"ff0"``, ``"ff2"``) go to the slots of ``slots`` (see :func:`_tail_slots`)."""
+    """`_InPlaceOps` writing into workspace buffers (no dropout): the tail's steps named by
+    `MAB._norm_ff` (``"n1"``, ``"out"``, ``"nff"``) and `_feed_forward_in_place`
+    (``"ff0"``, ``"ff2"``) go to the slots of ``slots`` (see `_tail_slots`)."""
 
     def __init__(self, ws: Workspace, slots: Mapping[str, str]) -> None:
         self.ws = ws.named(slots)
@@ -320,11 +324,11 @@ class _BufferOps(_InPlaceOps):
 
 
 def _tail_slots(mab: MAB, stream: str, spare: tuple[str, ...]) -> dict[str, str]:
-    """Where each step of ``mab``'s tail writes (:class:`_BufferOps`), given the slot ``stream``
+    """Where each step of ``mab``'s tail writes (`_BufferOps`), given the slot ``stream``
     holding its input and the slots ``spare`` free to overwrite: each step takes a slot whose
     content is not read again, so a block holds a few buffers, not one per step. The last step
     writes the tail's result into ``spare[0]``, which the callers name ``"s"``: the slot
-    :meth:`InducedRows.__call__` lends to its ``out``."""
+    `InducedRows.__call__` lends to its ``out``."""
     a, b = spare[0], spare[1] if len(spare) > 1 else "t"
     if mab.norm == "post":  # n1 = norm1(y); ff(n1) (+ n1, in place); out = norm2(that)
         return {"n1": a, "ff0": stream, "ff2": b, "out": a}

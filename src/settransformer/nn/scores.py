@@ -6,19 +6,22 @@ A *score* maps per-head queries and keys to attention logits::
 
 Any callable with that signature works; scores with parameters are ``nn.Module`` s, so a block
 that owns one trains it and keeps it in its state dict. The logits then go through the same masked
-softmax as the dot product (:func:`masked_softmax`), so masks, the empty-set rule (a query whose
-keys are all masked gets weight zero everywhere) and hard top-k selection apply to every score.
-Scores must be finite (with finite gradients) at zero keys: the blocks zero-fill padded rows.
+softmax as the dot product ([`masked_softmax`][settransformer.nn.scores.masked_softmax]), so masks, the
+empty-set rule (a query whose keys are all masked gets weight zero everywhere) and hard top-k selection apply
+to every score. Scores must be finite (with finite gradients) at zero keys: the blocks zero-fill padded rows.
 
 Built in (``make_score`` names):
 
 - ``"dot"``: ``q . k / sqrt(Dh)`` via PyTorch's fused kernel (represented by ``None``).
-- ``"gaussian"``: :class:`GaussianScore`, ``-||q - k||^2 / (2 h^2)`` with a bandwidth ``h`` per head.
-- ``"additive"``: :class:`AdditiveScore`, Bahdanau's ``w^T tanh(W_q q + W_k k + b)`` per head.
+- ``"gaussian"``: [`GaussianScore`][settransformer.nn.scores.GaussianScore], ``-||q - k||^2 / (2 h^2)`` with a
+  bandwidth ``h`` per head.
+- ``"additive"``: [`AdditiveScore`][settransformer.nn.scores.AdditiveScore], Bahdanau's
+  ``w^T tanh(W_q q + W_k k + b)`` per head.
 
 A score that is a dot product in disguise may also define ``as_dot(q, k) -> (q', k', bias)`` with
 ``score(q, k) = q' . k' + bias + c`` (``bias: (B, H, 1, Nk)``, ``c`` constant per query, which the
-softmax ignores); attention then runs through the fused kernel (:class:`DotForm`).
+softmax ignores); attention then runs through the fused kernel
+([`DotForm`][settransformer.nn.scores.DotForm]).
 
 Examples:
     >>> q, k = torch.randn(2, 4, 3, 8), torch.randn(2, 4, 5, 8)
@@ -30,14 +33,15 @@ The additive (Bahdanau) attention score and the two kernels that compute it with
 the ``(B, H, Nq, Nk, hidden)`` pre-activations.
 
 Both kernels compute ``out[b,h,i,j] = sum_a u[h,a] sigmoid(p[b,h,i,a] + r[b,h,a,j])``
-(:class:`AdditiveScore` folds ``tanh z = 2 sigmoid(2z) - 1`` into ``p``, ``r`` and ``u``):
+([`AdditiveScore`][settransformer.nn.scores.AdditiveScore] folds ``tanh z = 2 sigmoid(2z) - 1`` into ``p``,
+``r`` and ``u``):
 
-- :class:`_FactoredSigmoids`, the fast one: with ``P = exp(p - c)`` and ``R = exp(-r - c)``,
+- `_FactoredSigmoids`, the fast one: with ``P = exp(p - c)`` and ``R = exp(-r - c)``,
   ``sigmoid(p + r) = P / (P + R)``. The exponentials are taken once per query and once per key,
   so each of the ``B H Nq Nk hidden`` terms costs an addition and a division instead of an
   exponential. ``c`` (per batch, head and hidden unit) centres the exponents; it is used while the
-  exponents stay within float range, which :func:`factored_range` checks.
-- :class:`_Sigmoids`, the fallback for every other case (wide-ranging pre-activations, half
+  exponents stay within float range, which [`factored_range`][settransformer.nn.scores.factored_range] checks.
+- `_Sigmoids`, the fallback for every other case (wide-ranging pre-activations, half
   precision): one ``sigmoid`` per term.
 
 Both recompute their blocks in a hand-written backward pass, so neither is twice differentiable."""
@@ -91,9 +95,9 @@ def softmax_scale(head_dim: int, scale: float | None = None) -> float:
 #: Bytes in one vector of PyTorch's CPU kernels on this machine: 64 with AVX-512, else 32 (AVX2).
 CPU_VECTOR_BYTES = 64 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 32
 #: Rows of float32 shorter than this (one vector; half as long in float64) are normalised by
-#: :func:`softmax` in three vectorised passes on a CPU. PyTorch's CPU softmax vectorises along a
-#: row and runs a scalar loop over a row shorter than one vector, so which is faster depends on
-#: the machine (``benchmarks/kernels.py``): 4.8-6.6x for the passes at 20,000 rows of 4-15 in
+#: [`softmax`][settransformer.nn.scores.softmax] in three vectorised passes on a CPU. PyTorch's CPU softmax
+#: vectorises along a row and runs a scalar loop over a row shorter than one vector, so which is faster
+#: depends on the machine (``benchmarks/kernels.py``): 4.8-6.6x for the passes at 20,000 rows of 4-15 in
 #: ``results/kernels.md`` (PyTorch's kernel slow up to 15 floats and fast from 16: 16-float
 #: vectors, AVX-512); with AVX2 (``results/kernels-avx2.md``) 2.3-2.9x at 20,000 rows of 2-7,
 #: but 0.3-0.6x at rows of 8-15, which PyTorch's kernel covers with vectors.
@@ -106,8 +110,8 @@ SHORT_ROW_MIN_ELEMENTS = 4096
 def softmax(x: Tensor, *, out: Tensor | None = None) -> Tensor:
     """``torch.softmax(x, dim=-1)`` for ``x: (..., L)``, computed the faster exact way.
 
-    Without autograd, rows shorter than one CPU vector (:data:`SHORT_ROW` floats) in a tensor of
-    at least :data:`SHORT_ROW_MIN_ELEMENTS` float32/float64 values on a CPU are computed as
+    Without autograd, rows shorter than one CPU vector (`SHORT_ROW` floats) in a tensor of
+    at least `SHORT_ROW_MIN_ELEMENTS` float32/float64 values on a CPU are computed as
     ``exp(x - max) / sum`` (in place on one new tensor, or on ``out``); otherwise, and while
     tracing or compiling (a graph holds one softmax), PyTorch's kernel.
 
@@ -123,8 +127,9 @@ def softmax(x: Tensor, *, out: Tensor | None = None) -> Tensor:
 
 
 def softmax_in_passes(x: Tensor) -> bool:
-    """Whether :func:`softmax` normalises ``x: (..., L)`` in three passes (rows shorter than one
-    CPU vector, at least :data:`SHORT_ROW_MIN_ELEMENTS` values, no autograd) or calls PyTorch's kernel.
+    """Whether [`softmax`][settransformer.nn.scores.softmax] normalises ``x: (..., L)`` in three passes (rows
+    shorter than one CPU vector, at least `SHORT_ROW_MIN_ELEMENTS` values, no autograd) or calls PyTorch's
+    kernel.
 
     Examples:
         >>> with torch.no_grad():
@@ -168,7 +173,7 @@ class GaussianScore(nn.Module):
     The softmax of these logits is Nadaraya-Watson weighting with a Gaussian kernel. Since
     ``||q||^2`` is the same for every key of a query, the softmax equals that of
     ``(q . k - ||k||^2 / 2) / h^2``: one matrix product plus a per-key bias, which
-    :meth:`as_dot` hands to the fused attention kernel.
+    [`as_dot`][settransformer.nn.scores.GaussianScore.as_dot] hands to the fused attention kernel.
 
     Args:
         num_heads: heads ``H``.
@@ -213,7 +218,8 @@ class GaussianScore(nn.Module):
         return sq.clamp_min(0.0) * (-0.5 * self._inv_h2(q))
 
     def as_dot(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(q / h^2, k, -||k||^2 / (2 h^2))``: the same softmax as :meth:`forward`."""
+        """``(q / h^2, k, -||k||^2 / (2 h^2))``: the same softmax as
+        [`forward`][settransformer.nn.scores.GaussianScore.forward]."""
         inv = self._inv_h2(q)
         return q * inv, k, k.square().sum(-1).unsqueeze(-2) * (-0.5 * inv)
 
@@ -222,7 +228,7 @@ class GaussianScore(nn.Module):
 
 
 def check_score(spec: object) -> ScoreSpec:
-    """Check a block's ``score`` option: ``None``, a name of :data:`SCORE_NAMES`, a module or a callable.
+    """Check a block's ``score`` option: ``None``, a name of `SCORE_NAMES`, a module or a callable.
 
     Examples:
         >>> check_score("gaussian")
@@ -244,12 +250,12 @@ def check_score(spec: object) -> ScoreSpec:
 
 
 def make_score(spec: ScoreSpec, num_heads: int, head_dim: int) -> nn.Module | ScoreFn | None:
-    """Resolve a block's ``score`` option (checked by :func:`check_score`).
+    """Resolve a block's ``score`` option (checked by [`check_score`][settransformer.nn.scores.check_score]).
 
     ``None`` or ``"dot"`` -> ``None`` (the fused dot product); ``"gaussian"`` -> a
-    :class:`GaussianScore` with learnable bandwidth starting at ``head_dim ** 0.25``;
-    ``"additive"`` -> an :class:`AdditiveScore`; an ``nn.Module`` or callable is used as is (one
-    module passed to several blocks is shared by them).
+    [`GaussianScore`][settransformer.nn.scores.GaussianScore] with learnable bandwidth starting at
+    ``head_dim ** 0.25``; ``"additive"`` -> an [`AdditiveScore`][settransformer.nn.scores.AdditiveScore]; an
+    ``nn.Module`` or callable is used as is (one module passed to several blocks is shared by them).
 
     Examples:
         >>> make_score("dot", 4, 8) is None, type(make_score("gaussian", 4, 8)).__name__
@@ -322,9 +328,10 @@ def masked_softmax(
     Args:
         logits: attention logits.
         mask: ``(B, Nk)`` bool, True for real keys, or ``None``.
-        top_k: keep only each query's ``top_k`` highest-scoring real keys (see :func:`top_k_mask`);
-            the others get weight exactly 0 and the kept weights are renormalised. Gradients flow
-            through the kept weights; the selection itself is piecewise constant.
+        top_k: keep only each query's ``top_k`` highest-scoring real keys (see
+            [`top_k_mask`][settransformer.nn.scores.top_k_mask]); the others get weight exactly 0 and the kept
+            weights are renormalised. Gradients flow through the kept weights; the selection itself is
+            piecewise constant.
         inplace: write the weights over ``logits`` (no second ``(B, H, Nq, Nk)`` tensor). Honoured
             only where no gradient flows through ``logits``; otherwise a new tensor is returned.
 
@@ -374,10 +381,12 @@ def attention_weights(
     score: ScoreFn | None = None,
     top_k: int | None = None,
 ) -> Tensor:
-    """The attention weights ``(B, H, Nq, Nk)`` that :func:`settransformer.nn.attention.attention` applies.
+    """The attention weights ``(B, H, Nq, Nk)`` that
+    [`settransformer.nn.attention.attention`][settransformer.nn.attention.attention] applies.
 
     ``q: (B, H, Nq, Dh)`` (batch 1 broadcasts), ``k: (B, H, Nk, Dh)``, ``mask: (B, Nk)``; ``scale``
-    and ``score`` as in :func:`score_logits`, ``top_k`` as in :func:`masked_softmax`.
+    and ``score`` as in [`score_logits`][settransformer.nn.scores.score_logits], ``top_k`` as in
+    [`masked_softmax`][settransformer.nn.scores.masked_softmax].
 
     Examples:
         >>> w = attention_weights(torch.randn(1, 4, 3, 8), torch.randn(2, 4, 5, 8), top_k=2)
@@ -467,7 +476,7 @@ class _FactoredSigmoids(torch.autograd.Function):
 class _Sigmoids(torch.autograd.Function):
     """``out[b,h,i,j] = sum_a u[h,a] sigmoid(p[b,h,i,a] + r[b,h,a,j])`` in chunks of queries.
 
-    The fallback of :class:`_FactoredSigmoids`, for any range and dtype. The pre-activations are
+    The fallback of `_FactoredSigmoids`, for any range and dtype. The pre-activations are
     recomputed chunk by chunk in the backward pass instead of stored. Keys last (``r`` is
     ``(B, H, hidden, Nk)``) so the elementwise work runs along long contiguous rows and the sum over
     ``a`` is a matrix product. ``sigmoid`` rather than ``tanh``: several times faster on CPU.

@@ -2,26 +2,30 @@
 
 Set models must not care about the order of a set's elements; these models read a set as a
 sequence, so their output changes with the order (measure it with
-:func:`settransformer.tasks.metrics.permutation_sensitivity`). They are the rows that show what
-permutation invariance buys.
+[`settransformer.tasks.metrics.permutation_sensitivity`][settransformer.tasks.metrics.permutation_sensitivity]).
+They are the rows that show what permutation invariance buys.
 
-- :class:`JANET` and :class:`IndRNN` (in :mod:`settransformer.nn.sequence`, importable from here too):
-  drop-ins for ``torch.nn.LSTM``. The LSTM row uses ``torch.nn.LSTM`` itself.
-- :class:`PositionalTransformer`: ``nn.TransformerEncoder`` over sinusoidal positional encodings
-  (:class:`SinusoidalPositionalEncoding`).
-- :class:`SequenceSetModel`: any of them shaped as a set model, ``(B, N, D), mask -> (B, num_outputs,
-  dim_output)``, reading each set's real elements in their given order.
+- [`JANET`][settransformer.nn.sequence.JANET] and [`IndRNN`][settransformer.nn.sequence.IndRNN] (in
+  [`settransformer.nn.sequence`][settransformer.nn.sequence], importable from here too): drop-ins for
+  ``torch.nn.LSTM``. The LSTM row uses ``torch.nn.LSTM`` itself.
+- [`PositionalTransformer`][settransformer.nn.sequence.PositionalTransformer]: ``nn.TransformerEncoder`` over
+  sinusoidal positional encodings
+  ([`SinusoidalPositionalEncoding`][settransformer.nn.sequence.SinusoidalPositionalEncoding]).
+- [`SequenceSetModel`][settransformer.nn.sequence.SequenceSetModel]: any of them shaped as a set model,
+  ``(B, N, D), mask -> (B, num_outputs, dim_output)``, reading each set's real elements in their given order.
 
 
 Recurrent drop-ins for ``torch.nn.LSTM``: JANET and IndRNN (order-aware baselines).
 
-- :class:`JANET` (Van der Westhuizen & Lasenby, 2018, "The unreasonable effectiveness of the
-  forget gate"): an LSTM with only a forget gate.
-- :class:`IndRNN` (Li et al., 2018): independently recurrent units, one recurrent weight each.
+- [`JANET`][settransformer.nn.sequence.JANET] (Van der Westhuizen & Lasenby, 2018, "The unreasonable
+  effectiveness of the forget gate"): an LSTM with only a forget gate.
+- [`IndRNN`][settransformer.nn.sequence.IndRNN] (Li et al., 2018): independently recurrent units, one
+  recurrent weight each.
 
 Both take ``torch.nn.LSTM``'s constructor and ``forward(input, hx=None) -> (output, (h_n, c_n))``,
-packed sequences included, so :class:`settransformer.nn.sequence.SequenceSetModel` can use
-either in place of the LSTM."""
+packed sequences included, so
+[`settransformer.nn.sequence.SequenceSetModel`][settransformer.nn.sequence.SequenceSetModel] can use either in
+place of the LSTM."""
 
 from __future__ import annotations
 
@@ -145,13 +149,13 @@ class SequenceSetModel(nn.Module):
     The real elements of each set are read in their given order (padding anywhere is skipped):
     a recurrent network's state after the last real element (``"lstm"`` = ``torch.nn.LSTM``,
     ``"janet"``, ``"indrnn"``; both directions' when bidirectional), or the mean of a
-    :class:`PositionalTransformer`'s outputs over the real elements (``"transformer"``), then an
-    MLP head. An empty set reads as the zero vector.
+    [`PositionalTransformer`][settransformer.nn.sequence.PositionalTransformer]'s outputs over the real
+    elements (``"transformer"``), then an MLP head. An empty set reads as the zero vector.
 
     Args:
-        dim_input: as in :class:`settransformer.SetTransformer`.
-        num_outputs: as in :class:`settransformer.SetTransformer`.
-        dim_output: as in :class:`settransformer.SetTransformer`.
+        dim_input: as in [`settransformer.SetTransformer`][settransformer.SetTransformer].
+        num_outputs: as in [`settransformer.SetTransformer`][settransformer.SetTransformer].
+        dim_output: as in [`settransformer.SetTransformer`][settransformer.SetTransformer].
         kind: ``"lstm"``, ``"janet"``, ``"indrnn"`` or ``"transformer"``.
         dim_hidden: recurrent state size / transformer width, and the head's hidden width.
         num_layers: recurrent or transformer layers.

@@ -69,7 +69,8 @@ def pad_sets(sets: Sequence[Tensor], *, max_size: int | None = None) -> tuple[Te
 
 
 def unpad_sets(x: Tensor, mask: Tensor) -> list[Tensor]:
-    """Inverse of :func:`pad_sets`: ``x: (B, N, D)``, ``mask: (B, N)`` -> ``B`` tensors ``(N_i, D)``.
+    """Inverse of [`pad_sets`][settransformer.nn.sets.pad_sets]: ``x: (B, N, D)``, ``mask: (B, N)`` -> ``B``
+    tensors ``(N_i, D)``.
 
     Real elements need not come first: each set keeps its elements where ``mask`` is True, in order.
 
@@ -151,7 +152,8 @@ def pool_partial(x: Tensor, mask: Tensor | None, how: PoolKind) -> Tensor:
 
 
 def merge_pooled(a: Tensor, b: Tensor, how: PoolKind) -> Tensor:
-    """Two :func:`pool_partial` results ``(B, D)`` of disjoint parts of the same sets, combined.
+    """Two [`pool_partial`][settransformer.nn.sets.pool_partial] results ``(B, D)`` of disjoint parts of the
+    same sets, combined.
 
     Examples:
         >>> a, b = torch.tensor([[1.0, 5.0]]), torch.tensor([[2.0, 3.0]])
@@ -162,8 +164,8 @@ def merge_pooled(a: Tensor, b: Tensor, how: PoolKind) -> Tensor:
 
 
 def finish_pool(partial: Tensor, count: Tensor, how: PoolKind) -> Tensor:
-    """The pooled ``(B, D)`` from :func:`pool_partial` over every element and the counts ``(B, 1)``;
-    an empty set pools to zero.
+    """The pooled ``(B, D)`` from [`pool_partial`][settransformer.nn.sets.pool_partial] over every element and
+    the counts ``(B, 1)``; an empty set pools to zero.
 
     Examples:
         >>> partial, count = torch.tensor([[4.0], [0.0]]), torch.tensor([[2.0], [0.0]])

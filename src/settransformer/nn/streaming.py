@@ -4,7 +4,7 @@ A set of millions of elements is read ``chunk_size`` elements at a time; only on
 activations exist at any moment. Two facts make this exact:
 
 - The attention of a few learned queries (inducing points, PMA seeds) over the whole set is
-  accumulated with an online softmax (:class:`OnlineSoftmax`).
+  accumulated with an online softmax ([`OnlineSoftmax`][settransformer.nn.streaming.OnlineSoftmax]).
 - Everything else acts row by row: the second MAB of an ISAB (each element attends to the ``m``
   induced vectors), the rFF, and every LayerNorm.
 
@@ -18,27 +18,29 @@ recomputing the earlier layers chunk by chunk instead of storing their ``(N, dim
 
 So the chunked path computes ``L (L + 1) / 2`` row-wise ``mab1`` passes instead of ``L``.
 
-This module knows no concrete block or model: it sees a module through :class:`Chunkable`, whose
-:meth:`~Chunkable.pipeline` describes it as row-wise stages (some of which first need a summary of
-the whole set, :class:`InducedStage`), a pooling and a decoder of the pooled vectors
-(:class:`Pipeline`). :class:`~settransformer.nn.blocks.ISAB`, :class:`~settransformer.nn.blocks.PMA`,
-:class:`~settransformer.nn.models.SetTransformer` and :class:`~settransformer.nn.models.DeepSets`
-implement it.
+This module knows no concrete block or model: it sees a module through
+[`Chunkable`][settransformer.nn.streaming.Chunkable], whose `pipeline` describes it as row-wise stages (some
+of which first need a summary of the whole set, [`InducedStage`][settransformer.nn.streaming.InducedStage]), a
+pooling and a decoder of the pooled vectors ([`Pipeline`][settransformer.nn.streaming.Pipeline]).
+[`ISAB`][settransformer.nn.blocks.ISAB], [`PMA`][settransformer.nn.blocks.PMA],
+[`SetTransformer`][settransformer.nn.models.SetTransformer] and
+[`DeepSets`][settransformer.nn.models.DeepSets] implement it.
 
 The input ``x`` may be any array-like sliceable along the element axis: a tensor, a NumPy array
-or ``np.memmap``, an ``h5py`` dataset (:class:`ChunkSource`). Only one chunk is turned into a tensor
-at a time (in the model's dtype and on its device), so a set larger than memory can be encoded.
-``x`` is either a batch ``(B, N, D)`` (with an optional ``mask: (B, N)``, True = real element) or
-one set ``(N, D)`` (mask ``(N,)``); for one set, results have no batch dimension.
+or ``np.memmap``, an ``h5py`` dataset ([`ChunkSource`][settransformer.nn.streaming.ChunkSource]). Only one
+chunk is turned into a tensor at a time (in the model's dtype and on its device), so a set larger than memory
+can be encoded. ``x`` is either a batch ``(B, N, D)`` (with an optional ``mask: (B, N)``, True = real element)
+or one set ``(N, D)`` (mask ``(N,)``); for one set, results have no batch dimension.
 
 Memory (float32, ``c = chunk_size``, ``w = max(dim, heads * m)``):
 
 - inference (under ``torch.no_grad()`` / ``torch.inference_mode()``): ``O(B c w)`` for one chunk's
   activations, plus ``O(B m dim)`` per layer for the inducing statistics. Per-element outputs
-  (:func:`encode_chunked`, :func:`isab_chunked`) add their own ``(B, N, dim)`` result, unless
+  ([`encode_chunked`][settransformer.nn.streaming.encode_chunked],
+  [`isab_chunked`][settransformer.nn.streaming.isab_chunked]) add their own ``(B, N, dim)`` result, unless
   written into a memmap or h5py ``out``.
 - training (grad enabled): each chunk's function is checkpointed
-  (:func:`torch.utils.checkpoint.checkpoint`), so forward keeps only the chunk inputs (views of
+  (`torch.utils.checkpoint.checkpoint`), so forward keeps only the chunk inputs (views of
   ``x`` when it is a tensor, otherwise the ``O(B N D)`` converted chunks) and ``O(B heads m)``
   rescaling factors per chunk and layer; backward recomputes one chunk at a time,
   ``O(B c w L)``. Gradients equal the unchunked ones. Attention dropout is applied to each
@@ -49,14 +51,14 @@ another ``score`` or with ``top_k`` raises ``ValueError`` (the second MAB may us
 layers attend over the whole set and cannot be chunked.
 
 The online softmax: one query row ``j`` needs three running statistics over the raw rows ``x_i``
-it has seen (in the pooled form of :func:`settransformer.nn.attention.pooled_attention`):
-``r_j``, a reference score (the running maximum, for numerical stability); ``S_j = sum_i
-exp(s_ij - r_j)``, the softmax denominator; ``A_j = sum_i exp(s_ij - r_j) x_i``, the
-un-normalised weighted sum. Two partial results combine exactly by rescaling both to the larger
-reference, and the softmax output is ``A_j / S_j`` whatever the chunking, up to float rounding.
-The references are detached: they cancel out of ``A / S`` exactly, so treating them as constants
-gives the true gradient, and combining a chunk's statistics then saves only its ``(B, queries, 1)``
-factors for backward, never the chunk's ``(B, queries, D)`` sums.
+it has seen (in the pooled form of
+[`settransformer.nn.attention.pooled_attention`][settransformer.nn.attention.pooled_attention]): ``r_j``, a
+reference score (the running maximum, for numerical stability); ``S_j = sum_i exp(s_ij - r_j)``, the softmax
+denominator; ``A_j = sum_i exp(s_ij - r_j) x_i``, the un-normalised weighted sum. Two partial results combine
+exactly by rescaling both to the larger reference, and the softmax output is ``A_j / S_j`` whatever the
+chunking, up to float rounding. The references are detached: they cancel out of ``A / S`` exactly, so treating
+them as constants gives the true gradient, and combining a chunk's statistics then saves only its
+``(B, queries, 1)`` factors for backward, never the chunk's ``(B, queries, D)`` sums.
 
 Examples:
     >>> import torch
@@ -111,9 +113,10 @@ Stats = tuple[Tensor, Tensor, Tensor]
 class SummaryQueries(Protocol):
     """A few queries' softmax attention over a set, from statistics gathered chunk by chunk.
 
-    ``stats(x, mask)``: one chunk's ``(ref, denom, acc)`` (see :class:`OnlineSoftmax`) for
-    ``x: (B, c, D)`` zero at padded rows; ``finish(pooled, empty)``: the attention block's output
-    from the softmax-weighted rows and the ``(B,)`` flags of empty sets.
+    ``stats(x, mask)``: one chunk's ``(ref, denom, acc)`` (see
+    [`OnlineSoftmax`][settransformer.nn.streaming.OnlineSoftmax]) for ``x: (B, c, D)`` zero at padded rows;
+    ``finish(pooled, empty)``: the attention block's output from the softmax-weighted rows and the ``(B,)``
+    flags of empty sets.
 
     Examples:
         >>> from settransformer.nn.blocks import PMA
@@ -130,8 +133,9 @@ class SummaryQueries(Protocol):
 
 @runtime_checkable
 class SummarySource(Protocol):
-    """What attends over the whole set: ``summary_queries(name)`` returns its :class:`SummaryQueries`
-    (``ValueError`` naming ``name`` when its attention cannot be accumulated chunk by chunk).
+    """What attends over the whole set: ``summary_queries(name)`` returns its
+    [`SummaryQueries`][settransformer.nn.streaming.SummaryQueries] (``ValueError`` naming ``name`` when its
+    attention cannot be accumulated chunk by chunk).
 
     Examples:
         >>> from settransformer.nn.blocks import PMA
@@ -168,9 +172,9 @@ class Pipeline:
         dim_out: feature size of the per-element output of the stages.
         like: a parameter of the module: chunks are converted to its dtype and device.
         stages: applied in order, each to rows zero at padding: a row-wise module/function, or an
-            :class:`InducedStage`.
-        pooling: a :class:`SummarySource` (attention pooling), a masked pooling kind, or ``None``
-            (per-element outputs only).
+            [`InducedStage`][settransformer.nn.streaming.InducedStage].
+        pooling: a [`SummarySource`][settransformer.nn.streaming.SummarySource] (attention pooling), a masked
+            pooling kind, or ``None`` (per-element outputs only).
         pool_input: a row-wise function applied to the stages' output before pooling only.
         decode_pooled: from the pooled ``(B, k, dim)`` (attention) or ``(B, dim)`` (masked
             pooling) to the module's output.
@@ -193,7 +197,8 @@ class Pipeline:
 
 @runtime_checkable
 class Chunkable(Protocol):
-    """A module evaluated chunk by chunk: ``pipeline()`` describes it (:class:`Pipeline`).
+    """A module evaluated chunk by chunk: ``pipeline()`` describes it
+    ([`Pipeline`][settransformer.nn.streaming.Pipeline]).
 
     Examples:
         >>> from settransformer import SetTransformer
@@ -208,9 +213,10 @@ class Chunkable(Protocol):
 class OnlineSoftmax:
     """Running softmax statistics of ``Q`` query rows over a set seen chunk by chunk.
 
-    Feed it each chunk's ``(ref, denom, acc)`` (from :meth:`SummaryQueries.stats`) with :meth:`add`:
-    ``ref: (B, Q, 1)`` detached, ``denom: (B, Q, 1)`` and ``acc: (B, Q, D)`` relative to it.
-    :meth:`result` returns the softmax-weighted sums ``(B, Q, D)`` and which sets were empty.
+    Feed it each chunk's ``(ref, denom, acc)`` (from `SummaryQueries.stats`) with
+    [`add`][settransformer.nn.streaming.OnlineSoftmax.add]: ``ref: (B, Q, 1)`` detached, ``denom: (B, Q, 1)``
+    and ``acc: (B, Q, D)`` relative to it. [`result`][settransformer.nn.streaming.OnlineSoftmax.result]
+    returns the softmax-weighted sums ``(B, Q, D)`` and which sets were empty.
 
     Examples:
         >>> import torch
@@ -261,7 +267,8 @@ def _run(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 class _Evaluation:
-    """One chunked evaluation of a :class:`Pipeline` over one :class:`ChunkSource`."""
+    """One chunked evaluation of a [`Pipeline`][settransformer.nn.streaming.Pipeline] over one
+    [`ChunkSource`][settransformer.nn.streaming.ChunkSource]."""
 
     def __init__(self, pipe: Pipeline, x: Any, mask: Any, chunk_size: int) -> None:
         self.pipe, self.chunk_size = pipe, check_positive("chunk_size", chunk_size)
@@ -386,9 +393,10 @@ def encode_pool_chunked(
     """``model(x, mask)`` evaluated chunk by chunk in ``L + 1`` passes over ``x``.
 
     Args:
-        model: a :class:`~settransformer.nn.models.SetTransformer` (ISAB or rFF encoder, any
-            pooling), a :class:`~settransformer.nn.models.DeepSets`, a
-            :class:`~settransformer.nn.blocks.PMA`, or any :class:`Chunkable` with a pooling.
+        model: a [`SetTransformer`][settransformer.nn.models.SetTransformer] (ISAB or rFF encoder, any
+            pooling), a [`DeepSets`][settransformer.nn.models.DeepSets], a
+            [`PMA`][settransformer.nn.blocks.PMA], or any [`Chunkable`][settransformer.nn.streaming.Chunkable]
+            with a pooling.
         x: ``(B, N, dim_input)`` or one set ``(N, dim_input)``; a tensor or any array-like
             sliceable along the element axis (NumPy array, ``np.memmap``, h5py dataset).
         mask: ``(B, N)`` (or ``(N,)``) bool, True for real elements; ``None``: all real.
@@ -484,10 +492,10 @@ def encode_chunked(
     """``model.encode(x, mask)`` (or an ISAB's output) computed chunk by chunk.
 
     Args:
-        model: as in :func:`encode_pool_chunked` (or an ISAB).
-        x: as in :func:`encode_pool_chunked`.
-        mask: as in :func:`encode_pool_chunked`.
-        chunk_size: as in :func:`encode_pool_chunked`.
+        model: as in [`encode_pool_chunked`][settransformer.nn.streaming.encode_pool_chunked] (or an ISAB).
+        x: as in [`encode_pool_chunked`][settransformer.nn.streaming.encode_pool_chunked].
+        mask: as in [`encode_pool_chunked`][settransformer.nn.streaming.encode_pool_chunked].
+        chunk_size: as in [`encode_pool_chunked`][settransformer.nn.streaming.encode_pool_chunked].
         out: where to write the ``(B, N, dim_hidden)`` (or ``(N, dim_hidden)``) result: a tensor,
             a NumPy array / memmap or an h5py dataset of that shape; ``None`` allocates a tensor.
             Needs grad disabled unless ``None``.
@@ -510,7 +518,8 @@ def encode_chunked(
 def isab_chunked(
     isab: Chunkable, x: Any, mask: Any = None, *, chunk_size: int = DEFAULT_CHUNK_SIZE, out: Any = None
 ) -> Any:
-    """``isab(x, mask)`` in two passes over ``x``; see :func:`encode_chunked` for ``out``.
+    """``isab(x, mask)`` in two passes over ``x``; see
+    [`encode_chunked`][settransformer.nn.streaming.encode_chunked] for ``out``.
 
     Returns ``(B, N, dim)`` (``(N, dim)`` for one set), zero at padded positions.
 

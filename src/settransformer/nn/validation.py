@@ -5,10 +5,12 @@ wrong shape, device or values, with a message that names the argument and what w
 user sees ``x: expected a floating-point tensor of shape (B, N, 3), got shape (10, 3)`` rather than
 an error from deep inside a matrix product.
 
-What every public block and model checks on each call (see :func:`prepare_set`):
+What every public block and model checks on each call (see
+[`prepare_set`][settransformer.nn.validation.prepare_set]):
 
 - the set: a floating-point tensor ``(B, N, D)`` with the block's ``D``; ``B = 0`` and ``N = 0`` are
-  allowed (an empty set's attention output is zero, see :mod:`settransformer.nn.attention`);
+  allowed (an empty set's attention output is zero, see
+  [`settransformer.nn.attention`][settransformer.nn.attention]);
 - the mask: ``None`` or a *bool* tensor ``(B, N)``, True for real elements, on the set's device.
   Integer and float 0/1 masks are rejected rather than converted: PyTorch's own float attention
   masks are additive (0 = keep) and ``nn.MultiheadAttention``'s boolean ``key_padding_mask`` marks
@@ -20,9 +22,9 @@ What every public block and model checks on each call (see :func:`prepare_set`):
 The finiteness check reads the whole input (one ``sum`` over it, the exact element-wise test only
 when that sum is not finite), and on a GPU it synchronises with the device once per forward. A
 block's input that another block has just returned, untouched since (the same tensor at the same
-version counter, see :func:`block_output`), is not read again: it came from checked input through
-the blocks' own arithmetic, like every tensor inside a model, so blocks chained by hand pay for
-one check, as a model does. It is on by default and can be switched off process-wide for speed::
+version counter, see [`block_output`][settransformer.nn.validation.block_output]), is not read again: it came
+from checked input through the blocks' own arithmetic, like every tensor inside a model, so blocks chained by
+hand pay for one check, as a model does. It is on by default and can be switched off process-wide for speed::
 
     settransformer.nn.validation.set_finite_checks(False)        # from now on
     with settransformer.nn.validation.finite_checks(False): ...  # inside the block only
@@ -138,7 +140,8 @@ _MAX_BLOCK_OUTPUTS = 64
 
 def block_output(y: Tensor) -> Tensor:
     """Record ``y`` as a block's output and return it: while it is not modified in place, a block
-    that gets it as input does not check its values again (:func:`check_finite`).
+    that gets it as input does not check its values again
+    ([`check_finite`][settransformer.nn.validation.check_finite]).
 
     Not recorded while the finiteness check is off, while tracing, or for inference-mode tensors
     (they carry no version counter, so an in-place change could not be seen).
@@ -160,7 +163,8 @@ def block_output(y: Tensor) -> Tensor:
 
 
 def _is_block_output(x: Tensor) -> bool:
-    """Whether ``x`` is a recorded block output (:func:`block_output`), unmodified since."""
+    """Whether ``x`` is a recorded block output ([`block_output`][settransformer.nn.validation.block_output]),
+    unmodified since."""
     if tracing() or not _block_outputs:  # a compiled graph must not depend on the record
         return False
     seen = _block_outputs.get(id(x))
@@ -258,10 +262,11 @@ def check_like(x: Tensor, like: Tensor, name: str = "x") -> Tensor:
 def check_finite(x: Tensor, name: str = "x") -> Tensor:
     """Check that every value of ``x`` is finite (``x`` zero at padded rows, so only real ones count).
 
-    A no-op when switched off (:func:`set_finite_checks`), while tracing or compiling, on the meta
-    device, and for another block's untouched output (:func:`block_output`). One ``sum`` decides
-    in the common case (any NaN or inf makes the sum non-finite); only a non-finite sum, which a
-    large finite input can also overflow to, pays for the exact test.
+    A no-op when switched off ([`set_finite_checks`][settransformer.nn.validation.set_finite_checks]), while
+    tracing or compiling, on the meta device, and for another block's untouched output
+    ([`block_output`][settransformer.nn.validation.block_output]). One ``sum`` decides in the common case (any
+    NaN or inf makes the sum non-finite); only a non-finite sum, which a large finite input can also overflow
+    to, pays for the exact test.
 
     Examples:
         >>> with finite_checks(True):

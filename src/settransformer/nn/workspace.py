@@ -1,11 +1,11 @@
 """Buffers reused from call to call by the blocks' inference fast paths, and the per-thread store that
 keeps them between forwards.
 
-Without autograd an ISAB's second block (:class:`~settransformer.nn.rows.InducedRows`) writes each
-step of a row block into a named buffer of a :class:`Workspace` instead of a fresh tensor: a fresh
-multi-megabyte tensor per operation can cost more in page faults than the operation itself, when the
-allocator hands memory back to the operating system. Where a call's buffers are small enough
-(:data:`~settransformer.nn.blocks.KEPT_BUFFER_ELEMENTS`), :func:`kept_workspace` keeps them for the
+Without autograd an ISAB's second block ([`InducedRows`][settransformer.nn.rows.InducedRows]) writes each
+step of a row block into a named buffer of a [`Workspace`][settransformer.nn.workspace.Workspace] instead of a
+fresh tensor: a fresh multi-megabyte tensor per operation can cost more in page faults than the operation
+itself, when the allocator hands memory back to the operating system. Where a call's buffers are small enough
+(`KEPT_BUFFER_ELEMENTS`), [`kept_workspace`][settransformer.nn.workspace.kept_workspace] keeps them for the
 next forward:
 
 - per thread: a model serving several threads at once gives each its own buffers;
@@ -14,7 +14,8 @@ next forward:
 - per dtype, device and inference mode: a tensor made in inference mode cannot be written to outside
   it;
 - held through the blocks that used them (weakly: a block pickles and copies without them), so they
-  go with the last of those blocks; :func:`clear_kept_buffers` frees them sooner.
+  go with the last of those blocks; [`clear_kept_buffers`][settransformer.nn.workspace.clear_kept_buffers]
+  frees them sooner.
 """
 
 from __future__ import annotations

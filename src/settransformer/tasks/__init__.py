@@ -1,8 +1,8 @@
 """The experiments, by CLI name, imported only when used.
 
-Each task lives in its own module (see :mod:`settransformer.tasks.base` for the interface). The
-registry maps CLI names to ``"module:Class"`` strings and imports lazily, so a task whose optional
-dependency is missing, or whose module is not part of this installation, fails only when it is
+Each task lives in its own module (see [`settransformer.tasks.base`][settransformer.tasks.base] for the
+interface). The registry maps CLI names to ``"module:Class"`` strings and imports lazily, so a task whose
+optional dependency is missing, or whose module is not part of this installation, fails only when it is
 asked for, with a message that says why.
 
 Examples:
@@ -74,7 +74,7 @@ def available_tasks() -> list[str]:
 
 
 def get_task(name: str) -> type[Task]:
-    """The :class:`~settransformer.tasks.base.Task` subclass registered as ``name``.
+    """The [`Task`][settransformer.tasks.base.Task] subclass registered as ``name``.
 
     Raises:
         ValueError: ``name`` is not registered.

@@ -1,8 +1,9 @@
 """What every experiment provides: data, models, loss, metrics and plots.
 
-A task is one module in :mod:`settransformer.tasks` with one :class:`Task` subclass. The training
-loop (:mod:`settransformer.training.loop`) and the CLI only talk to tasks through this interface, so a new
-experiment is a new module and a line in the registry (``settransformer.tasks.TASKS``).
+A task is one module in [`settransformer.tasks`][settransformer.tasks] with one
+[`Task`][settransformer.tasks.base.Task] subclass. The training loop
+([`settransformer.training.loop`][settransformer.training.loop]) and the CLI only talk to tasks through this
+interface, so a new experiment is a new module and a line in the registry (``settransformer.tasks.TASKS``).
 """
 
 from __future__ import annotations
@@ -129,7 +130,8 @@ class Task(ABC):
         name: the CLI name, e.g. ``"max-regression"``.
         model_names: the rows of the results table; the first is the default model unless
             ``default_model`` names another.
-        metric: the headline metric of the table (a key of :meth:`evaluate`'s result).
+        metric: the headline metric of the table (a key of
+            [`evaluate`][settransformer.tasks.base.Task.evaluate]'s result).
         higher_is_better: direction of ``metric``.
         paper: the paper's numbers, ``{model_name: {metric: value}}`` (missing rows allowed); an
             optional ``f"{metric}_std"`` entry holds the paper's standard deviation.
@@ -141,7 +143,8 @@ class Task(ABC):
             ``settransformer demo`` leaves it out unless asked for.
 
     Instances hold the task options (data sizes, ranges...): ``Task(**options)`` overlays the
-    given options on :meth:`default_options` and rejects unknown names.
+    given options on [`default_options`][settransformer.tasks.base.Task.default_options] and rejects unknown
+    names.
     """
 
     name: ClassVar[str]
@@ -190,8 +193,9 @@ class Task(ABC):
 
     def test_inputs(self) -> tuple[list[Tensor], Tensor]:
         """The fixed test sets as a user's file would hold them, before any preprocessing the model
-        carries (:meth:`build_model` returns a module that takes raw sets): ``S`` sets ``(N_i, D)``
-        and their targets ``(S, ...)``, the ones :meth:`evaluate` scores against."""
+        carries ([`build_model`][settransformer.tasks.base.Task.build_model] returns a module that takes raw
+        sets): ``S`` sets ``(N_i, D)`` and their targets ``(S, ...)``, the ones
+        [`evaluate`][settransformer.tasks.base.Task.evaluate] scores against."""
         raise NotImplementedError(f"{self.name}: this task has no raw test inputs")
 
     def plot(self, model: nn.Module, out_dir: Path, device: torch.device) -> list[Path]:

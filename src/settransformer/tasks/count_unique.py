@@ -17,7 +17,7 @@ FC(64, ReLU) + FC), ``rff-pma`` and ``sab-pool``. Every row starts with the same
 
 Bring your own images with ``data=``: a folder of class folders (Omniglot:
 ``data=.../images_background``, ``class_depth=2``, ``image_size=28``) or an ``.npz``/``.h5`` file
-with ``images`` and ``labels`` (see :mod:`settransformer.data.images`).
+with ``images`` and ``labels`` (see [`settransformer.data.images`][settransformer.data.images]).
 """
 
 from __future__ import annotations
@@ -53,13 +53,13 @@ def poisson_mode(rate: Tensor) -> Tensor:
 class CountUnique(ImageSetTask):
     """How many distinct classes are in this set of images? Metric: accuracy of the Poisson mode.
 
-    Options (besides :class:`ImageSetTask`'s): ``min_size``, ``max_size`` (set sizes, paper 6..10).
-    ``evaluate`` reports ``accuracy`` (the paper's rule), ``mae`` (mean |mode - count|), ``nll``
-    (Poisson negative log-likelihood per set) and ``accuracy_rounded`` (``round(rate)`` equals the
-    count; not the paper's metric) on ``test_sets`` fixed test sets. The likelihood's optimum for a
-    sure count ``c`` is the rate ``c`` itself, exactly on the boundary between the modes ``c - 1``
-    and ``c``, so the paper's accuracy stays well below 1 even for a model that knows the answer;
-    ``accuracy_rounded`` shows how often it does.
+    Options (besides [`ImageSetTask`][settransformer.tasks.image_sets.ImageSetTask]'s): ``min_size``,
+    ``max_size`` (set sizes, paper 6..10). ``evaluate`` reports ``accuracy`` (the paper's rule), ``mae`` (mean
+    |mode - count|), ``nll`` (Poisson negative log-likelihood per set) and ``accuracy_rounded``
+    (``round(rate)`` equals the count; not the paper's metric) on ``test_sets`` fixed test sets. The
+    likelihood's optimum for a sure count ``c`` is the rate ``c`` itself, exactly on the boundary between the
+    modes ``c - 1`` and ``c``, so the paper's accuracy stays well below 1 even for a model that knows the
+    answer; ``accuracy_rounded`` shows how often it does.
 
     Examples:
         >>> task = CountUnique(test_sets=64)
@@ -141,9 +141,9 @@ class CountUnique(ImageSetTask):
     def sample_sets(self, batch_size: int, generator: torch.Generator, split: str = "train") -> Batch:
         """``batch_size`` sets from ``split``'s images; vectorised.
 
-        Returns a :class:`Batch` with ``x: (B, max_size, C*H*W)``, ``mask: (B, max_size)`` (real
-        elements first, in random order), ``target: (B,)`` float counts and ``extra["index"]``:
-        the image indices ``(B, max_size)`` into ``split``.
+        Returns a [`Batch`][settransformer.tasks.base.Batch] with ``x: (B, max_size, C*H*W)``,
+        ``mask: (B, max_size)`` (real elements first, in random order), ``target: (B,)`` float counts and
+        ``extra["index"]``: the image indices ``(B, max_size)`` into ``split``.
         """
         lo, hi = self.options["min_size"], self.options["max_size"]
         sampler = self.sampler(split)

@@ -3,7 +3,7 @@
 Each (task, model) run is one job. With ``jobs > 1`` the jobs run in that many spawned processes
 of ``threads`` threads each (one thread per core is fastest for these small models: more threads
 per process mostly add synchronisation), longest tasks first so that no long run starts last.
-Once a task's runs are done, :func:`~settransformer.tasks.runs.reproduce` reads them back (a finished
+Once a task's runs are done, [`reproduce`][settransformer.tasks.runs.reproduce] reads them back (a finished
 run is reused, not retrained) and writes the task's ``results.md`` beside the paper's numbers.
 
 Example (5 steps per model instead of the quick budget; ``jobs=2`` spreads the runs over two processes):

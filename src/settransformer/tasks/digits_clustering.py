@@ -3,7 +3,7 @@
 The paper (section 5.3) clusters sets of CIFAR-100 features drawn from 4 random classes. Here the
 same experiment runs on ``sklearn.datasets.load_digits`` (1,797 8x8 images of 10 digits, shipped
 with scikit-learn, so nothing is downloaded), or on the user's own features (``features_path``,
-see :mod:`settransformer.data.features`).
+see [`settransformer.data.features`][settransformer.data.features]).
 
 Data: the images are split once (``split_seed``, stratified, ``test_fraction``) into disjoint
 training and test images; features are standardised (``standardize="global"``: centred and
@@ -17,10 +17,10 @@ distinct images: the default set size is ``U{100..300}`` rather than the paper's
 Training batches share one set size (no mask); the fixed test sets are padded with a mask.
 
 The model emits ``num_clusters`` diagonal Gaussians in feature space and is trained by the mixture
-negative log-likelihood, as in :mod:`settransformer.tasks.mog_clustering`. Metrics on the test sets:
-``ari`` (headline) and ``nmi`` of the hard assignments against the classes, ``ari1`` after one EM
-step, ``ll0``, and two classical baselines on the same sets with K known: ``kmeans_ari`` (k-means)
-and ``em_ari`` (a diagonal-covariance Gaussian mixture fitted by EM), both from scikit-learn.
+negative log-likelihood, as in [`settransformer.tasks.mog_clustering`][settransformer.tasks.mog_clustering].
+Metrics on the test sets: ``ari`` (headline) and ``nmi`` of the hard assignments against the classes, ``ari1``
+after one EM step, ``ll0``, and two classical baselines on the same sets with K known: ``kmeans_ari``
+(k-means) and ``em_ari`` (a diagonal-covariance Gaussian mixture fitted by EM), both from scikit-learn.
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def classical_baselines(
 class DigitsClustering(Task):
     """Cluster sets of digit images (4 random classes a set) with one forward pass.
 
-    Options (see :meth:`default_options`): ``num_clusters``, set sizes ``min_size``/``max_size``,
+    Options (see `default_options`): ``num_clusters``, set sizes ``min_size``/``max_size``,
     ``pca`` (number of principal components, ``None`` = all features), ``standardize``
     (``"global"`` or ``"feature"``), ``test_fraction`` and ``split_seed`` of the fixed image
     split, ``num_test_sets``/``test_seed`` of the test sets, ``features_path`` (``None`` = sklearn
@@ -353,8 +353,9 @@ class DigitsClustering(Task):
     # -- model, loss, metrics ---------------------------------------------------------------
 
     def build_model(self, model_name: str) -> nn.Module:
-        """The network inside :class:`FeatureProjection`: raw features ``x: (B, N, F)``, ``mask`` ->
-        ``num_clusters`` Gaussians ``(B, K, 1 + 2P)`` in the projected space."""
+        """The network inside [`FeatureProjection`][settransformer.tasks.digits_clustering.FeatureProjection]:
+        raw features ``x: (B, N, F)``, ``mask`` -> ``num_clusters`` Gaussians ``(B, K, 1 + 2P)`` in the
+        projected space."""
         o = self.options
         net = build_clustering_model(model_name, self.dim, o["num_clusters"], o["dim_hidden"])
         return FeatureProjection(net, *self.data()["projection"])

@@ -1,10 +1,12 @@
-"""Shared pieces of the image-set tasks (:mod:`.count_unique`, :mod:`.set_anomaly`).
+"""Shared pieces of the image-set tasks ([`.count_unique`][settransformer.tasks.count_unique],
+[`.set_anomaly`][settransformer.tasks.set_anomaly]).
 
-- :class:`ImageEncoder`: the per-element image network (an MLP, or a small CNN as in the paper).
-- :class:`ImageSetModel`: that encoder applied to every real element of a padded batch of image
-  sets, followed by any set model ``(B, N, D), mask -> ...``.
-- :class:`ImageSetTask`: options, data loading, the fixed train/test split, pixel
-  normalisation and image-grid plotting common to both tasks.
+- [`ImageEncoder`][settransformer.tasks.image_sets.ImageEncoder]: the per-element image network (an MLP, or a
+  small CNN as in the paper).
+- [`ImageSetModel`][settransformer.tasks.image_sets.ImageSetModel]: that encoder applied to every real element
+  of a padded batch of image sets, followed by any set model ``(B, N, D), mask -> ...``.
+- [`ImageSetTask`][settransformer.tasks.image_sets.ImageSetTask]: options, data loading, the fixed train/test
+  split, pixel normalisation and image-grid plotting common to both tasks.
 
 Sets of images travel as flattened pixels ``x: (B, N, C*H*W)`` so that they fit the library's
 ``(B, N, D)`` convention; the encoder reshapes them.
@@ -116,7 +118,8 @@ class ImageSetModel(nn.Module):
 
 
 class ImageSetTask(Task):
-    """A task whose sets are images from a labelled collection (see :mod:`..data.images`).
+    """A task whose sets are images from a labelled collection (see
+    [`..data.images`][settransformer.data.images]).
 
     Common options: ``data`` (``"digits"``, a folder of class subfolders, or a ``.npz``/``.h5``
     file), ``image_size`` (resize; ``None`` keeps the size), ``class_depth`` (folders: 2 for
@@ -184,12 +187,13 @@ class ImageSetTask(Task):
 
     def pixels(self, split: str, index: Tensor) -> Tensor:
         """Raw flattened images of ``split`` at ``index`` (any shape): ``(*index.shape, C*H*W)``; the
-        model normalises them (:class:`ImageSetModel`)."""
+        model normalises them ([`ImageSetModel`][settransformer.tasks.image_sets.ImageSetModel])."""
         images = torch.from_numpy(self.part(split).images).flatten(1)  # a view, no copy
         return images[index]
 
     def sampler(self, split: str) -> ClassSampler:
-        """A :class:`ClassSampler` over ``split``'s class labels."""
+        """A [`ClassSampler`][settransformer.data.image_samplers.ClassSampler] over ``split``'s class
+        labels."""
         if split not in self._samplers:
             part = self.part(split)
             self._samplers[split] = ClassSampler(part.labels, part.num_classes)
@@ -216,7 +220,7 @@ class ImageSetTask(Task):
         return sets, batch.target
 
     def test_batch(self) -> Any:
-        """The fixed test sets (a :class:`~settransformer.tasks.base.Batch`)."""
+        """The fixed test sets (a [`Batch`][settransformer.tasks.base.Batch])."""
         raise NotImplementedError
 
     def generator(self, offset: int) -> torch.Generator:

@@ -17,15 +17,18 @@ Rows (the classic attention-pooling comparison, then attention variants and orde
   the encoded set through a MAB, and a linear head reads ``y``; ``-gaussian``, ``-additive`` and
   ``-top8`` use those scores / hard attention in every block.
 - ``lstm``, ``janet``, ``indrnn``, ``transformer-pe``: order-aware encoders of the pairs in their
-  given order (:mod:`settransformer.nn.sequence`) whose summary conditions an MLP on ``x``.
+  given order ([`settransformer.nn.sequence`][settransformer.nn.sequence]) whose summary conditions an MLP on
+  ``x``.
 
 ``evaluate`` also reports ``perm_sensitivity``: the standard deviation of predictions over
-orderings of the context (:func:`settransformer.tasks.metrics.permutation_sensitivity`).
+orderings of the context
+([`settransformer.tasks.metrics.permutation_sensitivity`][settransformer.tasks.metrics.permutation_sensitivity]).
 Batches: ``x: (B, N, 2)`` pairs, ``mask: (B, N)``, ``target: (B, Q)``; ``extra["queries"]: (B, Q, 1)``,
 ``extra["clean"]: (B, Q)`` and the functions' ``amp``, ``freq``, ``phase`` ``(B, num_sines)``.
 
-Figures (``task.plot``, :func:`plot_kernel_regression`): fitted curves over the noisy pairs, and
-attention heat maps."""
+Figures (``task.plot``,
+[`plot_kernel_regression`][settransformer.tasks.kernel_regression.plot_kernel_regression]): fitted curves over
+the noisy pairs, and attention heat maps."""
 
 from __future__ import annotations
 
@@ -108,7 +111,7 @@ class SetRegressor(nn.Module):
         dim_hidden: encoder width.
         num_heads: attention heads.
         num_layers: encoder depth.
-        **block: options of every block (:class:`~settransformer.nn.mab.BlockOptions`), e.g.
+        **block: options of every block ([`BlockOptions`][settransformer.nn.mab.BlockOptions]), e.g.
             ``score`` and ``top_k``.
 
     Shapes: ``context: (B, N, 2)``, ``mask: (B, N)``, ``queries: (B, Q, 1)`` -> ``(B, Q)``.
@@ -148,7 +151,7 @@ class SetRegressor(nn.Module):
 class SequenceRegressor(nn.Module):
     """Order-aware regressor: a sequence model reads the pairs in order; its summary and an MLP
     embedding of each query feed an MLP. ``kind``: as in
-    :class:`~settransformer.nn.sequence.SequenceSetModel`.
+    [`SequenceSetModel`][settransformer.nn.sequence.SequenceSetModel].
 
     Shapes: ``context: (B, N, 2)``, ``mask: (B, N)``, ``queries: (B, Q, 1)`` -> ``(B, Q)``.
     """

@@ -1,7 +1,7 @@
 """Your own labelled sets: ``set-classification`` and ``set-regression`` on sets read from a file.
 
-The sets are read with :mod:`settransformer.data.set_files` (the layouts ``settransformer predict``
-reads), plus one target per set:
+The sets are read with [`settransformer.data.set_files`][settransformer.data.set_files] (the layouts
+``settransformer predict`` reads), plus one target per set:
 
 - ``.npz`` / ``.h5``: ``x`` (+ ``mask``) or ragged ``values`` + ``offsets``, and ``y (S,)`` (the
   array named by the option ``target``; regression may give ``(S, K)``);
@@ -12,10 +12,11 @@ reads), plus one target per set:
 
 The sets are split into train, validation and test (seeded; stratified by class for
 classification). Every feature is standardised with the mean and std of the training sets'
-elements (regression targets too), and the model carries that preprocessing (:class:`Standardized`):
-the module that ``load_run``, ``predict`` and ``export`` use takes raw sets and returns logits or
-targets in the file's units. Class labels of any type (ints, strings) are mapped to ids in sorted
-order and kept in the task options (``classes``), hence in every checkpoint.
+elements (regression targets too), and the model carries that preprocessing
+([`Standardized`][settransformer.tasks.labelled_sets.Standardized]): the module that ``load_run``, ``predict``
+and ``export`` use takes raw sets and returns logits or targets in the file's units. Class labels of any type
+(ints, strings) are mapped to ids in sorted order and kept in the task options (``classes``), hence in every
+checkpoint.
 
 Models (``--model``): ``settransformer`` (``encoder=isab|sab|rff``, ``num_inducing``,
 ``pooling=pma|mean|sum|max``, ``dim_hidden``, ``num_heads``, ``num_layers``) or ``deepsets``
@@ -282,7 +283,8 @@ _OPTION_HELP: dict[str, str] = {
 
 
 class _LabelledSetTask(Task):
-    """Shared by :class:`SetClassification` and :class:`SetRegression`: data, splits, models."""
+    """Shared by [`SetClassification`][settransformer.tasks.labelled_sets.SetClassification] and
+    [`SetRegression`][settransformer.tasks.labelled_sets.SetRegression]: data, splits, models."""
 
     model_names: ClassVar[tuple[str, ...]] = ("settransformer", "deepsets")
     default_model: ClassVar[str | None] = "settransformer"
@@ -455,7 +457,8 @@ class _LabelledSetTask(Task):
         raise ValueError(f"budget: expected 'quick' or 'paper', got {name!r}")
 
     def build_model(self, model_name: str) -> nn.Module:
-        """The network of ``model_name`` inside :class:`Standardized`: raw ``x: (B, N, D)``,
+        """The network of ``model_name`` inside
+        [`Standardized`][settransformer.tasks.labelled_sets.Standardized]: raw ``x: (B, N, D)``,
         ``mask: (B, N)`` -> ``(B, classes)`` logits or ``(B,)`` / ``(B, K)`` targets."""
         o, d = self.options, self.dim_input
         net: nn.Module

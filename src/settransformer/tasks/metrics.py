@@ -1,10 +1,11 @@
 """Metrics of set models: clustering agreement scores, and how much an output depends on order.
 
-**Clustering agreement**: :func:`adjusted_rand_index` and :func:`normalized_mutual_info` are computed
-from a contingency table, for a whole batch of padded sets at once (no Python loop over sets), and
-agree with scikit-learn's ``adjusted_rand_score`` and ``normalized_mutual_info_score``
-(arithmetic-mean normalisation) including their special cases.
-Labels may be any integers (only equality matters); padded points are left out through ``mask``.
+**Clustering agreement**: [`adjusted_rand_index`][settransformer.tasks.metrics.adjusted_rand_index] and
+[`normalized_mutual_info`][settransformer.tasks.metrics.normalized_mutual_info] are computed from a
+contingency table, for a whole batch of padded sets at once (no Python loop over sets), and agree with
+scikit-learn's ``adjusted_rand_score`` and ``normalized_mutual_info_score`` (arithmetic-mean normalisation)
+including their special cases. Labels may be any integers (only equality matters); padded points are left out
+through ``mask``.
 
 Inputs may be torch tensors or numpy arrays. One labelling ``(N,)`` gives a Python float; a batch
 ``(B, N)`` gives one score per set, ``(B,)`` float64, as a tensor (or an array for numpy input).
@@ -18,8 +19,9 @@ Examples:
     torch.Size([2])
 
 **Order dependence**: a set model's output is a function of the set, so reordering the elements
-changes it only by floating-point rounding; an order-aware baseline (:mod:`settransformer.nn.sequence`)
-changes for real. :func:`permutation_sensitivity` puts a number on it.
+changes it only by floating-point rounding; an order-aware baseline
+([`settransformer.nn.sequence`][settransformer.nn.sequence]) changes for real.
+[`permutation_sensitivity`][settransformer.tasks.metrics.permutation_sensitivity] puts a number on it.
 
 Examples:
     >>> from settransformer import DeepSets

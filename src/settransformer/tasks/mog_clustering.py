@@ -1,15 +1,16 @@
 """Amortized clustering of mixtures of Gaussians (paper section 5.3, Table 3).
 
 The network reads a set of points drawn from a random Gaussian mixture and emits that mixture's
-parameters in one forward pass (:mod:`settransformer.data.mixtures`): ``K`` vectors of ``1 + 2D`` numbers
-(logit of the weight, mean, raw per-dimension scale). It is trained by the negative log-likelihood
-of the points under its output.
+parameters in one forward pass ([`settransformer.data.mixtures`][settransformer.data.mixtures]): ``K`` vectors
+of ``1 + 2D`` numbers (logit of the weight, mean, raw per-dimension scale). It is trained by the negative
+log-likelihood of the points under its output.
 
-Metrics on a fixed benchmark of test sets (:func:`settransformer.data.mixtures.load_benchmark`):
-``ll0`` (the headline, log-likelihood per point of the network's mixture, averaged over sets as the
-official code does), ``ll1`` (after one EM step started from it), ``oracle`` (under the true
-parameters) and ``ll0_gap = oracle - ll0``, ``ari``/``nmi`` of the hard assignments (argmax
-responsibility) against the true components and ``oracle_ari`` for the true parameters' assignments.
+Metrics on a fixed benchmark of test sets
+([`settransformer.data.mixtures.load_benchmark`][settransformer.data.mixtures.load_benchmark]): ``ll0`` (the
+headline, log-likelihood per point of the network's mixture, averaged over sets as the official code does),
+``ll1`` (after one EM step started from it), ``oracle`` (under the true parameters) and
+``ll0_gap = oracle - ll0``, ``ari``/``nmi`` of the hard assignments (argmax responsibility) against the true
+components and ``oracle_ari`` for the true parameters' assignments.
 
 Training batches share one set size (drawn per batch), as in the official code, so they carry no
 mask; the test sets have different sizes and are evaluated in padded chunks of similar size.
@@ -21,8 +22,8 @@ mixing weight above ``count_threshold`` (0.01), where components whose means lie
 spare component: it may duplicate a cluster at no cost); ``k_accuracy`` is how often the count
 equals the true number. ``count_separation=0`` counts the weights alone.
 
-Figures (``task.plot``, :func:`plot_mixture_grid`, also used by the digits clustering task): sets
-coloured by assigned component, with component ellipses."""
+Figures (``task.plot``, [`plot_mixture_grid`][settransformer.tasks.mog_clustering.plot_mixture_grid], also
+used by the digits clustering task): sets coloured by assigned component, with component ellipses."""
 
 from __future__ import annotations
 
@@ -149,8 +150,10 @@ def evaluate_mixture_model(
         model: ``(B, N, D), mask -> (B, K, 1 + 2D)``.
         x: ``(S, N_max, D)``; mask: ``(S, N_max)``; labels: ``(S, N_max)`` true clusters (-1 at padding).
         max_points: padded points per forward pass (memory bound).
-        count_threshold: how clusters are counted (:func:`num_active_components`).
-        count_separation: how clusters are counted (:func:`num_active_components`).
+        count_threshold: how clusters are counted
+            ([`num_active_components`][settransformer.data.mixtures.num_active_components]).
+        count_separation: how clusters are counted
+            ([`num_active_components`][settransformer.data.mixtures.num_active_components]).
 
     Returns:
         Per set ``(S,)``: ``ll0``, ``ll1`` (after one EM step), ``ari``, ``nmi``, ``ari1``
@@ -187,7 +190,7 @@ def evaluate_mixture_model(
 class MoGClustering(Task):
     """Amortized clustering of 2-D mixtures of 4 Gaussians (paper section 5.3, Table 3).
 
-    Options (see :meth:`default_options`): ``dim``, ``num_components``, set sizes ``min_size`` /
+    Options (see `default_options`): ``dim``, ``num_components``, set sizes ``min_size`` /
     ``max_size``, ``sigma``, ``mean_range``, ``vary_components`` / ``count_threshold`` /
     ``count_separation``, the
     benchmark's ``num_test_sets`` / ``test_seed`` / ``cache_dir`` (``None``: ``$SETTRANSFORMER_CACHE``
@@ -310,7 +313,8 @@ class MoGClustering(Task):
         return mixture_nll(model(batch.x, batch.mask), batch.x, batch.mask)
 
     def benchmark(self) -> dict[str, Tensor]:
-        """The fixed test sets (cached on disk; see :func:`~settransformer.data.mixtures.load_benchmark`)."""
+        """The fixed test sets (cached on disk; see
+        [`load_benchmark`][settransformer.data.mixtures.load_benchmark])."""
         if self._benchmark is None:
             o = self.options
             self._benchmark = load_benchmark(

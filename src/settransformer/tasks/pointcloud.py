@@ -4,13 +4,15 @@ Each example is a set of points; the model predicts its class and is trained by 
 Sources (option ``source``), all offline:
 
 - ``shapes`` (default): procedural 3-D shapes generated on the fly from the seed
-  (:mod:`settransformer.data.shapes`); a fixed test set of ``test_size`` shapes;
+  ([`settransformer.data.shapes`][settransformer.data.shapes]); a fixed test set of ``test_size`` shapes;
 - ``digits``: scikit-learn's 8x8 digits as 2-D point sets ``(x, y, intensity)`` of variable size
-  (:mod:`settransformer.data.digit_points`);
+  ([`settransformer.data.digit_points`][settransformer.data.digit_points]);
 - ``deepsets-h5``, ``pointnet-h5``, ``modelnet-off``, ``array``: ModelNet40 in its usual releases, or
-  any ``.npy``/``.npz`` (:mod:`settransformer.data.pointclouds`), read from ``path``.
+  any ``.npy``/``.npz`` ([`settransformer.data.pointclouds`][settransformer.data.pointclouds]), read from
+  ``path``.
 
-Preprocessing (:mod:`settransformer.data.point_transforms`) follows the DeepSets / Set Transformer
+Preprocessing ([`settransformer.data.point_transforms`][settransformer.data.point_transforms]) follows the
+DeepSets / Set Transformer
 code: subsample to ``num_points`` (``fixed``: every ``N/P``-th point; ``random``: a fresh subset for
 every training batch), standardise (``cloud``: each cloud by its own clipped scalar mean and std, as
 that code does; ``train``: one clip/mean/std from the training split), and augment training clouds
@@ -25,8 +27,9 @@ Examples:
     >>> batch.x.shape, batch.target.shape
     (torch.Size([4, 128, 3]), torch.Size([4]))
 
-Figures (``task.plot``): a confusion matrix (:func:`plot_confusion`) and a grid of example clouds
-(:func:`plot_examples`).
+Figures (``task.plot``): a confusion matrix
+([`plot_confusion`][settransformer.tasks.pointcloud.plot_confusion]) and a grid of example clouds
+([`plot_examples`][settransformer.tasks.pointcloud.plot_examples]).
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ class CloudPreprocessing(Preprocessed):
 
     ``forward(x, mask)``: keep ``num_points`` points per cloud by the fixed rule (every ``n/P``-th
     of its ``n`` real points when ``n > num_points``, all of them otherwise, real points first:
-    :func:`~settransformer.data.point_transforms.fixed_subsample`), standardise the first
+    [`fixed_subsample`][settransformer.data.point_transforms.fixed_subsample]), standardise the first
     ``spatial_dims`` features (``"cloud"``: each cloud by its own statistics; ``"train"``: the
     buffers ``clip, mean, std`` of the training split; ``"none"``), then run ``model``.
     ``x: (B, N, D)``, ``mask: (B, N)`` -> ``model``'s output. With a mask, no Python branch depends
@@ -340,8 +343,8 @@ class PointCloudClassification(Task):
 
     # -- models, loss, metrics -------------------------------------------------------------------
     def build_model(self, model_name: str) -> nn.Module:
-        """A fresh model inside :class:`CloudPreprocessing`: raw ``x: (B, N, D)``, ``mask: (B, N)``
-        -> logits ``(B, 1, num_classes)``."""
+        """A fresh model inside [`CloudPreprocessing`][settransformer.tasks.pointcloud.CloudPreprocessing]:
+        raw ``x: (B, N, D)``, ``mask: (B, N)`` -> logits ``(B, 1, num_classes)``."""
         net = self._network(model_name)
         with torch.device("cpu"):  # the data are real even while the model is sized on the meta device
             clouds = self.clouds()

@@ -1,9 +1,11 @@
-"""Run folders: create, validate, rebuild and reproduce. The layer under :mod:`settransformer.cli`.
+"""Run folders: create, validate, rebuild and reproduce. The layer under
+[`settransformer.cli`][settransformer.cli].
 
-A run lives in ``runs/<task>/<name>/`` (see :mod:`settransformer.training.loop` for its files). This module
-turns names and settings into tasks, models and run folders, checks every piece of user input
-(raising :class:`RunError` with one clear line), and runs the ``reproduce`` protocol: every model
-of a task's table, for a number of seeds, and the table beside the paper's.
+A run lives in ``runs/<task>/<name>/`` (see [`settransformer.training.loop`][settransformer.training.loop] for
+its files). This module turns names and settings into tasks, models and run folders, checks every piece of
+user input (raising [`RunError`][settransformer.tasks.runs.RunError] with one clear line), and runs the
+``reproduce`` protocol: every model of a task's table, for a number of seeds, and the table beside the
+paper's.
 
 It sits above the tasks (it uses the registry), like the CLI; library modules never import it.
 """
@@ -74,7 +76,8 @@ class RunError(ValueError):
 
 
 def task_class(name: str) -> type[Task]:
-    """The registered task ``name``; unknown or unavailable tasks are a :class:`RunError`."""
+    """The registered task ``name``; unknown or unavailable tasks are a
+    [`RunError`][settransformer.tasks.runs.RunError]."""
     try:
         return get_task(name)
     except ValueError as e:  # TaskUnavailable included
@@ -87,7 +90,7 @@ OPTION_ALIASES = {"pool": "pooling", "standardise": "standardize"}
 
 def build_task(name: str, options: dict[str, Any] | None = None) -> Task:
     """The registered task ``name`` with ``options`` over its defaults (types checked); an option
-    spelled as in :data:`OPTION_ALIASES` is read as its name."""
+    spelled as in `OPTION_ALIASES` is read as its name."""
     cls = task_class(name)
     defaults = cls.default_options()
     options = _canonical_options(name, dict(options or {}), defaults)
@@ -140,7 +143,7 @@ _POSITIVE = ("dim_hidden", "num_heads", "num_inducing", "num_layers", "num_seeds
 
 def _check_option(key: str, value: Any, default: Any) -> Any:
     """``value`` with the type of the option's default (ints are accepted for floats), finite and
-    within :data:`MAX_OPTION_INT` / :data:`MAX_OPTION_FLOAT` (seeds: any 63-bit value)."""
+    within `MAX_OPTION_INT` / `MAX_OPTION_FLOAT` (seeds: any 63-bit value)."""
     expected = type(default)
     if default is None or (
         isinstance(value, expected) and not (isinstance(value, bool) and expected is not bool)
@@ -177,8 +180,8 @@ def _check_heads(options: dict[str, Any]) -> None:
 
 
 def build_model(task: Task, model_name: str) -> nn.Module:
-    """``task.build_model(model_name)`` after :func:`check_buildable`; a model the task cannot
-    build is a :class:`RunError`."""
+    """``task.build_model(model_name)`` after [`check_buildable`][settransformer.tasks.runs.check_buildable];
+    a model the task cannot build is a [`RunError`][settransformer.tasks.runs.RunError]."""
     check_buildable(task, model_name)
     try:
         return task.build_model(model_name)
@@ -189,7 +192,7 @@ def build_model(task: Task, model_name: str) -> nn.Module:
 
 def check_buildable(task: Task, model_name: str) -> None:
     """Build ``model_name`` without memory (the meta device): refuse settings the model rejects and
-    a model of more than :data:`MAX_PARAMETERS` parameters before any weight is allocated."""
+    a model of more than `MAX_PARAMETERS` parameters before any weight is allocated."""
     try:
         with torch.device("meta"):
             size = sum(p.numel() for p in task.build_model(model_name).parameters())
@@ -275,7 +278,8 @@ def _budget_line(cls: type[Task], name: str) -> str:
 
 
 def check_model(task: type[Task] | Task, model: str) -> str:
-    """``model`` if it is a row of the task's table, else a :class:`RunError` listing the rows."""
+    """``model`` if it is a row of the task's table, else a [`RunError`][settransformer.tasks.runs.RunError]
+    listing the rows."""
     if model not in task.model_names:
         hint = did_you_mean(model, task.model_names)
         raise RunError(f"model {model!r}{hint}: {task.name} has the models {', '.join(task.model_names)}")
@@ -332,9 +336,9 @@ def run_lock(run_dir: str | Path) -> Iterator[Path]:
     """Hold an exclusive lock on the run folder ``run_dir`` (created if missing) for the block.
 
     Every command that writes into a run folder takes it, so two writers never interleave their
-    files: the second gets a :class:`RunError` naming the holder's pid and host. The lock is an
-    ``fcntl.flock`` on ``run_dir/.lock``, which the kernel releases when its holder exits, however
-    it exits (``kill -9`` included): no stale lock ever needs breaking. The file is removed on
+    files: the second gets a [`RunError`][settransformer.tasks.runs.RunError] naming the holder's pid and
+    host. The lock is an ``fcntl.flock`` on ``run_dir/.lock``, which the kernel releases when its holder
+    exits, however it exits (``kill -9`` included): no stale lock ever needs breaking. The file is removed on
     release. Under torchrun only rank 0 writes, so only it locks. Where ``fcntl`` is missing
     (Windows) the block runs unlocked.
 
@@ -384,7 +388,8 @@ def run_lock(run_dir: str | Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def lock_if_run(folder: str | Path | None) -> Iterator[None]:
-    """:func:`run_lock` on ``folder`` when it is a run folder (holds a ``config.json``), else nothing."""
+    """[`run_lock`][settransformer.tasks.runs.run_lock] on ``folder`` when it is a run folder (holds a
+    ``config.json``), else nothing."""
     if folder is not None and (Path(folder) / "config.json").is_file():
         with run_lock(folder):
             yield
@@ -392,7 +397,7 @@ def lock_if_run(folder: str | Path | None) -> Iterator[None]:
         yield
 
 
-#: ``which`` -> the file of a run folder that :func:`load_run` reads.
+#: ``which`` -> the file of a run folder that [`load_run`][settransformer.tasks.runs.load_run] reads.
 CHECKPOINT_FILES = {"last": "checkpoint.pt", "best": "best.pt"}
 
 
@@ -437,7 +442,7 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
 def read_checkpoint(path: str | Path, resume: bool = False) -> dict[str, Any]:
     """The training checkpoint at ``path``, safely loaded (no code from the file runs) and checked
     for the entries rebuilding its model needs (``resume``: and continuing its run); every problem
-    is a :class:`RunError` naming the file."""
+    is a [`RunError`][settransformer.tasks.runs.RunError] naming the file."""
     try:
         return check_checkpoint(load_checkpoint(path), path, RESUME_KEYS if resume else MODEL_KEYS)
     except (FileNotFoundError, ValueError) as e:
@@ -461,7 +466,7 @@ def _misfit(model: nn.Module, weights: dict[str, Any]) -> str:
     """Why ``weights`` do not load into ``model``: missing, unexpected and reshaped entries.
 
     Loaded into a copy through ``load_state_dict``, so the model's own load hooks (e.g. the
-    layout of older runs, :class:`~settransformer.tasks.base.Preprocessed`) are taken into account.
+    layout of older runs, [`Preprocessed`][settransformer.tasks.base.Preprocessed]) are taken into account.
     """
     weights, reshaped = dict(weights), []
     for _ in range(2):  # a second try without the entries of another shape, to name the rest
@@ -566,8 +571,9 @@ def load_run(
 def load_for_inference(
     source: str | Path, which: str = "last", device: str = "auto"
 ) -> tuple[Task | None, nn.Module, str]:
-    """What ``predict`` and ``export`` run: a run folder or checkpoint (as :func:`load_run`), or a
-    folder written by :func:`~settransformer.deploy.saved.save_model`.
+    """What ``predict`` and ``export`` run: a run folder or checkpoint (as
+    [`load_run`][settransformer.tasks.runs.load_run]), or a folder written by
+    [`save_model`][settransformer.deploy.saved.save_model].
 
     Returns ``(task or None for a saved model, model on device in eval mode, a one-line description)``.
     """
@@ -588,9 +594,9 @@ def check_resume(
 
     The checkpoint must be of the run's task and model (``info``: its ``config.json``), with the
     same task options, and its weights must fit the model. Training settings that differ from the
-    checkpoint's (cosmetic ones aside: progress, logging, device) are a :class:`RunError` naming each,
-    unless ``allow_changes``: then each change and the step it takes effect at are appended to
-    ``run_dir/changes.jsonl``.
+    checkpoint's (cosmetic ones aside: progress, logging, device) are a
+    [`RunError`][settransformer.tasks.runs.RunError] naming each, unless ``allow_changes``: then each change
+    and the step it takes effect at are appended to ``run_dir/changes.jsonl``.
     """
     run_dir = Path(run_dir)
     path = run_dir / "checkpoint.pt"

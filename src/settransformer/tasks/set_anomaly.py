@@ -117,9 +117,9 @@ class ElementScorer(nn.Module):
 class SetAnomaly(ImageSetTask):
     """Which image of the set is the odd one? Metric: AUROC over elements.
 
-    Options (besides :class:`ImageSetTask`'s): ``set_size`` (paper 8), ``min_size`` (``None``:
-    every set has ``set_size`` images; smaller: sizes vary and batches are padded),
-    ``normal_classes`` (see the module docstring), ``num_layers`` (SAB blocks; paper 4) and
+    Options (besides [`ImageSetTask`][settransformer.tasks.image_sets.ImageSetTask]'s): ``set_size`` (paper
+    8), ``min_size`` (``None``: every set has ``set_size`` images; smaller: sizes vary and batches are
+    padded), ``normal_classes`` (see the module docstring), ``num_layers`` (SAB blocks; paper 4) and
     ``num_seeds`` (PMA seeds; paper 4).
 
     Examples:
@@ -196,7 +196,8 @@ class SetAnomaly(ImageSetTask):
             )
 
     def build_model(self, model_name: str) -> nn.Module:
-        """Image encoder + :class:`ElementScorer`: ``x: (B, N, C*H*W)``, ``mask`` -> scores ``(B, N)``."""
+        """Image encoder + [`ElementScorer`][settransformer.tasks.set_anomaly.ElementScorer]:
+        ``x: (B, N, C*H*W)``, ``mask`` -> scores ``(B, N)``."""
         if model_name not in _ROWS:
             raise ValueError(f"model: expected one of {list(_ROWS)}, got {model_name!r}")
         encoder, decoder = _ROWS[model_name]
@@ -215,9 +216,10 @@ class SetAnomaly(ImageSetTask):
     def sample_sets(self, batch_size: int, generator: torch.Generator, split: str = "train") -> Batch:
         """``batch_size`` sets from ``split``'s images; vectorised.
 
-        Returns a :class:`Batch`: ``x: (B, set_size, C*H*W)``, ``mask: (B, set_size)`` (``None``
-        when every set is full), ``target: (B,)`` the odd element's position, and
-        ``extra["index"]`` (image indices into ``split``) and ``extra["anomaly"]`` ((B, N) bool).
+        Returns a [`Batch`][settransformer.tasks.base.Batch]: ``x: (B, set_size, C*H*W)``,
+        ``mask: (B, set_size)`` (``None`` when every set is full), ``target: (B,)`` the odd element's
+        position, and ``extra["index"]`` (image indices into ``split``) and ``extra["anomaly"]`` ((B, N)
+        bool).
         """
         o, g = self.options, generator
         size = o["set_size"]

@@ -1,19 +1,23 @@
 """Checkpoints that survive interruptions, describe their model, and never run code when loaded.
 
 A checkpoint is a plain dict (str/int/float/bool/None, lists, dicts and tensors only) inside
-``torch.save``'s zip archive. :func:`load_checkpoint` reads it with ``torch.load(weights_only=True)``
-and refuses anything else before unpickling (a bare pickle, a truncated archive, an archive whose
-pickle names other Python objects), so loading a file never runs code from it. Every failure is a
-``ValueError`` whose message names the file and says what is wrong with it.
+``torch.save``'s zip archive. [`load_checkpoint`][settransformer.training.checkpoint.load_checkpoint] reads it
+with ``torch.load(weights_only=True)`` and refuses anything else before unpickling (a bare pickle, a truncated
+archive, an archive whose pickle names other Python objects), so loading a file never runs code from it. Every
+failure is a ``ValueError`` whose message names the file and says what is wrong with it.
 
-:func:`save_checkpoint` writes through :func:`settransformer.data.files.atomic_write`: a crash,
-``kill -9`` or a full disk during the write leaves the previous file intact. :func:`load_checkpoint`
-verifies the CRC-32 of every record of the archive before unpickling, so flipped bytes anywhere in
-the file (a weight included) are refused instead of loaded as wrong weights.
+[`save_checkpoint`][settransformer.training.checkpoint.save_checkpoint] writes through
+[`settransformer.data.files.atomic_write`][settransformer.data.files.atomic_write]: a crash, ``kill -9`` or a
+full disk during the write leaves the previous file intact.
+[`load_checkpoint`][settransformer.training.checkpoint.load_checkpoint] verifies the CRC-32 of every record of
+the archive before unpickling, so flipped bytes anywhere in the file (a weight included) are refused instead
+of loaded as wrong weights.
 
-A training checkpoint (see :mod:`settransformer.training.loop`) also says what it holds: ``format``,
-``version``, ``task``, ``task_options``, ``model_name`` and ``model_config`` (:func:`model_config`),
-which :func:`check_checkpoint` validates, so the model can be rebuilt from the file alone.
+A training checkpoint (see [`settransformer.training.loop`][settransformer.training.loop]) also says what it
+holds: ``format``, ``version``, ``task``, ``task_options``, ``model_name`` and ``model_config``
+([`model_config`][settransformer.training.checkpoint.model_config]), which
+[`check_checkpoint`][settransformer.training.checkpoint.check_checkpoint] validates, so the model can be
+rebuilt from the file alone.
 
 Examples:
     >>> model = torch.nn.Linear(2, 3)
@@ -51,7 +55,8 @@ __all__ = [
     "set_rng_state",
 ]
 
-#: Bumped when the layout of the dict written by :mod:`settransformer.training.loop` changes incompatibly.
+#: Bumped when the layout of the dict written by
+#: [`settransformer.training.loop`][settransformer.training.loop] changes incompatibly.
 CHECKPOINT_FORMAT = 1
 #: What every training checkpoint holds: enough to rebuild the task and model and load the weights.
 MODEL_KEYS = ("format", "task", "task_options", "model_name", "step", "model")
@@ -76,11 +81,11 @@ def library_version() -> str:
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write ``state`` to ``path`` atomically (:func:`~settransformer.data.files.atomic_write`):
+    """Write ``state`` to ``path`` atomically ([`atomic_write`][settransformer.data.files.atomic_write]):
     either the old file or the complete new one exists.
 
     ``state`` must hold only types that ``torch.load(weights_only=True)`` accepts. A full disk or
-    a read-only folder is a :class:`~settransformer.data.files.WriteError` naming ``path``.
+    a read-only folder is a [`WriteError`][settransformer.data.files.WriteError] naming ``path``.
     """
     return atomic_write(path, lambda f: torch.save(state, f))
 
@@ -99,7 +104,8 @@ def _what_it_is(head: bytes) -> str:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`, safely: no code from the file runs.
+    """Read a checkpoint written by [`save_checkpoint`][settransformer.training.checkpoint.save_checkpoint],
+    safely: no code from the file runs.
 
     Only ``torch.save`` zip archives are opened, with ``torch.load(weights_only=True)``, which
     rebuilds tensors and plain values and refuses every other Python object.
@@ -108,7 +114,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         FileNotFoundError: no file at ``path``.
         ValueError: the file is not a readable checkpoint dict, fails a CRC-32 check (corrupted),
             holds other Python objects, or was written by a newer settransformer (a ``format``
-            above :data:`CHECKPOINT_FORMAT`); the message starts with the path. Also for a CUDA
+            above `CHECKPOINT_FORMAT`); the message starts with the path. Also for a CUDA
             ``map_location`` where CUDA is unavailable.
     """
     path = Path(path)
@@ -239,8 +245,8 @@ def model_config(model: nn.Module) -> dict[str, Any] | None:
 
     Returns ``{"class", "module", "config"}`` for the first module of ``model`` (``model`` itself
     first, then its submodules in order; ``module`` is its name, ``""`` for ``model``) that keeps
-    its settings in a ``config`` dict (:class:`~settransformer.nn.models.SetTransformer`,
-    :class:`~settransformer.nn.models.DeepSets` and the sequence baselines do), or ``None``.
+    its settings in a ``config`` dict ([`SetTransformer`][settransformer.nn.models.SetTransformer],
+    [`DeepSets`][settransformer.nn.models.DeepSets] and the sequence baselines do), or ``None``.
     """
     for name, module in model.named_modules():
         config = getattr(module, "config", None)
@@ -261,7 +267,8 @@ def rng_state(generator: torch.Generator) -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
-    """Restore what :func:`rng_state` captured (CUDA states only where CUDA is in use)."""
+    """Restore what [`rng_state`][settransformer.training.checkpoint.rng_state] captured (CUDA states only
+    where CUDA is in use)."""
     generator.set_state(state["data"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():

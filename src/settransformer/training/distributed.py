@@ -1,13 +1,14 @@
 """Just enough of ``torch.distributed`` for data-parallel training launched by ``torchrun``.
 
 ``torchrun --nproc-per-node=W ...`` (on one machine, or on each of ``--nnodes`` machines) sets
-``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; :func:`setup` reads them,
-joins the process group (NCCL on CUDA, Gloo on CPU) and picks this process's device (``cuda:LOCAL_RANK``).
-Without them (or with ``WORLD_SIZE=1``) everything is a no-op.
+``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``;
+[`setup`][settransformer.training.distributed.setup] reads them, joins the process group (NCCL on CUDA, Gloo
+on CPU) and picks this process's device (``cuda:LOCAL_RANK``). Without them (or with ``WORLD_SIZE=1``)
+everything is a no-op.
 
-How the training loop uses it (:mod:`settransformer.training.loop`): every rank draws the same global batch
-from the same seeded generator and keeps its contiguous share
-(:meth:`~settransformer.tasks.base.Batch.shard`), DistributedDataParallel averages the gradients, and
+How the training loop uses it ([`settransformer.training.loop`][settransformer.training.loop]): every rank
+draws the same global batch from the same seeded generator and keeps its contiguous share
+([`shard`][settransformer.tasks.base.Batch.shard]), DistributedDataParallel averages the gradients, and
 rank 0 alone evaluates and writes files.
 """
 
@@ -24,7 +25,8 @@ __all__ = ["Distributed", "is_main_process", "resolve_device", "setup"]
 
 
 def is_main_process() -> bool:
-    """Rank 0 of a ``torchrun`` job, or a plain process (usable before :func:`setup`)."""
+    """Rank 0 of a ``torchrun`` job, or a plain process (usable before
+    [`setup`][settransformer.training.distributed.setup])."""
     return int(os.environ.get("RANK", "0")) == 0
 
 

@@ -1,13 +1,15 @@
 """Stop training cleanly on SIGINT (Ctrl-C) or SIGTERM (``kill``, a batch scheduler's notice).
 
-While a :class:`StopOnSignal` is active, these signals only set a flag. The training loop asks
-:meth:`StopOnSignal.agreed` between steps, and when it says stop, writes a checkpoint of the step it
-reached and raises :class:`Interrupted`; ``settransformer train`` turns that into one line naming the
-checkpoint and the exit code ``128 + signal`` (130 for SIGINT, 143 for SIGTERM: the shell's code for
-a process ended by that signal, so schedulers and scripts see that the run did not finish).
+While a [`StopOnSignal`][settransformer.training.interrupt.StopOnSignal] is active, these signals only set a
+flag. The training loop asks [`StopOnSignal.agreed`][settransformer.training.interrupt.StopOnSignal.agreed]
+between steps, and when it says stop, writes a checkpoint of the step it reached and raises
+[`Interrupted`][settransformer.training.interrupt.Interrupted]; ``settransformer train`` turns that into one
+line naming the checkpoint and the exit code ``128 + signal`` (130 for SIGINT, 143 for SIGTERM: the shell's
+code for a process ended by that signal, so schedulers and scripts see that the run did not finish).
 
 A second signal while the first is being handled raises ``KeyboardInterrupt`` at once: the atomic
-checkpoint writes (:mod:`settransformer.training.checkpoint`) keep the last checkpoint on disk intact.
+checkpoint writes ([`settransformer.training.checkpoint`][settransformer.training.checkpoint]) keep the last
+checkpoint on disk intact.
 
 Under ``torchrun`` every process gets the signal (a terminal's Ctrl-C reaches the whole process
 group; torchrun forwards SIGTERM to its workers and sends SIGKILL 30 s later). The processes must
@@ -76,11 +78,11 @@ class Interrupted(KeyboardInterrupt):
 
 
 class StopOnSignal:
-    """Context manager: while active, SIGINT and SIGTERM set :attr:`signum` instead of ending the
+    """Context manager: while active, SIGINT and SIGTERM set `signum` instead of ending the
     process; the previous handlers come back on exit.
 
     Signal handlers can only be set in the main thread: elsewhere it installs nothing and
-    :attr:`signum` stays ``None`` (the signals then act as they did before). A signal the process
+    `signum` stays ``None`` (the signals then act as they did before). A signal the process
     ignores (``SIG_IGN``, e.g. SIGINT in a background job of a script) stays ignored. ``install`` and
     ``restore`` do the same as entering and leaving, for code that cannot indent a block.
     """
@@ -118,7 +120,7 @@ class StopOnSignal:
     def agreed(self, world: Distributed, can_stop: bool = True) -> int | None:
         """The signal to stop for now, or ``None`` to go on: the same answer on every process.
 
-        One process: :attr:`signum`. Under DDP, only where ``can_stop`` (a step where every rank
+        One process: `signum`. Under DDP, only where ``can_stop`` (a step where every rank
         calls this, e.g. every ``log_every`` steps) and then through an all-reduce, a collective.
         """
         if not world.enabled:

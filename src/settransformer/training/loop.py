@@ -1,8 +1,10 @@
 """The one training loop, shared by every task.
 
-:func:`train` takes a model, a task and a :class:`~settransformer.training.config.TrainConfig`, and
-talks to the task only through :class:`TrainingTask`: ``sample_batch``, ``loss`` and ``evaluate``
-(every :class:`settransformer.tasks.base.Task` provides them). With a ``run_dir`` it keeps the run on disk::
+[`train`][settransformer.training.loop.train] takes a model, a task and a
+[`TrainConfig`][settransformer.training.config.TrainConfig], and talks to the task only through
+[`TrainingTask`][settransformer.training.loop.TrainingTask]: ``sample_batch``, ``loss`` and ``evaluate``
+(every [`settransformer.tasks.base.Task`][settransformer.tasks.base.Task] provides them). With a ``run_dir``
+it keeps the run on disk::
 
     run_dir/config.json      task, model, task options, training settings, seed, library version
     run_dir/metrics.jsonl    one JSON object per logged step: step, loss, lr, elapsed [, eval metrics]
@@ -13,9 +15,9 @@ talks to the task only through :class:`TrainingTask`: ``sample_batch``, ``loss``
 Every random number comes from the seeded data generator or torch's seeded global RNG, and both
 are checkpointed, so a resumed run reproduces an uninterrupted one exactly (on CPU).
 
-:func:`train` reads as its steps: set up (device, seeds, model, optimiser, the checkpoint resumed
-from, the run's files), then until ``config.steps`` one training step at a time, a logged line every
-``log_every`` steps, an evaluation and a checkpoint every ``eval_every`` steps and at the end.
+[`train`][settransformer.training.loop.train] reads as its steps: set up (device, seeds, model, optimiser, the
+checkpoint resumed from, the run's files), then until ``config.steps`` one training step at a time, a logged
+line every ``log_every`` steps, an evaluation and a checkpoint every ``eval_every`` steps and at the end.
 
 Examples:
     >>> from settransformer.tasks.max_regression import MaxRegression
@@ -78,7 +80,8 @@ class TrainingBatch(Protocol):
 
 
 class TrainingTask(Protocol):
-    """What :func:`train` needs of a task; :class:`settransformer.tasks.base.Task` provides it.
+    """What [`train`][settransformer.training.loop.train] needs of a task;
+    [`settransformer.tasks.base.Task`][settransformer.tasks.base.Task] provides it.
 
     ``sample_batch`` draws ``batch_size`` sets from ``generator`` (the only source of data randomness),
     ``loss`` is the scalar to minimise on a batch, ``evaluate`` returns the metrics (among them
@@ -203,8 +206,9 @@ def train(
         resume: continue from ``run_dir/checkpoint.pt`` (same seed: the same losses as without a break).
 
     Raises:
-        Interrupted: SIGINT or SIGTERM arrived (:mod:`settransformer.training.interrupt`); the step it was in
-            was finished and saved to ``run_dir/checkpoint.pt``, from which ``resume`` continues exactly.
+        Interrupted: SIGINT or SIGTERM arrived
+            ([`settransformer.training.interrupt`][settransformer.training.interrupt]); the step it was in was
+            finished and saved to ``run_dir/checkpoint.pt``, from which ``resume`` continues exactly.
 
     ``metrics`` are the last evaluation's (``task.evaluate``), ``best`` the best value of the
     headline metric ``task.metric`` seen at any evaluation. Under ``torchrun`` the model is wrapped
@@ -313,7 +317,8 @@ def _set_up(
     return run
 
 
-#: Steps timed for the estimate of a run's duration that :func:`train` prints with progress shown.
+#: Steps timed for the estimate of a run's duration that [`train`][settransformer.training.loop.train] prints
+#: with progress shown.
 ESTIMATE_STEPS = 5
 
 
@@ -330,8 +335,8 @@ def _duration(seconds: float) -> str:
 class _Run:
     """A training run in progress: what it trains and with what, where it writes, and how far it got.
 
-    Its methods are the steps of :func:`train`: :meth:`train_step`, :meth:`log` (with
-    :meth:`evaluate`), :meth:`save`, :meth:`close` and :meth:`finish`.
+    Its methods are the steps of [`train`][settransformer.training.loop.train]: `train_step`, `log` (with
+    `evaluate`), `save`, `close` and `finish`.
     """
 
     task: TrainingTask
@@ -364,7 +369,7 @@ class _Run:
     #: Print a plain progress line every this many steps instead of the bar (0: the bar).
     plain_every: int = 0
     start: float = 0.0
-    #: ``(step, time)`` where the timing of the steps for :meth:`estimate` began; ``None`` before.
+    #: ``(step, time)`` where the timing of the steps for `estimate` began; ``None`` before.
     timed_from: tuple[int, float] | None = None
     estimated: bool = False
 
@@ -456,7 +461,7 @@ class _Run:
 
     def estimate(self) -> None:
         """With progress shown, print once how long the whole run should take on this machine,
-        timed over the :data:`ESTIMATE_STEPS` steps after this process's first (which pays one-off
+        timed over the `ESTIMATE_STEPS` steps after this process's first (which pays one-off
         costs: allocations, kernel choices)."""
         if self.estimated or not (self.config.progress and self.ctx.is_main):
             return
