@@ -20,7 +20,7 @@ Examples:
     >>> train, test = data.split(0.3, seed=0)
 
 Random draws of images by class or by attributes live in
-[`.image_samplers`][settransformer.data.image_samplers].
+[`settransformer.data.image_samplers`][settransformer.data.image_samplers].
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Shared pieces of the image-set tasks ([`.count_unique`][settransformer.tasks.count_unique],
-[`.set_anomaly`][settransformer.tasks.set_anomaly]).
+"""Shared pieces of the image-set tasks ([`count_unique`][settransformer.tasks.count_unique],
+[`set_anomaly`][settransformer.tasks.set_anomaly]).
 
 - [`ImageEncoder`][settransformer.tasks.image_sets.ImageEncoder]: the per-element image network (an MLP, or a
   small CNN as in the paper).
@@ -119,7 +119,7 @@ class ImageSetModel(nn.Module):
 
 class ImageSetTask(Task):
     """A task whose sets are images from a labelled collection (see
-    [`..data.images`][settransformer.data.images]).
+    [`settransformer.data.images`][settransformer.data.images]).
 
     Common options: ``data`` (``"digits"``, a folder of class subfolders, or a ``.npz``/``.h5``
     file), ``image_size`` (resize; ``None`` keeps the size), ``class_depth`` (folders: 2 for
