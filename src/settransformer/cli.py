@@ -128,8 +128,8 @@ _DEMOTHREADS_HELP = (
 )
 
 
-#: Flags that a --config file cannot set: the file itself, and the task (the positional argument).
 _NOT_IN_CONFIG = ("help", "config", "task", "func", "command", "parser")
+"""Flags that a --config file cannot set: the file itself, and the task (the positional argument)."""
 
 
 def _read_config(args: argparse.Namespace) -> dict[str, Any]:

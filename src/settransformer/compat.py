@@ -241,7 +241,7 @@ def load_official(
 
     Returns:
         A model mapping ``x: (B, N, dim_input)`` (optionally with ``mask: (B, N)``) to
-        ``(B, num_outputs, dim_output)``, equal to the official model's output up to float rounding.
+            ``(B, num_outputs, dim_output)``, equal to the official model's output up to float rounding.
 
     Raises:
         ValueError: a missing or unexpected key, or a shape mismatch (naming the key and both shapes).

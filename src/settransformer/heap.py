@@ -25,9 +25,9 @@ import functools
 
 __all__ = ["KEEP_LIMIT", "keep_freed_memory"]
 
-#: Largest block kept in the heap when freed, and the most free memory the heap holds before it
-#: gives the top back to the system (bytes): larger blocks keep glibc's mmap behaviour.
 KEEP_LIMIT = 1 << 30
+"""Largest block kept in the heap when freed, and the most free memory the heap holds before it
+gives the top back to the system (bytes): larger blocks keep glibc's mmap behaviour."""
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1

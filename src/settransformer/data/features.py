@@ -54,8 +54,8 @@ class FeatureData:
         return len(np.unique(self.labels))
 
 
-#: What reading a damaged ``.npy``/``.npz`` raises (truncated, not a zip, a bad CRC, bad compression).
 _READ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)
+"""What reading a damaged ``.npy``/``.npz`` raises (truncated, not a zip, a bad CRC, bad compression)."""
 
 
 def _npy(path: Path) -> np.ndarray:

@@ -38,8 +38,8 @@ from typing import IO
 
 __all__ = ["WriteError", "atomic_path", "atomic_write", "os_error_message", "short", "write_text_atomic"]
 
-#: The longest excerpt of a value that an error message quotes.
 SHORT = 200
+"""The longest excerpt of a value that an error message quotes."""
 
 
 def short(value: object, limit: int = SHORT, *, quote: bool = True) -> str:

@@ -61,8 +61,8 @@ __all__ = [
     "sample_mog",
 ]
 
-#: Bumped when the benchmark's generation changes, so that old cache files are not reused.
 BENCHMARK_VERSION = 2
+"""Bumped when the benchmark's generation changes, so that old cache files are not reused."""
 MIN_SIGMA = 1e-3
 """Floor on every standard deviation, so a component cannot collapse onto one point (infinite
 likelihood). EM's M-step clamps to the same floor, which keeps it an exact (constrained) maximisation."""
@@ -231,9 +231,9 @@ def load_benchmark(
 
     Returns:
         ``x: (S, N_max, D)``, ``mask: (S, N_max)``, ``labels: (S, N_max)`` (-1 at padding),
-        ``sizes: (S,)``, the true ``log_pi: (S, K)``, ``mu``/``sigma: (S, K, D)``,
-        ``num_clusters: (S,)`` and ``oracle_ll: (S,)``, the log-likelihood per point of each set
-        under its true parameters (computed in float64).
+            ``sizes: (S,)``, the true ``log_pi: (S, K)``, ``mu``/``sigma: (S, K, D)``,
+            ``num_clusters: (S,)`` and ``oracle_ll: (S,)``, the log-likelihood per point of each set
+            under its true parameters (computed in float64).
 
     Examples:
         >>> data = load_benchmark("cache", num_sets=8, min_size=10, max_size=20)  # written to cache/

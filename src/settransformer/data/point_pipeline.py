@@ -111,8 +111,8 @@ class PreparedClouds:
                     "standardize='train': the training split is empty and nothing to fit on was given"
                 )
             self.standardizer = Standardizer.fit(fit[0], fit[1], prep.spatial_dims)
-        #: The test clouds after the test subsample, before standardisation: what a deployed model takes.
         self.raw_test: Clouds = (test_x, test_mask, test_labels)
+        """The test clouds after the test subsample, before standardisation: what a deployed model takes."""
         self.test: Clouds = (self.standardize(test_x, test_mask), test_mask, test_labels)
         if prep.subsample == "fixed" or p is None:
             train_x = self.standardize(train_x, train_mask)  # deterministic, so done once

@@ -53,8 +53,8 @@ def fixed_subsample(x: Tensor, num_points: int, mask: Tensor) -> tuple[Tensor, T
         num_points: points to keep.
 
     Returns:
-        ``(x, mask)``: ``x: (B, P, D)`` with ``P = min(num_points, N)``, padded rows zero; ``mask: (B, P)``,
-        ``mask[b, j] = j < min(n_b, P)``.
+        x: ``(B, P, D)`` with ``P = min(num_points, N)``, padded rows zero.
+        mask: ``(B, P)``, ``mask[b, j] = j < min(n_b, P)``.
 
     Examples:
         >>> x = torch.arange(8.0).view(1, 8, 1)
@@ -92,8 +92,8 @@ def subsample(
             real points in order ([`fixed_subsample`][settransformer.data.point_transforms.fixed_subsample]).
 
     Returns:
-        ``(x, mask)`` with ``x: (B, P, D)``, ``P = min(num_points, N)``, real points first; ``mask`` is
-        None when every cloud has ``P`` real points.
+        x: ``(B, P, D)``, ``P = min(num_points, N)``, real points first.
+        mask: ``(B, P)``; None when every cloud has ``P`` real points.
 
     Examples:
         >>> x = torch.arange(10.0).view(1, 10, 1)

@@ -64,13 +64,14 @@ from ..nn.validation import check_positive
 
 __all__ = ["INPUT_NAMES", "OUTPUT_NAME", "QUERIES_NAME", "ExportError", "export_onnx", "export_torchscript"]
 
-#: Names of the inputs of an exported ONNX graph, in order, and of its output.
 INPUT_NAMES = ("x", "mask")
+"""Names of the inputs of an exported ONNX graph, in order."""
 OUTPUT_NAME = "output"
-#: Name of the third input of the graph of a model called as ``model(x, mask, queries)``.
+"""Name of the output of an exported ONNX graph."""
 QUERIES_NAME = "queries"
-#: ONNX opset when none is given (ONNX Runtime >= 1.14 runs it; LayerNormalization needs 17+).
+"""Name of the third input of the graph of a model called as ``model(x, mask, queries)``."""
 DEFAULT_OPSET = 18
+"""ONNX opset when none is given (ONNX Runtime >= 1.14 runs it; LayerNormalization needs 17+)."""
 
 _EXAMPLE = (2, 8, 3)  # (B, N, Q) traced; B > 1 so that broadcasting over the batch is traced as such
 _PROBE_SIZE = (11, 5)  # a second (N, Q), to tell which attention sizes grow with N or Q
@@ -114,7 +115,8 @@ def export_onnx(
         dim_input: feature size of the set elements.
         dim_query: feature size of the query points, for a model that takes them (required
             then, refused otherwise).
-        opset: ONNX opset (default `DEFAULT_OPSET`; 14 to 20, or 18+ with ``dynamo``).
+        opset: ONNX opset (default [`DEFAULT_OPSET`][settransformer.deploy.export.DEFAULT_OPSET]; 14 to 20, or
+            18+ with ``dynamo``).
         overwrite: replace an existing file (otherwise `FileExistsError`).
         verify: run the file in ONNX Runtime (when installed) on padded batches of other sizes
             and compare with ``model`` (atol = rtol = 1e-4).
@@ -122,8 +124,8 @@ def export_onnx(
 
     Returns:
         ``path``. Raises [`ExportError`][settransformer.deploy.export.ExportError] (a ``ValueError``) when the
-        export or the comparison fails, ``TypeError`` for a model that is not called as ``model(x, mask)``
-        (or ``model(x, mask, queries)`` with ``dim_query``), ``ImportError`` without the ``onnx`` package.
+            export or the comparison fails, ``TypeError`` for a model that is not called as ``model(x, mask)``
+            (or ``model(x, mask, queries)`` with ``dim_query``), ``ImportError`` without the ``onnx`` package.
 
     Examples:
         >>> import onnx

@@ -237,8 +237,8 @@ def predict(
 
     Returns:
         ``S`` CPU tensors: ``model(x, mask)[i]`` of set ``i`` (e.g. ``(num_outputs, dim_output)``),
-        cut to ``(N_i, ...)`` for per-element outputs, or ``(Q_i, ...)`` with ``queries``; equal to
-        running each set alone, unpadded.
+            cut to ``(N_i, ...)`` for per-element outputs, or ``(Q_i, ...)`` with ``queries``; equal to
+            running each set alone, unpadded.
 
     Examples:
         >>> class AtQueries(torch.nn.Module):  # (B, N, 2), (B, N), (B, Q, 1) -> (B, Q)

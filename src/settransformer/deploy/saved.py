@@ -47,11 +47,11 @@ __all__ = [
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-#: Bumped when the layout of ``config.json`` changes incompatibly.
 SAVED_FORMAT = 1
-#: The classes [`save_model`][settransformer.deploy.saved.save_model] writes and
-#: [`load_model`][settransformer.deploy.saved.load_model] rebuilds, by name.
+"""Bumped when the layout of ``config.json`` changes incompatibly."""
 MODEL_CLASSES: dict[str, type[nn.Module]] = {"SetTransformer": SetTransformer, "DeepSets": DeepSets}
+"""The classes [`save_model`][settransformer.deploy.saved.save_model] writes and
+[`load_model`][settransformer.deploy.saved.load_model] rebuilds, by name."""
 
 
 def _safetensors() -> Any:

@@ -214,9 +214,9 @@ def _attention(
 
 
 Kernel = Literal["auto", "fused", "explicit"]
-#: The ways [`attention`][settransformer.nn.attention.attention] computes a dot product (see its ``kernel``
-#: argument).
 KERNELS: tuple[Kernel, ...] = get_args(Kernel)
+"""The ways [`attention`][settransformer.nn.attention.attention] computes a dot product (see its ``kernel``
+argument)."""
 
 # Calibration of choose_kernel: benchmarks/kernels.py times both kernels at the shapes the blocks
 # run (2 threads of an x86 CPU; the table is benchmarks/results/kernels.md). The fused CPU kernel
@@ -229,25 +229,27 @@ KERNELS: tuple[Kernel, ...] = get_args(Kernel)
 # more) keep the fused kernel under autograd: 1.12-1.72x in results/kernels-avx2.md, 1.24x at
 # MoG's PMA(4) in results/kernels.md. Without autograd, a single (batch, head) keeps the fused
 # kernel, which splits its queries over the threads.
-#: Fewest multiply-adds per (batch, head), ``Nq * Nk * Dh``, for the explicit kernel.
 EXPLICIT_MIN_WORK = 2048
-#: Under autograd, at most this many queries per (batch, head) over `FUSED_GRAD_MIN_KEYS` keys
-#: or more take the fused kernel.
+"""Fewest multiply-adds per (batch, head), ``Nq * Nk * Dh``, for the explicit kernel."""
 FUSED_GRAD_MAX_QUERIES = 16
-#: See `FUSED_GRAD_MAX_QUERIES`.
+"""Under autograd, at most this many queries per (batch, head) over
+[`FUSED_GRAD_MIN_KEYS`][settransformer.nn.attention.FUSED_GRAD_MIN_KEYS] keys or more take the fused
+kernel."""
 FUSED_GRAD_MIN_KEYS = 100
-#: Most scores in all, ``B * H * Nq * Nk``, for the explicit kernel (it stores them: 12 MB in float32).
+"""See [`FUSED_GRAD_MAX_QUERIES`][settransformer.nn.attention.FUSED_GRAD_MAX_QUERIES]."""
 EXPLICIT_MAX_SCORES = 3 * 2**20
+"""Most scores in all, ``B * H * Nq * Nk``, for the explicit kernel (it stores them: 12 MB in float32)."""
 
 
 def choose_kernel(q: Tensor, k: Tensor, v: Tensor) -> Kernel:
     """The faster dot-product kernel for ``q: (B, H, Nq, D)`` over ``k: (B, H, Nk, D)``,
     ``v: (B, H, Nk, Dv)``: ``"explicit"`` (batched products and a softmax) or ``"fused"``.
 
-    A calibrated rule for the CPU (see `EXPLICIT_MIN_WORK`, `EXPLICIT_MAX_SCORES` and
-    `FUSED_GRAD_MAX_QUERIES`; ``benchmarks/kernels.py`` checks it against measurements); the
-    fused kernel on other devices and while tracing, compiling or exporting, so a graph holds the
-    same kernel for every size.
+    A calibrated rule for the CPU (see [`EXPLICIT_MIN_WORK`][settransformer.nn.attention.EXPLICIT_MIN_WORK],
+    [`EXPLICIT_MAX_SCORES`][settransformer.nn.attention.EXPLICIT_MAX_SCORES] and
+    [`FUSED_GRAD_MAX_QUERIES`][settransformer.nn.attention.FUSED_GRAD_MAX_QUERIES]; ``benchmarks/kernels.py``
+    checks it against measurements); the fused kernel on other devices and while tracing, compiling or
+    exporting, so a graph holds the same kernel for every size.
     A rule, not a timer, so a seeded run computes the same bits every time.
 
     Examples:
@@ -348,11 +350,11 @@ def induced_is_cheaper(nk: float, s: FormSizes) -> bool:
     return _surely(h * nk * (dq + d) + extra < dq * d + d * d + 2 * nk * d)
 
 
-#: Fewest elements on the large side (keys for the pooled form, queries for the induced one) for
-#: a rewrite: each adds a few small products per call, which over a handful of elements cost more
-#: than the projections they save (standard 1.1-1.15x faster at B = 32 sets of 8-10, width 64,
-#: training and inference; the pooled form is faster from sets of about 100 up).
 REWRITE_MIN_SET = 32
+"""Fewest elements on the large side (keys for the pooled form, queries for the induced one) for
+a rewrite: each adds a few small products per call, which over a handful of elements cost more
+than the projections they save (standard 1.1-1.15x faster at B = 32 sets of 8-10, width 64,
+training and inference; the pooled form is faster from sets of about 100 up)."""
 
 
 def cheapest_form(nq: float, nk: float, s: FormSizes) -> str:
@@ -363,7 +365,7 @@ def cheapest_form(nq: float, nk: float, s: FormSizes) -> str:
     large set once the queries are few (PMA seeds, inducing points) and the induced form once the keys are few
     (a set attending to inducing points). With both counts concrete the totals decide, so small sets on both
     sides (a few queries over a handful of keys) keep the standard form, as does a large side of fewer
-    than `REWRITE_MIN_SET` elements. A symbolic count
+    than [`REWRITE_MIN_SET`][settransformer.nn.attention.REWRITE_MIN_SET] elements. A symbolic count
     (``torch.export`` with a dynamic set size) counts as large and decides nothing, so tracing
     adds no guard on the set size. Both rewrites hold only for plain dot-product softmax; the
     caller checks that.

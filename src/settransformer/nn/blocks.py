@@ -87,20 +87,20 @@ class SAB(nn.Module):
         return zero_padding(mab.forward_unchecked(x, x, mask, projected), mask)
 
 
-#: Rows (over the whole batch) per block of an ISAB's ``mab1`` when autograd is off.
 ROW_BLOCK = 2048
-#: Fewest rows per set in such a block: with more sets than ``ROW_BLOCK / MIN_BLOCK_ROWS`` the
-#: blocks hold whole sets instead.
+"""Rows (over the whole batch) per block of an ISAB's ``mab1`` when autograd is off."""
 MIN_BLOCK_ROWS = 512
-#: Fewest elements ``B * N * dim`` of a batch for blocks: below it (4 MiB in float32) the batch's
-#: tensors stay in cache anyway, and it goes through ``mab1`` in one call.
+"""Fewest rows per set in such a block: with more sets than ``ROW_BLOCK / MIN_BLOCK_ROWS`` the
+blocks hold whole sets instead."""
 MIN_SET_BLOCK_ELEMENTS = 2**20
-#: Most elements ``rows * max(dim, ff_dim)`` of one call of an ISAB's ``mab1`` without autograd for
-#: which the block keeps its buffers from call to call ([`InducedRows`][settransformer.nn.rows.InducedRows]
-#: ``keep_buffers``): a few buffers of at most 4 MiB each in float32 per thread, shared by the ISABs on it.
-#: Fresh buffers each call cost page faults (``benchmarks/kept_buffers.py``); a larger call gets them fresh
-#: and frees them.
+"""Fewest elements ``B * N * dim`` of a batch for blocks: below it (4 MiB in float32) the batch's
+tensors stay in cache anyway, and it goes through ``mab1`` in one call."""
 KEPT_BUFFER_ELEMENTS = 2**20
+"""Most elements ``rows * max(dim, ff_dim)`` of one call of an ISAB's ``mab1`` without autograd for
+which the block keeps its buffers from call to call ([`InducedRows`][settransformer.nn.rows.InducedRows]
+``keep_buffers``): a few buffers of at most 4 MiB each in float32 per thread, shared by the ISABs on it.
+Fresh buffers each call cost page faults (``benchmarks/kept_buffers.py``); a larger call gets them fresh
+and frees them."""
 
 
 class ISAB(nn.Module):
@@ -161,16 +161,17 @@ class ISAB(nn.Module):
         padded rows.
 
         Without autograd, ``mab1`` runs through [`InducedRows`][settransformer.nn.rows.InducedRows], which
-        prepares ``H`` once: over blocks of about `ROW_BLOCK` rows (each element attends only to ``H``, so the
-        result is the same, and a block's intermediates stay in the CPU cache instead of streaming
-        ``(B, N, dim)`` tensors through memory: about 2x faster at N = 100k, and a fraction of the
-        memory). A batch whose sets would get fewer than `MIN_BLOCK_ROWS` rows each goes
-        through whole sets at a time instead (a row block of many sets would be a strided slice,
-        copied in and out), and a batch smaller than `MIN_SET_BLOCK_ELEMENTS` in one call.
-        Calls of at most `KEPT_BUFFER_ELEMENTS` keep their buffers for the next forward
-        (shared by the ISABs of this thread; a handful, each step writing over one whose content
-        is not read again). A block's last step writes into the block's output, which also holds
-        the attention scores before it where they fit, in place of one more buffer.
+        prepares ``H`` once: over blocks of about [`ROW_BLOCK`][settransformer.nn.blocks.ROW_BLOCK] rows (each
+        element attends only to ``H``, so the result is the same, and a block's intermediates stay in the CPU
+        cache instead of streaming ``(B, N, dim)`` tensors through memory: about 2x faster at N = 100k, and a
+        fraction of the memory). A batch whose sets would get fewer than
+        [`MIN_BLOCK_ROWS`][settransformer.nn.blocks.MIN_BLOCK_ROWS] rows each goes through whole sets at a
+        time instead (a row block of many sets would be a strided slice, copied in and out), and a batch
+        smaller than [`MIN_SET_BLOCK_ELEMENTS`][settransformer.nn.blocks.MIN_SET_BLOCK_ELEMENTS] in one call.
+        Calls of at most [`KEPT_BUFFER_ELEMENTS`][settransformer.nn.blocks.KEPT_BUFFER_ELEMENTS] keep their
+        buffers for the next forward (shared by the ISABs of this thread; a handful, each step writing over
+        one whose content is not read again). A block's last step writes into the block's output, which also
+        holds the attention scores before it where they fit, in place of one more buffer.
         With autograd (and off the CPU) the whole batch goes through the standard path at once:
         backward needs every row.
         """

@@ -86,8 +86,8 @@ __all__ = [
 Norm = Literal["post", "pre"] | None
 Residual = Literal["auto", "input", "projected"]
 Form = Literal["standard", "pooled", "induced"]
-#: The exact forms of a MAB's attention (see the module docstring).
 FORMS: tuple[Form, ...] = get_args(Form)
+"""The exact forms of a MAB's attention (see the module docstring)."""
 
 
 class BlockKeywords(TypedDict, total=False):
@@ -279,8 +279,8 @@ class MAB(nn.Module):
 
     @property
     def form(self) -> Form | tuple[Form, ...] | None:
-        """The pinned form of the attention: ``None`` (default: the cheapest for each call's sizes),
-        one of `FORMS` for every call, or a tuple of them replayed call after call.
+        """The pinned form of the attention: ``None`` (default: the cheapest for each call's sizes), one of
+        [`FORMS`][settransformer.nn.mab.FORMS] for every call, or a tuple of them replayed call after call.
 
         Blocks with another score or ``top_k`` always use ``"standard"``.
 
@@ -466,8 +466,8 @@ def attention_forms(model: nn.Module, forms: Form | Mapping[MAB, Form | Sequence
 
     Args:
         model: the module whose [`MAB`][settransformer.nn.mab.MAB]s are pinned.
-        forms: one of `FORMS` for every block of ``model``, or a form (or a sequence of
-            forms, replayed call after call) per block; blocks not named keep choosing by cost.
+        forms: one of [`FORMS`][settransformer.nn.mab.FORMS] for every block of ``model``, or a form (or a
+            sequence of forms, replayed call after call) per block; blocks not named keep choosing by cost.
 
     The forms are exact rewrites of each other, so results agree up to float rounding; what
     changes is the cost, and which form a trace records.

@@ -76,10 +76,12 @@ __all__ = [
 ]
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
-#: What a block accepts as its ``score`` option.
 ScoreSpec = str | nn.Module | ScoreFn | None
+"""What a block accepts as its ``score`` option."""
 
 SCORE_NAMES = ("dot", "additive", "gaussian")
+"""The names of the built-in scores a block's ``score`` option accepts
+([`make_score`][settransformer.nn.scores.make_score])."""
 
 
 def softmax_scale(head_dim: int, scale: float | None = None) -> float:
@@ -92,28 +94,29 @@ def softmax_scale(head_dim: int, scale: float | None = None) -> float:
     return 1.0 / math.sqrt(head_dim) if scale is None else scale
 
 
-#: Bytes in one vector of PyTorch's CPU kernels on this machine: 64 with AVX-512, else 32 (AVX2).
 CPU_VECTOR_BYTES = 64 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 32
-#: Rows of float32 shorter than this (one vector; half as long in float64) are normalised by
-#: [`softmax`][settransformer.nn.scores.softmax] in three vectorised passes on a CPU. PyTorch's CPU softmax
-#: vectorises along a row and runs a scalar loop over a row shorter than one vector, so which is faster
-#: depends on the machine (``benchmarks/kernels.py``): 4.8-6.6x for the passes at 20,000 rows of 4-15 in
-#: ``results/kernels.md`` (PyTorch's kernel slow up to 15 floats and fast from 16: 16-float
-#: vectors, AVX-512); with AVX2 (``results/kernels-avx2.md``) 2.3-2.9x at 20,000 rows of 2-7,
-#: but 0.3-0.6x at rows of 8-15, which PyTorch's kernel covers with vectors.
+"""Bytes in one vector of PyTorch's CPU kernels on this machine: 64 with AVX-512, else 32 (AVX2)."""
 SHORT_ROW = CPU_VECTOR_BYTES // 4
-#: Fewest values for the three passes: below it their four launches cost more than the scalar
-#: loop saves (``results/kernels-avx2.md``: 0.86-1.27x at 512 rows of 2-7, 1.3-1.7x at 2,048).
+"""Rows of float32 shorter than this (one vector; half as long in float64) are normalised by
+[`softmax`][settransformer.nn.scores.softmax] in three vectorised passes on a CPU. PyTorch's CPU softmax
+vectorises along a row and runs a scalar loop over a row shorter than one vector, so which is faster
+depends on the machine (``benchmarks/kernels.py``): 4.8-6.6x for the passes at 20,000 rows of 4-15 in
+``results/kernels.md`` (PyTorch's kernel slow up to 15 floats and fast from 16: 16-float
+vectors, AVX-512); with AVX2 (``results/kernels-avx2.md``) 2.3-2.9x at 20,000 rows of 2-7,
+but 0.3-0.6x at rows of 8-15, which PyTorch's kernel covers with vectors."""
 SHORT_ROW_MIN_ELEMENTS = 4096
+"""Fewest values for the three passes: below it their four launches cost more than the scalar
+loop saves (``results/kernels-avx2.md``: 0.86-1.27x at 512 rows of 2-7, 1.3-1.7x at 2,048)."""
 
 
 def softmax(x: Tensor, *, out: Tensor | None = None) -> Tensor:
     """``torch.softmax(x, dim=-1)`` for ``x: (..., L)``, computed the faster exact way.
 
-    Without autograd, rows shorter than one CPU vector (`SHORT_ROW` floats) in a tensor of
-    at least `SHORT_ROW_MIN_ELEMENTS` float32/float64 values on a CPU are computed as
-    ``exp(x - max) / sum`` (in place on one new tensor, or on ``out``); otherwise, and while
-    tracing or compiling (a graph holds one softmax), PyTorch's kernel.
+    Without autograd, rows shorter than one CPU vector ([`SHORT_ROW`][settransformer.nn.scores.SHORT_ROW]
+    floats) in a tensor of at least
+    [`SHORT_ROW_MIN_ELEMENTS`][settransformer.nn.scores.SHORT_ROW_MIN_ELEMENTS] float32/float64 values on a
+    CPU are computed as ``exp(x - max) / sum`` (in place on one new tensor, or on ``out``); otherwise, and
+    while tracing or compiling (a graph holds one softmax), PyTorch's kernel.
 
     Examples:
         >>> x = torch.randn(4, 10)
@@ -128,8 +131,9 @@ def softmax(x: Tensor, *, out: Tensor | None = None) -> Tensor:
 
 def softmax_in_passes(x: Tensor) -> bool:
     """Whether [`softmax`][settransformer.nn.scores.softmax] normalises ``x: (..., L)`` in three passes (rows
-    shorter than one CPU vector, at least `SHORT_ROW_MIN_ELEMENTS` values, no autograd) or calls PyTorch's
-    kernel.
+    shorter than one CPU vector, at least
+    [`SHORT_ROW_MIN_ELEMENTS`][settransformer.nn.scores.SHORT_ROW_MIN_ELEMENTS] values, no autograd) or calls
+    PyTorch's kernel.
 
     Examples:
         >>> with torch.no_grad():
@@ -228,7 +232,8 @@ class GaussianScore(nn.Module):
 
 
 def check_score(spec: object) -> ScoreSpec:
-    """Check a block's ``score`` option: ``None``, a name of `SCORE_NAMES`, a module or a callable.
+    """Check a block's ``score`` option: ``None``, a name of
+    [`SCORE_NAMES`][settransformer.nn.scores.SCORE_NAMES], a module or a callable.
 
     Examples:
         >>> check_score("gaussian")
@@ -337,7 +342,7 @@ def masked_softmax(
 
     Returns:
         ``(B, H, Nq, Nk)``, rows summing to 1, or all zero (with zero gradient) for a query
-        whose keys are all masked.
+            whose keys are all masked.
 
     Examples:
         >>> mask = torch.tensor([[True, True, False, False], [False, False, False, False]])
@@ -402,10 +407,10 @@ def attention_weights(
     return masked_softmax(logits, mask, top_k, inplace=fresh)
 
 
-#: Largest spread of the exponents ``p`` and ``-r`` (per batch, head and hidden unit) for which
-#: the factored kernel runs: after centring, ``exp`` of at most half of it stays a normal number
-#: (float32: ``exp(40)`` is 2e17, ``exp(-40)`` 4e-18).
 _SPAN_LIMIT = {torch.float32: 80.0, torch.float64: 1000.0}
+"""Largest spread of the exponents ``p`` and ``-r`` (per batch, head and hidden unit) for which
+the factored kernel runs: after centring, ``exp`` of at most half of it stays a normal number
+(float32: ``exp(40)`` is 2e17, ``exp(-40)`` 4e-18)."""
 
 
 def _blocks(b: int, h: int, a: int, nq: int, nk: int, elements: int) -> tuple[int, int]:

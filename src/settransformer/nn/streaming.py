@@ -100,10 +100,10 @@ __all__ = [
     "pma_chunked",
 ]
 
-#: ``chunk_size`` of the chunked functions when none is given: the fastest of 1,024 .. 16,384 for a
-#: width-128 SetTransformer at N = 1e6 on 2 CPU threads (``benchmarks/results/chunk_sizes.md``): smaller
-#: chunks pay each chunk's fixed costs more often, larger ones leave the CPU's caches.
 DEFAULT_CHUNK_SIZE = 4096
+"""``chunk_size`` of the chunked functions when none is given: the fastest of 1,024 .. 16,384 for a
+width-128 SetTransformer at N = 1e6 on 2 CPU threads (``benchmarks/results/chunk_sizes.md``): smaller
+chunks pay each chunk's fixed costs more often, larger ones leave the CPU's caches."""
 
 RowFn = Callable[[Tensor], Tensor]
 Stats = tuple[Tensor, Tensor, Tensor]
@@ -126,9 +126,13 @@ class SummaryQueries(Protocol):
         (True, torch.Size([2, 2, 1]), torch.Size([2, 2, 8]))
     """
 
-    def stats(self, x: Tensor, mask: Tensor | None) -> Stats: ...
+    def stats(self, x: Tensor, mask: Tensor | None) -> Stats:
+        """One chunk's ``ref: (B, Q, 1)`` (detached), ``denom: (B, Q, 1)`` and ``acc: (B, Q, D)``."""
+        ...
 
-    def finish(self, pooled: Tensor, empty: Tensor) -> Tensor: ...
+    def finish(self, pooled: Tensor, empty: Tensor) -> Tensor:
+        """The attention block's output ``(B, Nq, dim)`` from ``pooled: (B, Q, D)`` and ``empty: (B,)``."""
+        ...
 
 
 @runtime_checkable
@@ -143,7 +147,9 @@ class SummarySource(Protocol):
         True
     """
 
-    def summary_queries(self, name: str) -> SummaryQueries: ...
+    def summary_queries(self, name: str) -> SummaryQueries:
+        """The module's queries prepared to attend over the set chunk by chunk (``name`` for messages)."""
+        ...
 
 
 @runtime_checkable
@@ -160,7 +166,9 @@ class InducedStage(SummarySource, Protocol):
         (True, torch.Size([2, 5, 8]))
     """
 
-    def rows_given(self, summary: Tensor) -> RowFn: ...
+    def rows_given(self, summary: Tensor) -> RowFn:
+        """The stage's row-wise function ``(B, c, D_in) -> (B, c, D_out)`` given ``summary: (B, m, D)``."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -207,13 +215,16 @@ class Chunkable(Protocol):
         (True, False)
     """
 
-    def pipeline(self) -> Pipeline: ...
+    def pipeline(self) -> Pipeline:
+        """The module as chunked evaluation sees it ([`Pipeline`][settransformer.nn.streaming.Pipeline])."""
+        ...
 
 
 class OnlineSoftmax:
     """Running softmax statistics of ``Q`` query rows over a set seen chunk by chunk.
 
-    Feed it each chunk's ``(ref, denom, acc)`` (from `SummaryQueries.stats`) with
+    Feed it each chunk's ``(ref, denom, acc)``
+    (from [`SummaryQueries.stats`][settransformer.nn.streaming.SummaryQueries.stats]) with
     [`add`][settransformer.nn.streaming.OnlineSoftmax.add]: ``ref: (B, Q, 1)`` detached, ``denom: (B, Q, 1)``
     and ``acc: (B, Q, D)`` relative to it. [`result`][settransformer.nn.streaming.OnlineSoftmax.result]
     returns the softmax-weighted sums ``(B, Q, D)`` and which sets were empty.
@@ -404,7 +415,7 @@ def encode_pool_chunked(
 
     Returns:
         ``(B, num_outputs, dim_output)`` (``(num_outputs, dim_output)`` for one set), equal to the
-        unchunked ``model(x, mask)`` up to float rounding.
+            unchunked ``model(x, mask)`` up to float rounding.
 
     Examples:
         >>> from settransformer import DeepSets

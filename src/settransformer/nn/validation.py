@@ -132,9 +132,9 @@ def tracing() -> bool:
     )
 
 
-#: Tensors returned by the blocks' public forwards: ``id -> (weak reference, version counter)``. A
-#: few dozen at most: a chain of blocks needs only the last one, and ids of freed tensors are reused.
 _block_outputs: dict[int, tuple[weakref.ref[Tensor], int]] = {}
+"""Tensors returned by the blocks' public forwards: ``id -> (weak reference, version counter)``. A
+few dozen at most: a chain of blocks needs only the last one, and ids of freed tensors are reused."""
 _MAX_BLOCK_OUTPUTS = 64
 
 
@@ -328,8 +328,8 @@ def prepare_set(
         mask_name: the mask's name for the messages.
 
     Returns:
-        ``(x, mask)`` with ``x: (B, N, dim)`` zero at padded rows (checked finite, unless
-        switched off) and the mask unchanged.
+        x: ``(B, N, dim)``, zero at padded rows (checked finite, unless switched off).
+        mask: the mask, unchanged.
 
     Examples:
         >>> x, mask = torch.tensor([[[1.0], [float("nan")]]]), torch.tensor([[True, False]])

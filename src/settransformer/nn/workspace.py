@@ -1,12 +1,12 @@
 """Buffers reused from call to call by the blocks' inference fast paths, and the per-thread store that
 keeps them between forwards.
 
-Without autograd an ISAB's second block ([`InducedRows`][settransformer.nn.rows.InducedRows]) writes each
-step of a row block into a named buffer of a [`Workspace`][settransformer.nn.workspace.Workspace] instead of a
+Without autograd an ISAB's second block ([`InducedRows`][settransformer.nn.rows.InducedRows]) writes each step
+of a row block into a named buffer of a [`Workspace`][settransformer.nn.workspace.Workspace] instead of a
 fresh tensor: a fresh multi-megabyte tensor per operation can cost more in page faults than the operation
 itself, when the allocator hands memory back to the operating system. Where a call's buffers are small enough
-(`KEPT_BUFFER_ELEMENTS`), [`kept_workspace`][settransformer.nn.workspace.kept_workspace] keeps them for the
-next forward:
+([`KEPT_BUFFER_ELEMENTS`][settransformer.nn.blocks.KEPT_BUFFER_ELEMENTS]),
+[`kept_workspace`][settransformer.nn.workspace.kept_workspace] keeps them for the next forward:
 
 - per thread: a model serving several threads at once gives each its own buffers;
 - shared by the blocks on that thread: a model's blocks run one after another, and a block's result

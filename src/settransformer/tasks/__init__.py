@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 
 __all__ = ["TASKS", "TaskUnavailable", "available_tasks", "did_you_mean", "get_task", "is_present"]
 
-#: CLI name -> "module:Class". The order is the order of the paper (and of ``demo``).
 TASKS: dict[str, str] = {
     "max-regression": "settransformer.tasks.max_regression:MaxRegression",
     "count-unique": "settransformer.tasks.count_unique:CountUnique",
@@ -36,6 +35,7 @@ TASKS: dict[str, str] = {
     "set-classification": "settransformer.tasks.labelled_sets:SetClassification",
     "set-regression": "settransformer.tasks.labelled_sets:SetRegression",
 }
+"""CLI name -> "module:Class". The order is the order of the paper (and of ``demo``)."""
 
 
 class TaskUnavailable(ValueError):

@@ -3,7 +3,8 @@
 A task is one module in [`settransformer.tasks`][settransformer.tasks] with one
 [`Task`][settransformer.tasks.base.Task] subclass. The training loop
 ([`settransformer.training.loop`][settransformer.training.loop]) and the CLI only talk to tasks through this
-interface, so a new experiment is a new module and a line in the registry (``settransformer.tasks.TASKS``).
+interface, so a new experiment is a new module and a line in the registry
+([`settransformer.tasks.TASKS`][settransformer.tasks.TASKS]).
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ class Preprocessed(nn.Module):
 class Task(ABC):
     """An experiment: its data, the models of its results table, its loss, metrics and plots.
 
-    Class attributes:
+    Attributes:
         name: the CLI name, e.g. ``"max-regression"``.
         model_names: the rows of the results table; the first is the default model unless
             ``default_model`` names another.

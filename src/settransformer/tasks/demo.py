@@ -94,7 +94,7 @@ def run_demo(
     """Train every model of each task in ``names`` at its quick budget under ``out/<task>/``.
 
     Args:
-        names: task names (``settransformer.tasks.TASKS``).
+        names: task names ([`settransformer.tasks.TASKS`][settransformer.tasks.TASKS]).
         out: the demo folder; earlier demo runs of these tasks' models are replaced.
         jobs: worker processes (1: everything in this process, with per-run progress bars).
         threads: torch threads per process.
@@ -106,7 +106,7 @@ def run_demo(
 
     Returns:
         ``{task: results.md text}`` in the order of ``names``; a task that cannot run (a missing
-        optional dependency, say) maps to ``"skipped: <why>"``.
+            optional dependency, say) maps to ``"skipped: <why>"``.
     """
     tables: dict[str, str] = {}
     plans: dict[str, tuple[Any, TrainConfig]] = {}

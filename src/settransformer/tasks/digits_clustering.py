@@ -146,8 +146,10 @@ def classical_baselines(
 class DigitsClustering(Task):
     """Cluster sets of digit images (4 random classes a set) with one forward pass.
 
-    Options (see `default_options`): ``num_clusters``, set sizes ``min_size``/``max_size``,
-    ``pca`` (number of principal components, ``None`` = all features), ``standardize``
+    Options (see
+    [`default_options`][settransformer.tasks.digits_clustering.DigitsClustering.default_options]):
+    ``num_clusters``, set sizes ``min_size``/``max_size``, ``pca`` (number of principal components,
+    ``None`` = all features), ``standardize``
     (``"global"`` or ``"feature"``), ``test_fraction`` and ``split_seed`` of the fixed image
     split, ``num_test_sets``/``test_seed`` of the test sets, ``features_path`` (``None`` = sklearn
     digits), ``dim_hidden`` of the model, ``baseline_n_init`` (restarts of k-means and EM) and
@@ -191,6 +193,7 @@ class DigitsClustering(Task):
 
     @classmethod
     def default_options(cls) -> dict[str, Any]:
+        """Task options with their defaults: 4 clusters, sets of 100 to 300 images, 16 PCA components."""
         return {
             "num_clusters": 4,
             "min_size": 100,

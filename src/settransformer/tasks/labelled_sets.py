@@ -64,8 +64,8 @@ __all__ = [
     "split_indices",
 ]
 
-#: The labels of a folder of ``.npy`` sets.
 LABELS_FILE = "labels.csv"
+"""The labels of a folder of ``.npy`` sets."""
 _EVAL_BATCH = 256
 
 
@@ -294,8 +294,8 @@ class _LabelledSetTask(Task):
     }
     option_help: ClassVar[dict[str, str]] = _OPTION_HELP
     user_data: ClassVar[bool] = True
-    #: Targets are class ids (classification) or standardised numbers (regression).
     classify: ClassVar[bool]
+    """Targets are class ids (classification) or standardised numbers (regression)."""
 
     @classmethod
     def default_options(cls) -> dict[str, Any]:

@@ -72,8 +72,8 @@ class MaxRegression(Task):
         "indrnn",
         "transformer-pe",
     )
-    #: Extra columns of the results table: how much the output moves when the set is reordered.
     table_metrics: ClassVar[tuple[str, ...]] = ("perm_sensitivity",)
+    """Extra columns of the results table: how much the output moves when the set is reordered."""
     metric: ClassVar[str] = "mae"
     higher_is_better: ClassVar[bool] = False
     paper: ClassVar[dict[str, dict[str, float]]] = {

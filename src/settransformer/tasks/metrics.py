@@ -206,7 +206,7 @@ def permutation_sensitivity(
 
     Returns:
         The mean standard deviation: about float rounding (``1e-7`` relative in float32) for a
-        permutation-invariant model, larger for an order-aware one.
+            permutation-invariant model, larger for an order-aware one.
     """
     if num_orders < 2:
         raise ValueError(f"num_orders: expected at least 2, got {num_orders}")

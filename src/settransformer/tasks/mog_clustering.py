@@ -157,8 +157,8 @@ def evaluate_mixture_model(
 
     Returns:
         Per set ``(S,)``: ``ll0``, ``ll1`` (after one EM step), ``ari``, ``nmi``, ``ari1``
-        (assignments after the EM step), ``num_clusters`` (inferred), and ``pi: (S, K)`` the
-        emitted mixing weights.
+            (assignments after the EM step), ``num_clusters`` (inferred), and ``pi: (S, K)`` the
+            emitted mixing weights.
     """
     was_training = model.training
     model.eval()
@@ -190,9 +190,9 @@ def evaluate_mixture_model(
 class MoGClustering(Task):
     """Amortized clustering of 2-D mixtures of 4 Gaussians (paper section 5.3, Table 3).
 
-    Options (see `default_options`): ``dim``, ``num_components``, set sizes ``min_size`` /
-    ``max_size``, ``sigma``, ``mean_range``, ``vary_components`` / ``count_threshold`` /
-    ``count_separation``, the
+    Options (see [`default_options`][settransformer.tasks.mog_clustering.MoGClustering.default_options]):
+    ``dim``, ``num_components``, set sizes ``min_size`` / ``max_size``, ``sigma``, ``mean_range``,
+    ``vary_components`` / ``count_threshold`` / ``count_separation``, the
     benchmark's ``num_test_sets`` / ``test_seed`` / ``cache_dir`` (``None``: ``$SETTRANSFORMER_CACHE``
     or ``~/.cache/settransformer``), and the model width ``dim_hidden``.
 
@@ -248,6 +248,7 @@ class MoGClustering(Task):
 
     @classmethod
     def default_options(cls) -> dict[str, Any]:
+        """Task options with their defaults: 2-D mixtures of 4 components, sets of 100 to 500 points."""
         return {
             "dim": 2,
             "num_components": 4,

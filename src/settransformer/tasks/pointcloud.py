@@ -154,19 +154,19 @@ class PointCloudClassification(Task):
     metric: ClassVar[str] = "accuracy"
     higher_is_better: ClassVar[bool] = True
     default_model: ClassVar[str | None] = "isab-pma"
-    #: ModelNet40 at 1,000 points (the default ``source`` is procedural shapes, not ModelNet40).
     paper: ClassVar[dict[str, dict[str, float]]] = {
         "rff-pool": {"accuracy": 0.8551, "accuracy_std": 0.0142},
         "rff-pma": {"accuracy": 0.8534, "accuracy_std": 0.0152},
         "isab-pool": {"accuracy": 0.8915, "accuracy_std": 0.0144},
         "isab-pma": {"accuracy": 0.8662, "accuracy_std": 0.0149},
     }
-    #: Table 4 in full: ``{num_points: {model: accuracy}}`` (ModelNet40, mean of 5 runs).
+    """ModelNet40 at 1,000 points (the default ``source`` is procedural shapes, not ModelNet40)."""
     paper_by_points: ClassVar[dict[int, dict[str, float]]] = {
         100: {"rff-pool": 0.7951, "rff-pma": 0.8076, "isab-pool": 0.8273, "isab-pma": 0.8454},
         1000: {"rff-pool": 0.8551, "rff-pma": 0.8534, "isab-pool": 0.8915, "isab-pma": 0.8662},
         5000: {"rff-pool": 0.8933, "rff-pma": 0.8628, "isab-pool": 0.9040, "isab-pma": 0.8779},
     }
+    """Table 4 in full: ``{num_points: {model: accuracy}}`` (ModelNet40, mean of 5 runs)."""
     model_descriptions: ClassVar[dict[str, str]] = {
         "rff-pool": "rFF + Pooling: FC(d,ReLU)x3, max, FC(d,ReLU), Dropout, FC(classes)",
         "rff-pma": "rFF + PMA: FC(d,ReLU)x3, Dropout, PMA_1(d,4), Dropout, FC(classes)",

@@ -67,8 +67,8 @@ __all__ = [
     "train_run",
 ]
 
-#: Settings that change how a run is shown or where it runs, not what it computes.
 _COSMETIC = ("progress", "tensorboard", "device", "log_every")
+"""Settings that change how a run is shown or where it runs, not what it computes."""
 
 
 class RunError(ValueError):
@@ -84,13 +84,13 @@ def task_class(name: str) -> type[Task]:
         raise RunError(str(e)) from None
 
 
-#: Other spellings of task options, accepted where a user's file (a config, an older run) may hold them.
 OPTION_ALIASES = {"pool": "pooling", "standardise": "standardize"}
+"""Other spellings of task options, accepted where a user's file (a config, an older run) may hold them."""
 
 
 def build_task(name: str, options: dict[str, Any] | None = None) -> Task:
     """The registered task ``name`` with ``options`` over its defaults (types checked); an option
-    spelled as in `OPTION_ALIASES` is read as its name."""
+    spelled as in [`OPTION_ALIASES`][settransformer.tasks.runs.OPTION_ALIASES] is read as its name."""
     cls = task_class(name)
     defaults = cls.default_options()
     options = _canonical_options(name, dict(options or {}), defaults)
@@ -132,13 +132,16 @@ def parse_option(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-#: Bounds on task options (sizes, counts, magnitudes) beyond which data would not fit in memory.
 MAX_OPTION_INT = 10**7
+"""Bounds on task options (sizes, counts, magnitudes) beyond which data would not fit in memory: this
+one on the magnitude of an integer option (seeds: any 63-bit value)."""
 MAX_OPTION_FLOAT = 1e9
-#: The most parameters a model may have (4 GiB of float32), checked before its weights exist.
+"""Bound on the magnitude of a float task option (see
+[`MAX_OPTION_INT`][settransformer.tasks.runs.MAX_OPTION_INT])."""
 MAX_PARAMETERS = 2**30
-#: Size options that must be at least 1 where a task has them.
+"""The most parameters a model may have (4 GiB of float32), checked before its weights exist."""
 _POSITIVE = ("dim_hidden", "num_heads", "num_inducing", "num_layers", "num_seeds", "max_size", "pca")
+"""Size options that must be at least 1 where a task has them."""
 
 
 def _check_option(key: str, value: Any, default: Any) -> Any:
@@ -191,8 +194,9 @@ def build_model(task: Task, model_name: str) -> nn.Module:
 
 
 def check_buildable(task: Task, model_name: str) -> None:
-    """Build ``model_name`` without memory (the meta device): refuse settings the model rejects and
-    a model of more than `MAX_PARAMETERS` parameters before any weight is allocated."""
+    """Build ``model_name`` without memory (the meta device): refuse settings the model rejects and a model of
+    more than [`MAX_PARAMETERS`][settransformer.tasks.runs.MAX_PARAMETERS] parameters before any weight is
+    allocated."""
     try:
         with torch.device("meta"):
             size = sum(p.numel() for p in task.build_model(model_name).parameters())
@@ -309,12 +313,12 @@ def new_run_dir(task: str, model: str, out: str | Path | None = None, root: str 
     return path
 
 
-#: The lock file of a run folder, held (``flock``) by the one process writing into it.
 LOCK_FILE = ".lock"
+"""The lock file of a run folder, held (``flock``) by the one process writing into it."""
 
 
-#: What a run writes before its first checkpoint (besides the lock).
 _BEFORE_FIRST_CHECKPOINT = {LOCK_FILE, "config.json", "metrics.jsonl"}
+"""What a run writes before its first checkpoint (besides the lock)."""
 
 
 def _holds_files(folder: Path) -> bool:
@@ -397,8 +401,8 @@ def lock_if_run(folder: str | Path | None) -> Iterator[None]:
         yield
 
 
-#: ``which`` -> the file of a run folder that [`load_run`][settransformer.tasks.runs.load_run] reads.
 CHECKPOINT_FILES = {"last": "checkpoint.pt", "best": "best.pt"}
+"""``which`` -> the file of a run folder that [`load_run`][settransformer.tasks.runs.load_run] reads."""
 
 
 def _missing(path: Path) -> RunError:

@@ -55,13 +55,13 @@ __all__ = [
     "set_rng_state",
 ]
 
-#: Bumped when the layout of the dict written by
-#: [`settransformer.training.loop`][settransformer.training.loop] changes incompatibly.
 CHECKPOINT_FORMAT = 1
-#: What every training checkpoint holds: enough to rebuild the task and model and load the weights.
+"""Bumped when the layout of the dict written by
+[`settransformer.training.loop`][settransformer.training.loop] changes incompatibly."""
 MODEL_KEYS = ("format", "task", "task_options", "model_name", "step", "model")
-#: What continuing a run needs besides (``--resume``).
+"""What every training checkpoint holds: enough to rebuild the task and model and load the weights."""
 RESUME_KEYS = (*MODEL_KEYS, "optimizer", "schedule", "scaler", "rng", "elapsed", "metrics", "best")
+"""What continuing a run needs besides (``--resume``)."""
 
 
 def library_version() -> str:
@@ -112,10 +112,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: the file is not a readable checkpoint dict, fails a CRC-32 check (corrupted),
-            holds other Python objects, or was written by a newer settransformer (a ``format``
-            above `CHECKPOINT_FORMAT`); the message starts with the path. Also for a CUDA
-            ``map_location`` where CUDA is unavailable.
+        ValueError: the file is not a readable checkpoint dict, fails a CRC-32 check (corrupted), holds other
+            Python objects, or was written by a newer settransformer (a ``format`` above
+            [`CHECKPOINT_FORMAT`][settransformer.training.checkpoint.CHECKPOINT_FORMAT]); the message starts
+            with the path. Also for a CUDA ``map_location`` where CUDA is unavailable.
     """
     path = Path(path)
     _check_location(map_location)

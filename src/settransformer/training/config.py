@@ -22,10 +22,17 @@ from ..data.files import short as _short
 
 __all__ = ["MAX_BATCH_SIZE", "MAX_LR", "MAX_STEPS", "TrainConfig", "read_config_file"]
 
-#: Upper bounds of the settings: beyond them a run cannot fit in memory or time, or cannot learn.
 MAX_STEPS = 10**9
+"""Upper bound of ``steps``, ``log_every``, ``eval_every`` and the ``lr_milestones``.
+
+Upper bounds of the settings (this, [`MAX_BATCH_SIZE`][settransformer.training.config.MAX_BATCH_SIZE] and
+[`MAX_LR`][settransformer.training.config.MAX_LR]): beyond them a run cannot fit in memory or time, or
+cannot learn.
+"""
 MAX_BATCH_SIZE = 2**20
+"""Upper bound of ``batch_size`` (see [`MAX_STEPS`][settransformer.training.config.MAX_STEPS])."""
 MAX_LR = 10.0
+"""Upper bound of ``lr`` (see [`MAX_STEPS`][settransformer.training.config.MAX_STEPS])."""
 _INT_RANGES = (
     ("steps", 1, MAX_STEPS),
     ("batch_size", 1, MAX_BATCH_SIZE),

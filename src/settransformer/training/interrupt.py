@@ -44,8 +44,8 @@ from .distributed import Distributed
 
 __all__ = ["SIGNALS", "Interrupted", "StopOnSignal"]
 
-#: The signals that stop training cleanly.
 SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
+"""The signals that stop training cleanly."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -89,8 +89,8 @@ class StopOnSignal:
 
     def __init__(self, signals: tuple[signal.Signals, ...] = SIGNALS) -> None:
         self.signals = signals
-        #: The first signal received while active, or ``None``.
         self.signum: int | None = None
+        """The first signal received while active, or ``None``."""
         self._previous: dict[int, Any] = {}
 
     def install(self) -> StopOnSignal:

@@ -317,9 +317,9 @@ def _set_up(
     return run
 
 
-#: Steps timed for the estimate of a run's duration that [`train`][settransformer.training.loop.train] prints
-#: with progress shown.
 ESTIMATE_STEPS = 5
+"""Steps timed for the estimate of a run's duration that [`train`][settransformer.training.loop.train] prints
+with progress shown."""
 
 
 def _duration(seconds: float) -> str:
@@ -348,29 +348,29 @@ class _Run:
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
-    #: The run folder on rank 0; ``None`` on other ranks and without a run folder.
     out: Path | None
-    #: What the loss sees: ``model``, or its DDP wrapper.
+    """The run folder on rank 0; ``None`` on other ranks and without a run folder."""
     net: nn.Module = field(init=False)
+    """What the loss sees: ``model``, or its DDP wrapper."""
     average: WeightAverage | None = None
     hooks: list[RemovableHandle] = field(default_factory=list)
-    #: The fp16 loss scale, read by the gradient hooks; updated once per step under fp16.
     loss_scale: float = 1.0
+    """The fp16 loss scale, read by the gradient hooks; updated once per step under fp16."""
     step: int = 0
     elapsed_before: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
     best: float | None = None
-    #: The losses summed since the last logged line (checkpointed: a signal may stop between lines).
     loss_sum: Tensor = field(init=False)
+    """The losses summed since the last logged line (checkpointed: a signal may stop between lines)."""
     loss_count: int = 0
     log_file: IO[str] | None = None
     writer: Any = None
     bar: Any = None
-    #: Print a plain progress line every this many steps instead of the bar (0: the bar).
     plain_every: int = 0
+    """Print a plain progress line every this many steps instead of the bar (0: the bar)."""
     start: float = 0.0
-    #: ``(step, time)`` where the timing of the steps for `estimate` began; ``None`` before.
     timed_from: tuple[int, float] | None = None
+    """``(step, time)`` where the timing of the steps for `estimate` began; ``None`` before."""
     estimated: bool = False
 
     def __post_init__(self) -> None:
