@@ -21,7 +21,9 @@ Columns (one model per cell, every cell in its own worker process on CPU):
   with a ``Linear(dim_input, width)`` in front (its blocks keep one width); skipped when not
   installed (``pip install settransformer[bench]``). Its MAB adds ``W^O`` and an rFF before PMA.
 
-Rows: a training step (forward, backward, Adam) and an inference forward (``eval``, ``no_grad``)
+Rows: a training step (forward, backward, Adam: ``torch.optim.Adam`` in every column, or with
+``--optimizer own`` each project's own, ours the fused Adam of our training loop) and an inference
+forward (``eval``, ``no_grad``)
 at the shape of each task's default model (the set model only: the image encoders of counting
 and anomaly are left out, and sets are at their padded size without a mask, since the official
 code takes none; the MoG row is the official ``run.py``'s model, ISAB(32) x 2 + PMA_4 + SAB x 2;
@@ -73,6 +75,8 @@ from settransformer.compat import load_official, official_options
 from settransformer.heap import keep_freed_memory
 from settransformer.nn.streaming import DEFAULT_CHUNK_SIZE
 from settransformer.nn.workspace import clear_kept_buffers
+from settransformer.training.config import TrainConfig
+from settransformer.training.optim import make_optimizer
 
 IMPLS = ("same", "compiled", "default", "official", "pyg")
 TITLES = {
@@ -412,6 +416,17 @@ def _build(cell: Cell, impl: str, official: str | None) -> tuple[nn.Module, str]
     return build_chunk_model("default" if impl == "chunked" else impl, official), ""
 
 
+def _optimizer(model: nn.Module, impl: str, which: str) -> torch.optim.Optimizer:
+    """The training rows' Adam (lr 1e-4): ``torch.optim.Adam`` for every column (``which="adam"``), or
+    each project's own (``"own"``): our columns the one our training loop builds
+    ([`make_optimizer`][settransformer.training.optim.make_optimizer], PyTorch's fused kernel where
+    there is one), the official code ``torch.optim.Adam`` as its ``run.py`` does, PyG (no training loop
+    of its own) ``torch.optim.Adam``."""
+    if which == "own" and impl not in PEERS:
+        return make_optimizer(model, TrainConfig(optimizer="adam", lr=1e-4, weight_decay=0.0))
+    return torch.optim.Adam(model.parameters(), lr=1e-4)
+
+
 def measure(cell: Cell, impl: str, args: argparse.Namespace) -> dict[str, Any]:
     """Time and memory of ``impl`` on ``cell`` in this process (``args``: device, dtype, budget, ...)."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -436,7 +451,7 @@ def measure(cell: Cell, impl: str, args: argparse.Namespace) -> dict[str, Any]:
 
         else:
             model.train()
-            opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+            opt = _optimizer(model, impl, args.optimizer)
 
             def run(inputs: list[Tensor] = xs, opt: torch.optim.Optimizer = opt) -> None:
                 for x in inputs:
@@ -840,6 +855,14 @@ def main() -> None:
         help="the C heap of every timed worker, each column alike: 'system' (default) glibc's defaults, "
         "'keep' settransformer.heap.keep_freed_memory() (large tensors reuse the heap's pages)",
     )
+    parser.add_argument(
+        "--optimizer",
+        choices=["adam", "own"],
+        default="adam",
+        help="the training rows' Adam: 'adam' (default) torch.optim.Adam in every column; 'own' each "
+        "project's: ours the fused Adam our training loop builds (make_optimizer), the official code "
+        "torch.optim.Adam as its run.py does, PyG torch.optim.Adam",
+    )
     parser.add_argument("--output", help="markdown file (default benchmarks/results/peers[-cuda].md)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--flops", action="store_true", help=argparse.SUPPRESS)
@@ -872,7 +895,7 @@ def main() -> None:
         str(args.chunk_size),
     ]
     args.passthrough += ["--max-call-s", str(args.max_call_s), "--mem-limit-gb", str(args.mem_limit_gb)]
-    args.passthrough += ["--heap", args.heap]
+    args.passthrough += ["--heap", args.heap, "--optimizer", args.optimizer]
     if args.official:
         args.passthrough += ["--official", str(Path(args.official).resolve())]
 
@@ -897,6 +920,7 @@ def main() -> None:
         + f", {args.dtype}, {args.repeats} interleaved rounds ({args.block_repeats} for blocks)"
         + f", OMP_WAIT_POLICY {args.omp_wait_policy}"
         + (", heap kept (settransformer.heap.keep_freed_memory, every column)" if args.heap == "keep" else "")
+        + (", each project's own optimizer (ours fused Adam)" if args.optimizer == "own" else "")
         + f", load {load:.1f} at start"
     )
     print(header, flush=True)
