@@ -55,10 +55,10 @@ class MaxRegression(Task):
     """Regress the maximum of a set of reals.
 
     Options:
-        min_size, max_size: set sizes, uniform over ``min_size..max_size`` (paper 1..10).
-        low, high: element range, uniform over ``[low, high]`` (paper 0..100).
-        dim_hidden, num_heads: model width and attention heads (paper 64 and 4).
-        test_sets: size of the fixed test set; ``test_seed`` seeds it.
+        - min_size, max_size: set sizes, uniform over ``min_size..max_size`` (paper 1..10).
+        - low, high: element range, uniform over ``[low, high]`` (paper 0..100).
+        - dim_hidden, num_heads: model width and attention heads (paper 64 and 4).
+        - test_sets: size of the fixed test set; ``test_seed`` seeds it.
     """
 
     name: ClassVar[str] = "max-regression"

@@ -132,20 +132,22 @@ class PointCloudClassification(Task):
     """Classify point clouds (or any sets of points) with a set model.
 
     Options:
-        source: one of ``shapes``, ``digits``, ``deepsets-h5``, ``pointnet-h5``, ``modelnet-off``, ``array``.
-        path: the file or folder of a file source; ``labels_path``: labels ``.npy`` for a ``.npy`` array.
-        num_points: points per cloud (``None``: 128 for shapes, 1000 for ModelNet sources, all otherwise).
-        subsample: ``"fixed"`` or ``"random"``; ``test_subsample``: the test rule (``None``: the same).
-        standardize: ``"cloud"``, ``"train"`` or ``"none"`` (``None``: ``none`` for digits, else ``cloud``).
-        augment: rotate/scale training clouds (``None``: on for ModelNet sources, off otherwise).
-        dim_hidden, num_heads, num_inducing, dropout: the models (paper 256, 4, 16, 0.5; ``dim_hidden=None``:
-            256 for ModelNet sources, 64 otherwise, so the offline sources train in minutes on a CPU).
-        num_classes, noise, rotation, test_size: procedural shapes (classes used, jitter, pose
+        - source: one of ``shapes``, ``digits``, ``deepsets-h5``, ``pointnet-h5``, ``modelnet-off``,
+            ``array``.
+        - path: the file or folder of a file source; ``labels_path``: labels ``.npy`` for a ``.npy`` array.
+        - num_points: points per cloud (``None``: 128 for shapes, 1000 for ModelNet sources, all otherwise).
+        - subsample: ``"fixed"`` or ``"random"``; ``test_subsample``: the test rule (``None``: the same).
+        - standardize: ``"cloud"``, ``"train"`` or ``"none"`` (``None``: ``none`` for digits, else ``cloud``).
+        - augment: rotate/scale training clouds (``None``: on for ModelNet sources, off otherwise).
+        - dim_hidden, num_heads, num_inducing, dropout: the models (paper 256, 4, 16, 0.5;
+            ``dim_hidden=None``: 256 for ModelNet sources, 64 otherwise, so the offline sources train in
+            minutes on a CPU).
+        - num_classes, noise, rotation, test_size: procedural shapes (classes used, jitter, pose
             ``"z"``/``"so3"``/``"none"``, number of fixed test shapes).
-        test_seed: seeds the fixed test data (shapes, random test subsets).
-        test_fraction, split_seed: the split of single-split arrays and of digits (``split_seed`` also
+        - test_seed: seeds the fixed test data (shapes, random test subsets).
+        - test_fraction, split_seed: the split of single-split arrays and of digits (``split_seed`` also
             seeds the sampling of ``.off`` meshes).
-        off_points, cache_dir: points sampled per ``.off`` mesh, and where their cache goes.
+        - off_points, cache_dir: points sampled per ``.off`` mesh, and where their cache goes.
     """
 
     name: ClassVar[str] = "pointcloud"

@@ -228,7 +228,7 @@ def task_summaries() -> list[tuple[str, str]]:
 
 def option_help(cls: type[Task]) -> dict[str, str]:
     """``{option: help}``: the task's ``option_help`` mapping, else its docstring's ``Options:``
-    section (``name, other: text`` entries, continued on deeper-indented lines)."""
+    section (``- name, other: text`` entries, a Markdown list, continued on deeper-indented lines)."""
     given = getattr(cls, "option_help", None)
     if given:
         return dict(given)
@@ -244,7 +244,7 @@ def option_help(cls: type[Task]) -> dict[str, str]:
             break
         depth = len(line) - len(line.lstrip())
         indent = depth if indent is None else indent
-        head, sep, text = line.strip().partition(": ")
+        head, sep, text = line.strip().removeprefix("- ").partition(": ")
         if depth == indent and sep and all(n.strip().isidentifier() for n in head.split(",")):
             names = [n.strip() for n in head.split(",")]
             for n in names:
