@@ -2,7 +2,7 @@
 
 Written the way the official research code computes attention: heads are folded into the batch
 with ``split``/``cat`` copies and scores go through ``bmm`` + ``softmax``, materialising the full
-attention matrix. Parameter names match :mod:`settransformer.nn.blocks`, so a naive module loads the
+attention matrix. Parameter names match :mod:`settransformer.nn.mab`, so a naive module loads the
 state dict of ours and computes the same function (checked by :func:`check_same_function`).
 """
 
