@@ -27,9 +27,9 @@ def _seed() -> None:
 
 @pytest.fixture(autouse=True)
 def _system_heap(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The suite's processes keep glibc's heap: ``cli.main`` (run in-process by the CLI tests) and the
-    ``heap`` doctest would change it for the rest of the worker, one way. ``tests/test_heap.py`` runs
-    the real setting in child processes."""
+    """The tests keep glibc's heap: ``cli.main`` (run in-process by the CLI tests) would change it for
+    the rest of the worker, one way. ``tests/test_heap.py`` runs the real setting in child processes.
+    (This file's fixtures do not reach the package's doctests under ``src``.)"""
     monkeypatch.setattr(heap, "_libc", lambda: None)
 
 
