@@ -4,7 +4,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ddp.py --steps 20 --repeats 1   # a smoke test
 
 Trains the point-cloud task's default model (``isab-pma`` on procedural shapes, 128 points, width
-64) with :func:`settransformer.training.loop.train`, the loop ``settransformer train`` runs, in ``W``
+64) with `settransformer.training.loop.train`, the loop ``settransformer train`` runs, in ``W``
 processes joined by gloo exactly as ``torchrun --nproc-per-node W`` would (``WORLD_SIZE``, ``RANK``,
 ``MASTER_ADDR``/``MASTER_PORT``), each with one thread. The global batch is ``W x --batch-size``,
 so every process computes the same amount per step. Sets per second are timed on rank 0 from the

@@ -3,20 +3,20 @@
     .venv/bin/python benchmarks/kernels.py            # the tables (about a minute on 2 cores)
     .venv/bin/python benchmarks/kernels.py --quick    # a few shapes (under a minute)
 
-For each shape ``(B, H, Nq, Nk, Dh)`` it times :func:`settransformer.nn.attention.attention`'s two
+For each shape ``(B, H, Nq, Nk, Dh)`` it times `settransformer.nn.attention.attention`'s two
 dot-product kernels, ``fused`` (PyTorch's ``scaled_dot_product_attention``) and ``explicit`` (two
 batched products and a softmax), forward without autograd and forward+backward, on inputs laid out
 as the blocks lay them out (per-head views of one projection, or the pooled form's stacked
-queries), and shows which one :func:`settransformer.nn.attention.choose_kernel` picks. Times are
+queries), and shows which one `settransformer.nn.attention.choose_kernel` picks. Times are
 the best of interleaved rounds (fused, explicit, fused, ...) in one process, ``--threads`` threads.
 The last column is the time of the rule's pick over the faster kernel's (1.00 = the faster one).
 
 A second table times ``torch.softmax`` against the three vectorised passes
-(``exp(x - max) / sum``) that :func:`settransformer.nn.scores.softmax` runs without autograd for
-rows shorter than one CPU vector (:data:`~settransformer.nn.scores.SHORT_ROW` floats: 16 with
+(``exp(x - max) / sum``) that `settransformer.nn.scores.softmax` runs without autograd for
+rows shorter than one CPU vector (`SHORT_ROW` floats: 16 with
 AVX-512, 8 otherwise) in tensors of at least
-:data:`~settransformer.nn.scores.SHORT_ROW_MIN_ELEMENTS` values, and shows which one its rule
-(:func:`~settransformer.nn.scores.softmax_in_passes`) picks. PyTorch's kernel runs a scalar loop
+`SHORT_ROW_MIN_ELEMENTS` values, and shows which one its rule
+(`softmax_in_passes`) picks. PyTorch's kernel runs a scalar loop
 over a row shorter than one vector, so which is faster depends on the machine: the header records
 PyTorch's CPU capability.
 """
@@ -137,8 +137,8 @@ def measure(shape: tuple[int, int, int, int, int, str], grad: bool, budget: floa
 
 
 def softmax_table(budget: float) -> tuple[list[str], list[float]]:
-    """Rows of the short-row softmax table (``torch.softmax`` against :func:`softmax`, and which
-    one :func:`softmax` runs), and the time of that pick over the faster one's, per measurement."""
+    """Rows of the short-row softmax table (``torch.softmax`` against `softmax`, and which
+    one `softmax` runs), and the time of that pick over the faster one's, per measurement."""
     lines = [
         f"softmax without autograd (SHORT_ROW = {SHORT_ROW}, "
         f"SHORT_ROW_MIN_ELEMENTS = {SHORT_ROW_MIN_ELEMENTS})",

@@ -13,7 +13,7 @@ own scratch tensors included (such as the fused path of ``nn.MultiheadAttention`
 take in inference), and nothing else: not Python objects, not buffers a math library allocates
 itself, not the allocator's rounding. What the warm-up left is not counted: Adam's moment buffers
 (every column has its own, in proportion to its parameters), and no inference buffers our ISABs keep
-between calls, because they are freed (:func:`~settransformer.nn.workspace.clear_kept_buffers`) before
+between calls, because they are freed (`clear_kept_buffers`) before
 each pass and so counted in it.
 
 The rows and models are those of ``benchmarks/peers.py`` (same inputs, same seeds), SAB up to

@@ -2,8 +2,8 @@
 
 Written the way the official research code computes attention: heads are folded into the batch
 with ``split``/``cat`` copies and scores go through ``bmm`` + ``softmax``, materialising the full
-attention matrix. Parameter names match :mod:`settransformer.nn.mab`, so a naive module loads the
-state dict of ours and computes the same function (checked by :func:`check_same_function`).
+attention matrix. Parameter names match `settransformer.nn.mab`, so a naive module loads the
+state dict of ours and computes the same function (checked by `check_same_function`).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class NaivePMA(nn.Module):
 
 
 class NaiveSetTransformer(nn.Module):
-    """ISAB x2 -> PMA -> SAB x2 -> Linear, the layout of :class:`settransformer.SetTransformer`."""
+    """ISAB x2 -> PMA -> SAB x2 -> Linear, the layout of `settransformer.SetTransformer`."""
 
     def __init__(
         self,

@@ -5,7 +5,7 @@
 
 At the shape of each task's default model (the rows of ``benchmarks/peers.py``, our default layout
 with ``norm=None``), one training step (forward, backward, optimizer step) with the optimizer that
-:func:`settransformer.training.optim.make_optimizer` builds for ``optimizer="adam"`` (PyTorch's fused
+`settransformer.training.optim.make_optimizer` builds for ``optimizer="adam"`` (PyTorch's fused
 kernel where it has one) and with ``torch.optim.Adam``'s default implementation (on a CPU, a Python
 loop over the parameters). Both optimizers step the same model in one process, interleaved
 (default, ours, default, ...) ``--rounds`` times; each cell is the median over the rounds of the

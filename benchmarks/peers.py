@@ -8,8 +8,8 @@ Columns (one model per cell, every cell in its own worker process on CPU):
 
 - ``ours (same fn)``: our model computing what the official code computes. Where the official
   ``models.SetTransformer`` layout applies (ISAB encoders) its weights go through
-  :func:`settransformer.compat.load_official`, and the output difference is checked; SAB-encoder
-  rows and blocks use our blocks with :func:`settransformer.compat.official_options`.
+  `settransformer.compat.load_official`, and the output difference is checked; SAB-encoder
+  rows and blocks use our blocks with `settransformer.compat.official_options`.
 - ``ours (same fn, compiled)``: the same model under ``torch.compile(model, dynamic=True)``
   (inductor), in the task rows and the modes of ``--compiled`` (default: inference). It compiles
   on the full pass before the memory baseline and timing, and a recompile while timed is an error.
@@ -313,7 +313,7 @@ def _passes(run: Callable[[], None], device: torch.device, budget: float, max_pa
     first starts from a shifted heap (a few blocks of seeded random sizes left allocated): where the
     allocator places a small model's activations can slow every call of a process by up to half, so
     the best pass is the best of several placements rather than one placement's luck. The blocks
-    take heap space, so the memory of a cell is measured before (:func:`measure`)."""
+    take heap space, so the memory of a cell is measured before (`measure`)."""
     times: list[float] = []
     shifts: list[Tensor] = []
     rng = torch.Generator().manual_seed(0)
@@ -567,7 +567,7 @@ def _run_worker(
     impl: str, cells: list[Cell], args: argparse.Namespace, flops: bool, probe: bool = False
 ) -> list[dict] | None:
     """``impl``'s results on ``cells`` from a fresh worker process. ``probe``: the CPU memory and
-    FLOP worker (one pass, under :data:`PROBE_MMAP_THRESHOLD`; its times are not used)."""
+    FLOP worker (one pass, under `PROBE_MMAP_THRESHOLD`; its times are not used)."""
     spec = {"impl": impl, "cells": [asdict(c) for c in cells]}
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec), *args.passthrough]
     if flops:
@@ -631,7 +631,7 @@ class Table:
         self.notes |= {f"{cell.key}, {TITLES[impl]}: {r['note']}" for r in results if r.get("note")}
 
     def done(self, impl: str) -> dict[tuple[str, str], dict[str, Any]]:
-        """``(cell key, mode) -> result`` of ``impl``'s measured block points (for :func:`plan`)."""
+        """``(cell key, mode) -> result`` of ``impl``'s measured block points (for `plan`)."""
         out = {}
         for label, row in self.rows.items():
             if isinstance(row.get(impl), dict) and label in _BLOCK_LABELS:

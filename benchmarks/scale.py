@@ -9,7 +9,7 @@ Rows (float32, ``dim_input`` 3, width 128, 4 heads, 32 inducing points, ``ff_dim
 
 - ``isab``: ISAB forward, every element's output; ``st``: SetTransformer (2 ISABs, PMA with one
   seed, 2 SABs, linear head) forward, i.e. encode + PMA. Each as ``chunked``
-  (:mod:`settransformer.nn.streaming`), ``unchunked`` (the blocks as is) and ``naive``
+  (`settransformer.nn.streaming`), ``unchunked`` (the blocks as is) and ``naive``
   (``benchmarks/naive.py``), each point in its own process. A point is skipped when its memory,
   extrapolated linearly from the previous N, would exceed ``--mem-limit-gb``.
 - ``flops``: ISAB forward at N = 1e6 against a plain ``(N, 128) @ (128, 128)`` matmul in the same
@@ -21,7 +21,7 @@ Rows (float32, ``dim_input`` 3, width 128, 4 heads, 32 inducing points, ``ff_dim
   interleaved), each point's best round: time, memory above baseline and throughput against the
   unchunked path, the evidence for the library's default ``chunk_size``.
 - ``ragged``: 64 sets with sizes log-uniform in [10, ``--ragged-max``] (seed 0) through the
-  SetTransformer as a ragged batch (:func:`settransformer.large.ragged.ragged_forward`) and padded to
+  SetTransformer as a ragged batch (`settransformer.large.ragged.ragged_forward`) and padded to
   the largest set (``model(x, mask)``; if that would exceed the memory limit, the padded batch
   evaluated with ``chunk_size`` instead). Both include their input in the peak; outputs compared.
 

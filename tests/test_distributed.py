@@ -6,6 +6,7 @@ The processes are spawned from the test and join a gloo group through the enviro
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
@@ -16,7 +17,9 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from settransformer.tasks.base import Batch
 from settransformer.tasks.pointcloud import PointCloudClassification
@@ -74,9 +77,20 @@ def _worker(
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     model, task = _model(**options), _task(**options)
+    # DDP wrappers still alive when the group goes: their reducers would outlive it
+    alive: list[int] = []
+    destroy = dist.destroy_process_group
+
+    def counted_destroy(*args: Any, **kwargs: Any) -> None:
+        gc.collect()
+        alive.append(sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects()))
+        destroy(*args, **kwargs)
+
+    dist.destroy_process_group = counted_destroy
     # the same path on every rank, as under torchrun; only rank 0 may write into it
     result = train(model, task, TrainConfig(**config), Path(out) / "run", model_name="m", resume=resume)
-    torch.save({"result": result, "params": _flat(model)}, Path(out) / f"rank{rank}.pt")
+    saved = {"result": result, "params": _flat(model), "ddp_alive_at_destroy": alive}
+    torch.save(saved, Path(out) / f"rank{rank}.pt")
 
 
 def _two_processes(
@@ -134,6 +148,8 @@ def test_two_processes_give_the_parameters_of_one_with_the_same_global_batch(tmp
     # DDP averaged the gradients of two halves of the global batch: one process's step, to rounding
     assert torch.equal(ranks[0]["params"], ranks[1]["params"])
     torch.testing.assert_close(ranks[0]["params"], _flat(single), rtol=0, atol=1e-6)
+    # every rank left the group once, its DDP wrapper (and the reducer's hold on the group) freed first
+    assert [r["ddp_alive_at_destroy"] for r in ranks] == [[0], [0]]
     run, alone = _lines(tmp_path / "run"), _lines(tmp_path / "single")
     assert [r["step"] for r in run] == [1, 2, 3, 4]  # one writer: no duplicated lines
     assert [r["loss"] for r in run] == pytest.approx([r["loss"] for r in alone], abs=1e-6)

@@ -123,9 +123,13 @@ def export_onnx(
         dynamo: use the ``torch.export``-based exporter instead of the TorchScript-based one.
 
     Returns:
-        ``path``. Raises [`ExportError`][settransformer.deploy.export.ExportError] (a ``ValueError``) when the
-            export or the comparison fails, ``TypeError`` for a model that is not called as ``model(x, mask)``
-            (or ``model(x, mask, queries)`` with ``dim_query``), ``ImportError`` without the ``onnx`` package.
+        ``path``.
+
+    Raises:
+        ExportError: the export or the comparison failed (a ``ValueError``).
+        TypeError: ``model`` is not called as ``model(x, mask)`` (or ``model(x, mask, queries)`` with
+            ``dim_query``).
+        ImportError: the ``onnx`` package is not installed.
 
     Examples:
         >>> import onnx

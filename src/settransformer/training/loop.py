@@ -34,6 +34,7 @@ Examples:
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -576,6 +577,11 @@ class _Run:
             self.log_file.close()
         if self.writer is not None:
             self.writer.close()
+        if self.net is not self.model:
+            # The DDP reducer holds the process group: free it while the group lives, not after
+            # destroy_process_group (gloo can abort at exit when its threads outlive the group).
+            self.net = self.model
+            gc.collect()
         self.ctx.close(wait=wait)
 
     def finish(self) -> dict[str, Any]:
