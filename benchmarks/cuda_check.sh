@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One run on a GPU machine without internet (about 8 minutes on an H200); installs nothing.
+# One run on a GPU machine without internet (about 10 minutes on an H200); installs nothing.
 #   (a) a self-contained correctness check of the models and blocks on CUDA, in float32 and bfloat16:
 #       masked output == per-set output, chunked == unchunked, finite gradients, a TorchScript trace
 #       (and ONNX when the onnx package is there), torch.compile(dynamic=True) with its recompiles
@@ -9,8 +9,10 @@
 #   OFFICIAL=/path/to/set_transformer OUT=/tmp/out bash benchmarks/cuda_check.sh
 # OFFICIAL: a copy of github.com/juho-lee/set_transformer (the official column; skipped without it).
 # OUT: where the results go (default benchmarks/out/cuda); peers-cuda.md there joins both tables.
-# PARTS: "check peers" (default), or one of them. Time limits: CHECK_S for (a) (default 200 s),
-# PEERS_S for (b), per dtype (default 170 s).
+#   (c) the attention kernels on CUDA (benchmarks/kernels.py --device cuda): fused against explicit at
+#       the shapes the blocks run there, and which one choose_kernel's GPU rule picks.
+# PARTS: "check peers kernels" (default), or some of them. Time limits: CHECK_S for (a) (default
+# 200 s), PEERS_S for (b), per dtype (default 170 s), KERNELS_S for (c) (default 120 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -18,7 +20,7 @@ OUT=${OUT:-benchmarks/out/cuda}
 mkdir -p "$OUT"
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
 status=0
-PARTS=${PARTS:-check peers}
+PARTS=${PARTS:-check peers kernels}
 
 if ! "$PY" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda, "available", torch.cuda.is_available())'; then
   echo "no torch for $PY" >&2
@@ -211,5 +213,11 @@ for dtype in float32 bfloat16; do
 done
 cat "$OUT"/peers-cuda-float32.md "$OUT"/peers-cuda-bfloat16.md > "$OUT/peers-cuda.md" 2>/dev/null || true
 echo "results in $OUT (copy $OUT/peers-cuda.md to benchmarks/results/peers-cuda.md)"
+fi
+
+if [[ " $PARTS " == *" kernels "* ]]; then
+echo "== (c) attention kernels on CUDA =="
+timeout "${KERNELS_S:-120}" "$PY" benchmarks/kernels.py --device cuda --output "$OUT/kernels-cuda.md" || status=1
+echo "copy $OUT/kernels-cuda.md to benchmarks/results/kernels-cuda.md"
 fi
 exit $status

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/kernels.py            # the tables (about a minute on 2 cores)
     .venv/bin/python benchmarks/kernels.py --quick    # a few shapes (under a minute)
+    python benchmarks/kernels.py --device cuda        # the GPU rule, at the shapes the blocks run there
 
 For each shape ``(B, H, Nq, Nk, Dh)`` it times `settransformer.nn.attention.attention`'s two
 dot-product kernels, ``fused`` (PyTorch's ``scaled_dot_product_attention``) and ``explicit`` (two
@@ -10,6 +11,9 @@ as the blocks lay them out (per-head views of one projection, or the pooled form
 queries), and shows which one `settransformer.nn.attention.choose_kernel` picks. Times are
 the best of interleaved rounds (fused, explicit, fused, ...) in one process, ``--threads`` threads.
 The last column is the time of the rule's pick over the faster kernel's (1.00 = the faster one).
+With ``--device cuda`` the shapes are those the blocks run on a GPU (the standard form: per-head
+views, no pooled form), including an ISAB's inducing points over sets of up to 1M elements, and the
+softmax table is left out (its rule is the CPU's).
 
 A second table times ``torch.softmax`` against the three vectorised passes
 (``exp(x - max) / sum``) that `settransformer.nn.scores.softmax` runs without autograd for
@@ -35,6 +39,7 @@ from settransformer.nn.attention import _attention, choose_kernel, split_heads
 from settransformer.nn.scores import SHORT_ROW, SHORT_ROW_MIN_ELEMENTS, _softmax_passes, softmax_in_passes
 
 HERE = Path(__file__).resolve().parent
+CPU = torch.device("cpu")
 
 # (B, H, Nq, Nk, Dh, layout): "self" = queries, keys and values from one (B, N, 3 H Dh) projection;
 # "cross" = queries (B, Nq, H Dh) and keys/values (B, Nk, 2 H Dh); "pooled" = the pooled form,
@@ -71,52 +76,93 @@ SHAPES: list[tuple[int, int, int, int, int, str]] = [
     (1, 4, 4096, 4096, 32, "self"),  # SAB block, N = 4k
 ]
 QUICK = [0, 1, 4, 7, 8, 18, 23, 26]
+# On a GPU the blocks run the standard form: the pooled rows become their per-head cross attention.
+GPU_SHAPES: list[tuple[int, int, int, int, int, str]] = [
+    *(s for s in SHAPES if s[5] != "pooled"),
+    (10, 4, 4, 450, 32, "cross"),  # MoG: PMA(4)
+    (32, 4, 1, 1000, 64, "cross"),  # point cloud, 1,000 points: PMA(1)
+    (10, 4, 32, 450, 32, "cross"),  # MoG: 32 inducing points over the set
+    (32, 4, 16, 1000, 64, "cross"),  # point cloud, 1,000 points: 16 inducing points
+    (1, 4, 32, 1000, 32, "cross"),  # ISAB block, N = 1k: inducing points over the set
+    (1, 4, 32, 10_000, 32, "cross"),  # ISAB block, N = 10k
+    (1, 4, 32, 100_000, 32, "cross"),  # ISAB block, N = 100k
+    (1, 4, 32, 1_000_000, 32, "cross"),  # ISAB block, N = 1M
+    (1, 4, 1_000_000, 32, 32, "cross"),  # ISAB block, N = 1M: the set over the inducing points
+]
 ROW_LENGTHS = [2, 4, 7, 8, 10, 15, 16, 32]
 ROW_COUNTS = [512, 2048, 20_000]
 
 
 def inputs(
-    b: int, h: int, nq: int, nk: int, dh: int, layout: str, grad: bool
+    b: int,
+    h: int,
+    nq: int,
+    nk: int,
+    dh: int,
+    layout: str,
+    grad: bool,
+    device: torch.device = CPU,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """``q, k, v`` as the blocks pass them to the kernel, and the leaves to differentiate."""
     g = torch.Generator().manual_seed(0)
+
+    def leaf(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(device, dtype).requires_grad_(grad)
+
     if layout == "pooled":
-        q0 = torch.randn(1, 1, h * nq, dh, generator=g, requires_grad=grad)
-        kv = torch.randn(b, 1, nk, dh, generator=g, requires_grad=grad)
+        q0, kv = leaf(1, 1, h * nq, dh), leaf(b, 1, nk, dh)
         return q0.expand(b, -1, -1, -1), kv, kv, [q0, kv]
     if layout == "self":
-        x = torch.randn(b, nq, 3 * h * dh, generator=g, requires_grad=grad)
+        x = leaf(b, nq, 3 * h * dh)
         q, k, v = (split_heads(t, h) for t in x.chunk(3, dim=-1))
         return q, k, v, [x]
-    xq = torch.randn(b, nq, h * dh, generator=g, requires_grad=grad)
-    xkv = torch.randn(b, nk, 2 * h * dh, generator=g, requires_grad=grad)
+    xq, xkv = leaf(b, nq, h * dh), leaf(b, nk, 2 * h * dh)
     k, v = (split_heads(t, h) for t in xkv.chunk(2, dim=-1))
     return split_heads(xq, h), k, v, [xq, xkv]
 
 
-def best_time(fns: dict[str, Callable[[], object]], budget: float, rounds: int = 5) -> dict[str, float]:
-    """Best seconds per call of each of ``fns``, timed in interleaved rounds."""
+def best_time(
+    fns: dict[str, Callable[[], object]], budget: float, rounds: int = 5, device: torch.device = CPU
+) -> dict[str, float]:
+    """Best seconds per call of each of ``fns``, timed in interleaved rounds (on a GPU up to the
+    end of the last kernel)."""
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     for fn in fns.values():
         fn()
     reps = {}
     for name, fn in fns.items():
+        sync()
         t = time.perf_counter()
         fn()
+        sync()
         reps[name] = max(1, int(budget / rounds / max(time.perf_counter() - t, 1e-6)))
     best = dict.fromkeys(fns, float("inf"))
     for _ in range(rounds):
         for name, fn in fns.items():
+            sync()
             t = time.perf_counter()
             for _ in range(reps[name]):
                 fn()
+            sync()
             best[name] = min(best[name], (time.perf_counter() - t) / reps[name])
     return best
 
 
-def measure(shape: tuple[int, int, int, int, int, str], grad: bool, budget: float) -> dict[str, object]:
+def measure(
+    shape: tuple[int, int, int, int, int, str],
+    grad: bool,
+    budget: float,
+    device: torch.device = CPU,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, object]:
     b, h, nq, nk, dh, layout = shape
-    q, k, v, leaves = inputs(b, h, nq, nk, dh, layout, grad)
-    out_grad = torch.ones(b, q.shape[1], q.shape[2], v.shape[-1])
+    q, k, v, leaves = inputs(b, h, nq, nk, dh, layout, grad, device, dtype)
+    out_grad = torch.ones(b, q.shape[1], q.shape[2], v.shape[-1], device=device, dtype=dtype)
 
     def run(kernel: str) -> Callable[[], object]:
         def call() -> None:
@@ -130,7 +176,7 @@ def measure(shape: tuple[int, int, int, int, int, str], grad: bool, budget: floa
 
         return call
 
-    times = best_time({"fused": run("fused"), "explicit": run("explicit")}, budget)
+    times = best_time({"fused": run("fused"), "explicit": run("explicit")}, budget, device=device)
     with torch.set_grad_enabled(grad):
         pick = choose_kernel(q, k, v)
     return {"times": times, "pick": pick}
@@ -174,18 +220,32 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few shapes, shorter timings")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument(
-        "--output", help="markdown file (default benchmarks/results/kernels.md; none with --quick)"
+        "--device", choices=["cpu", "cuda"], default="cpu", help="where the kernels run (default cpu)"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="the inputs' dtype (default float32)",
+    )
+    parser.add_argument(
+        "--output",
+        help="markdown file (default benchmarks/results/kernels.md, kernels-cuda.md with --device cuda; "
+        "none with --quick)",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    shapes = [SHAPES[i] for i in QUICK] if args.quick else SHAPES
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    gpu = device.type == "cuda"
+    if gpu:
+        torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 in both kernels
+    all_shapes = GPU_SHAPES if gpu else SHAPES
+    shapes = [all_shapes[i] for i in QUICK if i < len(all_shapes)] if args.quick else all_shapes
     budget = 0.15 if args.quick else 0.4
     started = time.perf_counter()
-    header = (
-        f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs "
-        f"(capability {torch.backends.cpu.get_cpu_capability()}), float32, "
-        f"load {os.getloadavg()[0]:.1f} at start"
-    )
+    cpu = f"{os.cpu_count()} CPUs (capability {torch.backends.cpu.get_cpu_capability()})"
+    place = torch.cuda.get_device_name(device) if gpu else f"{args.threads} threads, {cpu}"
+    header = f"torch {torch.__version__}, {place}, {args.dtype}, load {os.getloadavg()[0]:.1f} at start"
     lines = [
         header,
         "",
@@ -197,7 +257,7 @@ def main() -> None:
     worst, total = 1.0, []
     for shape in shapes:
         for grad in (False, True):
-            m = measure(shape, grad, budget)
+            m = measure(shape, grad, budget, device, dtype)
             t: dict[str, float] = m["times"]  # type: ignore[assignment]
             pick = str(m["pick"])
             loss = t[pick] / min(t.values())
@@ -215,19 +275,23 @@ def main() -> None:
         f"rule's pick over the fastest kernel: geometric mean {geo:.3f}, worst {worst:.2f} "
         f"({len(total)} measurements, {(time.perf_counter() - started) / 60:.1f} min)",
     ]
-    softmax_lines, losses = softmax_table(budget / 2)
-    summary += [
-        "",
-        *softmax_lines,
-        "",
-        f"softmax rule's pick over the faster: geometric mean {_geomean(losses):.3f}, "
-        f"worst {max(losses):.2f}",
-    ]
+    if not gpu:
+        softmax_lines, losses = softmax_table(budget / 2)
+        summary += [
+            "",
+            *softmax_lines,
+            "",
+            f"softmax rule's pick over the faster: geometric mean {_geomean(losses):.3f}, "
+            f"worst {max(losses):.2f}",
+        ]
     print("\n".join(summary))
     if args.quick and not args.output:
         return
-    out = Path(args.output) if args.output else HERE / "results" / "kernels.md"
-    command = "python benchmarks/kernels.py" + ("" if not args.quick else " --quick")
+    out = (
+        Path(args.output) if args.output else HERE / "results" / ("kernels-cuda.md" if gpu else "kernels.md")
+    )
+    command = "python benchmarks/kernels.py" + (" --quick" if args.quick else "")
+    command += f" --device cuda --dtype {args.dtype}" if gpu else ""
     out.write_text("\n".join([f"# Attention kernels\n\n`{command}`\n", *lines, *summary, ""]))
     print(f"written to {out}")
 

@@ -190,6 +190,26 @@ def test_kernel_rule_follows_shape_and_autograd():
         attention(tiny, tiny, tiny, kernel="bmm")
 
 
+def test_gpu_kernel_rule_spreads_long_walks_over_the_device():
+    from settransformer.nn.attention import GPU_EXPLICIT_MIN_SERIAL, _gpu_kernel, choose_kernel
+
+    sms = 132  # an H100 / H200
+    # an ISAB at N = 10k, B = 1, 4 heads of 32: its inducing points over the set (4 thread blocks)...
+    assert _gpu_kernel(1, 4, 32, 10_000, 32, grad=False, processors=sms) == "explicit"
+    # ...the set over the inducing points: thousands of query tiles forward, 4 key tiles backward
+    assert _gpu_kernel(1, 4, 10_000, 32, 32, grad=False, processors=sms) == "fused"
+    assert _gpu_kernel(1, 4, 10_000, 32, 32, grad=True, processors=sms) == "explicit"
+    # short walks keep the fused kernel's one launch: a MoG batch (450 elements), a SAB's N x N
+    assert _gpu_kernel(10, 4, 32, 450, 32, grad=True, processors=sms) == "fused"
+    assert _gpu_kernel(1, 4, 10_000, 10_000, 32, grad=True, processors=sms) == "fused"  # N x N scores
+    # enough (batch, head) pairs fill the device: fused
+    assert _gpu_kernel(64, 4, 32, 10_000, 32, grad=False, processors=sms) == "fused"
+    assert _gpu_kernel(1, 4, 32, GPU_EXPLICIT_MIN_SERIAL - 1, 32, grad=False, processors=sms) == "fused"
+    assert _gpu_kernel(1, 4, 64, 10_000, 32, grad=False, processors=sms) == "fused"  # scores > keys
+    meta = torch.empty(1, 4, 32, 32, device="meta")  # neither CPU nor CUDA: the fused kernel
+    assert choose_kernel(meta, torch.empty(1, 4, 10_000, 32, device="meta"), meta) == "fused"
+
+
 def test_standard_form_without_autograd_equals_with():
     """Without autograd a small standard-form MAB takes the explicit kernel; same values."""
     torch.manual_seed(4)

@@ -56,6 +56,27 @@ def test_gpu_matches_cpu_forward_and_backward(name):
         torch.testing.assert_close(g_gpu.cpu(), g_cpu, atol=5e-4, rtol=1e-3)
 
 
+def test_gpu_isab_over_a_long_set_takes_the_explicit_kernel_and_matches_cpu():
+    """Inducing points over thousands of elements: the explicit kernel on the GPU, the same values."""
+    from settransformer.nn.attention import choose_kernel
+
+    torch.manual_seed(0)
+    isab = ISAB(3, 32, 4, 8)
+    x = torch.randn(1, 6000, 3)
+    out_cpu = isab(x)
+    out_cpu.square().mean().backward()
+    grads_cpu = [p.grad.clone() for p in isab.parameters()]
+    isab.zero_grad()
+    gpu = isab.to(CUDA)
+    q, k = torch.randn(1, 4, 8, 8, device=CUDA), torch.randn(1, 4, 6000, 8, device=CUDA)
+    assert choose_kernel(q, k, k) == "explicit"
+    out_gpu = gpu(x.to(CUDA))
+    out_gpu.square().mean().backward()
+    torch.testing.assert_close(out_gpu.cpu(), out_cpu, atol=2e-5, rtol=1e-4)
+    for g_gpu, g_cpu in zip((p.grad for p in gpu.parameters()), grads_cpu):
+        torch.testing.assert_close(g_gpu.cpu(), g_cpu, atol=5e-4, rtol=1e-3)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ["isab", "sab"])
 def test_gpu_padding_order_and_empty_sets(name, dtype):

@@ -18,6 +18,7 @@ which passes no gradient back through the replaced rows.
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Literal, NamedTuple, get_args
 
 import torch
@@ -33,6 +34,8 @@ __all__ = [
     "EXPLICIT_MIN_WORK",
     "FUSED_GRAD_MAX_QUERIES",
     "FUSED_GRAD_MIN_KEYS",
+    "GPU_EXPLICIT_MIN_SERIAL",
+    "GPU_ROWS_PER_PROGRAM",
     "KERNELS",
     "REWRITE_MIN_SET",
     "FormSizes",
@@ -241,6 +244,46 @@ EXPLICIT_MAX_SCORES = 3 * 2**20
 """Most scores in all, ``B * H * Nq * Nk``, for the explicit kernel (it stores them: 12 MB in float32)."""
 
 
+# On a GPU: PyTorch's fused CUDA kernels (flash, memory-efficient) give each thread block a tile of
+# queries of one (batch, head) and walk every key in turn; their backward gives each a tile of keys
+# and walks every query. A few queries over a long set (an ISAB's inducing points, a PMA's seeds),
+# or in the backward pass a long set over a few keys, leave most of the GPU idle while a handful of
+# blocks walk the set. Two batched products and a softmax spread that work over the whole device.
+# Seen in results/peers-cuda.md (H200, float32): the ISAB forward at N >= 10k at 0.45x the official
+# code's bmm + softmax, forward+backward at N = 100k at 0.33x.
+GPU_ROWS_PER_PROGRAM = 64
+"""Queries (keys, in the backward pass) per thread block of the fused CUDA kernels, as the rule counts
+them."""
+GPU_EXPLICIT_MIN_SERIAL = 4096
+"""Fewest keys (queries, in the backward pass) each thread block walks for the explicit kernel on a
+GPU; below it the walk is short and the fused kernel's single launch wins."""
+
+
+def _gpu_kernel(b: int, h: int, nq: int, nk: int, dh: int, grad: bool, processors: int) -> Kernel:
+    """[`choose_kernel`][settransformer.nn.attention.choose_kernel]'s rule on a GPU with ``processors``
+    streaming multiprocessors: explicit where the fused kernel would run fewer thread blocks than the
+    device has processors, each over at least
+    [`GPU_EXPLICIT_MIN_SERIAL`][settransformer.nn.attention.GPU_EXPLICIT_MIN_SERIAL] rows, and the
+    scores are no larger than the queries or keys (``min(Nq, Nk) <= Dh``)."""
+    if min(nq, nk) > dh:
+        return "fused"
+
+    def programs(rows: int) -> int:
+        return b * h * -(-rows // GPU_ROWS_PER_PROGRAM)
+
+    if programs(nq) < processors and nk >= GPU_EXPLICIT_MIN_SERIAL:
+        return "explicit"
+    if grad and programs(nk) < processors and nq >= GPU_EXPLICIT_MIN_SERIAL:
+        return "explicit"
+    return "fused"
+
+
+@cache
+def _processors(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA ``device``."""
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
+
+
 def choose_kernel(q: Tensor, k: Tensor, v: Tensor) -> Kernel:
     """The faster dot-product kernel for ``q: (B, H, Nq, D)`` over ``k: (B, H, Nk, D)``,
     ``v: (B, H, Nk, Dv)``: ``"explicit"`` (batched products and a softmax) or ``"fused"``.
@@ -248,8 +291,11 @@ def choose_kernel(q: Tensor, k: Tensor, v: Tensor) -> Kernel:
     A calibrated rule for the CPU (see [`EXPLICIT_MIN_WORK`][settransformer.nn.attention.EXPLICIT_MIN_WORK],
     [`EXPLICIT_MAX_SCORES`][settransformer.nn.attention.EXPLICIT_MAX_SCORES] and
     [`FUSED_GRAD_MAX_QUERIES`][settransformer.nn.attention.FUSED_GRAD_MAX_QUERIES]; ``benchmarks/kernels.py``
-    checks it against measurements); the fused kernel on other devices and while tracing, compiling or
-    exporting, so a graph holds the same kernel for every size.
+    checks it against measurements). On a CUDA device the fused kernel, but for a few queries over
+    thousands of keys (or, under autograd, the reverse) where it would leave most of the device idle
+    (see [`GPU_EXPLICIT_MIN_SERIAL`][settransformer.nn.attention.GPU_EXPLICIT_MIN_SERIAL]); the fused
+    kernel on other devices and while tracing, compiling or exporting, so a graph holds the same
+    kernel for every size.
     A rule, not a timer, so a seeded run computes the same bits every time.
 
     Examples:
@@ -258,11 +304,15 @@ def choose_kernel(q: Tensor, k: Tensor, v: Tensor) -> Kernel:
         >>> choose_kernel(q, inducing, inducing), choose_kernel(q, q, q)
         ('explicit', 'fused')
     """
-    if q.device.type != "cpu" or tracing():
+    if tracing():
         return "fused"
     b, h, nq, dh = k.shape[0], k.shape[1], q.shape[-2], q.shape[-1]
     nk = k.shape[-2]
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if q.device.type == "cuda":
+        return _gpu_kernel(b, h, nq, nk, dh, grad, _processors(q.device))
+    if q.device.type != "cpu":
+        return "fused"
     if nq * nk * dh < EXPLICIT_MIN_WORK or (
         grad and nq <= FUSED_GRAD_MAX_QUERIES and nk >= FUSED_GRAD_MIN_KEYS
     ):
