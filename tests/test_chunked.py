@@ -93,6 +93,22 @@ def test_blocks(norm: str | None, padded) -> None:
         assert_close(pma_chunked(pma, z, zmask, chunk_size=6), pma(z, zmask))
 
 
+@pytest.mark.parametrize("offset", [1000.0, -1000.0])
+def test_a_chunk_of_padding_leaves_far_scores_alone(offset: float) -> None:
+    """A chunk that is all padding for one set must not rescale that set's statistics: scores far
+    below zero (inputs far from the origin) underflowed with a reference of 0 for such a chunk."""
+    torch.manual_seed(0)
+    pma = PMA(4, num_heads=1, num_seeds=1).eval()
+    model = SetTransformer(3, 1, 2, dim_hidden=16, num_heads=2, num_inducing=4, norm=None).eval()
+    z, x = torch.randn(2, 8, 4) + offset, torch.randn(2, 64, 3) + offset
+    zmask, xmask = torch.ones(2, 8, dtype=torch.bool), torch.ones(2, 64, dtype=torch.bool)
+    zmask[1, 4:], xmask[1, 32:] = False, False  # the second set's last chunk is padding
+    with torch.no_grad():
+        assert_close(pma(z, zmask, chunk_size=4), pma(z, zmask))
+        full = model(x, xmask)
+        assert_close(model(x, xmask, chunk_size=32), full, atol=3e-6 * full.abs().max().item())
+
+
 @pytest.mark.parametrize(("form", "out_proj"), [("induced", True), ("standard", True), ("standard", False)])
 @pytest.mark.parametrize("ff_dim", [None, 24])
 @pytest.mark.parametrize("residual", ["auto", "projected"])

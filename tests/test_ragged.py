@@ -128,3 +128,25 @@ def test_errors() -> None:
         ragged_to_padded(x, offsets, max_size=2)
     with pytest.raises(TypeError, match="isab"):
         isab_ragged(model, x, offsets)  # type: ignore[arg-type]
+
+
+def test_ragged_helpers_check_their_rows_and_name_the_row() -> None:
+    torch.manual_seed(0)
+    isab, pma = ISAB(3, 8, num_heads=2, num_inducing=4).eval(), PMA(8, num_heads=2, num_seeds=1).eval()
+    model = SetTransformer(3, 1, 2, dim_hidden=8, num_heads=2, num_inducing=4).eval()
+    offsets = torch.tensor([0, 5, 305, 595])
+    x = torch.randn(595, 3)
+    x[315, 0] = float("nan")  # the third set's 11th element: row 315 of x, not a bucket's position
+    for call in (
+        lambda: isab_ragged(isab, x, offsets),
+        lambda: ragged_encode(model, x, offsets),
+        lambda: ragged_forward(model, x, offsets),
+    ):
+        with pytest.raises(ValueError, match=r"the first at x\[315\]"):
+            call()
+    with pytest.raises(ValueError, match=r"x: expected rows of 3 features"):
+        isab_ragged(isab, torch.randn(7, 5), [0, 3, 7])
+    with pytest.raises(ValueError, match=r"z: expected rows of 8 features"):
+        pma_ragged(pma, torch.randn(7, 5), [0, 3, 7])
+    with pytest.raises(TypeError, match=r"expected dtype torch\.float32"):
+        isab_ragged(isab, torch.randn(7, 3, dtype=torch.float64), [0, 3, 7])

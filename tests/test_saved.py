@@ -39,6 +39,19 @@ def test_round_trip_gives_the_same_outputs(tmp_path: Path, model: torch.nn.Modul
         pickletools.dis(raw)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_model_comes_back_in_the_dtype_it_was_saved_in(tmp_path: Path, dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    model = SetTransformer(3, 1, 2, dim_hidden=16, num_heads=2, num_inducing=4).to(dtype).eval()
+    folder = save_model(model, tmp_path / "m")
+    loaded = load_model(folder)
+    assert {p.dtype for p in loaded.parameters()} == {dtype}
+    x = torch.randn(2, 9, 3, dtype=dtype)
+    torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
+    as_float32 = load_model(folder, dtype=torch.float32)
+    assert {p.dtype for p in as_float32.parameters()} == {torch.float32}
+
+
 def test_refusals(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="save_model saves"):
         save_model(torch.nn.Linear(2, 2), tmp_path / "lin")

@@ -149,3 +149,28 @@ def test_masked_pool_max_of_negative_values() -> None:
     x = -torch.rand(1, 4, 2) - 1
     mask = torch.tensor([[True, True, False, False]])
     torch.testing.assert_close(masked_pool(x.masked_fill(~mask[..., None], 0), mask, "max"), x[:, :2].amax(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_masked_pool_mean_of_16_bit_floats_accumulates_wider(dtype: torch.dtype) -> None:
+    big = torch.full((1, 1000, 2), 100.0, dtype=dtype)  # the sum, 1e5, is above float16's range
+    many = torch.ones(1, 70_000, 2, dtype=dtype)  # the count is above float16's range too
+    mask = torch.ones(1, 70_000, dtype=torch.bool)
+    for x, m in ((big, None), (many, None), (many, mask)):
+        out = masked_pool(x, m, "mean")
+        assert out.dtype == dtype
+        torch.testing.assert_close(out, x.float().mean(1).to(dtype))
+
+
+def test_chunked_mean_pooling_of_a_half_model_matches_float32() -> None:
+    from settransformer import SetTransformer
+
+    torch.manual_seed(0)
+    model = SetTransformer(3, 1, 2, dim_hidden=16, num_heads=2, num_inducing=4, pooling="mean").eval()
+    x = torch.randn(1, 70_000, 3)
+    with torch.no_grad():
+        expected = model(x)
+        half = model.half()
+        for out in (half(x.half()), half(x.half(), chunk_size=8192)):
+            assert out.dtype == torch.float16
+            torch.testing.assert_close(out.float(), expected, atol=5e-3, rtol=5e-3)

@@ -91,15 +91,45 @@ def save_model(model: nn.Module, path: str | Path, *, overwrite: bool = False) -
     return folder
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+
+
+def _saved_dtype(weights_path: Path) -> torch.dtype:
+    """The floating-point dtype of the weights in ``weights_path`` (float32 if there are none)."""
+    try:
+        with _safetensors().safe_open(str(weights_path), framework="pt") as f:
+            names = f.keys()  # a safe_open handle is not iterable
+            kinds = {f.get_slice(name).get_dtype() for name in names}
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"{weights_path}: not a readable safetensors file ({e})") from None
+    floats = {_SAFETENSORS_DTYPES[k] for k in kinds if k in _SAFETENSORS_DTYPES}
+    if len(floats) > 1:
+        raise ValueError(f"{weights_path}: weights in several float dtypes ({sorted(map(str, floats))})")
+    return floats.pop() if floats else torch.float32
+
+
 def is_saved_model(path: str | Path) -> bool:
     """Whether ``path`` is a folder written by [`save_model`][settransformer.deploy.saved.save_model] (it
     holds ``model.safetensors``)."""
     return Path(path).is_dir() and (Path(path) / WEIGHTS_FILE).is_file()
 
 
-def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
+def load_model(
+    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> nn.Module:
     """The model saved in the folder ``path`` by [`save_model`][settransformer.deploy.saved.save_model], on
-    ``device``, in eval mode.
+    ``device``, in eval mode, in ``dtype`` (default: the dtype its weights were saved in, so a float64
+    or bfloat16 model comes back as it was saved).
+
+    Examples:
+        >>> model = SetTransformer(3, 1, 2, dim_hidden=16, num_inducing=4).double()
+        >>> next(load_model(save_model(model, "float64-model")).parameters()).dtype
+        torch.float64
 
     Raises:
         ValueError: naming the file, for a missing or unreadable file, an unknown class or format,
@@ -127,6 +157,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Mo
         model = cls(**info["config"])
     except (TypeError, ValueError) as e:
         raise ValueError(f"{config_path}: cannot build {cls.__name__} ({e})") from None
+    model.to(dtype or _saved_dtype(weights_path))
     try:
         missing, unexpected = _safetensors().load_model(model, str(weights_path), strict=False)
     except RuntimeError as e:  # load_state_dict: a tensor of another shape

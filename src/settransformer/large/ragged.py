@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.blocks import ISAB, PMA
-from ..nn.validation import check_positive, zero_padding
+from ..nn.validation import check_finite, check_like, check_positive, zero_padding
 
 __all__ = [
     "batch_to_offsets",
@@ -130,6 +130,19 @@ def _resolve(
             raise ValueError("batch: no sets (pass num_sets for a batch of empty sets)")
     assert offsets is not None
     return _check_offsets(offsets, x.shape[0]).to(x.device)
+
+
+def _check_rows(x: Tensor, module: nn.Module, dim: int | None, name: str = "x") -> None:
+    """A block's input checks on the ragged rows ``x: (total, D)`` themselves (feature size ``dim``,
+    the device and dtype of ``module``'s parameters, finite values), so that a message names the row of
+    ``x`` rather than a position in a padded bucket."""
+    if dim is not None and x.shape[1] != dim:
+        shape = tuple(x.shape)
+        raise ValueError(f"{name}: expected rows of {dim} features (total, {dim}), got shape {shape}")
+    like = next(module.parameters(), None)
+    if like is not None:
+        check_like(x, like, name)
+    check_finite(x, name)
 
 
 def ragged_to_padded(
@@ -283,6 +296,7 @@ def isab_ragged(
     if not isinstance(isab, ISAB):
         raise TypeError(f"isab: expected an ISAB, got {type(isab).__name__}")
     offsets = _resolve(x, offsets, batch, num_sets)
+    _check_rows(x, isab, isab.dim_in)
     return _apply(isab.forward_unchecked, x, offsets, True, slack, max_rows)
 
 
@@ -309,6 +323,7 @@ def pma_ragged(
     if not isinstance(pma, PMA):
         raise TypeError(f"pma: expected a PMA, got {type(pma).__name__}")
     offsets = _resolve(z, offsets, batch, num_sets)
+    _check_rows(z, pma, pma.dim, "z")
     return _apply(pma.forward_unchecked, z, offsets, False, slack, max_rows)
 
 
@@ -334,6 +349,7 @@ def ragged_encode(
         torch.Size([7, 8])
     """
     offsets = _resolve(x, offsets, batch, num_sets)
+    _check_rows(x, model, getattr(model, "dim_input", None))
     return _apply(model.encode, x, offsets, True, slack, max_rows)  # type: ignore[arg-type]
 
 
@@ -371,6 +387,7 @@ def ragged_forward(
         torch.Size([3, 1, 3])
     """
     offsets = _resolve(x, offsets, batch, num_sets)
+    _check_rows(x, model, getattr(model, "dim_input", None))
 
     def run(xb: Tensor, mask: Tensor) -> Tensor:
         if chunk_size is None:

@@ -134,10 +134,15 @@ class PooledQueries:
             bias = torch.zeros(b, 1, 1, kvn.shape[1], dtype=kv.dtype, device=kvn.device)
             bias = bias.masked_fill(~mask[:, None, None, :], float("-inf"))
         out, lse = _FUSED(q, kv, kv, 0.0, False, attn_mask=bias, scale=1.0)
-        denom = torch.ones_like(lse[:, 0, :, None])
-        if mask is not None:  # the kernel gives an all-masked row out = 0, lse = 0
-            denom = denom * mask.any(dim=1).to(denom.dtype)[:, None, None]
-        return lse[:, 0, :, None], denom, out[:, 0]
+        ref, denom = lse[:, 0, :, None], torch.ones_like(lse[:, 0, :, None])
+        if mask is not None:
+            # The kernel gives an all-masked row out = 0, lse = 0. As in the unfused path, its
+            # reference goes to the lowest float: a reference of 0 would scale another chunk's
+            # statistics by exp(ref - 0), which underflows to 0 for scores below about -88.
+            seen = mask.any(dim=1)[:, None, None]
+            ref = ref.masked_fill(~seen, torch.finfo(ref.dtype).min)
+            denom = denom * seen.to(denom.dtype)
+        return ref, denom, out[:, 0]
 
     def finish(self, pooled: Tensor, empty: Tensor) -> Tensor:
         """The block's output from the softmax-weighted raw rows ``pooled: (B, H*Nq, dim_kv)``.

@@ -13,6 +13,7 @@ from .validation import check_mask, check_positive, check_set, zero_padding
 
 __all__ = [
     "PoolKind",
+    "accumulation_dtype",
     "finish_pool",
     "masked_pool",
     "merge_pooled",
@@ -102,12 +103,15 @@ def masked_pool(x: Tensor, mask: Tensor | None, how: PoolKind = "mean") -> Tenso
         how: ``"mean"``, ``"sum"`` or ``"max"``.
 
     Returns:
-        ``(B, D)``. An empty set pools to zeros (all three kinds), with zero gradient.
+        ``(B, D)`` in ``x``'s dtype (sums of 16-bit floats accumulate in float32, as ``torch.mean``'s
+        do). An empty set pools to zeros (all three kinds), with zero gradient.
 
     Examples:
         >>> x, mask = torch.tensor([[[1.0], [3.0], [99.0]]]), torch.tensor([[True, True, False]])
         >>> masked_pool(x, mask, "mean"), masked_pool(x, mask, "max")
         (tensor([[2.]]), tensor([[3.]]))
+        >>> masked_pool(torch.full((1, 1000, 1), 100.0, dtype=torch.float16), None)  # sum 1e5 > fp16 max
+        tensor([[100.]], dtype=torch.float16)
     """
     if how not in ("mean", "sum", "max"):
         raise ValueError(f"how: expected 'mean', 'sum' or 'max', got {how!r}")
@@ -116,29 +120,44 @@ def masked_pool(x: Tensor, mask: Tensor | None, how: PoolKind = "mean") -> Tenso
     if x.shape[1] == 0:
         return x.new_zeros(x.shape[0], x.shape[2])
     x = zero_padding(x, mask)
-    return finish_pool(pool_partial(x, mask, how), pool_count(x, mask), how)
+    return finish_pool(pool_partial(x, mask, how), pool_count(x, mask), how, dtype=x.dtype)
 
 
 # Masked pooling in three steps, so that a set read in chunks pools exactly like a whole one:
 # pool_partial per chunk, merge_pooled across chunks, finish_pool once at the end.
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype pooled sums of ``dtype`` values accumulate in: float32 for 16-bit floats (whose
+    range a sum over a large set, or a count above 65,504, overflows), ``dtype`` otherwise.
+
+    Examples:
+        >>> accumulation_dtype(torch.bfloat16), accumulation_dtype(torch.float64)
+        (torch.float32, torch.float64)
+    """
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def pool_count(x: Tensor, mask: Tensor | None) -> Tensor:
-    """The number of real elements of each set of ``x: (B, N, D)``: ``(B, 1)`` in ``x``'s dtype.
+    """The number of real elements of each set of ``x: (B, N, D)``: ``(B, 1)`` in the
+    [`accumulation_dtype`][settransformer.nn.sets.accumulation_dtype] of ``x``'s.
 
     Examples:
         >>> pool_count(torch.zeros(2, 3, 4), torch.tensor([[True, True, False], [False, False, False]]))
         tensor([[2.],
                 [0.]])
     """
+    dtype = accumulation_dtype(x.dtype)
     if mask is None:
-        return x.new_full((x.shape[0], 1), x.shape[1])
-    return mask.sum(dim=1, keepdim=True).to(x.dtype)
+        return x.new_full((x.shape[0], 1), x.shape[1], dtype=dtype)
+    return mask.sum(dim=1, keepdim=True).to(dtype)
 
 
 def pool_partial(x: Tensor, mask: Tensor | None, how: PoolKind) -> Tensor:
-    """The sum (``"mean"``, ``"sum"``) or maximum (``"max"``) of the real rows of ``x: (B, N, D)``
-    (zero at padded rows): ``(B, D)``; an all-padding set's maximum is the dtype's lowest value.
+    """The sum (``"mean"``, ``"sum"``, in the
+    [`accumulation_dtype`][settransformer.nn.sets.accumulation_dtype]) or maximum (``"max"``) of the
+    real rows of ``x: (B, N, D)`` (zero at padded rows): ``(B, D)``; an all-padding set's maximum is the
+    dtype's lowest value.
 
     Examples:
         >>> x, mask = torch.tensor([[[1.0], [3.0], [0.0]]]), torch.tensor([[True, True, False]])
@@ -146,7 +165,7 @@ def pool_partial(x: Tensor, mask: Tensor | None, how: PoolKind) -> Tensor:
         (tensor([[4.]]), tensor([[3.]]))
     """
     if how != "max":
-        return x.sum(dim=1)
+        return x.sum(dim=1, dtype=accumulation_dtype(x.dtype))
     low = x if mask is None else x.masked_fill(~mask[..., None], torch.finfo(x.dtype).min)
     return low.amax(dim=1)
 
@@ -163,9 +182,9 @@ def merge_pooled(a: Tensor, b: Tensor, how: PoolKind) -> Tensor:
     return torch.maximum(a, b) if how == "max" else a + b
 
 
-def finish_pool(partial: Tensor, count: Tensor, how: PoolKind) -> Tensor:
+def finish_pool(partial: Tensor, count: Tensor, how: PoolKind, dtype: torch.dtype | None = None) -> Tensor:
     """The pooled ``(B, D)`` from [`pool_partial`][settransformer.nn.sets.pool_partial] over every element and
-    the counts ``(B, 1)``; an empty set pools to zero.
+    the counts ``(B, 1)``, in ``dtype`` (default: ``partial``'s); an empty set pools to zero.
 
     Examples:
         >>> partial, count = torch.tensor([[4.0], [0.0]]), torch.tensor([[2.0], [0.0]])
@@ -174,7 +193,9 @@ def finish_pool(partial: Tensor, count: Tensor, how: PoolKind) -> Tensor:
                 [0.]])
     """
     if how == "sum":
-        return partial
-    if how == "mean":
-        return partial / count.clamp_min(1)
-    return partial.masked_fill(count == 0, 0.0)
+        out = partial
+    elif how == "mean":
+        out = partial / count.clamp_min(1)
+    else:
+        out = partial.masked_fill(count == 0, 0.0)
+    return out if dtype is None else out.to(dtype)

@@ -344,18 +344,23 @@ class _Evaluation:
         if how not in ("mean", "sum", "max"):
             raise TypeError(f"model: {type(pipe).__name__} has no pooling to evaluate chunk by chunk")
 
+        dtypes: list[torch.dtype] = []  # the stage output's: the pooled sums accumulate wider
+
         def partial(x: Tensor, mask: Tensor | None) -> Tensor:
-            return pool_partial(stage_output(x, mask), mask, how)
+            z = stage_output(x, mask)
+            dtypes.append(z.dtype)
+            return pool_partial(z, mask, how)
 
         total: Tensor | None = None
         count: Tensor | None = None
         for _, x, mask in self.chunks():
-            part, n = _run(partial, x, mask), pool_count(x, mask)
+            part = _run(partial, x, mask)
+            n = pool_count(x, mask).to(part.dtype)
             total = part if total is None else merge_pooled(total, part, how)
             count = n if count is None else count + n
         if total is None or count is None:
             raise ValueError("x: the set has no elements")
-        return decode(finish_pool(total, count, how))
+        return decode(finish_pool(total, count, how, dtype=dtypes[-1]))
 
     def rows(self) -> Iterator[tuple[int, Tensor]]:
         """``(start, z)`` per chunk: the per-element outputs of every stage, after ``L`` passes."""

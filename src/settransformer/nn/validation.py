@@ -188,7 +188,7 @@ def check_set(x: object, dim: int, name: str = "x") -> Tensor:
     if not x.is_floating_point():
         raise TypeError(f"{name}: expected {expected}, got dtype {x.dtype} (convert with {name}.float())")
     if x.dim() != 3:
-        hint = " (add a batch dimension with x.unsqueeze(0))" if x.dim() == 2 else ""
+        hint = f" (add a batch dimension with {name}.unsqueeze(0))" if x.dim() == 2 else ""
         raise ValueError(f"{name}: expected {expected}, got shape {tuple(x.shape)}{hint}")
     if x.shape[-1] != dim:
         raise ValueError(f"{name}: expected {expected}, got shape {tuple(x.shape)}")

@@ -583,7 +583,8 @@ def load_for_inference(
     """
     if is_saved_model(source):
         try:
-            model = load_model(source, device=resolve_device(device))
+            # float32 whatever it was saved in: predict and export feed it float32 inputs
+            model = load_model(source, device=resolve_device(device), dtype=torch.float32)
         except ValueError as e:
             raise RunError(str(e)) from None
         return None, model, f"{type(model).__name__} (saved model {source})"
