@@ -272,3 +272,47 @@ def test_demo_leaves_out_the_tasks_on_your_own_files(
     assert code == 0 and "set-classification, set-regression" in out and "left out" in " ".join(out.split())
     assert _run(capsys, "demo", "--tasks", "set-classification", "--out", "d")[0] == 0  # asked for: run
     assert seen[-1] == ["set-classification"]
+
+
+def test_a_run_reads_its_data_from_any_folder_and_resumes_with_its_first_command(
+    classification_run: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    info = json.loads((classification_run / "config.json").read_text())
+    assert info["task_options"]["path"] == str(Path("bags.npz").resolve())  # not as typed
+    here = Path.cwd()
+    elsewhere = here / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, out, err = _run(capsys, "eval", str(here / classification_run))
+    assert code == 0, err
+    assert "accuracy" in out
+    monkeypatch.chdir(here)
+    # the first command again with --resume (the same --set path): the same options, so it continues
+    argv = ["train", "set-classification", "--set", "path=bags.npz", "--steps", "40", "--out", "cls"]
+    code, _, err = _run(capsys, *argv, *SMALL, "--no-progress", "--resume", "--allow-changes")
+    assert code == 0, err
+    code, _, err = _run(capsys, *argv[:3], "path=new.npz", *argv[4:], *SMALL, "--no-progress", "--resume")
+    assert code == 2
+    assert "task options cannot change when resuming" in err and "new.npz" in err
+
+
+def test_a_resume_that_cannot_start_changes_nothing(
+    classification_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = {p.name: p.read_bytes() for p in classification_run.iterdir() if p.is_file()}
+    Path("bags.npz").rename("moved.npz")  # the data is gone: the resume fails before any write
+    argv = ["train", "set-classification", "--out", "cls", "--resume", "--no-progress", "--allow-changes"]
+    code, _, err = _run(capsys, *argv, "--steps", "60")
+    assert code == 2 and "no such file or folder" in err and "Traceback" not in err
+    Path("moved.npz").rename("bags.npz")
+    code, _, err = _run(capsys, *argv, "--steps", "10")  # fewer steps than the checkpoint reached
+    assert code == 2 and "below the step the checkpoint reached (30)" in err
+    after = {p.name: p.read_bytes() for p in classification_run.iterdir() if p.is_file()}
+    assert after == before  # no changes.jsonl, config.json untouched
+
+
+def test_a_run_that_cannot_start_leaves_no_folder(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["train", "max-regression", "--steps", "1", "--out", "never", "--amp", "fp16", "--device", "cpu"]
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and "fp16 needs a CUDA device" in err
+    assert not Path("never").exists()

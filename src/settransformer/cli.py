@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from .data.files import WriteError, write_text_atomic
+from .data.files import WriteError, short, write_text_atomic
 from .data.set_files import read_inputs, read_queries
 from .deploy.export import DEFAULT_OPSET, export_onnx, export_torchscript
 from .deploy.inference import (
@@ -45,6 +45,8 @@ from .tasks.runs import (
     check_buildable,
     check_model,
     check_resume,
+    check_startable,
+    check_task_options,
     default_model,
     describe_task,
     load_for_inference,
@@ -243,16 +245,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise RunError(f"--resume {args.out}: no checkpoint.pt there to continue from")
         read_checkpoint(Path(args.out) / "checkpoint.pt", resume=True)  # damaged: one line, no traceback
         config, options, budget = _settings(args, info["train"], None)
-        if options:
-            raise RunError(
-                "--set, task_options: task options cannot change when resuming (the data would differ)"
+        saved = info["task_options"]
+        changed = {k: v for k, v in check_task_options(args.task, options).items() if saved.get(k) != v}
+        if changed:  # the same values again (the first command repeated) are no change
+            shown = ", ".join(
+                f"{k} {short(saved.get(k), 200)} -> {short(new, 200)}" for k, new in changed.items()
             )
-        task, model, run_dir = build_task(args.task, info["task_options"]), info["model"], Path(args.out)
+            raise RunError(
+                "--set, task_options: task options cannot change when resuming "
+                f"(the data would differ): {shown}"
+            )
+        task, model, run_dir = build_task(args.task, saved), info["model"], Path(args.out)
     else:
         config, options, budget = _settings(args, {}, "paper")
         model = check_model(cls, args.model or default_model(cls))
         task = build_task(args.task, options)
         check_buildable(task, model)
+    check_startable(task, config)  # before a run folder is made or changed
+    if not args.resume:
         run_dir = new_run_dir(args.task, model, args.out)
     with run_lock(run_dir):
         if args.resume:
@@ -430,8 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train, parser=p)
 
     commands = (("eval", _cmd_eval, _RUN_DOC, "evaluate a run"), ("plot", _cmd_plot, _PLOT_DOC, "plot a run"))
-    for name, func, doc, short in commands:
-        p = sub.add_parser(name, help=short, description=doc)
+    for name, func, doc, summary in commands:
+        p = sub.add_parser(name, help=summary, description=doc)
         p.add_argument(
             "run", metavar="RUN", help="a run folder written by `settransformer train`, or a checkpoint"
         )

@@ -379,7 +379,7 @@ class _LabelledSetTask(Task):
     def _data(self) -> None:
         if not self._loaded:
             if not Path(self.options["path"]).exists():
-                raise ValueError(
+                raise FileNotFoundError(
                     f"path {self.options['path']}: no such file or folder; the run's model is rebuilt "
                     "without it (predict, export), but its sets are needed here"
                 )

@@ -89,10 +89,21 @@ OPTION_ALIASES = {"pool": "pooling", "standardise": "standardize"}
 
 
 def build_task(name: str, options: dict[str, Any] | None = None) -> Task:
-    """The registered task ``name`` with ``options`` over its defaults (types checked); an option
-    spelled as in [`OPTION_ALIASES`][settransformer.tasks.runs.OPTION_ALIASES] is read as its name."""
+    """The registered task ``name`` with ``options`` over its defaults (see
+    [`check_task_options`][settransformer.tasks.runs.check_task_options])."""
     cls = task_class(name)
-    defaults = cls.default_options()
+    options = check_task_options(name, options)
+    try:
+        return cls(**options)
+    except (ValueError, TypeError) as e:
+        raise RunError(f"{name}: {short(str(e), quote=False)}") from None
+
+
+def check_task_options(name: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """``options`` of the task ``name`` as its runs store them: known names (an option spelled as in
+    [`OPTION_ALIASES`][settransformer.tasks.runs.OPTION_ALIASES] is read as its name), the types of the
+    defaults, and file and folder paths made absolute."""
+    defaults = task_class(name).default_options()
     options = _canonical_options(name, dict(options or {}), defaults)
     for key, value in options.items():
         if key not in defaults:
@@ -101,11 +112,23 @@ def build_task(name: str, options: dict[str, Any] | None = None) -> Task:
                 f"known: {', '.join(sorted(defaults))}"
             )
         options[key] = _check_option(key, value, defaults[key])
+        if is_path_option(key) and options[key] is not None:
+            options[key] = _absolute_path(key, options[key])
     _check_heads({**defaults, **options})
-    try:
-        return cls(**options)
-    except (ValueError, TypeError) as e:
-        raise RunError(f"{name}: {short(str(e))}") from None
+    return options
+
+
+def is_path_option(key: str) -> bool:
+    """Whether the task option ``key`` names a file or folder (``path``, ``*_path``, ``*_dir``)."""
+    return key == "path" or key.endswith(("_path", "_dir"))
+
+
+def _absolute_path(key: str, value: Any) -> str:
+    """A path option as an absolute path, so a run's ``config.json`` finds its data from any folder
+    (``eval``, ``plot`` and ``--resume`` run wherever the user is); a number is a folder's name."""
+    if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
+        raise RunError(f"task option {key!r}: expected a file or folder path, got {short(value)}")
+    return str(Path(str(value)).expanduser().resolve())
 
 
 def _canonical_options(name: str, options: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
@@ -623,6 +646,11 @@ def check_resume(
     misfit = _misfit(build_model(task, state["model_name"]), state["model"])
     if misfit:
         raise RunError(f"{path}: its weights do not fit the model {info['model']} ({misfit})")
+    if config.steps < state["step"]:
+        raise RunError(
+            f"--resume {run_dir}: --steps {config.steps} is below the step the checkpoint reached "
+            f"({state['step']}); a run continues, it cannot go back"
+        )
     saved = state.get("train") or info["train"]
     changes = {
         k: [saved.get(k), v] for k, v in config.to_dict().items() if k not in _COSMETIC and saved.get(k) != v
@@ -638,6 +666,19 @@ def check_resume(
     log = run_dir / "changes.jsonl"
     before = log.read_text() if log.is_file() else ""
     write_text_atomic(log, before + json.dumps({"step": state["step"], "changes": changes}) + "\n")
+
+
+def check_startable(task: Task, config: TrainConfig) -> None:
+    """Refuse, before a run folder is made or changed, a run this machine cannot start: settings it
+    cannot run (device, AMP, batch split) and task data that cannot be read (one batch is drawn)."""
+    try:
+        check_runnable(config)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    try:
+        task.sample_batch(1, torch.Generator().manual_seed(0))
+    except (ValueError, TypeError) as e:
+        raise RunError(f"{task.name}: {short(str(e), quote=False)}") from None
 
 
 def train_run(
