@@ -178,7 +178,7 @@ def test_config_file_and_flags_override_it(capsys: pytest.CaptureFixture[str]) -
         (["train", "max-regression", "--config", "bad.json"], "bad.json: cannot read it"),
         (
             ["train", "max-regression", "--config", "typo.json"],
-            "typo.json: unknown training setting(s) ['stepz']",
+            "typo.json: unknown setting(s) stepz; known: allow_changes, amp, batch_size, budget",
         ),
         (["train", "max-regression", "--config", "wrong.json"], "wrong.json: steps: expected int, got 'ten'"),
         (["train", "max-regression", "--steps", "0"], "steps: expected an integer from 1 to"),

@@ -195,12 +195,13 @@ def test_every_train_flag_is_a_config_key() -> None:
 def test_config_file_sets_threads_model_and_out(capsys: pytest.CaptureFixture[str]) -> None:
     Path("c.yaml").write_text(
         "threads: 1\nmodel: deepsets-sum\nout: from-file\nbudget: quick\nsteps: 2\nbatch_size: 8\n"
-        "progress: false\ntask_options:\n  test_sets: 16\n"
+        "no_progress: true\ntask_options:\n  test_sets: 16\n"  # the flag --no-progress, as a key
     )
     code, _, err = _run(capsys, "train", "max-regression", "--config", "c.yaml")
     assert code == 0, err
     info = json.loads(Path("from-file/config.json").read_text())
     assert info["model"] == "deepsets-sum" and info["train"]["steps"] == 2
+    assert info["train"]["progress"] is False
     for text, message in (
         ("threads: 0\n", "c.yaml: threads: expected a positive integer, got '0'"),
         ("budget: huge\n", "c.yaml: budget: expected one of quick, paper, got 'huge'"),
@@ -270,8 +271,10 @@ def test_demo_leaves_out_the_tasks_on_your_own_files(
     assert seen == [names]
     code, out, _ = _run(capsys, "demo", "--help")
     assert code == 0 and "set-classification, set-regression" in out and "left out" in " ".join(out.split())
-    assert _run(capsys, "demo", "--tasks", "set-classification", "--out", "d")[0] == 0  # asked for: run
-    assert seen[-1] == ["set-classification"]
+    # asked for by name: refused with the command that trains it (the demo has no --set path=FILE)
+    code, _, err = _run(capsys, "demo", "--tasks", "max-regression,set-classification", "--out", "d2")
+    assert code == 2 and "settransformer train set-classification --set path=FILE" in err
+    assert len(seen) == 1 and not Path("d2").exists()
 
 
 def test_a_run_reads_its_data_from_any_folder_and_resumes_with_its_first_command(

@@ -147,6 +147,18 @@ def _read_config(args: argparse.Namespace) -> dict[str, Any]:
         raise RunError(str(e)) from None
     parser: argparse.ArgumentParser | None = getattr(args, "parser", None)
     actions = {} if parser is None else {a.dest: a for a in parser._actions}
+    for key in [k for k in values if k.startswith("no_") and k[3:] in _TRAIN_KEYS]:
+        value = values.pop(key)  # a --no-X flag spelled as its key: no_progress: true
+        if not isinstance(value, bool):
+            raise RunError(f"{args.config}: {key}: expected true or false like the flag --no-{key[3:]}")
+        values.setdefault(key[3:], not value)
+    unknown = sorted(set(values) - set(actions) - set(TrainConfig.known_settings()) - {"task_options"})
+    if unknown:
+        keys = set(TrainConfig.known_settings()) | {"task_options"}
+        keys |= {k for k, a in actions.items() if a.option_strings and k not in _NOT_IN_CONFIG}
+        raise RunError(
+            f"{args.config}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(keys))}"
+        )
     for key in [k for k in values if k in actions and k not in _TRAIN_KEYS]:
         action, value = actions[key], values.pop(key)
         if key in _NOT_IN_CONFIG:
@@ -351,11 +363,24 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _user_data(name: str) -> bool:
+    """Whether the task ``name`` trains on a user's file (``False`` where it cannot be imported)."""
+    try:
+        return bool(task_class(name).user_data)
+    except RunError:
+        return False
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     names = args.tasks.split(",") if args.tasks else demo_tasks()
     for name in names:
         if name not in TASKS:
             raise RunError(f"--tasks: unknown task {name!r}; expected some of {', '.join(TASKS)}")
+        if _user_data(name):
+            raise RunError(
+                f"--tasks: {name} trains on your own file (settransformer train {name} --set path=FILE); "
+                "the demo runs the tasks that bring their own data"
+            )
     out, started = Path(args.out), time.perf_counter()
     jobs = args.jobs if args.jobs is not None else min(2, os.cpu_count() or 1)
     tables = run_demo(

@@ -140,6 +140,16 @@ class TrainConfig:
             raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {_short(self.device)}")
 
     @classmethod
+    def known_settings(cls) -> tuple[str, ...]:
+        """The settings' names (the keys `from_dict` takes).
+
+        Examples:
+            >>> "steps" in TrainConfig.known_settings()
+            True
+        """
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
         """Build from a dict, rejecting unknown keys (``source`` names where the dict came from)."""
         known = {f.name for f in dataclasses.fields(cls)}
