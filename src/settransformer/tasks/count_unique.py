@@ -53,8 +53,28 @@ def poisson_mode(rate: Tensor) -> Tensor:
 class CountUnique(ImageSetTask):
     """How many distinct classes are in this set of images? Metric: accuracy of the Poisson mode.
 
-    Options (besides [`ImageSetTask`][settransformer.tasks.image_sets.ImageSetTask]'s): ``min_size``,
-    ``max_size`` (set sizes, paper 6..10). ``evaluate`` reports ``accuracy`` (the paper's rule), ``mae`` (mean
+    Options:
+        - data: the images: ``digits`` (scikit-learn's 8x8 digits, 10 classes), a folder of class folders,
+            or a ``.npz``/``.h5`` file with ``images`` and ``labels`` (class labels, not attributes).
+        - image_size: resize every image to this size, an int for a square or ``[height, width]``;
+            ``null`` keeps the size (the images of a folder must then all have the same size).
+        - class_depth: how many folder levels below ``data`` the class folders are (folders only; 2 for
+            Omniglot's ``alphabet/character`` layout).
+        - split: ``images``: disjoint train and test images of the same classes; ``classes``: whole
+            classes are held out, so the test sets are drawn from unseen classes.
+        - test_fraction: share of the images (of each class, ``split=images``) or of the classes
+            (``split=classes``) held out for testing, between 0 and 1.
+        - seed: seeds the fixed train/test split and the draw of the fixed test sets.
+        - test_sets: number of fixed test sets the metrics are computed on.
+        - image_encoder: the per-image network: ``mlp`` (Linear(256), BatchNorm, ReLU, Linear) or ``cnn``
+            (the paper's stride-2 Conv(64, 3x3) + BatchNorm + ReLU blocks, then Linear).
+        - dim_hidden: width of the image embeddings and of every layer of the set model (paper 64).
+        - num_heads: attention heads of the SAB and PMA blocks; must divide ``dim_hidden`` (paper 4).
+        - min_size: the smallest set: sizes are uniform over ``min_size..max_size`` images (paper 6).
+        - max_size: set sizes go up to ``max_size`` images (paper 10); a set of ``n`` images holds
+            ``1..min(n, K)`` distinct classes of the ``K`` available, uniformly.
+
+    ``evaluate`` reports ``accuracy`` (the paper's rule), ``mae`` (mean
     |mode - count|), ``nll`` (Poisson negative log-likelihood per set) and ``accuracy_rounded``
     (``round(rate)`` equals the count; not the paper's metric) on ``test_sets`` fixed test sets. The
     likelihood's optimum for a sure count ``c`` is the rate ``c`` itself, exactly on the boundary between the

@@ -146,14 +146,29 @@ def classical_baselines(
 class DigitsClustering(Task):
     """Cluster sets of digit images (4 random classes a set) with one forward pass.
 
-    Options (see
-    [`default_options`][settransformer.tasks.digits_clustering.DigitsClustering.default_options]):
-    ``num_clusters``, set sizes ``min_size``/``max_size``, ``pca`` (number of principal components,
-    ``None`` = all features), ``standardize``
-    (``"global"`` or ``"feature"``), ``test_fraction`` and ``split_seed`` of the fixed image
-    split, ``num_test_sets``/``test_seed`` of the test sets, ``features_path`` (``None`` = sklearn
-    digits), ``dim_hidden`` of the model, ``baseline_n_init`` (restarts of k-means and EM) and
-    ``cache_dir`` for the baselines' results.
+    Options:
+        - num_clusters: random classes per set, and the Gaussians the model emits (the paper: 4).
+        - min_size: the smallest set: sizes are uniform over ``min_size..max_size`` images; a training
+            batch shares one size.
+        - max_size: set sizes go up to ``max_size`` images (the paper: 500); images are drawn without
+            replacement unless the set's classes hold fewer in their part of the split.
+        - pca: principal components kept, fitted on the training images (at most the number of
+            features); ``null``: all features, no PCA.
+        - standardize: ``global``: centre each feature and divide by one std over all training values;
+            ``feature``: divide each feature by its own training std.
+        - test_fraction: share of each class's images held out for the test sets, between 0 and 1.
+        - split_seed: seeds the fixed, stratified train/test split of the images.
+        - num_test_sets: number of fixed test sets the metrics and the k-means/EM baselines are
+            computed on.
+        - test_seed: seeds the draw of the fixed test sets.
+        - features_path: your own features: a ``.npz``/``.h5`` with ``features`` ``(M, F)`` and
+            ``labels`` ``(M,)``, ``features.npy,labels.npy``, or a folder holding both ``.npy`` files;
+            ``null``: scikit-learn's digits (64 pixel features).
+        - dim_hidden: width of every layer of the models.
+        - baseline_n_init: restarts of each baseline (k-means, and EM for the diagonal Gaussian
+            mixture) on every test set.
+        - cache_dir: folder where the baselines' scores are cached; ``null``: ``$SETTRANSFORMER_CACHE``,
+            else ``~/.cache/settransformer``.
 
     Examples:
         >>> task = DigitsClustering(num_test_sets=20)

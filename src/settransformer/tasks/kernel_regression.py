@@ -181,12 +181,30 @@ _ST_ROWS: dict[str, dict[str, Any]] = {
 class KernelRegression(Task):
     """Regress a random noisy 1-D function at query points from a set of samples.
 
-    Options: ``x_low``, ``x_high`` (input range, 0..5), ``min_size``, ``max_size`` (context sizes,
-    20..50), ``num_queries`` (32), ``num_sines`` (3), ``freq_low``, ``freq_high`` (0.5..2.5),
-    ``noise`` (0.2), ``bandwidth`` (``nw-fixed``'s ``h`` and ``nw-learned``'s start, 1.0, the
-    standard Gaussian kernel), ``dim_hidden`` (64), ``num_heads`` (4), ``test_sets`` (1000),
-    ``test_seed``, ``sensitivity_sets`` and ``sensitivity_orders`` (permutation sensitivity on
-    the first 200 test sets, 4 orderings).
+    Options:
+        - x_low: lower end of the input range: context and query ``x`` are uniform over
+            ``[x_low, x_high]``.
+        - x_high: upper end of the input range ``[x_low, x_high]``; must exceed ``x_low``.
+        - min_size: the smallest context set: sizes are uniform over ``min_size..max_size`` pairs.
+        - max_size: context sets go up to ``max_size`` ``(x, y)`` pairs; batches are padded to the
+            largest size drawn.
+        - num_queries: query points per function, where the predictions are scored.
+        - num_sines: sine terms of each random function ``f(x) = sum_j a_j sin(w_j x + phi_j)``, with
+            ``a_j ~ N(0, 1 / num_sines)``.
+        - freq_low: lowest frequency: every ``w_j`` is uniform over ``[freq_low, freq_high]``.
+        - freq_high: highest frequency of the sine terms ``w_j``.
+        - noise: std of the Gaussian noise on the context ``y`` and on the query targets (the MSE's
+            floor is ``noise^2``); at least 0.
+        - bandwidth: ``h`` of the Gaussian kernel of ``nw-fixed``, and the start of ``nw-learned``'s
+            learned ``h``; above 0 (1.0: the standard Gaussian kernel).
+        - dim_hidden: width of every layer of the ``settransformer*`` and order-aware models.
+        - num_heads: attention heads of the ``settransformer*`` and ``transformer-pe`` models; must
+            divide ``dim_hidden``.
+        - test_sets: number of fixed test functions (context and queries) the metrics are computed on.
+        - test_seed: seeds the draw of the fixed test sets.
+        - sensitivity_sets: how many of the first test sets ``perm_sensitivity`` is measured on.
+        - sensitivity_orders: random orderings of each context that ``perm_sensitivity`` compares (at
+            least 2).
 
     Examples:
         >>> task = KernelRegression(test_sets=16)

@@ -55,10 +55,17 @@ class MaxRegression(Task):
     """Regress the maximum of a set of reals.
 
     Options:
-        - min_size, max_size: set sizes, uniform over ``min_size..max_size`` (paper 1..10).
-        - low, high: element range, uniform over ``[low, high]`` (paper 0..100).
-        - dim_hidden, num_heads: model width and attention heads (paper 64 and 4).
-        - test_sets: size of the fixed test set; ``test_seed`` seeds it.
+        - min_size: the smallest set: sizes are uniform over ``min_size..max_size`` (paper 1).
+        - max_size: set sizes go up to ``max_size`` elements, uniform over ``min_size..max_size``
+            (paper 10); batches are padded to the largest size drawn.
+        - low: lower end of the element range: elements are uniform over ``[low, high]`` (paper 0).
+        - high: upper end of the element range ``[low, high]`` (paper 100); must exceed ``low``. Every
+            model sees the set rescaled from ``[low, high]`` to ``[0, 1]`` and its output scaled back.
+        - dim_hidden: width of every layer of every model (paper 64).
+        - num_heads: attention heads of the ``settransformer`` and ``transformer-pe`` models; must divide
+            ``dim_hidden`` (paper 4).
+        - test_sets: number of fixed test sets the metrics are computed on.
+        - test_seed: seeds the draw of the fixed test sets.
     """
 
     name: ClassVar[str] = "max-regression"

@@ -190,11 +190,27 @@ def evaluate_mixture_model(
 class MoGClustering(Task):
     """Amortized clustering of 2-D mixtures of 4 Gaussians (paper section 5.3, Table 3).
 
-    Options (see [`default_options`][settransformer.tasks.mog_clustering.MoGClustering.default_options]):
-    ``dim``, ``num_components``, set sizes ``min_size`` / ``max_size``, ``sigma``, ``mean_range``,
-    ``vary_components`` / ``count_threshold`` / ``count_separation``, the
-    benchmark's ``num_test_sets`` / ``test_seed`` / ``cache_dir`` (``None``: ``$SETTRANSFORMER_CACHE``
-    or ``~/.cache/settransformer``), and the model width ``dim_hidden``.
+    Options:
+        - dim: dimension of the points (paper 2).
+        - num_components: Gaussian components of each mixture, and the components the model emits
+            (paper 4); with ``vary_components``, the most clusters a set can have.
+        - min_size: the smallest set: sizes are uniform over ``min_size..max_size`` points (paper 100); a
+            training batch shares one size.
+        - max_size: set sizes go up to ``max_size`` points, for training and test sets (paper 500).
+        - sigma: standard deviation of every component in every dimension (paper 0.3).
+        - mean_range: component means are uniform in ``[-mean_range, mean_range]`` in every dimension
+            (paper 4).
+        - vary_components: ``true``: each set has ``K ~ U{1..num_components}`` clusters and the inferred
+            count is scored (``k_accuracy``); ``false``: every set has ``num_components``.
+        - count_threshold: with ``vary_components``, a component counts as a cluster when its mixing
+            weight is above this (from 0 to 1).
+        - count_separation: with ``vary_components``, components whose means lie within this many
+            scales of each other count as one cluster; 0 counts by the weights alone.
+        - num_test_sets: number of fixed benchmark test sets the metrics are computed on.
+        - test_seed: seeds the generation of the benchmark test sets.
+        - cache_dir: folder where the benchmark test sets are cached (a ``.pt`` file); ``null``:
+            ``$SETTRANSFORMER_CACHE``, else ``~/.cache/settransformer``.
+        - dim_hidden: width of every layer of the models (paper 128).
 
     Examples:
         >>> task = MoGClustering(dim=1, num_components=5)   # a 1-D mixture of 5 components

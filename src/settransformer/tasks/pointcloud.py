@@ -132,22 +132,42 @@ class PointCloudClassification(Task):
     """Classify point clouds (or any sets of points) with a set model.
 
     Options:
-        - source: one of ``shapes``, ``digits``, ``deepsets-h5``, ``pointnet-h5``, ``modelnet-off``,
-            ``array``.
-        - path: the file or folder of a file source; ``labels_path``: labels ``.npy`` for a ``.npy`` array.
-        - num_points: points per cloud (``None``: 128 for shapes, 1000 for ModelNet sources, all otherwise).
-        - subsample: ``"fixed"`` or ``"random"``; ``test_subsample``: the test rule (``None``: the same).
-        - standardize: ``"cloud"``, ``"train"`` or ``"none"`` (``None``: ``none`` for digits, else ``cloud``).
-        - augment: rotate/scale training clouds (``None``: on for ModelNet sources, off otherwise).
-        - dim_hidden, num_heads, num_inducing, dropout: the models (paper 256, 4, 16, 0.5;
-            ``dim_hidden=None``: 256 for ModelNet sources, 64 otherwise, so the offline sources train in
-            minutes on a CPU).
-        - num_classes, noise, rotation, test_size: procedural shapes (classes used, jitter, pose
-            ``"z"``/``"so3"``/``"none"``, number of fixed test shapes).
-        - test_seed: seeds the fixed test data (shapes, random test subsets).
-        - test_fraction, split_seed: the split of single-split arrays and of digits (``split_seed`` also
-            seeds the sampling of ``.off`` meshes).
-        - off_points, cache_dir: points sampled per ``.off`` mesh, and where their cache goes.
+        - source: where the clouds come from: ``shapes`` (procedural 3-D shapes), ``digits``
+            (scikit-learn's digits as 2-D point sets), or, read from ``path``, ``deepsets-h5``,
+            ``pointnet-h5``, ``modelnet-off`` (ModelNet40 releases) or ``array`` (a ``.npy``/``.npz``).
+        - path: the file or folder of a file source (``deepsets-h5``, ``pointnet-h5``, ``modelnet-off``,
+            ``array``); unused otherwise.
+        - labels_path: ``array`` source only: the labels ``.npy`` of a ``.npy`` points file.
+        - num_points: points per cloud (``null``: 128 for shapes, 1000 for ModelNet sources, all
+            otherwise).
+        - subsample: how a cloud is cut to ``num_points``: ``fixed`` (every ``N/P``-th point) or
+            ``random`` (a fresh subset for every training batch).
+        - test_subsample: the rule for the test clouds, ``fixed`` or ``random`` (a subset drawn once
+            with ``test_seed``); ``null``: the same as ``subsample``.
+        - standardize: ``cloud`` (each cloud by its own clipped mean and std), ``train`` (one clip, mean
+            and std from the training split) or ``none``; ``null``: ``none`` for digits, else ``cloud``.
+        - augment: ``true``: rotate training clouds about z by U(-0.1 pi, 0.1 pi) and scale each axis
+            by U(0.8, 1.25); ``null``: on for ModelNet sources, off otherwise.
+        - dim_hidden: width of every layer of the models (paper 256; ``null``: 256 for ModelNet
+            sources, 64 otherwise, so the offline sources train in minutes on a CPU).
+        - num_heads: attention heads of the ISAB and PMA blocks; must divide the width (paper 4).
+        - num_inducing: inducing points of each ISAB of the ``isab-*`` rows (paper 16).
+        - dropout: rate of the models' dropout layers, before pooling and/or before the classifier
+            (see the model rows); from 0 up to, not including, 1 (paper 0.5).
+        - num_classes: ``shapes`` only: how many of the 12 shape classes are used (2 to 12).
+        - noise: ``shapes`` only: std of the Gaussian jitter of the points, relative to the shape's size.
+        - rotation: ``shapes`` only: the random pose of each shape: ``z`` (about the vertical axis),
+            ``so3`` (any 3-D rotation) or ``none``.
+        - test_size: ``shapes`` only: number of fixed test shapes.
+        - test_seed: seeds the fixed test data (the test shapes, a random test subsample) and, for
+            shapes, the clouds that ``standardize=train`` is fitted on.
+        - test_fraction: test share of the split of ``digits`` and of single-split ``array`` data.
+        - split_seed: seeds the split of ``digits`` and of single-split ``array`` data, and the point
+            sampling of ``.off`` meshes.
+        - off_points: ``modelnet-off`` only: points sampled per ``.off`` mesh (later cut to
+            ``num_points``).
+        - cache_dir: ``modelnet-off`` only: folder of the cache of sampled points; ``null``: the
+            ``path`` folder.
     """
 
     name: ClassVar[str] = "pointcloud"

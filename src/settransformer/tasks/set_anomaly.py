@@ -117,10 +117,34 @@ class ElementScorer(nn.Module):
 class SetAnomaly(ImageSetTask):
     """Which image of the set is the odd one? Metric: AUROC over elements.
 
-    Options (besides [`ImageSetTask`][settransformer.tasks.image_sets.ImageSetTask]'s): ``set_size`` (paper
-    8), ``min_size`` (``None``: every set has ``set_size`` images; smaller: sizes vary and batches are
-    padded), ``normal_classes`` (see the module docstring), ``num_layers`` (SAB blocks; paper 4) and
-    ``num_seeds`` (PMA seeds; paper 4).
+    Options:
+        - data: the images: ``digits`` (scikit-learn's 8x8 digits, 10 classes), a folder of class folders,
+            or a ``.npz``/``.h5`` file with ``images`` and ``labels``: class ids ``(M,)`` or attributes
+            ``(M, A)`` such as CelebA's 40 (0/1 or -1/1).
+        - image_size: resize every image to this size, an int for a square or ``[height, width]``;
+            ``null`` keeps the size (the images of a folder must then all have the same size).
+        - class_depth: how many folder levels below ``data`` the class folders are (folders only; 2 for
+            Omniglot's ``alphabet/character`` layout).
+        - split: ``images``: disjoint train and test images of the same classes; ``classes``: whole
+            classes are held out, so the test sets are drawn from unseen classes (attribute labels
+            always split by images).
+        - test_fraction: share of the images (of each class, ``split=images``) or of the classes
+            (``split=classes``) held out for testing, between 0 and 1.
+        - seed: seeds the fixed train/test split and the draw of the fixed test sets.
+        - test_sets: number of fixed test sets the metrics (AUROC, AUPR, accuracy) are computed on.
+        - image_encoder: the per-image network: ``mlp`` (Linear(256), BatchNorm, ReLU, Linear) or ``cnn``
+            (the paper's stride-2 Conv(64, 3x3) + BatchNorm + ReLU blocks, then Linear).
+        - dim_hidden: width of the image embeddings and of every layer of the scorer (paper 64).
+        - num_heads: attention heads of the SAB, PMA and MAB blocks; must divide ``dim_hidden`` (paper 4).
+        - set_size: images per set, the odd one included (paper 8); the largest set when ``min_size`` is
+            given.
+        - min_size: ``null``: every set has ``set_size`` images; a number: sizes are uniform over
+            ``min_size..set_size`` and batches are padded; at least ``2 * normal_classes + 1``.
+        - normal_classes: class labels only: how many classes the normal images come from, each at least
+            twice (1: all but one image of one class; 2: the odd one is the only class that appears once).
+        - num_layers: encoder depth: ``num_layers`` SABs (``sab-*`` rows) or ``2 * num_layers``
+            FC(dim_hidden, ReLU) layers (``rff-*`` rows) (paper 4).
+        - num_seeds: seed vectors of the PMA summary of the ``*-pma`` rows (paper 4).
 
     Examples:
         >>> task = SetAnomaly(test_sets=64)
