@@ -651,7 +651,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         with lock_if_run(out.parent):
             write_outputs(out, ids, outputs, per_element=per_element, labels=labels, overwrite=args.overwrite)
     where = f"written to {out}" if out is not None else "written to stdout"
-    log(f"{what}: {len(outputs)} sets {where}")
+    log(f"{what}: {len(outputs)} set{'' if len(outputs) == 1 else 's'} {where}")
     return 0
 
 
