@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import pickle
 from collections.abc import Callable
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from settransformer import SAB, DeepSets, SetTransformer, cli
-from settransformer.data.set_files import read_inputs, read_queries, read_sets
+from settransformer.data.set_files import read_inputs, read_queries, read_set, read_sets
 from settransformer.deploy.inference import per_element_output, predict, write_outputs
 from settransformer.tasks import get_task
 from settransformer.tasks.runs import load_run
@@ -101,6 +102,13 @@ def _npz(**arrays: np.ndarray) -> Callable[[Path], None]:
     return lambda p: np.savez(p, **arrays)
 
 
+def _saved(save: Callable[..., None], *args: np.ndarray, **kwargs: np.ndarray) -> bytes:
+    """The bytes ``np.save`` / ``np.savez`` write, to store under another file name's suffix."""
+    buffer = io.BytesIO()
+    save(buffer, *args, **kwargs)
+    return buffer.getvalue()
+
+
 def _text(text: str) -> Callable[[Path], None]:
     return lambda p: p.write_text(text)  # type: ignore[func-returns-value]
 
@@ -120,7 +128,20 @@ BAD_FILES = [
     ),
     ("bad.npz", _npz(values=np.zeros((4, 2)), offsets=np.array([0, 3, 2, 4])), "offsets: expected integers"),
     ("bad.npz", _npz(x=_X, mask=np.ones((2, 4), dtype=bool)), "mask: expected shape (2, 3)"),
-    ("bad.npz", lambda p: p.write_bytes(b"not an archive"), "not a readable .npz file"),
+    ("bad.npz", lambda p: p.write_bytes(b"not an archive"), "not a valid .npz file"),
+    ("bad.npz", lambda p: p.write_bytes(b"PK\x03\x04 cut short"), "not a valid .npz file"),
+    (
+        "bad.npz",
+        lambda p: p.write_bytes(_saved(np.save, _X)),
+        "it holds one array, as np.save writes: name it .npy",
+    ),
+    ("bad.npy", lambda p: p.write_bytes(b"not an array"), "not a valid .npy file (no .npy header"),
+    (
+        "bad.npy",
+        lambda p: p.write_bytes(_saved(np.savez, x=_X)),
+        "it is a zip archive, as np.savez writes: name it .npz",
+    ),
+    ("bad.npy", lambda p: p.write_bytes(b""), "not a valid .npy file (the file is empty)"),
     ("bad.h5", _text("not hdf5"), "not a readable HDF5 file"),
     ("bad.csv", _text("a,b\n1,2\n3,oops\n"), "line 3, column b: 'oops' is not a number"),
     ("bad.csv", _text("a,b\n1,2\n3\n"), "line 3: expected 2 fields"),
@@ -161,6 +182,15 @@ def test_pickled_inputs_never_run_code(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="without pickle"):
             read_sets(tmp_path / name)
     assert not marker.exists()
+
+
+def test_read_set_is_one_set_and_csv_may_start_with_a_byte_order_mark(tmp_path: Path) -> None:
+    np.save(tmp_path / "batch.npy", np.zeros((3, 4, 2)))
+    with pytest.raises(ValueError, match=r"batch\.npy: a set is a 2-D array \(N, D\).*got shape \(3, 4, 2\)"):
+        read_set(tmp_path / "batch.npy")
+    assert read_sets(tmp_path / "batch.npy")[0][0].shape == (4, 2)  # predict's reader takes a batch
+    (tmp_path / "bom.csv").write_text("set,a\ns1,1\ns2,2\n", encoding="utf-8-sig")
+    assert read_sets(tmp_path / "bom.csv", set_column="set")[1] == ["s1", "s2"]
 
 
 def test_csv_set_column_errors(tmp_path: Path) -> None:

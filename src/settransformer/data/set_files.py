@@ -20,9 +20,12 @@ Set ids: those in the file (``ids``, the CSV set column); else a file holding on
 its path and the sets of a batch by their index. [`read_inputs`][settransformer.data.set_files.read_inputs]
 over several files prefixes ids from the file (``"FILE:ID"``) so that they stay unique.
 
-Files are never unpickled (``np.load(allow_pickle=False)``). A bad file (unreadable, missing or
-ambiguous arrays, wrong rank, non-numeric values, another feature size than ``dim_input``, NaN or
-inf) raises ``ValueError`` naming the file and the problem; a missing file ``FileNotFoundError``.
+CSV files are read as UTF-8, with or without a byte-order mark (Excel's "CSV UTF-8" writes one).
+
+Files are never unpickled (``np.load(allow_pickle=False)``). A bad file (not the format its suffix
+names, an array of Python objects, unreadable, missing or ambiguous arrays, wrong rank, non-numeric
+values, another feature size than ``dim_input``, NaN or inf) raises ``ValueError`` naming the file
+and the problem; a missing file ``FileNotFoundError``.
 
 Examples:
     >>> values = np.random.default_rng(0).normal(size=(599, 3)).astype("float32")
@@ -35,6 +38,8 @@ Examples:
 from __future__ import annotations
 
 import csv
+import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,7 +49,7 @@ import numpy as np
 from . import hdf5
 from .files import short
 
-__all__ = ["SUFFIXES", "SetId", "read_inputs", "read_queries", "read_sets"]
+__all__ = ["SUFFIXES", "SetId", "read_csv_rows", "read_inputs", "read_queries", "read_set", "read_sets"]
 
 SetId = int | str
 SUFFIXES = (".npy", ".npz", ".h5", ".hdf5", ".csv")
@@ -72,6 +77,33 @@ def read_sets(
     if ids is None:
         ids = [str(path)] if single else list(range(len(sets)))
     return sets, ids
+
+
+def read_set(path: str | Path, *, dim_input: int | None = None) -> np.ndarray:
+    """The one set of a ``.npy`` file (as in a folder of sets, one per file): a float32 ``(N, D)`` array.
+
+    Unlike [`read_sets`][settransformer.data.set_files.read_sets], a batch ``(S, N, D)`` is refused:
+    a ``ValueError`` naming the file says that a set is a 2-D array.
+
+    Examples:
+        >>> np.save("bag.npy", np.ones((4, 3)))
+        >>> read_set("bag.npy").shape
+        (4, 3)
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such input file")
+    if path.suffix.lower() != ".npy":
+        raise ValueError(f"{path}: expected a .npy file holding one set (N, D)")
+    x = _numeric(path, "the set", _load_npy(path))
+    if x.ndim != 2:
+        hint = {1: "; one feature per element? reshape to (N, 1)", 3: "; several sets? save one per file"}
+        raise ValueError(
+            f"{path}: a set is a 2-D array (N, D), N elements of D features; got shape {x.shape}"
+            + hint.get(x.ndim, "")
+        )
+    (s,) = _finish(path, [x], [path.stem], dim_input)
+    return s
 
 
 def read_inputs(
@@ -116,12 +148,64 @@ def _read(
         checked = _finish(path, groups, ids, dim_input)
         return checked, ids, single
     if suffix == ".npy":
-        try:
-            x = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:
-            raise ValueError(f"{path}: not a readable .npy file without pickle ({e})") from None
-        return _split(path, {"x": x}, dim_input)
+        return _split(path, {"x": _load_npy(path)}, dim_input)
     return _split(path, _named_arrays(path, _KNOWN_ARRAYS), dim_input)
+
+
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip's first entry, or an empty zip (np.savez())
+_WRITER = {
+    ".npy": "no .npy header, as np.save writes",
+    ".npz": "not a zip archive of arrays, as np.savez writes",
+}
+
+
+def _check_format(path: Path, suffix: str) -> None:
+    """Refuse a ``.npy`` / ``.npz`` file whose first bytes are not its format's. Checked here because
+    ``np.load`` takes any other file for a pickle, and its refusal ("contains pickled (object) data")
+    misleads about garbage or a renamed file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_NPY_MAGIC))
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from None
+    npy, npz = head.startswith(_NPY_MAGIC), head.startswith(_ZIP_MAGIC)
+    if (suffix == ".npy" and npy) or (suffix == ".npz" and npz):
+        return
+    if not head:
+        what = "the file is empty"
+    elif npy:
+        what = "it holds one array, as np.save writes: name it .npy"
+    elif npz:
+        what = "it is a zip archive, as np.savez writes: name it .npz"
+    elif head.startswith(b"\x80"):  # the PROTO opcode that starts every pickle of protocol 2 or later
+        what = "it looks like a pickle, and files are read without pickle"
+    else:
+        what = _WRITER[suffix]
+    raise ValueError(f"{path}: not a valid {suffix} file ({what})")
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    """The array of a ``.npy`` file, memory-mapped, never unpickled."""
+    _check_format(path, ".npy")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise _array_error(path, None, ".npy", e) from None
+
+
+def _array_error(path: Path, name: str | None, suffix: str, err: Exception) -> ValueError:
+    """One line for an array that ``np.load`` could not read. An object array is named as such:
+    numpy's text ("cannot be loaded when allow_pickle=False") reads as if the fix were to allow pickle."""
+    text = str(err)
+    where = f"{path}: {name}" if name is not None else str(path)
+    if "pickle" in text or "object" in text.lower():
+        return ValueError(
+            f"{where}: holds Python objects (dtype object), and files are read without pickle; "
+            "store numbers or strings"
+        )
+    what = f"not a valid {suffix} file" if name is None else "not a readable array (a damaged file?)"
+    return ValueError(f"{where}: {what} ({short(text, 120, quote=False)})")
 
 
 _KNOWN_ARRAYS = ("x", "sets", "mask", "values", "offsets", "ids")
@@ -136,14 +220,26 @@ def _named_arrays(path: Path, names: tuple[str, ...]) -> dict[str, Any]:
             arrays: dict[str, Any] = {k: hdf5.read(f, path, k) for k in names if k in f}
             arrays["_keys"] = np.array(sorted(f.keys())[:20], dtype=str)
         return arrays
-    try:
-        with np.load(path, allow_pickle=False) as archive:
+    _check_format(path, ".npz")
+    # zipfile reports a truncated or damaged archive as BadZipFile or zlib.error, not as ValueError.
+    broken = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)
+    # Opened here, not by np.load: np.load leaves its own handle open when the zip is damaged.
+    with open(path, "rb") as f:
+        try:
+            archive = np.load(f, allow_pickle=False)
+        except broken as e:
+            raise _array_error(path, None, ".npz", e) from None
+        with archive:
             if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise ValueError("not a zip archive of arrays")
-            arrays = {k: archive[k] for k in archive.files if k in names}
+                raise ValueError(f"{path}: not a valid .npz file ({_WRITER['.npz']})")
+            arrays = {}
+            for k in archive.files:
+                if k in names:
+                    try:
+                        arrays[k] = archive[k]
+                    except broken as e:  # each array is read on its own: the message names it
+                        raise _array_error(path, k, ".npz", e) from None
             arrays["_keys"] = np.array(sorted(archive.files)[:20], dtype=str)
-    except (ValueError, OSError, EOFError) as e:
-        raise ValueError(f"{path}: not a readable .npz file without pickle ({e})") from None
     return arrays
 
 
@@ -320,11 +416,7 @@ def _read_csv(
     path: Path, set_column: str | None, skip_columns: tuple[str, ...] = ()
 ) -> tuple[list[np.ndarray], list[SetId] | None, bool]:
     """Rows as float64 sets, grouped by ``set_column``; ``(sets, ids or None, single)``."""
-    try:
-        with open(path, newline="") as f:
-            rows = [(n, r) for n, r in enumerate(csv.reader(f), 1) if any(c.strip() for c in r)]
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise ValueError(f"{path}: not a readable CSV file ({e})") from None
+    rows = read_csv_rows(path)
     if not rows:
         raise ValueError(f"{path}: holds no rows")
     header: list[str] | None = None
@@ -364,6 +456,24 @@ def _read_csv(
         groups.setdefault(row[key].strip() if key is not None else "", []).append(values)
     sets = [np.asarray(g, dtype=np.float64) for g in groups.values()]
     return sets, (list(groups) if key is not None else None), key is None
+
+
+def read_csv_rows(path: str | Path) -> list[tuple[int, list[str]]]:
+    """The non-blank rows of a CSV file with their line numbers (from 1): ``[(line, fields)]``.
+
+    Read as UTF-8: ``utf-8-sig`` drops the byte-order mark that Excel's "CSV UTF-8" writes, which
+    would otherwise stick to the first header name. Raises ``ValueError`` naming the file for
+    another encoding or a malformed file.
+    """
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            return [(n, r) for n, r in enumerate(csv.reader(f), 1) if any(c.strip() for c in r)]
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path}: not a UTF-8 CSV file ({e.reason} at byte {e.start}); save it as UTF-8"
+        ) from None
+    except csv.Error as e:
+        raise ValueError(f"{path}: not a readable CSV file ({e})") from None
 
 
 def _is_number(text: str) -> bool:

@@ -10,6 +10,10 @@ The sets are read with [`settransformer.data.set_files`][settransformer.data.set
 - ``.csv``: one element per row, a ``set`` column of set ids (option ``set_column``) and a ``target``
   column holding the set's target on each of its rows; every other column is a feature.
 
+Every set needs its target (an empty label or a NaN is an error, not a class), every row of
+``labels.csv`` its ``.npy`` file, and the sets of a folder one feature size ``D``. A mistake in the
+file is a ``ValueError`` of one line naming the file and the set or CSV line.
+
 The sets are split into train, validation and test (seeded; stratified by class for
 classification). Every feature is standardised with the mean and std of the training sets'
 elements (regression targets too), and the model carries that preprocessing
@@ -35,8 +39,8 @@ Examples:
 
 from __future__ import annotations
 
-import csv
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -46,8 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data import hdf5
-from ..data.set_files import SetId, read_sets
+from ..data.set_files import SetId, _named_arrays, read_csv_rows, read_set, read_sets
 from ..nn.models import DeepSets, SetTransformer
 from ..nn.sets import pad_sets
 from ..nn.validation import zero_padding
@@ -84,11 +87,19 @@ class LabelledSets:
     ids: list[SetId]
 
 
-def read_labelled_sets(path: str | Path, *, target: str = "y", set_column: str = "set") -> LabelledSets:
+def read_labelled_sets(
+    path: str | Path, *, target: str = "y", set_column: str = "set", numbers: bool = False
+) -> LabelledSets:
     """The sets and targets of a ``.npz``/``.h5`` file, a ``.csv`` file or a folder of ``.npy`` sets.
 
-    See the module docstring for the layouts. Raises ``ValueError`` naming the file for a missing
-    file, an unknown layout, a missing target, or a target count that differs from the set count.
+    See the module docstring for the layouts. Every set needs a target: an empty label (an empty
+    CSV cell or string) or a NaN is refused, not read as a class. ``numbers=True`` (regression)
+    also refuses targets that are not numbers, or not finite.
+
+    Raises ``ValueError`` of one line naming the file, and the set or CSV line where one is at
+    fault: a missing file, an unknown layout, a missing target array or column, a target count that
+    differs from the set count, a set or target missing, sets of another feature size than the
+    others in a folder.
 
     Examples:
         >>> _ = Path("bags.csv").write_text("set,a,b,y\\ns1,1,2,cat\\ns1,3,4,cat\\ns2,5,6,dog\\n")
@@ -98,26 +109,42 @@ def read_labelled_sets(path: str | Path, *, target: str = "y", set_column: str =
     """
     p = Path(path)
     if p.is_dir():
-        return _read_folder(p, target, set_column)
-    if not p.is_file():
+        data, where = _read_folder(p, target, set_column)
+    elif not p.is_file():
         raise ValueError(f"path {p}: no such file or folder")
-    suffix = p.suffix.lower()
-    if suffix == ".csv":
+    elif p.suffix.lower() == ".csv":
         sets, ids = read_sets(p, set_column=set_column, skip_columns=(target,))
         by_set = _csv_column(p, set_column, target)
-        return LabelledSets(sets, _as_targets(p, [by_set[str(i)] for i in ids]), ids)
-    if suffix in (".npz", ".h5", ".hdf5"):
+        lines = [by_set[str(i)][1] for i in ids]
+        data = LabelledSets(sets, _as_targets([by_set[str(i)][0] for i in ids]), ids)
+
+        def where(i: int) -> str:
+            return f"{p}: line {lines[i]}: set {ids[i]!r}"
+    elif p.suffix.lower() in (".npz", ".h5", ".hdf5"):
         sets, ids = read_sets(p)
         y = _stored_array(p, target)
+        if len(sets) == 1 and y.ndim > 0 and y.shape[0] > 1:
+            # The likely mistake: x (S, N) of one feature per element, read as one set (N, D).
+            raise ValueError(
+                f"{p}: holds one set but {y.shape[0]} targets in {target}: S sets go in x (S, N, D) "
+                "(a 2-D x is one set (N, D)) or ragged in values + offsets"
+            )
         if y.shape[:1] != (len(sets),) or y.ndim > 2:
             raise ValueError(
                 f"{p}: {target}: expected one target per set, ({len(sets)},), got shape {y.shape}"
             )
-        return LabelledSets(sets, y, ids)
-    raise ValueError(f"{p}: expected a .npz, .h5, .csv file or a folder of .npy sets with {LABELS_FILE}")
+        data = LabelledSets(sets, y, ids)
+
+        def where(i: int) -> str:
+            return f"{p}: set {ids[i]!r}" + (f" ({target}[{i}])" if ids[i] != i else "")
+    else:
+        raise ValueError(f"{p}: expected a .npz, .h5, .csv file or a folder of .npy sets with {LABELS_FILE}")
+    _check_targets(p, data.targets, target, numbers, where)
+    return data
 
 
-def _read_folder(folder: Path, target: str, set_column: str) -> LabelledSets:
+def _read_folder(folder: Path, target: str, set_column: str) -> tuple[LabelledSets, Callable[[int], str]]:
+    """The sets of a folder of ``.npy`` files with their labels, and where each set's label is."""
     labels = folder / LABELS_FILE
     if not labels.is_file():
         raise ValueError(
@@ -127,40 +154,65 @@ def _read_folder(folder: Path, target: str, set_column: str) -> LabelledSets:
     files = sorted(folder.glob("*.npy"))
     if not files:
         raise ValueError(f"{folder}: holds no .npy sets")
-    sets, values = [], []
-    ids: list[SetId] = []
+    # A label without its file is refused like a file without its label: dropping the set would
+    # train on fewer sets than the user listed, without a word.
+    names = {f.name for f in files} | {f.stem for f in files}
+    for name, (_, line) in by_name.items():
+        if name not in names:
+            missing = name if name.lower().endswith(".npy") else f"{name}.npy"
+            raise ValueError(f"{labels}: line {line}: no file {missing} in the folder for the set {name!r}")
+    sets, cells = [], []
     for f in files:
-        value = by_name.get(f.name, by_name.get(f.stem))
-        if value is None:
+        cell = by_name.get(f.name, by_name.get(f.stem))
+        if cell is None:
             raise ValueError(f"{labels}: no {target} for the set {f.name}")
-        (s,), _ = read_sets(f)
-        sets.append(s)
-        ids.append(f.stem)
-        values.append(value)
-    return LabelledSets(sets, _as_targets(labels, values), ids)
+        sets.append(read_set(f))
+        cells.append(cell)
+    dims = Counter(s.shape[1] for s in sets)
+    if len(dims) > 1:  # the sets are batched together, so they need one feature size
+        dim, count = dims.most_common(1)[0]
+        f, s = next((f, s) for f, s in zip(files, sets) if s.shape[1] != dim)
+        raise ValueError(
+            f"{f}: a set of D={s.shape[1]} features per element, but {count} of the {len(sets)} sets "
+            f"have D={dim}; every set needs the same D"
+        )
+    data = LabelledSets(sets, _as_targets([text for text, _ in cells]), [f.stem for f in files])
+
+    def where(i: int) -> str:
+        return f"{labels}: line {cells[i][1]}: set {files[i].name}"
+
+    return data, where
 
 
-def _csv_column(path: Path, key: str, column: str) -> dict[str, str]:
-    """``{set id: the column's value}`` of a CSV with a header; the value must agree within a set."""
-    with open(path, newline="") as f:
-        rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
-    header = [c.strip() for c in rows[0]] if rows else []
+def _csv_column(path: Path, key: str, column: str) -> dict[str, tuple[str, int]]:
+    """``{set id: (the column's value, its first line)}`` of a CSV with a header; the value must agree
+    within a set, and neither may be empty."""
+    rows = read_csv_rows(path)
+    header = [c.strip() for c in rows[0][1]] if rows else []
     for name in (key, column):
         if name not in header:
             raise ValueError(f"{path}: column {name!r}: not in the header ({', '.join(header)})")
     k, c = header.index(key), header.index(column)
-    out: dict[str, str] = {}
-    for n, row in enumerate(rows[1:], 2):
-        set_id, value = row[k].strip(), row[c].strip()
-        if out.setdefault(set_id, value) != value:
+    out: dict[str, tuple[str, int]] = {}
+    for n, row in rows[1:]:
+        if len(row) <= max(k, c):
             raise ValueError(
-                f"{path}: line {n}: set {set_id!r} has {column} {value!r}, "
-                f"but {out[set_id]!r} on an earlier row"
+                f"{path}: line {n}: expected {len(header)} fields like the header, got {len(row)}"
+            )
+        set_id, value = row[k].strip(), row[c].strip()
+        if not set_id:
+            raise ValueError(f"{path}: line {n}: no set named in column {key!r} (an empty cell)")
+        if not value:  # an empty cell is a missing label, not a class named ''
+            raise ValueError(f"{path}: line {n}: set {set_id!r} has no {column} (an empty cell)")
+        first = out.setdefault(set_id, (value, n))[0]
+        if first != value:
+            raise ValueError(
+                f"{path}: line {n}: set {set_id!r} has {column} {value!r}, but {first!r} on an earlier row"
             )
     return out
 
 
-def _as_targets(path: Path, values: Sequence[str]) -> np.ndarray:
+def _as_targets(values: Sequence[str]) -> np.ndarray:
     """CSV texts as ints when all are integers, floats when all are numbers, else strings."""
     for kind in (int, float):
         try:
@@ -170,16 +222,49 @@ def _as_targets(path: Path, values: Sequence[str]) -> np.ndarray:
     return np.array(values, dtype=str)
 
 
+def _check_targets(
+    path: Path, y: np.ndarray, target: str, numbers: bool, where: Callable[[int], str]
+) -> None:
+    """Refuse a set without a target: an empty label or NaN would otherwise become a class of its own
+    (``''``, ``'nan'``). ``numbers``: targets to regress, which must be finite numbers.
+    ``where(i)`` names the file and the place of set ``i``'s target, for the message."""
+    rows = y.reshape(len(y), -1)
+    if y.dtype.kind in "US":
+        empty = np.flatnonzero((np.char.str_len(np.char.strip(rows)) == 0).any(1))
+        if len(empty):
+            raise ValueError(f"{where(int(empty[0]))}: no {target} (an empty label)")
+        if numbers:
+            for i, row in enumerate(rows.tolist()):
+                bad = [v for v in row if not _is_number(v)]
+                if bad:
+                    raise ValueError(f"{where(i)}: {target} {bad[0]!r} is not a number to regress")
+            raise ValueError(f"{path}: {target}: expected numbers to regress, got text (dtype {y.dtype})")
+    elif y.dtype.kind == "f":
+        for i in np.flatnonzero(~np.isfinite(rows).all(1)).tolist()[:1]:
+            value = next(v for v in rows[i].tolist() if not np.isfinite(v))
+            if np.isnan(value):
+                raise ValueError(f"{where(i)}: no {target} (NaN)")
+            raise ValueError(f"{where(i)}: {target} is {value}, not a finite number")
+    elif numbers and y.dtype.kind not in "iu":
+        raise ValueError(f"{path}: {target}: expected numbers to regress, got dtype {y.dtype}")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _stored_array(path: Path, name: str) -> np.ndarray:
-    if path.suffix.lower() == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
-            if name not in archive.files:
-                raise ValueError(f"{path}: no array {name!r} of targets (found {', '.join(archive.files)})")
-            return archive[name]
-    with hdf5.open_file(path) as f:
-        if name not in f:
-            raise ValueError(f"{path}: no dataset {name!r} of targets (found {', '.join(f.keys())})")
-        y = hdf5.read(f, path, name)
+    """The array ``name`` of an ``.npz`` or ``.h5`` file, never unpickled; h5py's byte strings as text."""
+    arrays = _named_arrays(path, (name,))
+    found = ", ".join(str(k) for k in arrays.pop("_keys"))
+    if name not in arrays:
+        kind = "array" if path.suffix.lower() == ".npz" else "dataset"
+        raise ValueError(f"{path}: no {kind} {name!r} of targets (found {found})")
+    y = np.asarray(arrays[name])
     if y.dtype.kind in "SO":  # h5py strings come back as bytes
         y = np.array([v.decode() if isinstance(v, bytes) else str(v) for v in y.tolist()], dtype=str)
     return y
@@ -351,7 +436,9 @@ class _LabelledSetTask(Task):
     def _load(self) -> None:
         """Read the file: the sets, targets, split and the training sets' statistics."""
         o = self.options
-        data = read_labelled_sets(o["path"], target=o["target"], set_column=o["set_column"])
+        data = read_labelled_sets(
+            o["path"], target=o["target"], set_column=o["set_column"], numbers=not self.classify
+        )
         self._sets = [torch.from_numpy(np.array(s, dtype=np.float32)) for s in data.sets]
         dim = int(self._sets[0].shape[1])
         if o["dim_input"] not in (None, dim):
