@@ -96,7 +96,7 @@ def build_task(name: str, options: dict[str, Any] | None = None) -> Task:
     try:
         return cls(**options)
     except (ValueError, TypeError) as e:
-        raise RunError(f"{name}: {short(str(e), quote=False)}") from None
+        raise RunError(f"{name}: {short(str(e), 600, quote=False)}") from None
 
 
 def check_task_options(name: str, options: dict[str, Any] | None) -> dict[str, Any]:
@@ -678,7 +678,7 @@ def check_startable(task: Task, config: TrainConfig) -> None:
     try:
         task.sample_batch(1, torch.Generator().manual_seed(0))
     except (ValueError, TypeError) as e:
-        raise RunError(f"{task.name}: {short(str(e), quote=False)}") from None
+        raise RunError(f"{task.name}: {short(str(e), 600, quote=False)}") from None
 
 
 def train_run(
