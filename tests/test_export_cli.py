@@ -307,3 +307,16 @@ def test_cli_export_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0
     for flag in ("RUN", "--format", "--output", "--which", "--opset", "--overwrite", "mask"):
         assert flag in out
+
+
+@pytest.mark.parametrize(
+    ("options", "message"), [({"top_k": 3}, "hard top_k=3"), ({"score": "additive"}, "the additive")]
+)
+def test_attention_a_graph_cannot_hold_is_refused_by_name(
+    tmp_path: Path, options: dict[str, object], message: str
+) -> None:
+    model = SetTransformer(3, 1, 2, dim_hidden=8, num_heads=2, num_inducing=4, **options)  # type: ignore[arg-type]
+    for export in (export_onnx, export_torchscript):
+        with pytest.raises(ExportError, match=f"encoder.0.mab0 uses {message}"):
+            export(model, tmp_path / "m", dim_input=3)
+    assert not list(tmp_path.iterdir())

@@ -59,7 +59,8 @@ import torch
 from torch import Tensor, nn
 
 from ..data.files import atomic_path
-from ..nn.mab import large_set_forms
+from ..nn.mab import MAB, large_set_forms
+from ..nn.scores import AdditiveScore
 from ..nn.validation import check_positive
 
 __all__ = ["INPUT_NAMES", "OUTPUT_NAME", "QUERIES_NAME", "ExportError", "export_onnx", "export_torchscript"]
@@ -333,6 +334,7 @@ def _prepare(
     declared = getattr(model, "dim_input", None)
     if isinstance(declared, int) and declared != dim_input:
         raise ValueError(f"dim_input: the model takes sets of {declared} features, got {dim_input}")
+    _check_exportable_attention(model)
     floats = [p for p in model.parameters() if p.is_floating_point()]
     dtype = floats[0].dtype if floats else torch.get_default_dtype()
     device = floats[0].device if floats else torch.device("cpu")
@@ -344,6 +346,27 @@ def _prepare(
             f"{type(out).__name__}"
         )
     return example, dtype
+
+
+def _check_exportable_attention(model: nn.Module) -> None:
+    """[`ExportError`][settransformer.deploy.export.ExportError] for attention a graph cannot hold for
+    every set size: hard ``top_k`` attention (the trace fixes ``k`` against the example's set size, and
+    ONNX has no in-place mask ops) and the additive score (a hand-written autograd function, and a
+    form chosen by the sizes of the example)."""
+    for name, module in model.named_modules():
+        if not isinstance(module, MAB):
+            continue
+        where = name or type(model).__name__
+        if module.top_k is not None:
+            raise ExportError(
+                f"model: {where} uses hard top_k={module.top_k} attention, which export does not support "
+                "(the graph would fix k against the example's set size); export a model with soft attention"
+            )
+        if isinstance(module.score, AdditiveScore):
+            raise ExportError(
+                f"model: {where} uses the additive score, which export does not support (its kernel is a "
+                "Python autograd function); the dot-product and Gaussian-kernel scores export"
+            )
 
 
 def _call(model: nn.Module, example: tuple[Tensor, ...]) -> object:
