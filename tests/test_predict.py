@@ -491,3 +491,9 @@ def test_cli_help_explains_every_flag() -> None:
     assert {"--chunk-size", "--which", "--no-progress"} <= flags
     for action in sub._actions:
         assert action.help, f"predict {action.option_strings or action.dest} has no help"
+
+
+def test_no_progress_bar_into_a_pipe(capsys: pytest.CaptureFixture[str]) -> None:
+    model = DeepSets(3, 1, 2, dim_hidden=8).eval()
+    predict(model, _sets((4, 5, 6)), progress=True)  # pytest's captured stderr is no terminal
+    assert "\r" not in capsys.readouterr().err

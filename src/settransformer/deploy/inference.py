@@ -32,6 +32,7 @@ import io
 import itertools
 import json
 import math
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -200,7 +201,10 @@ def top_labels(outputs: Sequence[Tensor], classes: Sequence[Any]) -> list[Any]:
 
 
 def _bar(total: int, enabled: bool) -> Any:
-    if not enabled:
+    # stderr piped to a file or another program: no bar (its \r updates would fill the log); a
+    # notebook's stderr is no terminal either, but tqdm.auto draws a widget there
+    shown = sys.stderr.isatty() or "ipykernel" in sys.modules
+    if not (enabled and shown):
         return contextlib.nullcontext(None)
     try:
         from tqdm.auto import tqdm
