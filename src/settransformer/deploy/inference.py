@@ -202,8 +202,8 @@ def top_labels(outputs: Sequence[Tensor], classes: Sequence[Any]) -> list[Any]:
 
 def _bar(total: int, enabled: bool) -> Any:
     # stderr piped to a file or another program: no bar (its \r updates would fill the log); a
-    # notebook's stderr is no terminal either, but tqdm.auto draws a widget there
-    shown = sys.stderr.isatty() or "ipykernel" in sys.modules
+    # notebook's stderr (ipykernel's stream) is no terminal either, but tqdm.auto draws a widget there
+    shown = sys.stderr.isatty() or type(sys.stderr).__module__.startswith("ipykernel")
     if not (enabled and shown):
         return contextlib.nullcontext(None)
     try:
