@@ -152,10 +152,10 @@ def _read_config(args: argparse.Namespace) -> dict[str, Any]:
         if not isinstance(value, bool):
             raise RunError(f"{args.config}: {key}: expected true or false like the flag --no-{key[3:]}")
         values.setdefault(key[3:], not value)
-    unknown = sorted(set(values) - set(actions) - set(TrainConfig.known_settings()) - {"task_options"})
+    settings = {*TrainConfig.known_settings(), "task_options"}
+    unknown = sorted(set(values) - set(actions) - settings)
     if unknown:
-        keys = set(TrainConfig.known_settings()) | {"task_options"}
-        keys |= {k for k, a in actions.items() if a.option_strings and k not in _NOT_IN_CONFIG}
+        keys = settings | {k for k, a in actions.items() if a.option_strings and k not in _NOT_IN_CONFIG}
         raise RunError(
             f"{args.config}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(keys))}"
         )

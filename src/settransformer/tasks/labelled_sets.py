@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.set_files import SetId, _named_arrays, read_csv_rows, read_set, read_sets
+from ..data.set_files import SetId, _is_number, _named_arrays, read_csv_rows, read_set, read_sets
 from ..nn.models import DeepSets, SetTransformer
 from ..nn.sets import pad_sets
 from ..nn.validation import zero_padding
@@ -247,14 +247,6 @@ def _check_targets(
             raise ValueError(f"{where(i)}: {target} is {value}, not a finite number")
     elif numbers and y.dtype.kind not in "iu":
         raise ValueError(f"{path}: {target}: expected numbers to regress, got dtype {y.dtype}")
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _stored_array(path: Path, name: str) -> np.ndarray:

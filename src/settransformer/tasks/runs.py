@@ -668,13 +668,18 @@ def check_resume(
     write_text_atomic(log, before + json.dumps({"step": state["step"], "changes": changes}) + "\n")
 
 
-def check_startable(task: Task, config: TrainConfig) -> None:
-    """Refuse, before a run folder is made or changed, a run this machine cannot start: settings it
-    cannot run (device, AMP, batch split) and task data that cannot be read (one batch is drawn)."""
+def _check_runnable(config: TrainConfig) -> None:
+    """[`check_runnable`][settransformer.training.loop.check_runnable] as a one-line ``RunError``."""
     try:
         check_runnable(config)
     except ValueError as e:
         raise RunError(str(e)) from None
+
+
+def check_startable(task: Task, config: TrainConfig) -> None:
+    """Refuse, before a run folder is made or changed, a run this machine cannot start: settings it
+    cannot run (device, AMP, batch split) and task data that cannot be read (one batch is drawn)."""
+    _check_runnable(config)
     try:
         task.sample_batch(1, torch.Generator().manual_seed(0))
     except (ValueError, TypeError) as e:
@@ -691,10 +696,7 @@ def train_run(
     plots: bool = True,
 ) -> dict[str, Any]:
     """Seed, build ``model_name``, train it into ``run_dir`` and write its plots; return the result."""
-    try:
-        check_runnable(config)
-    except ValueError as e:
-        raise RunError(str(e)) from None
+    _check_runnable(config)
     torch.manual_seed(config.seed)  # the model's initial weights depend on the seed, nothing else
     model = build_model(task, model_name)
     result = train(model, task, config, run_dir, model_name=model_name, resume=resume)

@@ -152,7 +152,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
         """Build from a dict, rejecting unknown keys (``source`` names where the dict came from)."""
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = set(cls.known_settings())
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(
