@@ -48,6 +48,8 @@ SHAPES: list[tuple[int, int, int, int, int, str]] = [
     (32, 4, 8, 8, 16, "self"),  # anomaly: SAB encoder
     (32, 4, 10, 10, 16, "self"),  # counting: SAB encoder
     (128, 4, 10, 10, 16, "self"),  # max regression: SAB encoder
+    (64, 4, 10, 10, 16, "self"),  # max regression at half the batch
+    (128, 4, 4, 10, 16, "cross"),  # PMA(4) over sets of 10, B = 128
     (10, 4, 4, 4, 32, "self"),  # MoG: decoder SAB over 4 seeds
     (32, 4, 8, 4, 16, "cross"),  # anomaly: elements over the pooled summary
     (32, 4, 4, 8, 16, "cross"),  # anomaly: PMA(4) over 8 elements

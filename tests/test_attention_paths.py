@@ -190,6 +190,23 @@ def test_kernel_rule_follows_shape_and_autograd():
         attention(tiny, tiny, tiny, kernel="bmm")
 
 
+def test_kernel_rule_for_many_small_heads():
+    from settransformer.nn.attention import EXPLICIT_MIN_SMALL_SCORES, EXPLICIT_MIN_WORK, choose_kernel
+    from settransformer.nn.scores import CPU_VECTOR_BYTES
+
+    many = torch.randn(128, 4, 10, 16)  # max regression's SAB: 512 (batch, head)s of 10 x 10 scores
+    few = torch.randn(8, 4, 10, 16)
+    seeds = torch.randn(128, 4, 1, 16)  # one query per (batch, head): the fused kernel's cheapest case
+    assert 10 * 10 * 16 < EXPLICIT_MIN_WORK and 8 * 4 * 100 < EXPLICIT_MIN_SMALL_SCORES <= 128 * 4 * 100
+    with torch.no_grad():
+        expected = "explicit" if CPU_VECTOR_BYTES == 64 else "fused"  # calibrated on AVX-512 only
+        assert choose_kernel(many, many, many) == expected
+        assert choose_kernel(many.double(), many.double(), many.double()) == "fused"  # rows of 80 bytes
+        assert choose_kernel(few, few, few) == "fused"
+        assert choose_kernel(seeds, many, many) == "fused"
+    assert choose_kernel(many.requires_grad_(), many, many) == "fused"  # autograd: no softmax passes
+
+
 def test_gpu_kernel_rule_spreads_long_walks_over_the_device():
     from settransformer.nn.attention import GPU_EXPLICIT_MIN_SERIAL, _gpu_kernel, choose_kernel
 

@@ -26,11 +26,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .scores import DotForm, ScoreFn, attention_weights, softmax, softmax_scale
+from .scores import CPU_VECTOR_BYTES, DotForm, ScoreFn, attention_weights, softmax, softmax_scale
 from .validation import check_probability, check_top_k, tracing
 
 __all__ = [
     "EXPLICIT_MAX_SCORES",
+    "EXPLICIT_MIN_SMALL_QUERIES",
+    "EXPLICIT_MIN_SMALL_SCORES",
     "EXPLICIT_MIN_WORK",
     "FUSED_GRAD_MAX_QUERIES",
     "FUSED_GRAD_MIN_KEYS",
@@ -242,6 +244,21 @@ FUSED_GRAD_MIN_KEYS = 100
 """See [`FUSED_GRAD_MAX_QUERIES`][settransformer.nn.attention.FUSED_GRAD_MAX_QUERIES]."""
 EXPLICIT_MAX_SCORES = 3 * 2**20
 """Most scores in all, ``B * H * Nq * Nk``, for the explicit kernel (it stores them: 12 MB in float32)."""
+# Below EXPLICIT_MIN_WORK the fused CPU kernel still pays a fixed cost per (batch, head) and query
+# tile, about a microsecond, where the explicit kernel pays a few launches once. Without autograd
+# and with rows short enough for the softmax's vectorised passes (scores.SHORT_ROW), many small
+# (batch, head)s together make the explicit kernel faster: on AVX-512 CPUs, max regression's SAB
+# at (128, 4, 10, 10, 16) 1.62x and 1.83x in results/kernels-avx512.md and results/kernels.md;
+# below about 20k scores in all, or with fewer than 4 queries (a PMA's seeds), the fused kernel
+# stays ahead. With AVX2 the passes cover only rows of under 8 and this region is unmeasured, so
+# there the fused kernel keeps it.
+EXPLICIT_MIN_SMALL_SCORES = 20_480
+"""Fewest scores in all, ``B * H * Nq * Nk``, for the explicit kernel where each (batch, head) has
+less than [`EXPLICIT_MIN_WORK`][settransformer.nn.attention.EXPLICIT_MIN_WORK] (no autograd, at
+least [`EXPLICIT_MIN_SMALL_QUERIES`][settransformer.nn.attention.EXPLICIT_MIN_SMALL_QUERIES] queries,
+AVX-512)."""
+EXPLICIT_MIN_SMALL_QUERIES = 4
+"""See [`EXPLICIT_MIN_SMALL_SCORES`][settransformer.nn.attention.EXPLICIT_MIN_SMALL_SCORES]."""
 
 
 # On a GPU: PyTorch's fused CUDA kernels (flash, memory-efficient) give each thread block a tile of
@@ -289,7 +306,8 @@ def choose_kernel(q: Tensor, k: Tensor, v: Tensor) -> Kernel:
     ``v: (B, H, Nk, Dv)``: ``"explicit"`` (batched products and a softmax) or ``"fused"``.
 
     A calibrated rule for the CPU (see [`EXPLICIT_MIN_WORK`][settransformer.nn.attention.EXPLICIT_MIN_WORK],
-    [`EXPLICIT_MAX_SCORES`][settransformer.nn.attention.EXPLICIT_MAX_SCORES] and
+    [`EXPLICIT_MAX_SCORES`][settransformer.nn.attention.EXPLICIT_MAX_SCORES],
+    [`EXPLICIT_MIN_SMALL_SCORES`][settransformer.nn.attention.EXPLICIT_MIN_SMALL_SCORES] and
     [`FUSED_GRAD_MAX_QUERIES`][settransformer.nn.attention.FUSED_GRAD_MAX_QUERIES]; ``benchmarks/kernels.py``
     checks it against measurements). On a CUDA device the fused kernel, but for a few queries over
     thousands of keys (or, under autograd, the reverse) where it would leave most of the device idle
@@ -313,13 +331,27 @@ def choose_kernel(q: Tensor, k: Tensor, v: Tensor) -> Kernel:
         return _gpu_kernel(b, h, nq, nk, dh, grad, _processors(q.device))
     if q.device.type != "cpu":
         return "fused"
-    if nq * nk * dh < EXPLICIT_MIN_WORK or (
-        grad and nq <= FUSED_GRAD_MAX_QUERIES and nk >= FUSED_GRAD_MIN_KEYS
-    ):
+    if nq * nk * dh < EXPLICIT_MIN_WORK:
+        return "explicit" if not grad and _many_small(b * h, nq, nk, q) else "fused"
+    if grad and nq <= FUSED_GRAD_MAX_QUERIES and nk >= FUSED_GRAD_MIN_KEYS:
         return "fused"
     if b * h * nq * nk > EXPLICIT_MAX_SCORES and not (grad and nq <= dh):
         return "fused"
     return "explicit" if grad or b * h > 1 else "fused"
+
+
+def _many_small(heads: int, nq: int, nk: int, q: Tensor) -> bool:
+    """Whether ``heads`` (batch, head)s of ``nq`` queries over ``nk`` keys, each below
+    [`EXPLICIT_MIN_WORK`][settransformer.nn.attention.EXPLICIT_MIN_WORK], are many enough for the
+    explicit kernel without autograd (see
+    [`EXPLICIT_MIN_SMALL_SCORES`][settransformer.nn.attention.EXPLICIT_MIN_SMALL_SCORES])."""
+    return (
+        CPU_VECTOR_BYTES == 64
+        and q.dtype in (torch.float32, torch.float64)
+        and nk * q.element_size() < CPU_VECTOR_BYTES
+        and nq >= EXPLICIT_MIN_SMALL_QUERIES
+        and EXPLICIT_MIN_SMALL_SCORES <= heads * nq * nk <= EXPLICIT_MAX_SCORES
+    )
 
 
 def _explicit_sdpa(
