@@ -197,7 +197,7 @@ def test_kernel_rule_for_many_small_heads():
     many = torch.randn(128, 4, 10, 16)  # max regression's SAB: 512 (batch, head)s of 10 x 10 scores
     few = torch.randn(8, 4, 10, 16)
     seeds = torch.randn(128, 4, 1, 16)  # one query per (batch, head): the fused kernel's cheapest case
-    assert 10 * 10 * 16 < EXPLICIT_MIN_WORK and 8 * 4 * 100 < EXPLICIT_MIN_SMALL_SCORES <= 128 * 4 * 100
+    assert EXPLICIT_MIN_WORK > 10 * 10 * 16 and 8 * 4 * 100 < EXPLICIT_MIN_SMALL_SCORES <= 128 * 4 * 100
     with torch.no_grad():
         expected = "explicit" if CPU_VECTOR_BYTES == 64 else "fused"  # calibrated on AVX-512 only
         assert choose_kernel(many, many, many) == expected

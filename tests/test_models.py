@@ -244,3 +244,56 @@ def test_state_dict_keys_of_checkpoints_written_before_stay_loadable() -> None:
     state = {k: v.clone() + 1 for k, v in model.state_dict().items()}
     model.load_state_dict(state, strict=True)
     assert torch.equal(model.state_dict()["pma.mab.to_kv.weight"], state["pma.mab.to_kv.weight"])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: DeepSets(
+            DIM_INPUT, 2, 3, dim_hidden=8, num_encoder_layers=2, num_decoder_layers=3, dropout=p
+        ),
+        lambda p: SetTransformer(
+            DIM_INPUT,
+            2,
+            3,
+            dim_hidden=8,
+            num_heads=2,
+            encoder="rff",
+            num_encoder_layers=3,
+            pooling="mean",
+            num_decoder_layers=2,
+            dropout=p,
+            decoder_dropout=p,
+        ),
+    ],
+    ids=["deepsets", "rff-mean"],
+)
+def test_weights_trained_with_dropout_load_without_it(make) -> None:
+    """The row-wise MLPs' state dict does not depend on the dropout rate, and one saved with a
+    Dropout module after each ReLU (Linear i at index 3 i) is renumbered as it loads."""
+    trained = make(0.3)
+    assert list(trained.state_dict()) == list(make(0.0).state_dict())
+    x = torch.randn(2, 5, DIM_INPUT)
+    model = make(0.0).eval()
+    model.load_state_dict(trained.state_dict())
+    torch.testing.assert_close(model(x), trained.eval()(x))
+    trained.train()
+    assert not torch.allclose(trained(x), trained(x))  # the dropout still acts in training
+
+    def dropout_layout(key: str) -> str:  # phi.2.weight -> phi.3.weight, rho.0.4.bias -> rho.0.6.bias
+        parts = key.split(".")
+        for i in range(len(parts) - 2, 0, -1):
+            if parts[i].isdigit():
+                parts[i] = str(int(parts[i]) // 2 * 3)
+                break
+        return ".".join(parts)
+
+    mlp_prefixes = ("phi.", "rho.0.", "encoder.0.", "decoder.0.")
+    old = {
+        dropout_layout(k) if k.startswith(mlp_prefixes) else k: v + 1 for k, v in trained.state_dict().items()
+    }
+    assert set(old) != set(trained.state_dict())  # the old layout really differs
+    fresh = make(0.0)
+    fresh.load_state_dict(old)  # strict
+    for key, value in fresh.state_dict().items():
+        torch.testing.assert_close(value, trained.state_dict()[key] + 1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Unpack
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .blocks import ISAB, PMA, SAB
@@ -28,14 +29,53 @@ def _check_sizes(**sizes: int) -> None:
         check_positive(name, value)
 
 
-def _mlp(dim_in: int, dim_hidden: int, num_layers: int, dropout: float = 0.0) -> nn.Sequential:
-    """``num_layers`` x (Linear, ReLU[, Dropout]), applied row-wise."""
-    layers: list[nn.Module] = []
-    for i in range(num_layers):
-        layers += [nn.Linear(dim_in if i == 0 else dim_hidden, dim_hidden), nn.ReLU()]
-        if dropout > 0:
-            layers.append(nn.Dropout(dropout))
-    return nn.Sequential(*layers)
+class _MLP(nn.Sequential):
+    """``num_layers`` x (Linear, ReLU, dropout), applied row-wise: ``(..., dim_in) -> (..., dim_hidden)``.
+
+    The dropout is functional, so the state dict (Linear ``i`` at index ``2 i``) is the same for every
+    rate: weights trained with dropout load into the model built without it. Weights saved from a
+    layout that held a ``Dropout`` module after each ReLU (Linear ``i`` at ``3 i``) are renumbered
+    as they load.
+
+    Examples:
+        >>> import torch
+        >>> trained = _MLP(3, 8, num_layers=2, dropout=0.1)
+        >>> list(trained.state_dict()) == list(_MLP(3, 8, num_layers=2).state_dict())
+        True
+        >>> _MLP(3, 8, num_layers=2)(torch.randn(5, 3)).shape
+        torch.Size([5, 8])
+    """
+
+    def __init__(self, dim_in: int, dim_hidden: int, num_layers: int, dropout: float = 0.0) -> None:
+        layers: list[nn.Module] = []
+        for i in range(num_layers):
+            layers += [nn.Linear(dim_in if i == 0 else dim_hidden, dim_hidden), nn.ReLU()]
+        super().__init__(*layers)
+        self.dropout = dropout
+        self.register_load_state_dict_pre_hook(_renumber_dropout_layout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self:
+            x = layer(x)
+            if isinstance(layer, nn.ReLU) and self.dropout > 0:
+                x = F.dropout(x, self.dropout, self.training)
+        return x
+
+
+def _renumber_dropout_layout(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: object
+) -> None:
+    """Move the keys of an [`_MLP`][settransformer.nn.models._MLP] saved with a ``Dropout`` module after
+    each ReLU (index ``3 i`` for Linear ``i``) to ``2 i``. Index 3 holds a Linear only in that layout
+    (a ReLU in this one), so its presence decides."""
+    if f"{prefix}3.weight" not in state_dict:
+        return
+    old = [k for k in state_dict if k.startswith(prefix) and k[len(prefix) :].split(".", 1)[0].isdigit()]
+    moved = {}
+    for key in old:
+        index, rest = key[len(prefix) :].split(".", 1)
+        moved[f"{prefix}{int(index) // 3 * 2}.{rest}" if int(index) % 3 == 0 else key] = state_dict.pop(key)
+    state_dict.update(moved)
 
 
 class _SetModel(nn.Module):
@@ -176,7 +216,7 @@ class SetTransformer(_SetModel):
 
         self.encoder = nn.ModuleList()
         if encoder == "rff":
-            self.encoder.append(_mlp(dim_input, dim_hidden, num_encoder_layers, opts.dropout))
+            self.encoder.append(_MLP(dim_input, dim_hidden, num_encoder_layers, opts.dropout))
         for i in range(num_encoder_layers if encoder == "attention" else 0):
             d_in = dim_input if i == 0 else dim_hidden
             if num_inducing is None:
@@ -196,7 +236,7 @@ class SetTransformer(_SetModel):
             self.decoder_norm: nn.Module = nn.LayerNorm(dim_hidden) if opts.norm == "pre" else nn.Identity()
             self.head = nn.Linear(dim_hidden, dim_output)
         else:
-            self.decoder = nn.ModuleList([_mlp(dim_hidden, dim_hidden, num_decoder_layers, decoder_dropout)])
+            self.decoder = nn.ModuleList([_MLP(dim_hidden, dim_hidden, num_decoder_layers, decoder_dropout)])
             self.decoder_norm = nn.Identity()
             self.head = nn.Linear(dim_hidden, num_outputs * dim_output)
 
@@ -297,9 +337,9 @@ class DeepSets(_SetModel):
         self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.dim_input, self.num_outputs, self.dim_output = dim_input, num_outputs, dim_output
         self.pool: PoolKind = pool
-        self.phi = _mlp(dim_input, dim_hidden, num_encoder_layers)
+        self.phi = _MLP(dim_input, dim_hidden, num_encoder_layers)
         self.rho = nn.Sequential(
-            _mlp(dim_hidden, dim_hidden, num_decoder_layers, dropout),
+            _MLP(dim_hidden, dim_hidden, num_decoder_layers, dropout),
             nn.Linear(dim_hidden, num_outputs * dim_output),
         )
 
