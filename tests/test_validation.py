@@ -424,3 +424,31 @@ def test_pad_sets_argument_checks() -> None:
         pad_sets(torch.randn(2, 3) for _ in range(2))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"^max_size:"):
         pad_sets([torch.randn(2, 3)], max_size="4")  # type: ignore[arg-type]
+
+
+def test_torch_func_transforms_run_with_the_finite_check_on() -> None:
+    """``vmap`` (per-sample outputs) and ``vmap(grad(...))`` (per-sample gradients) cannot read values
+    with ``.item()``; the check stands aside for their tensors and the results match a loop."""
+    from torch.func import functional_call, grad, vmap
+
+    from settransformer import SetTransformer
+    from settransformer.nn.validation import finite_checks
+
+    torch.manual_seed(0)
+    model = SetTransformer(3, 1, 1, dim_hidden=8, num_heads=2, num_inducing=2).eval()
+    x = torch.randn(3, 5, 3)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
+        return functional_call(model, p, (xi.unsqueeze(0),)).sum()
+
+    with finite_checks(True):
+        out = vmap(lambda xi: model(xi.unsqueeze(0)).squeeze(0))(x)
+        per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
+        with pytest.raises(ValueError, match="finite"):
+            model(torch.full((1, 2, 3), float("nan")))  # outside a transform the check still reads
+    torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-5)
+    for i in range(3):
+        expected = torch.autograd.grad(loss(dict(model.named_parameters()), x[i]), list(model.parameters()))
+        for name, g in zip(params, expected):
+            torch.testing.assert_close(per_sample[name][i], g, atol=1e-5, rtol=1e-4)

@@ -263,7 +263,8 @@ def check_finite(x: Tensor, name: str = "x") -> Tensor:
     """Check that every value of ``x`` is finite (``x`` zero at padded rows, so only real ones count).
 
     A no-op when switched off ([`set_finite_checks`][settransformer.nn.validation.set_finite_checks]), while
-    tracing or compiling, on the meta device, and for another block's untouched output
+    tracing or compiling, inside ``torch.func`` transforms (``vmap``, ``grad``: per-sample values cannot be
+    read), on the meta device, and for another block's untouched output
     ([`block_output`][settransformer.nn.validation.block_output]). One ``sum`` decides in the common case (any
     NaN or inf makes the sum non-finite); only a non-finite sum, which a large finite input can also overflow
     to, pays for the exact test.
@@ -273,7 +274,14 @@ def check_finite(x: Tensor, name: str = "x") -> Tensor:
         ...     check_finite(torch.ones(2, 3, 4)).shape
         torch.Size([2, 3, 4])
     """
-    if not _finite_checks or tracing() or x.numel() == 0 or x.device.type == "meta" or _is_block_output(x):
+    if (
+        not _finite_checks
+        or tracing()
+        or x.numel() == 0
+        or x.device.type == "meta"
+        or _is_functorch_wrapped(x)
+        or _is_block_output(x)
+    ):
         return x
     x0 = x.detach()
     if math.isfinite(x0.sum().item()):  # .item() and math: a third of the cost of bool(isfinite(...))
@@ -289,6 +297,12 @@ def check_finite(x: Tensor, name: str = "x") -> Tensor:
         f"(padded elements may hold anything; switch this check off with "
         f"settransformer.nn.validation.set_finite_checks(False))"
     )
+
+
+def _is_functorch_wrapped(x: Tensor) -> bool:
+    """Whether ``x`` is a ``torch.func`` transform's wrapper (``vmap``'s batched tensor, ``grad``'s),
+    whose values cannot be read with ``.item()``."""
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
 
 
 def zero_padding(x: Tensor, mask: Tensor | None) -> Tensor:
