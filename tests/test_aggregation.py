@@ -59,3 +59,43 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="dim_size"):
         aggr(x, torch.tensor([0, 0, 1, 1, 3]), dim_size=2)
     assert ragged_forward is not None  # exported at the top level with SetAggregation
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"channels": 8, "heads": 3}, "heads: must divide channels=8"),
+        ({"channels": 0}, "channels: expected a positive integer"),
+        ({"channels": 8, "num_seed_points": 0}, "num_seed_points: expected a positive integer"),
+        ({"channels": 8, "num_encoder_blocks": 0}, "num_encoder_blocks: expected a positive integer"),
+        ({"channels": 8, "num_decoder_blocks": -1}, "num_decoder_blocks: expected a non-negative integer"),
+    ],
+)
+def test_construction_errors_use_pyg_argument_names(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SetAggregation(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "x, index, ptr, message",
+    [
+        (
+            torch.randn(2, 5, 4),
+            torch.zeros(5, dtype=torch.long),
+            None,
+            r"x: expected node features of shape \(total, 4\)",
+        ),
+        (torch.randn(5, 4), torch.zeros(5), None, "index: expected a 1-D integer tensor of group ids"),
+        (
+            torch.randn(5, 4),
+            torch.tensor([0, 1, -1, 1, 0]),
+            None,
+            "index: expected non-negative group ids, got -1",
+        ),
+        (torch.randn(5, 4), None, torch.tensor([0, 3, 2, 5]), "ptr: expected non-decreasing offsets"),
+        (torch.randn(5, 4), None, torch.tensor([0, 3, 6]), r"ptr: the last offset \(6\) must equal"),
+    ],
+)
+def test_call_errors_use_pyg_argument_names(x, index, ptr, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SetAggregation(4)(x, index, ptr=ptr)

@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.models import SetTransformer
-from .ragged import batch_to_offsets, ragged_forward
+from ..nn.validation import check_positive
+from .ragged import batch_to_offsets, check_offsets, ragged_forward
 
 __all__ = ["SetAggregation"]
 
@@ -67,6 +68,17 @@ class SetAggregation(nn.Module):
         num_inducing: int | None = None,
     ) -> None:
         super().__init__()
+        # checked here under PyG's names; the model would name its own (dim_input, num_outputs, ...)
+        for name, value in [
+            ("channels", channels),
+            ("num_seed_points", num_seed_points),
+            ("num_encoder_blocks", num_encoder_blocks),
+            ("heads", heads),
+        ]:
+            check_positive(name, value)
+        check_positive("num_decoder_blocks", num_decoder_blocks, allow_zero=True)
+        if channels % heads != 0:
+            raise ValueError(f"heads: must divide channels={channels}, got {heads}")
         self.channels, self.num_seed_points, self.concat = channels, num_seed_points, concat
         self.model = SetTransformer(
             channels,
@@ -97,21 +109,32 @@ class SetAggregation(nn.Module):
         """
         if index is not None and ptr is not None:
             raise ValueError("index, ptr: pass at most one of them")
+        if not isinstance(x, Tensor) or x.dim() != 2:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x: expected node features of shape (total, {self.channels}), got {got}")
         if ptr is None:
             if index is None:
                 offsets = torch.tensor([0, x.shape[0]], device=x.device)
             else:
+                expected = f"a 1-D integer tensor of group ids, one per row of x ({x.shape[0]},)"
+                if (
+                    not isinstance(index, Tensor)
+                    or index.dtype.is_floating_point
+                    or index.dtype == torch.bool
+                ):
+                    got = f"dtype {index.dtype}" if isinstance(index, Tensor) else type(index).__name__
+                    raise ValueError(f"index: expected {expected}, got {got}")
                 if index.dim() != 1 or index.shape[0] != x.shape[0]:
-                    raise ValueError(
-                        f"index: expected shape ({x.shape[0]},) like x's rows, got {tuple(index.shape)}"
-                    )
+                    raise ValueError(f"index: expected {expected}, got shape {tuple(index.shape)}")
+                if index.numel() and int(index.min()) < 0:
+                    raise ValueError(f"index: expected non-negative group ids, got {int(index.min())}")
                 if dim_size is not None and index.numel() and int(index.max()) >= dim_size:
                     raise ValueError(f"dim_size: {dim_size} groups, but index holds {int(index.max())}")
                 order = index.argsort(stable=True)  # groups become contiguous, rows keep their order
                 x, index = x[order], index[order]
                 offsets = batch_to_offsets(index, dim_size)
         else:
-            offsets = ptr
+            offsets = check_offsets(ptr, x.shape[0], name="ptr")
         if dim_size is not None and offsets.shape[0] - 1 != dim_size:
             raise ValueError(f"dim_size: {dim_size} groups, but ptr describes {offsets.shape[0] - 1}")
         out = ragged_forward(self.model, x, offsets)  # (S, seeds, channels)

@@ -35,6 +35,7 @@ from ..nn.validation import check_finite, check_like, check_positive, zero_paddi
 
 __all__ = [
     "batch_to_offsets",
+    "check_offsets",
     "isab_ragged",
     "offsets_to_batch",
     "padded_to_ragged",
@@ -85,7 +86,7 @@ def offsets_to_batch(offsets: Tensor) -> Tensor:
         >>> offsets_to_batch(torch.tensor([0, 2, 3, 3, 4])).tolist()
         [0, 0, 1, 3]
     """
-    offsets = _check_offsets(offsets, None)
+    offsets = check_offsets(offsets, None)
     return torch.repeat_interleave(torch.arange(len(offsets) - 1, device=offsets.device), offsets.diff())
 
 
@@ -93,7 +94,17 @@ def _describe(t: object) -> str:
     return f"{t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
 
 
-def _check_offsets(offsets: Tensor | Sequence[int], total: int | None) -> Tensor:
+def check_offsets(offsets: Tensor | Sequence[int], total: int | None, name: str = "offsets") -> Tensor:
+    """Check CSR ``offsets: (S + 1,)`` of ``total`` rows (``None``: any) and return them as int64.
+
+    Examples:
+        >>> check_offsets([0, 2, 5], total=5)
+        tensor([0, 2, 5])
+        >>> check_offsets([0, 5, 3], total=5, name="ptr")
+        Traceback (most recent call last):
+        ...
+        ValueError: ptr: expected non-decreasing offsets starting at 0
+    """
     if not isinstance(offsets, Tensor):
         offsets = torch.as_tensor(list(offsets), dtype=torch.long)
     if (
@@ -103,14 +114,14 @@ def _check_offsets(offsets: Tensor | Sequence[int], total: int | None) -> Tensor
         or offsets.dtype == torch.bool
     ):
         raise ValueError(
-            f"offsets: expected a 1-D integer tensor (S + 1,) with S >= 1, got {_describe(offsets)}"
+            f"{name}: expected a 1-D integer tensor (S + 1,) with S >= 1, got {_describe(offsets)}"
         )
     offsets = offsets.long()
     if int(offsets[0]) != 0 or bool((offsets.diff() < 0).any()):
-        raise ValueError("offsets: expected non-decreasing offsets starting at 0")
+        raise ValueError(f"{name}: expected non-decreasing offsets starting at 0")
     if total is not None and int(offsets[-1]) != total:
         raise ValueError(
-            f"offsets: the last offset ({int(offsets[-1])}) must equal the number of rows ({total})"
+            f"{name}: the last offset ({int(offsets[-1])}) must equal the number of rows ({total})"
         )
     return offsets
 
@@ -129,7 +140,7 @@ def _resolve(
         if len(offsets) < 2:
             raise ValueError("batch: no sets (pass num_sets for a batch of empty sets)")
     assert offsets is not None
-    return _check_offsets(offsets, x.shape[0]).to(x.device)
+    return check_offsets(offsets, x.shape[0]).to(x.device)
 
 
 def _check_rows(x: Tensor, module: nn.Module, dim: int | None, name: str = "x") -> None:
