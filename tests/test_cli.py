@@ -320,6 +320,19 @@ def test_budget_milestones_scale_with_steps() -> None:
         assert cli._settings(args, {}, "paper")[0].lr_milestones == milestones
 
 
+def test_milestones_past_the_last_step(capsys: pytest.CaptureFixture[str]) -> None:
+    """The budget's milestones that a shorter run would never reach are left out quietly; the
+    user's own are kept, with a warning."""
+    parser = cli.build_parser()
+    args = parser.parse_args(["train", "max-regression", "--budget", "quick", "--steps", "1"])
+    assert cli._settings(args, {}, "paper")[0].lr_milestones == ()
+    assert "warning" not in capsys.readouterr().err
+    args = parser.parse_args(["train", "max-regression", "--steps", "100", "--lr-milestones", "50,100,400"])
+    assert cli._settings(args, {}, "paper")[0].lr_milestones == (50, 100, 400)
+    err = capsys.readouterr().err
+    assert "lr_milestones 100, 400 at or past steps=100" in err
+
+
 def test_piped_progress_is_plain_lines_and_every_run_plots_its_curve(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

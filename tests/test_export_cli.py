@@ -300,6 +300,13 @@ def test_cli_refuses_to_overwrite_and_bad_input(run: Path, capsys: pytest.Captur
     assert target.read_bytes() == before
     code, _, err = _cli(capsys, "export", str(run), "--format", "torchscript", "--overwrite")
     assert code == 0, err
+    assert "warning" not in err
+    code, _, err = _cli(
+        capsys, "export", str(run), "--format", "torchscript", "--output", str(run / "m.onnx")
+    )
+    assert (
+        code == 0 and "warning: --output m.onnx: the file holds torchscript; its usual suffix is .pt" in err
+    )
 
 
 def test_cli_export_help(capsys: pytest.CaptureFixture[str]) -> None:

@@ -76,3 +76,20 @@ def test_bad_input() -> None:
         adjusted_rand_index(
             torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3)
         )
+
+
+def test_r2_score_matches_scikit_learn_including_constant_targets() -> None:
+    from sklearn.metrics import r2_score as sk_r2
+
+    from settransformer.tasks.metrics import r2_score
+
+    torch.manual_seed(0)
+    target = torch.randn(20, 3, dtype=torch.float64)
+    target[:, 1] = 4.0  # constant: predicted exactly below
+    target[:, 2] = -1.0  # constant: predicted with an error below
+    predicted = target + 0.3 * torch.randn(20, 3, dtype=torch.float64)
+    predicted[:, 1] = 4.0
+    got = r2_score(predicted, target)
+    expected = sk_r2(target.numpy(), predicted.numpy(), multioutput="raw_values")
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-12)
+    assert got[1] == 1.0 and got[2] == 0.0

@@ -226,15 +226,24 @@ def _settings(
         and values["steps"] != preset["steps"]
     ):
         # milestones of the budget, steps of the user: decay at the same fractions of the run
+        # (a milestone that lands at or past the last step would never act: it is left out)
         scale = values["steps"] / preset["steps"]
-        values["lr_milestones"] = [max(1, round(m * scale)) for m in milestones]
+        scaled = (max(1, round(m * scale)) for m in milestones)
+        values["lr_milestones"] = [m for m in scaled if m < values["steps"]]
     for text in args.set:
         key, value = parse_option(text)
         task_options[key] = value
     try:
-        return TrainConfig.from_dict(values, source=source), task_options, budget
+        config = TrainConfig.from_dict(values, source=source)
     except ValueError as e:
         raise RunError(str(e)) from None
+    late = [m for m in config.lr_milestones if m >= config.steps]
+    if late and config.schedule == "step":
+        log(
+            f"warning: lr_milestones {', '.join(map(str, late))} at or past steps={config.steps}: "
+            "the learning rate is never multiplied there"
+        )
+    return config, task_options, budget
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -771,6 +780,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise RunError(f"--output {output}: already exists; pass --overwrite to replace it")
     if args.opset is not None and args.format != "onnx":
         raise RunError("--opset: only for --format onnx")
+    usual = (".onnx",) if args.format == "onnx" else (".pt", ".pth")
+    if output.suffix.lower() in {".onnx", ".pt", ".pth"} - set(usual):
+        log(f"warning: --output {output.name}: the file holds {args.format}; its usual suffix is {usual[0]}")
     with lock_if_run(output.parent):
         return _export(args, run, output)
 

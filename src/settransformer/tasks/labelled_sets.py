@@ -55,6 +55,7 @@ from ..nn.models import DeepSets, SetTransformer
 from ..nn.sets import pad_sets
 from ..nn.validation import zero_padding
 from .base import Batch, Task
+from .metrics import r2_score
 from .report import save_figure
 
 __all__ = [
@@ -766,11 +767,10 @@ class SetRegression(_LabelledSetTask):
         return err.pow(2).mean()
 
     def _metrics(self, outputs: Tensor, targets: Tensor) -> dict[str, float]:
-        """``mae``, ``rmse`` and ``r2`` (the coefficient of determination, averaged over outputs)."""
+        """``mae``, ``rmse`` and ``r2`` (the coefficient of determination, averaged over outputs;
+        [`r2_score`][settransformer.tasks.metrics.r2_score])."""
         err = outputs - targets
-        t = targets.reshape(len(targets), -1)
-        total = (t - t.mean(0)).pow(2).sum(0)
-        r2 = 1 - err.reshape(len(targets), -1).pow(2).sum(0) / total.clamp_min(1e-12)
+        r2 = r2_score(outputs, targets)
         return {
             "mae": float(err.abs().mean()),
             "rmse": float(err.pow(2).mean().sqrt()),

@@ -45,6 +45,7 @@ __all__ = [
     "normalized_mutual_info",
     "permutation_sensitivity",
     "permute_sets",
+    "r2_score",
 ]
 
 ArrayLike = Tensor | np.ndarray | Any
@@ -131,6 +132,27 @@ def adjusted_rand_index(labels_true: ArrayLike, labels_pred: ArrayLike, mask: Ar
     perfect = (fn == 0) & (fp == 0)
     ari = torch.where(perfect, torch.ones_like(num), num / torch.where(perfect, torch.ones_like(den), den))
     return _finish(ari, labels_true)
+
+
+def r2_score(predicted: Tensor, target: Tensor) -> Tensor:
+    """The coefficient of determination of each output over ``S`` sets.
+
+    ``predicted``, ``target``: ``(S, ...)`` -> ``(K,)``, one value per output (``K`` = the product of
+    the trailing sizes): ``1 - sum (predicted - target)^2 / sum (target - mean)^2``. An output whose
+    targets are all equal has no variance to explain: its score is 1 when it is predicted exactly and 0
+    otherwise (scikit-learn's ``r2_score`` convention), not the huge number a zero denominator gives.
+
+    Examples:
+        >>> target = torch.tensor([[1.0, 5.0], [2.0, 5.0], [3.0, 5.0]])
+        >>> r2_score(target + torch.tensor([0.0, 0.1]), target)
+        tensor([1., 0.])
+    """
+    t = target.reshape(len(target), -1)
+    residual = (predicted.reshape(len(target), -1) - t).pow(2).sum(0)
+    total = (t - t.mean(0)).pow(2).sum(0)
+    constant = total == 0
+    explained = 1 - residual / torch.where(constant, torch.ones_like(total), total)
+    return torch.where(constant, (residual == 0).to(total.dtype), explained)
 
 
 def _entropy(counts: Tensor) -> Tensor:
