@@ -319,3 +319,25 @@ def test_a_run_that_cannot_start_leaves_no_folder(capsys: pytest.CaptureFixture[
     code, _, err = _run(capsys, *argv)
     assert code == 2 and "fp16 needs a CUDA device" in err
     assert not Path("never").exists()
+
+
+def test_eval_and_resume_say_when_the_data_changed_since_training(
+    classification_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    record = json.loads((classification_run / "data.json").read_text())
+    assert record["path"]["path"] == str(Path("bags.npz").resolve()) and record["path"]["files"] == 1
+    code, _, err = _run(capsys, "eval", str(classification_run))
+    assert code == 0 and "warning" not in err, err
+    sets, labels = _bags(seed=1)
+    _save("bags.npz", sets[:45], y=labels[:45])  # the file is rewritten with other sets
+    code, out, err = _run(capsys, "eval", str(classification_run))
+    assert code == 0 and "accuracy" in out
+    assert f"task option 'path' ({Path('bags.npz').resolve()}): bytes" in err
+    assert "the metrics are of the data as it is now" in err
+    assert json.loads((classification_run / "results.json").read_text())["data_changes"]
+    argv = ["train", "set-classification", "--set", "path=bags.npz", "--steps", "35", "--out", "cls"]
+    with pytest.warns(UserWarning, match="the run goes on with other data"):
+        code, _, err = _run(capsys, *argv, *SMALL, "--no-progress", "--resume", "--allow-changes")
+    assert code == 0, err
+    code, _, err = _run(capsys, "eval", str(classification_run))  # recorded again on resume
+    assert code == 0 and "warning" not in err, err

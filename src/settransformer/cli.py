@@ -47,6 +47,7 @@ from .tasks.runs import (
     check_resume,
     check_startable,
     check_task_options,
+    data_changes,
     default_model,
     describe_task,
     load_for_inference,
@@ -332,6 +333,11 @@ def _eval(args: argparse.Namespace) -> int:
         "metrics": metrics,
     }
     if folder is not None:  # beside a checkpoint file we print only: its folder may not be ours
+        changes = data_changes(folder, task.options)
+        for line in changes:
+            log(f"warning: {line} since the run trained: the metrics are of the data as it is now")
+        if changes:
+            out["data_changes"] = changes
         write_text_atomic(folder / "results.json", json.dumps(out, indent=2) + "\n")
     return 0
 

@@ -52,6 +52,8 @@ __all__ = [
     "build_task",
     "check_buildable",
     "check_resume",
+    "data_changes",
+    "data_fingerprint",
     "describe_task",
     "load_for_inference",
     "load_run",
@@ -60,6 +62,7 @@ __all__ = [
     "parse_option",
     "read_checkpoint",
     "read_run_config",
+    "record_data",
     "reproduce",
     "run_lock",
     "task_class",
@@ -129,6 +132,84 @@ def _absolute_path(key: str, value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
         raise RunError(f"task option {key!r}: expected a file or folder path, got {short(value)}")
     return str(Path(str(value)).expanduser().resolve())
+
+
+DATA_FILE = "data.json"
+"""A run folder's record of the files its task options name, as they were when it trained
+([`record_data`][settransformer.tasks.runs.record_data])."""
+
+
+def data_fingerprint(options: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The files and folders a task's path options name, by size and modification time.
+
+    Per option: ``path``, ``files`` (1 for a file, the count under a folder), ``bytes`` and
+    ``mtime_ns`` (the latest), or ``missing``. Cheap (no file is read), so an edit that keeps both
+    size and time goes unseen, and a copy that does not keep the times counts as a change.
+
+    Examples:
+        >>> import tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> _ = (Path(folder) / "a.csv").write_text("1,2\\n")
+        >>> record = data_fingerprint({"path": folder, "steps": 3})
+        >>> list(record), record["path"]["files"], record["path"]["bytes"]
+        (['path'], 1, 4)
+    """
+    out = {}
+    for key, value in sorted(options.items()):
+        if is_path_option(key) and isinstance(value, str):
+            out[key] = _fingerprint(Path(value))
+    return out
+
+
+def _fingerprint(path: Path) -> dict[str, Any]:
+    files = size = latest = 0
+    if path.is_file():
+        stats = [path.stat()]
+    elif path.is_dir():
+        stats = [os.stat(Path(root) / name) for root, _, names in os.walk(path) for name in names]
+    else:
+        return {"path": str(path), "missing": True}
+    for st in stats:
+        files, size, latest = files + 1, size + st.st_size, max(latest, st.st_mtime_ns)
+    return {"path": str(path), "files": files, "bytes": size, "mtime_ns": latest}
+
+
+def record_data(run_dir: str | Path, options: dict[str, Any]) -> list[str]:
+    """Write ``run_dir/data.json``, the [`data_fingerprint`][settransformer.tasks.runs.data_fingerprint]
+    of ``options``, and return what changed since the one there (none: ``[]``)."""
+    changes = data_changes(run_dir, options)
+    fingerprint = data_fingerprint(options)
+    if fingerprint:
+        write_text_atomic(Path(run_dir) / DATA_FILE, json.dumps(fingerprint, indent=2) + "\n")
+    return changes
+
+
+def data_changes(run_dir: str | Path, options: dict[str, Any]) -> list[str]:
+    """How the files of ``options`` differ from ``run_dir``'s record of them, one line per option
+    (none, or no record: ``[]``)."""
+    try:
+        saved = json.loads((Path(run_dir) / DATA_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    now = data_fingerprint(options)
+    lines = []
+    for key, before in saved.items() if isinstance(saved, dict) else ():
+        after = now.get(key)
+        if not isinstance(before, dict) or after is None or after == before:
+            continue
+        if after.get("missing"):
+            what = "is gone"
+        elif after["path"] != before.get("path"):
+            what = f"was {before.get('path')}"
+        else:
+            parts = [
+                f"{name} {before.get(name)} -> {after[name]}"
+                for name in ("files", "bytes")
+                if before.get(name) != after[name]
+            ]
+            what = "; ".join(parts) or "modified since"
+        lines.append(f"task option {key!r} ({after['path']}): {what}")
+    return lines
 
 
 def _canonical_options(name: str, options: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
@@ -340,7 +421,7 @@ LOCK_FILE = ".lock"
 """The lock file of a run folder, held (``flock``) by the one process writing into it."""
 
 
-_BEFORE_FIRST_CHECKPOINT = {LOCK_FILE, "config.json", "metrics.jsonl"}
+_BEFORE_FIRST_CHECKPOINT = {LOCK_FILE, "config.json", "metrics.jsonl", DATA_FILE}
 """What a run writes before its first checkpoint (besides the lock)."""
 
 
@@ -697,6 +778,11 @@ def train_run(
 ) -> dict[str, Any]:
     """Seed, build ``model_name``, train it into ``run_dir`` and write its plots; return the result."""
     _check_runnable(config)
+    if is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        changes = record_data(run_dir, task.options)
+        for line in changes if resume else ():
+            warnings.warn(f"{run_dir}: the run goes on with other data: {line}", stacklevel=2)
     torch.manual_seed(config.seed)  # the model's initial weights depend on the seed, nothing else
     model = build_model(task, model_name)
     result = train(model, task, config, run_dir, model_name=model_name, resume=resume)
