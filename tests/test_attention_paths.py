@@ -183,7 +183,9 @@ def test_kernel_rule_follows_shape_and_autograd():
     seeds, z = torch.randn(1, 1, 16, 128, requires_grad=True), torch.randn(10, 1, 450, 128)  # PMA(4), pooled
     assert choose_kernel(seeds.expand(10, -1, -1, -1), z, z) == "fused"  # few queries over many keys
     with torch.no_grad():
-        assert choose_kernel(seeds.expand(10, -1, -1, -1), z, z) == "explicit"
+        assert choose_kernel(seeds.expand(10, -1, -1, -1), z, z) == "fused"  # with or without autograd
+        many_seeds = torch.randn(10, 1, 64, 128)  # PMA(16) stacked: more than FUSED_MAX_QUERIES
+        assert choose_kernel(many_seeds, z, z) == "explicit"
     few_keys = torch.randn(128, 1, 10, 64)  # max regression's PMA(1) over 10 elements
     assert choose_kernel(seeds[..., :4, :64].expand(128, -1, -1, -1), few_keys, few_keys) == "explicit"
     with pytest.raises(ValueError, match="kernel"):

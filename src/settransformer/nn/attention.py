@@ -34,8 +34,8 @@ __all__ = [
     "EXPLICIT_MIN_SMALL_QUERIES",
     "EXPLICIT_MIN_SMALL_SCORES",
     "EXPLICIT_MIN_WORK",
-    "FUSED_GRAD_MAX_QUERIES",
-    "FUSED_GRAD_MIN_KEYS",
+    "FUSED_MAX_QUERIES",
+    "FUSED_MIN_KEYS",
     "GPU_EXPLICIT_MIN_SERIAL",
     "GPU_ROWS_PER_PROGRAM",
     "KERNELS",
@@ -231,24 +231,26 @@ argument)."""
 # and under autograd for the pooled form's stacked queries (1.05-1.2x), at every set size: there the
 # scores are no larger than the keys autograd keeps anyway, so the size limit below does not apply.
 # But a pooling's few seeds over a larger set (PMA: at most 16 stacked queries over 100 keys or
-# more) keep the fused kernel under autograd: 1.12-1.72x in results/kernels-avx2.md, 1.24x at
-# MoG's PMA(4) in results/kernels.md. Without autograd, a single (batch, head) keeps the fused
-# kernel, which splits its queries over the threads.
+# more) keep the fused kernel: under autograd 1.12-1.72x in results/kernels-avx2.md, 1.24x at MoG's
+# PMA(4) in results/kernels.md; without autograd 1.07-1.64x at all four such rows of
+# results/kernels-avx512.md and 1.10-1.46x at three of four in results/kernels-avx2.md (the point cloud's
+# PMA(1) at 100 elements there: explicit 1.21x). Without autograd, a single (batch, head) keeps the
+# fused kernel, which splits its queries over the threads.
 EXPLICIT_MIN_WORK = 2048
 """Fewest multiply-adds per (batch, head), ``Nq * Nk * Dh``, for the explicit kernel."""
-FUSED_GRAD_MAX_QUERIES = 16
-"""Under autograd, at most this many queries per (batch, head) over
-[`FUSED_GRAD_MIN_KEYS`][settransformer.nn.attention.FUSED_GRAD_MIN_KEYS] keys or more take the fused
-kernel."""
-FUSED_GRAD_MIN_KEYS = 100
-"""See [`FUSED_GRAD_MAX_QUERIES`][settransformer.nn.attention.FUSED_GRAD_MAX_QUERIES]."""
+FUSED_MAX_QUERIES = 16
+"""At most this many queries per (batch, head) over
+[`FUSED_MIN_KEYS`][settransformer.nn.attention.FUSED_MIN_KEYS] keys or more take the fused kernel
+(a pooling's few seeds over a set), with or without autograd."""
+FUSED_MIN_KEYS = 100
+"""See [`FUSED_MAX_QUERIES`][settransformer.nn.attention.FUSED_MAX_QUERIES]."""
 EXPLICIT_MAX_SCORES = 3 * 2**20
 """Most scores in all, ``B * H * Nq * Nk``, for the explicit kernel (it stores them: 12 MB in float32)."""
 # Below EXPLICIT_MIN_WORK the fused CPU kernel still pays a fixed cost per (batch, head) and query
 # tile, about a microsecond, where the explicit kernel pays a few launches once. Without autograd
 # and with rows short enough for the softmax's vectorised passes (scores.SHORT_ROW), many small
 # (batch, head)s together make the explicit kernel faster: on AVX-512 CPUs, max regression's SAB
-# at (128, 4, 10, 10, 16) 1.62x and 1.83x in results/kernels-avx512.md and results/kernels.md;
+# at (128, 4, 10, 10, 16) 1.73x and 1.83x in results/kernels-avx512.md and results/kernels.md;
 # below about 20k scores in all, or with fewer than 4 queries (a PMA's seeds), the fused kernel
 # stays ahead. With AVX2 the passes cover only rows of under 8 and this region is unmeasured, so
 # there the fused kernel keeps it.
@@ -308,7 +310,7 @@ def choose_kernel(q: Tensor, k: Tensor, v: Tensor) -> Kernel:
     A calibrated rule for the CPU (see [`EXPLICIT_MIN_WORK`][settransformer.nn.attention.EXPLICIT_MIN_WORK],
     [`EXPLICIT_MAX_SCORES`][settransformer.nn.attention.EXPLICIT_MAX_SCORES],
     [`EXPLICIT_MIN_SMALL_SCORES`][settransformer.nn.attention.EXPLICIT_MIN_SMALL_SCORES] and
-    [`FUSED_GRAD_MAX_QUERIES`][settransformer.nn.attention.FUSED_GRAD_MAX_QUERIES]; ``benchmarks/kernels.py``
+    [`FUSED_MAX_QUERIES`][settransformer.nn.attention.FUSED_MAX_QUERIES]; ``benchmarks/kernels.py``
     checks it against measurements). On a CUDA device the fused kernel, but for a few queries over
     thousands of keys (or, under autograd, the reverse) where it would leave most of the device idle
     (see [`GPU_EXPLICIT_MIN_SERIAL`][settransformer.nn.attention.GPU_EXPLICIT_MIN_SERIAL]); the fused
@@ -333,7 +335,7 @@ def choose_kernel(q: Tensor, k: Tensor, v: Tensor) -> Kernel:
         return "fused"
     if nq * nk * dh < EXPLICIT_MIN_WORK:
         return "explicit" if not grad and _many_small(b * h, nq, nk, q) else "fused"
-    if grad and nq <= FUSED_GRAD_MAX_QUERIES and nk >= FUSED_GRAD_MIN_KEYS:
+    if nq <= FUSED_MAX_QUERIES and nk >= FUSED_MIN_KEYS:
         return "fused"
     if b * h * nq * nk > EXPLICIT_MAX_SCORES and not (grad and nq <= dh):
         return "fused"
