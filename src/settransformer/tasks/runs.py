@@ -177,21 +177,25 @@ def _fingerprint(path: Path) -> dict[str, Any]:
 def record_data(run_dir: str | Path, options: dict[str, Any]) -> list[str]:
     """Write ``run_dir/data.json``, the [`data_fingerprint`][settransformer.tasks.runs.data_fingerprint]
     of ``options``, and return what changed since the one there (none: ``[]``)."""
-    changes = data_changes(run_dir, options)
-    fingerprint = data_fingerprint(options)
-    if fingerprint:
-        write_text_atomic(Path(run_dir) / DATA_FILE, json.dumps(fingerprint, indent=2) + "\n")
+    now = data_fingerprint(options)  # once: a folder's files are walked for it
+    changes = _changes(run_dir, now)
+    if now:
+        write_text_atomic(Path(run_dir) / DATA_FILE, json.dumps(now, indent=2) + "\n")
     return changes
 
 
 def data_changes(run_dir: str | Path, options: dict[str, Any]) -> list[str]:
     """How the files of ``options`` differ from ``run_dir``'s record of them, one line per option
     (none, or no record: ``[]``)."""
+    return _changes(run_dir, data_fingerprint(options))
+
+
+def _changes(run_dir: str | Path, now: dict[str, dict[str, Any]]) -> list[str]:
+    """[`data_changes`][settransformer.tasks.runs.data_changes] against the fingerprint ``now``."""
     try:
         saved = json.loads((Path(run_dir) / DATA_FILE).read_text())
     except (OSError, ValueError):
         return []
-    now = data_fingerprint(options)
     lines = []
     for key, before in saved.items() if isinstance(saved, dict) else ():
         after = now.get(key)
@@ -781,8 +785,9 @@ def train_run(
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         changes = record_data(run_dir, task.options)
-        for line in changes if resume else ():
-            warnings.warn(f"{run_dir}: the run goes on with other data: {line}", stacklevel=2)
+        if resume:
+            for line in changes:
+                warnings.warn(f"{run_dir}: the run goes on with other data: {line}", stacklevel=2)
     torch.manual_seed(config.seed)  # the model's initial weights depend on the seed, nothing else
     model = build_model(task, model_name)
     result = train(model, task, config, run_dir, model_name=model_name, resume=resume)
