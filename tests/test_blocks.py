@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from settransformer.nn import workspace
 from settransformer.nn.blocks import ISAB, PMA, SAB
-from settransformer.nn.mab import MAB
+from settransformer.nn.mab import FORMS, MAB, attention_forms
 
 DIM, HEADS, NUM_INDUCING, NUM_SEEDS, NQ = 16, 4, 3, 2, 4
 KINDS = ["mab", "sab", "isab", "pma"]
@@ -248,6 +248,18 @@ def test_batch_of_only_empty_sets(kind: str) -> None:
         assert out.shape == (2, 0, DIM)
     else:
         torch.testing.assert_close(out, padding, atol=1e-6, rtol=1e-5)
+
+
+def test_every_pinned_form_agrees_on_sets_of_no_elements_without_a_mask() -> None:
+    """``(B, 0, D)`` without a mask reads as empty sets in every form (the pooled one added its value
+    bias to an attention over no keys)."""
+    torch.manual_seed(0)
+    pma = PMA(8, 2, 3).eval()
+    z = torch.zeros(2, 0, 8)
+    expected = pma(z, torch.zeros(2, 0, dtype=torch.bool))
+    for form in FORMS:
+        with attention_forms(pma, form):
+            torch.testing.assert_close(pma(z), expected)
 
 
 # ---------------------------------------------------------------- gradients

@@ -257,6 +257,11 @@ def test_predict_empty_set_and_bad_arguments() -> None:
         predict(model, _sets(), batch_size=0, progress=False)
     with pytest.raises(ValueError, match="a SAB attends over the whole set"):
         predict(_model(num_inducing=None), _sets(), chunk_size=4, progress=False)
+    # integer sets: refused as the models refuse them, whether the set is streamed in chunks or not
+    for size in (3, 30):
+        for ints in (np.ones((size, 3), np.int64), torch.ones(size, 3, dtype=torch.long)):
+            with pytest.raises(TypeError, match=r"sets\[0\]: expected floating-point values, got dtype"):
+                predict(model, [ints], chunk_size=5, progress=False)
 
 
 def test_predict_keeps_the_training_mode() -> None:
@@ -358,6 +363,21 @@ def test_write_each_format_and_refuse_overwrite(tmp_path: Path) -> None:
     write_outputs(tmp_path / "o.csv", ids, outs[::-1], overwrite=True)
     assert (tmp_path / "o.csv").read_bytes() != before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.csv", "o.jsonl", "o.npy"]  # no temp files
+
+
+def test_write_bfloat16_outputs_and_no_outputs(tmp_path: Path) -> None:
+    """A bfloat16 model's outputs (NumPy has no bfloat16) are written as float32, whose values they are."""
+    outs = [torch.tensor(v, dtype=torch.bfloat16) for v in ([[0.5, -3.0]], [[1.0, 2.0]])]
+    for suffix in (".npy", ".csv", ".jsonl"):
+        write_outputs(tmp_path / f"o{suffix}", ["a", "b"], outs)
+    np.testing.assert_array_equal(np.load(tmp_path / "o.npy"), [[[0.5, -3.0]], [[1.0, 2.0]]])
+    assert list(csv.reader((tmp_path / "o.csv").open()))[1] == ["a", "0.5", "-3.0"]
+    assert json.loads((tmp_path / "o.jsonl").read_text().splitlines()[1])["output"] == [[1.0, 2.0]]
+    for suffix in (".npy", ".csv", ".jsonl"):
+        write_outputs(tmp_path / f"empty{suffix}", [], [], labels=None if suffix == ".npy" else [])
+    assert np.load(tmp_path / "empty.npy").shape == (0,)
+    assert list(csv.reader((tmp_path / "empty.csv").open())) == [["set", "label"]]
+    assert (tmp_path / "empty.jsonl").read_text() == ""
 
 
 def test_write_per_element_outputs(tmp_path: Path) -> None:

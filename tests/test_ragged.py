@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor
@@ -120,8 +121,19 @@ def test_errors() -> None:
         ragged_forward(model, x, batch=torch.tensor([0, 1, 0, 1, 1, 1, 1]))
     with pytest.raises(ValueError, match="last offset"):
         ragged_forward(model, x, torch.tensor([0, 3, 6]))
-    with pytest.raises(ValueError, match="offsets: expected a 1-D integer"):
-        ragged_forward(model, x, torch.tensor([0.0, 3.0, 7.0]))
+    for floats in (torch.tensor([0.0, 3.0, 7.0]), [0, 3.5, 7], np.array([0.0, 3.0, 7.0])):
+        with pytest.raises(ValueError, match="offsets: expected a 1-D integer"):  # never truncated
+            ragged_forward(model, x, floats)
+    as_list = ragged_forward(model, x, [0, 3, 7])
+    torch.testing.assert_close(as_list, ragged_forward(model, x, np.array([0, 3, 7])))
+    batch = offsets_to_batch(offsets)
+    with pytest.raises(ValueError, match="batch: expected a 1-D integer tensor"):
+        ragged_forward(model, x, batch=batch.tolist())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="num_sets: expected an integer, got float"):
+        ragged_forward(model, x, batch=batch, num_sets=2.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="num_sets: only with batch"):
+        ragged_forward(model, x, offsets, num_sets=5)
+    assert ragged_forward(model, x, batch=batch, num_sets=np.int64(3)).shape[0] == 3
     with pytest.raises(ValueError, match=r"x: expected a floating-point tensor \(total, D\)"):
         ragged_forward(model, x[None], offsets)
     with pytest.raises(ValueError, match="max_size"):

@@ -170,6 +170,24 @@ def test_sequence_set_model(kind, padded):
     assert permutation_sensitivity(model, x, mask, generator=torch.Generator().manual_seed(0)) > 1e-4
 
 
+@pytest.mark.parametrize("kind", ["lstm", "janet", "indrnn", "transformer"])
+def test_sequence_set_model_checks_its_input_like_the_set_models(kind):
+    """NaN padding has no influence, empty batches and sets give the empty set's output, and bad
+    input is an error naming ``x``."""
+    torch.manual_seed(6)
+    model = SequenceSetModel(3, 1, 2, kind=kind, dim_hidden=8, num_heads=2).eval()
+    x, mask = torch.randn(2, 4, 3), torch.tensor([[True, True, True, False], [True, True, False, False]])
+    clean = model(x, mask)
+    torch.testing.assert_close(model(x.masked_fill(~mask[..., None], float("nan")), mask), clean)
+    empty = model.head(torch.zeros(1, model.width)).view(1, 2)
+    torch.testing.assert_close(model(torch.randn(2, 0, 3)), empty.expand(2, 1, 2))
+    assert model(torch.randn(0, 5, 3)).shape == (0, 1, 2)
+    with pytest.raises(TypeError, match=r"x: expected dtype torch\.float32"):
+        model(x.double(), mask)
+    with pytest.raises(ValueError, match="x: expected finite values"):
+        model(torch.full((1, 2, 3), float("nan")))
+
+
 def test_sequence_set_model_rejects_bad_options():
     with pytest.raises(ValueError, match="kind"):
         SequenceSetModel(2, 1, 1, kind="gru")  # type: ignore[arg-type]

@@ -3,6 +3,7 @@ and what was expected (``x: expected a floating-point tensor of shape (B, N, 5),
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable
 from typing import Any
@@ -403,6 +404,15 @@ def test_attention_argument_checks() -> None:
         attention(q, k, v, dropout_p=1.0)
     with pytest.raises(ValueError, match=r"^top_k:"):
         attention(q, k, v, top_k=0)
+    with pytest.raises(ValueError, match=r"^scale: expected a positive number"):
+        attention(q, k, v, scale=-1.0)
+    with pytest.raises(TypeError, match=r"^score: expected None or a callable .*make_score\('gaussian'"):
+        attention(q, k, v, score="gaussian")  # type: ignore[arg-type]
+
+
+def test_block_options_refuse_a_non_boolean_out_proj() -> None:
+    with pytest.raises(TypeError, match=r"^out_proj: expected True or False, got 'no'"):
+        SAB(3, 8, 2, out_proj="no")  # type: ignore[arg-type]
 
 
 def test_attention_ignores_padded_keys_and_values() -> None:
@@ -452,3 +462,27 @@ def test_torch_func_transforms_run_with_the_finite_check_on() -> None:
         expected = torch.autograd.grad(loss(dict(model.named_parameters()), x[i]), list(model.parameters()))
         for name, g in zip(params, expected):
             torch.testing.assert_close(per_sample[name][i], g, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "frozen"])
+def test_vmap_without_autograd_takes_the_plain_path(mode: str) -> None:
+    """Without autograd the blocks' inference paths write into buffers (``out=``), for which ``vmap``
+    has no rule; under ``vmap`` they take the plain path, and the result matches a loop."""
+    from torch.func import vmap
+
+    from settransformer import SAB, SetTransformer
+
+    torch.manual_seed(1)
+    models = [
+        SetTransformer(3, 1, 1, dim_hidden=16, num_heads=2, num_inducing=4).eval(),  # ISAB rows
+        SAB(3, 64, 4).eval(),  # 128 sets x 4 heads of 10: the explicit kernel for many small heads
+    ]
+    x = torch.randn(2, 128, 10, 3)
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(mode)
+    for model in models:
+        if mode == "frozen":
+            model.requires_grad_(False)
+        with context() if context is not None else contextlib.nullcontext():
+            out = vmap(model)(x)
+            expected = torch.stack([model(xi) for xi in x])
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

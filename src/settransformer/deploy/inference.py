@@ -164,6 +164,13 @@ def _check_set(s: Any, i: int, dim: int | None, name: str = "sets") -> Any:
         raise TypeError(f"{name}[{i}]: expected {expected} (tensor or NumPy array), got {type(s).__name__}")
     if len(shape) != 2 or (dim is not None and shape[1] != dim):
         raise ValueError(f"{name}[{i}]: expected {expected}, got shape {shape}")
+    # as the models: a set of any size, streamed in chunks or not, must be floating point
+    floating = s.is_floating_point() if isinstance(s, Tensor) else np.issubdtype(s.dtype, np.floating)
+    if not floating:
+        convert = ".float()" if isinstance(s, Tensor) else ".astype(np.float32)"
+        raise TypeError(
+            f"{name}[{i}]: expected floating-point values, got dtype {s.dtype} (convert with {convert})"
+        )
     return s
 
 
@@ -333,6 +340,12 @@ def _texts(a: np.ndarray) -> list[str]:
     return [repr(float(v)) for v in a.ravel()]
 
 
+def _numpy(t: Tensor) -> np.ndarray:
+    """``t`` as a NumPy array; bfloat16, which NumPy lacks, as float32 (every bfloat16 value is one)."""
+    t = t.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+
+
 def _nested(a: np.ndarray) -> Any:
     values = [float(t) for t in _texts(a)]
     return np.array(values, dtype=np.float64).reshape(a.shape).tolist()
@@ -344,7 +357,7 @@ def jsonl_lines(
     """``{"set": id, "output": [...]}`` per set (no newline), with ``"label"`` when ``labels`` are
     given; NaN and inf are written as ``NaN`` / ``Infinity``, which Python's json reads."""
     for i, (set_id, out) in enumerate(zip(ids, outputs)):
-        record: dict[str, Any] = {"set": set_id, "output": _nested(out.numpy())}
+        record: dict[str, Any] = {"set": set_id, "output": _nested(_numpy(out))}
         if labels is not None:
             record["label"] = labels[i]
         yield json.dumps(record)
@@ -364,6 +377,9 @@ def _write_csv(
     labels: Sequence[Any] | None = None,
 ) -> None:
     w = csv.writer(f, lineterminator="\n")
+    if not arrays:  # no sets: the header of the columns every row has
+        w.writerow(["set", *(["label"] if labels is not None else [])])
+        return
     inner = arrays[0].shape[1:] if per_element else arrays[0].shape
     label = ["label"] if labels is not None else []
     w.writerow(["set", *label, *(["element"] if per_element else []), *_column_names(inner)])
@@ -408,7 +424,7 @@ def write_outputs(
         raise ValueError(f"ids, outputs: expected one id per output, got {len(ids)} and {len(outputs)}")
     if labels is not None and len(labels) != len(outputs):
         raise ValueError(f"labels: expected one label per output, got {len(labels)} and {len(outputs)}")
-    arrays = [o.detach().cpu().numpy() for o in outputs]
+    arrays = [_numpy(o) for o in outputs]
     shapes = {a.shape[1:] if per_element else a.shape for a in arrays}
     if len(shapes) > 1:
         what = "element" if per_element else "set"

@@ -69,13 +69,9 @@ class SetAggregation(nn.Module):
     ) -> None:
         super().__init__()
         # checked here under PyG's names; the model would name its own (dim_input, num_outputs, ...)
-        for name, value in [
-            ("channels", channels),
-            ("num_seed_points", num_seed_points),
-            ("num_encoder_blocks", num_encoder_blocks),
-            ("heads", heads),
-        ]:
+        for name, value in [("channels", channels), ("num_seed_points", num_seed_points), ("heads", heads)]:
             check_positive(name, value)
+        check_positive("num_encoder_blocks", num_encoder_blocks, allow_zero=True)
         check_positive("num_decoder_blocks", num_decoder_blocks, allow_zero=True)
         if channels % heads != 0:
             raise ValueError(f"heads: must divide channels={channels}, got {heads}")
@@ -89,6 +85,8 @@ class SetAggregation(nn.Module):
             num_inducing=num_inducing,
             num_encoder_layers=num_encoder_blocks,
             num_decoder_layers=num_decoder_blocks,
+            # no encoder blocks (as PyG allows): the rows go straight to the pooling
+            encoder="attention" if num_encoder_blocks else "rff",
             norm="post" if layer_norm else None,
             dropout=dropout,
         )
@@ -97,13 +95,14 @@ class SetAggregation(nn.Module):
         self,
         x: Tensor,
         index: Tensor | None = None,
-        *,
         ptr: Tensor | None = None,
         dim_size: int | None = None,
+        dim: int = -2,
     ) -> Tensor:
         """``x: (total, channels)``, ``index: (total,)`` group ids (any order) or ``ptr: (S + 1,)``
-        offsets of rows already grouped; neither: one group. ``dim_size``: the number of groups
-        ``S`` (default ``index.max() + 1``; larger adds empty groups).
+        offsets of rows already grouped; neither: every row in group 0. ``dim_size``: the number of
+        groups ``S`` (default ``index.max() + 1``; larger adds empty groups). ``dim``: the rows'
+        dimension, ``-2`` or ``0`` (``x`` is 2-D), as PyG's message passing passes it.
 
         Returns ``(S, num_seed_points * channels)`` (``concat``) or ``(S, channels)``.
         """
@@ -112,30 +111,30 @@ class SetAggregation(nn.Module):
         if not isinstance(x, Tensor) or x.dim() != 2:
             got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x: expected node features of shape (total, {self.channels}), got {got}")
+        if dim not in (0, -2):
+            raise ValueError(f"dim: expected the rows' dimension of x (total, channels), 0 or -2, got {dim}")
         if ptr is None:
-            if index is None:
-                offsets = torch.tensor([0, x.shape[0]], device=x.device)
-            else:
-                expected = f"a 1-D integer tensor of group ids, one per row of x ({x.shape[0]},)"
-                if (
-                    not isinstance(index, Tensor)
-                    or index.dtype.is_floating_point
-                    or index.dtype == torch.bool
-                ):
-                    got = f"dtype {index.dtype}" if isinstance(index, Tensor) else type(index).__name__
-                    raise ValueError(f"index: expected {expected}, got {got}")
-                if index.dim() != 1 or index.shape[0] != x.shape[0]:
-                    raise ValueError(f"index: expected {expected}, got shape {tuple(index.shape)}")
-                if index.numel() and int(index.min()) < 0:
-                    raise ValueError(f"index: expected non-negative group ids, got {int(index.min())}")
-                if dim_size is not None and index.numel() and int(index.max()) >= dim_size:
-                    raise ValueError(f"dim_size: {dim_size} groups, but index holds {int(index.max())}")
-                order = index.argsort(stable=True)  # groups become contiguous, rows keep their order
-                x, index = x[order], index[order]
-                offsets = batch_to_offsets(index, dim_size)
+            if index is None:  # PyG's convention: one group, then dim_size - 1 empty ones
+                index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+            expected = f"a 1-D integer tensor of group ids, one per row of x ({x.shape[0]},)"
+            if not isinstance(index, Tensor) or index.dtype.is_floating_point or index.dtype == torch.bool:
+                got = f"dtype {index.dtype}" if isinstance(index, Tensor) else type(index).__name__
+                raise ValueError(f"index: expected {expected}, got {got}")
+            if index.dim() != 1 or index.shape[0] != x.shape[0]:
+                raise ValueError(f"index: expected {expected}, got shape {tuple(index.shape)}")
+            if index.numel() and int(index.min()) < 0:
+                raise ValueError(f"index: expected non-negative group ids, got {int(index.min())}")
+            if dim_size is not None and index.numel() and int(index.max()) >= dim_size:
+                raise ValueError(f"dim_size: {dim_size} groups, but index holds {int(index.max())}")
+            order = index.argsort(stable=True)  # groups become contiguous, rows keep their order
+            x, index = x[order], index[order]
+            offsets = batch_to_offsets(index, dim_size)
         else:
             offsets = check_offsets(ptr, x.shape[0], name="ptr")
-        if dim_size is not None and offsets.shape[0] - 1 != dim_size:
-            raise ValueError(f"dim_size: {dim_size} groups, but ptr describes {offsets.shape[0] - 1}")
+            if dim_size is not None and offsets.shape[0] - 1 != dim_size:
+                raise ValueError(f"dim_size: {dim_size} groups, but ptr describes {offsets.shape[0] - 1}")
+        if offsets.shape[0] == 1:  # no rows and no dim_size: no groups
+            width = self.num_seed_points * self.channels if self.concat else self.channels
+            return x.new_zeros(0, width)
         out = ragged_forward(self.model, x, offsets)  # (S, seeds, channels)
         return out.flatten(1) if self.concat else out.mean(1)

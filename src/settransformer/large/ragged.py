@@ -25,6 +25,7 @@ Examples:
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 
 import torch
@@ -73,7 +74,12 @@ def batch_to_offsets(batch: Tensor, num_sets: int | None = None) -> Tensor:
     n = int(batch.max()) + 1 if batch.numel() else 0
     if num_sets is None:
         num_sets = n
-    elif num_sets < n:
+    else:
+        try:
+            num_sets = operator.index(num_sets)
+        except TypeError:
+            raise TypeError(f"num_sets: expected an integer, got {type(num_sets).__name__}") from None
+    if num_sets < n:
         raise ValueError(f"num_sets: {num_sets} is smaller than the largest set index + 1 ({n})")
     counts = torch.bincount(batch.long(), minlength=num_sets)
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
@@ -106,7 +112,8 @@ def check_offsets(offsets: Tensor | Sequence[int], total: int | None, name: str 
         ValueError: ptr: expected non-decreasing offsets starting at 0
     """
     if not isinstance(offsets, Tensor):
-        offsets = torch.as_tensor(list(offsets), dtype=torch.long)
+        # no dtype forced: a float sequence must be refused below, not truncated to integers
+        offsets = torch.as_tensor(list(offsets))
     if (
         offsets.dim() != 1
         or offsets.numel() < 2
@@ -133,10 +140,12 @@ def _resolve(
         raise ValueError(f"x: expected a floating-point tensor (total, D), got {_describe(x)}")
     if (offsets is None) == (batch is None):
         raise ValueError("offsets, batch: pass exactly one of them")
+    if offsets is not None and num_sets is not None:
+        raise ValueError("num_sets: only with batch (offsets already give the number of sets)")
     if batch is not None:
+        offsets = batch_to_offsets(batch, num_sets)  # first: it checks that batch is a 1-D integer tensor
         if batch.shape != x.shape[:1]:
             raise ValueError(f"batch: expected shape ({x.shape[0]},) like x's rows, got {_describe(batch)}")
-        offsets = batch_to_offsets(batch, num_sets)
         if len(offsets) < 2:
             raise ValueError("batch: no sets (pass num_sets for a batch of empty sets)")
     assert offsets is not None

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .scores import CPU_VECTOR_BYTES, DotForm, ScoreFn, attention_weights, softmax, softmax_scale
-from .validation import check_probability, check_top_k, tracing
+from .validation import check_probability, check_scale, check_top_k, func_transformed, tracing
 
 __all__ = [
     "EXPLICIT_MAX_SCORES",
@@ -130,6 +130,7 @@ def attention(
         torch.Size([2, 4, 3, 8])
     """
     mask = _check_attention(q, k, v, mask, dropout_p, score, top_k)
+    check_scale(scale)
     if kernel not in KERNELS:
         raise ValueError(f"kernel: expected one of {', '.join(KERNELS)}, got {kernel!r}")
     if mask is not None:  # padded keys must be finite (see the empty-set rule above)
@@ -152,6 +153,10 @@ def _check_attention(
         if t.dim() != 4:
             raise ValueError(f"{name}: expected {expected}, got shape {tuple(t.shape)}")
     assert isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
+    if score is not None and not callable(score):
+        named = isinstance(score, str)
+        hint = f" (build it with scores.make_score({score!r}, num_heads, head_dim))" if named else ""
+        raise TypeError(f"score: expected None or a callable (q, k) -> logits, got {score!r}{hint}")
     b, h, nk = k.shape[:3]
     if q.shape[0] not in (1, b) or q.shape[1] != h:
         raise ValueError(
@@ -372,7 +377,7 @@ def _explicit_sdpa(
     if attn_mask is not None:
         s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
     # without autograd the weights overwrite the scores: one score-sized tensor at a time
-    w = softmax(s, out=None if s.requires_grad else s)
+    w = softmax(s, out=None if s.requires_grad or func_transformed(s) else s)
     return torch.matmul(F.dropout(w, dropout_p) if dropout_p > 0 else w, v)
 
 
@@ -533,6 +538,8 @@ def pooled_attention(
     out = torch.einsum("bhqk,hek->bhqe", o, w_v.view(num_heads, dh, dkv)) + b_v.view(num_heads, 1, dh)
     if mask is not None:
         out = out.masked_fill(~mask.any(dim=-1)[:, None, None, None], 0.0)
+    elif _surely(kv.shape[1] == 0):  # no keys: empty sets, as with a mask of none real
+        out = torch.zeros_like(out)
     return merge_heads(out)
 
 

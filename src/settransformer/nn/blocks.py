@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .mab import MAB, BlockKeywords, BlockOptions
 from .rows import InducedRows, PooledQueries, check_dot_product
 from .streaming import Pipeline, isab_chunked, pma_chunked
-from .validation import block_output, check_positive, prepare_set, tracing, zero_padding
+from .validation import block_output, check_positive, func_transformed, prepare_set, tracing, zero_padding
 from .workspace import kept_buffers_free
 
 __all__ = ["ISAB", "PMA", "SAB"]
@@ -178,7 +178,7 @@ class ISAB(nn.Module):
         h = self.induce(x, mask)
         b, n = x.shape[:2]
         # tracers and compilers see one graph: no Python loop over a size that varies between calls
-        if tracing() or torch.is_grad_enabled() or x.device.type != "cpu":
+        if tracing() or torch.is_grad_enabled() or x.device.type != "cpu" or func_transformed(x):
             return zero_padding(self.mab1.forward_unchecked(x, h, None), mask)
         block = max(1, ROW_BLOCK // max(b, 1))  # rows per set in a row block
         per = max(1, ROW_BLOCK // max(n, 1))  # sets per block when blocks hold whole sets

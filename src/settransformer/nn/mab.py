@@ -140,6 +140,8 @@ class BlockOptions:
             check_positive("ff_dim", self.ff_dim)
         check_probability("dropout", self.dropout)
         check_scale(self.scale)
+        if not isinstance(self.out_proj, bool):
+            raise TypeError(f"out_proj: expected True or False, got {self.out_proj!r}")
         if self.residual not in ("auto", "input", "projected"):
             raise ValueError(f"residual: expected 'auto', 'input' or 'projected', got {self.residual!r}")
         check_score(self.score)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from .attention import induced_is_cheaper, merge_heads, split_heads
 from .mab import MAB, Form, _feed_forward_in_place, _InPlaceOps, _linear
 from .scores import softmax, softmax_scale
+from .validation import func_transformed
 from .workspace import Workspace, kept_workspace
 
 __all__ = ["InducedRows", "PooledQueries", "check_dot_product"]
@@ -212,7 +213,12 @@ class InducedRows:
         # The fast path keeps a CPU's caches warm and avoids page faults; a GPU gains nothing from
         # it, and its half-precision layer norm keeps float32 statistics that the buffers are not.
         self.fast = (
-            plain and h.device.type == "cpu" and not dropout and not torch.is_grad_enabled() and not autocast
+            plain
+            and h.device.type == "cpu"
+            and not dropout
+            and not torch.is_grad_enabled()
+            and not autocast
+            and not func_transformed(h)  # vmap has no rule for the out= products
         )
         if not self.fast:
             return

@@ -55,7 +55,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from .validation import check_top_k, tracing
+from .validation import check_top_k, func_transformed, tracing
 
 __all__ = [
     "AdditiveScore",
@@ -142,6 +142,7 @@ def softmax_in_passes(x: Tensor) -> bool:
     """
     return not (
         tracing()  # first: no guard on the sizes below
+        or func_transformed(x)  # vmap has no rule for the out= ops
         or x.device.type != "cpu"
         or x.dtype not in (torch.float32, torch.float64)
         or (x.requires_grad and torch.is_grad_enabled())

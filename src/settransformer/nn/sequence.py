@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .validation import check_mask, check_set
+from .validation import prepare_set
 
 __all__ = [
     "JANET",
@@ -214,12 +214,16 @@ class SequenceSetModel(nn.Module):
                 bidirectional=bidirectional,
             )
             width = dim_hidden * self.directions
+        self.width = width
         self.head = nn.Sequential(
             nn.Linear(width, dim_hidden), nn.ReLU(), nn.Linear(dim_hidden, num_outputs * dim_output)
         )
 
     def readout(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """The sequence summary ``(B, width)`` of ``x: (B, N, dim_input)`` (no input checks)."""
+        """The sequence summary ``(B, width)`` of ``x: (B, N, dim_input)`` (no input checks; ``x`` zero
+        at padded rows)."""
+        if x.shape[0] == 0 or x.shape[1] == 0:  # no sets, or only empty ones: nothing to read
+            return x.new_zeros(x.shape[0], self.width)
         xs, lengths = compact(x, mask)
         empty = lengths == 0
         if self.kind == "transformer":
@@ -238,8 +242,7 @@ class SequenceSetModel(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """``x: (B, N, dim_input)``, ``mask: (B, N)`` -> ``(B, num_outputs, dim_output)``."""
-        check_set(x, self.dim_input)
-        mask = check_mask(mask, x)
+        x, mask = prepare_set(x, mask, self.dim_input, next(self.head.parameters()))
         return self.head(self.readout(x, mask)).view(x.shape[0], self.num_outputs, self.dim_output)
 
 

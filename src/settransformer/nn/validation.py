@@ -58,6 +58,7 @@ __all__ = [
     "check_top_k",
     "finite_checks",
     "finite_checks_enabled",
+    "func_transformed",
     "prepare_set",
     "set_finite_checks",
     "tracing",
@@ -144,7 +145,9 @@ def block_output(y: Tensor) -> Tensor:
     ([`check_finite`][settransformer.nn.validation.check_finite]).
 
     Not recorded while the finiteness check is off, while tracing, or for inference-mode tensors
-    (they carry no version counter, so an in-place change could not be seen).
+    (they carry no version counter, so an in-place change could not be seen). Writes that bypass the
+    version counter (through ``y.data``, or a NumPy view from ``y.numpy()``) are not seen either: after
+    such a write, pass ``y.clone()``.
 
     Examples:
         >>> y = block_output(torch.full((1, 2, 3), float("nan")))  # say, from diverged weights
@@ -279,7 +282,7 @@ def check_finite(x: Tensor, name: str = "x") -> Tensor:
         or tracing()
         or x.numel() == 0
         or x.device.type == "meta"
-        or _is_functorch_wrapped(x)
+        or func_transformed(x)
         or _is_block_output(x)
     ):
         return x
@@ -299,9 +302,17 @@ def check_finite(x: Tensor, name: str = "x") -> Tensor:
     )
 
 
-def _is_functorch_wrapped(x: Tensor) -> bool:
-    """Whether ``x`` is a ``torch.func`` transform's wrapper (``vmap``'s batched tensor, ``grad``'s),
-    whose values cannot be read with ``.item()``."""
+def func_transformed(x: Tensor) -> bool:
+    """Whether ``x`` is a ``torch.func`` transform's wrapper (``vmap``'s batched tensor, ``grad``'s).
+
+    Its values cannot be read with ``.item()``, and ``vmap`` has no rule for the ``out=`` variants
+    of the inference paths, so the blocks take their plain path for it.
+
+    Examples:
+        >>> x = torch.zeros(2, 3)
+        >>> func_transformed(x), torch.func.vmap(lambda row: torch.tensor(func_transformed(row)))(x).tolist()
+        (False, [True, True])
+    """
     return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
 
 
