@@ -150,7 +150,8 @@ def test_demo_trains_the_task_demo_models_unless_all_models(
 
 
 def test_config_file_and_flags_override_it(capsys: pytest.CaptureFixture[str]) -> None:
-    Path("c.yaml").write_text("model: deepsets-sum\nsteps: 2\nlr: 0.01\ntask_options:\n  max_size: 4\n")
+    # lr: 1e-2 without a dot, which YAML 1.1 (PyYAML) reads as a string
+    Path("c.yaml").write_text("model: deepsets-sum\nsteps: 2\nlr: 1e-2\ntask_options:\n  max_size: 4\n")
     code, _, _ = _run(capsys, "train", "max-regression", "--config", "c.yaml", "--out", "r", *TINY[2:])
     assert code == 0
     info = json.loads(Path("r/config.json").read_text())
@@ -193,6 +194,14 @@ def test_config_file_and_flags_override_it(capsys: pytest.CaptureFixture[str]) -
         (["plot", "."], ".: not a run folder"),
         (["reproduce", "max-regression", "--models", "deepsets-max,foo"], "model 'foo'"),
         (["reproduce", "max-regression", "--seeds", "0"], "--seeds: expected a positive integer"),
+        (
+            ["train", "count-unique", "--batch-size", "1", "--set", "min_size=1", "--set", "max_size=1"],
+            "batch_size: 1 set(s) per process of min_size=1 image(s) can make a step of one image",
+        ),
+        (
+            ["reproduce", "max-regression", "--seeds", "2", "--seed", str(2**63 - 1)],
+            f"--seed {2**63 - 1} with --seeds 2: seed: expected an integer from 0 to {2**63 - 1}",
+        ),
         (["demo", "--tasks", "nope"], "--tasks: unknown task 'nope'"),
         (["demo", "--threads", "0"], "--threads: expected a positive integer"),
     ],
@@ -209,6 +218,14 @@ def test_bad_input_is_one_line_and_exit_code_2(
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert _snapshot(Path(".")) == before  # nothing written
+
+
+def test_a_diverged_loss_is_one_line_and_exit_code_2(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["train", "max-regression", "--budget", "quick", "--steps", "8", "--log-every", "1"]
+    code, _, err = _run(capsys, *argv, "--lr", "10", "--optimizer", "sgd", "--set", "test_sets=20")
+    assert code == 2, err
+    assert err.strip().splitlines()[-1].startswith("settransformer train: error: step ")
+    assert "the loss is nan" in err and "Traceback" not in err
 
 
 def test_existing_run_is_never_overwritten(run: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -18,7 +18,14 @@ from settransformer import DeepSets, cli, save_model
 from settransformer.data.shapes import SHAPE_CLASSES
 from settransformer.deploy.inference import predict
 from settransformer.tasks.demo import demo_tasks
-from settransformer.tasks.runs import RunError, build_task, load_run
+from settransformer.tasks.runs import (
+    RunError,
+    build_task,
+    data_changes,
+    data_fingerprint,
+    load_run,
+    record_data,
+)
 
 NAMES = ("barolo", "grignolino", "barbera")
 
@@ -319,6 +326,21 @@ def test_a_run_that_cannot_start_leaves_no_folder(capsys: pytest.CaptureFixture[
     code, _, err = _run(capsys, *argv)
     assert code == 2 and "fp16 needs a CUDA device" in err
     assert not Path("never").exists()
+
+
+def test_a_cache_folder_is_not_data_and_a_file_that_appears_is_named(tmp_path: Path) -> None:
+    """A task's ``cache_dir`` fills while it runs: no change to warn about. A data file that was
+    missing when the run trained and exists now is a change."""
+    run, cache, data = tmp_path / "run", tmp_path / "cache", tmp_path / "x.npz"
+    run.mkdir()
+    options = {"cache_dir": str(cache), "path": str(data), "steps": 3}
+    assert record_data(run, options) == []
+    assert list(data_fingerprint(options)) == ["path"]
+    cache.mkdir()
+    (cache / "scores.pt").write_bytes(b"0" * 100)
+    assert data_changes(run, options) == []
+    data.write_bytes(b"1")
+    assert data_changes(run, options) == [f"task option 'path' ({data}): was missing"]
 
 
 def test_eval_and_resume_say_when_the_data_changed_since_training(

@@ -134,6 +134,25 @@ def test_resume_gives_exactly_the_uninterrupted_losses(tmp_path: Path) -> None:
             assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_resume_takes_the_runs_learning_rate_weight_decay_and_optimizer(tmp_path: Path) -> None:
+    """A resume with other settings (the CLI's ``--allow-changes``) trains with them: the checkpoint's
+    optimiser state must not bring back its learning rate, weight decay or schedule's base rate."""
+    first = _config(steps=3, lr_milestones=(2,), lr_gamma=0.5)
+    train(_model(), Tiny(), first, tmp_path / "run", model_name="deepsets")
+    later = first.replace(steps=5, lr=0.1, weight_decay=0.25)
+    train(_model(), Tiny(), later, tmp_path / "run", model_name="deepsets", resume=True)
+    assert [r["lr"] for r in _lines(tmp_path / "run")] == pytest.approx([1e-2, 1e-2, 5e-3, 0.05, 0.05])
+    groups = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["optimizer"]["param_groups"]
+    assert groups[0]["weight_decay"] == 0.25 and groups[0]["initial_lr"] == 0.1
+    # another kind of optimiser: its own state, from scratch (Adam's moments are no SGD momentum)
+    sgd = later.replace(steps=7, optimizer="sgd")
+    with pytest.warns(UserWarning, match="optimiser is of another kind than 'sgd'"):
+        train(_model(), Tiny(), sgd, tmp_path / "run", model_name="deepsets", resume=True)
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["optimizer"]
+    assert state["param_groups"][0]["momentum"] == 0.9 and "momentum_buffer" in state["state"][0]
+    assert [r["step"] for r in _lines(tmp_path / "run")] == [1, 2, 3, 4, 5, 6, 7]
+
+
 def test_resume_after_interrupt_rewrites_lines_past_the_checkpoint(tmp_path: Path) -> None:
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):  # checkpoint at step 2, lines logged up to step 3

@@ -554,6 +554,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RunError, FileNotFoundError, WriteError) as e:  # bad input, a missing data set, a full disk
         print(f"settransformer {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # training diverged (a settings problem): the last checkpoint stays
+        if is_main_process():
+            print(f"settransformer {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except Interrupted as e:  # SIGINT/SIGTERM in training: the step reached is saved
         if is_main_process():
             print(f"settransformer {args.command}: {e}{_continue_hint(args, e)}", file=sys.stderr)

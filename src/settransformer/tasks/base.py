@@ -180,6 +180,11 @@ class Task(ABC):
     def build_model(self, model_name: str) -> nn.Module:
         """A fresh model of the table row ``model_name`` (raise ``ValueError`` if unknown)."""
 
+    def check_batch_size(self, batch_size: int) -> None:
+        """Raise ``ValueError`` when the model cannot train on batches of ``batch_size`` sets (one
+        process's share of the batch); by default any size can."""
+        return None
+
     @abstractmethod
     def sample_batch(self, batch_size: int, generator: torch.Generator) -> Batch:
         """A training batch (on CPU), drawn with ``generator`` only, so runs are repeatable."""

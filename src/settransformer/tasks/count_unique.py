@@ -116,6 +116,16 @@ class CountUnique(ImageSetTask):
         if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
             raise ValueError(f"min_size, max_size: expected 1 <= min_size <= max_size, got {lo}, {hi}")
 
+    def check_batch_size(self, batch_size: int) -> None:
+        """The image encoder's BatchNorm needs two images per training step: a batch of one set of one
+        image has one value per channel to normalise."""
+        if batch_size * self.options["min_size"] < 2:
+            raise ValueError(
+                f"batch_size: {batch_size} set(s) per process of min_size={self.options['min_size']} "
+                "image(s) can make a step of one image, which the image encoder's BatchNorm cannot "
+                "normalise; use 2 or more sets per process, or min_size 2 or more"
+            )
+
     @classmethod
     def budget(cls, name: str) -> dict[str, Any]:
         """``quick``: 1,500 steps (the demo). ``paper``: 8,000 steps, lr 1e-3 then 1e-4 for the

@@ -140,7 +140,7 @@ DATA_FILE = "data.json"
 
 
 def data_fingerprint(options: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The files and folders a task's path options name, by size and modification time.
+    """The files and folders a task's path options name (a cache's aside), by size and modification time.
 
     Per option: ``path``, ``files`` (1 for a file, the count under a folder), ``bytes`` and
     ``mtime_ns`` (the latest), or ``missing``. Cheap (no file is read), so an edit that keeps both
@@ -156,7 +156,8 @@ def data_fingerprint(options: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """
     out = {}
     for key, value in sorted(options.items()):
-        if is_path_option(key) and isinstance(value, str):
+        # a cache is the task's own output (filled while it runs), not data it was given
+        if is_path_option(key) and not key.startswith("cache") and isinstance(value, str):
             out[key] = _fingerprint(Path(value))
     return out
 
@@ -203,6 +204,8 @@ def _changes(run_dir: str | Path, now: dict[str, dict[str, Any]]) -> list[str]:
             continue
         if after.get("missing"):
             what = "is gone"
+        elif before.get("missing"):
+            what = "was missing"
         elif after["path"] != before.get("path"):
             what = f"was {before.get('path')}"
         else:
@@ -766,6 +769,7 @@ def check_startable(task: Task, config: TrainConfig) -> None:
     cannot run (device, AMP, batch split) and task data that cannot be read (one batch is drawn)."""
     _check_runnable(config)
     try:
+        task.check_batch_size(config.batch_size // int(os.environ.get("WORLD_SIZE", "1")))
         task.sample_batch(1, torch.Generator().manual_seed(0))
     except (ValueError, TypeError) as e:
         raise RunError(f"{task.name}: {short(str(e), 600, quote=False)}") from None
@@ -835,6 +839,10 @@ def reproduce(
         check_model(task, m)
     if seeds < 1:
         raise RunError(f"--seeds: expected a positive integer, got {seeds}")
+    try:  # the last seed must be a valid seed too
+        config.replace(seed=config.seed + seeds - 1)
+    except ValueError as e:
+        raise RunError(f"--seed {config.seed} with --seeds {seeds}: {e}") from None
     # Check every run folder before training anything, so bad input changes nothing on disk.
     plan = []
     for model in models:

@@ -8,6 +8,8 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import json
 import math
@@ -196,6 +198,9 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     elif hint is int:
         ok = _is_int(value)
     elif hint is float:
+        if isinstance(value, str):  # YAML (1.1) reads 1e-3, without a dot, as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
         ok = _is_int(value) or isinstance(value, float)
         value = float(value) if ok else value
     else:

@@ -216,7 +216,9 @@ def train(
     in ``DistributedDataParallel``; every process draws the same global batch of ``batch_size`` sets
     (one data generator seeded ``seed`` on all ranks) and trains on its own contiguous
     ``batch_size / world_size`` of it, so the averaged gradient is that of a one-process run with the
-    same batch (dropout differs: torch's global RNG is seeded ``seed + rank``). Only rank 0
+    same batch (dropout differs: torch's global RNG is seeded ``seed + rank``; so do BatchNorm layers,
+    such as the image encoders of ``count-unique`` and ``set-anomaly``, which normalise over each
+    process's share of the batch). Only rank 0
     evaluates (on the whole test set) and writes files. With ``config.ema_decay``
     the metrics are those of the moving average of the weights, which ``model`` holds at the end.
 
@@ -393,8 +395,7 @@ class _Run:
                 f"expected {self.task.name}/{self.model_name}"
             )
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
+        self._restore_optimizer(state["optimizer"], state["schedule"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.elapsed_before = state["step"], state["elapsed"]
         self.metrics, self.best = state["metrics"], state["best"]
@@ -413,6 +414,30 @@ class _Run:
             self.generator.set_state(ranks[0]["data"])
             torch.manual_seed(self.config.seed + ctx.rank + 1_000_003 * self.step)
         return state
+
+    def _restore_optimizer(self, optimizer: dict[str, Any], schedule: dict[str, Any]) -> None:
+        """The optimiser's moments and the schedule's step from a checkpoint, under this run's settings.
+
+        A resume with ``--allow-changes`` may change the learning rate, weight decay or optimiser: the
+        loaded state must not bring back the checkpoint's (``load_state_dict`` restores its hyper-
+        parameters and the schedule's base rates). An optimiser of another kind (SGD's momentum buffers
+        against Adam's moments) starts afresh."""
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        saved = optimizer["param_groups"]
+        if len(saved) == len(fresh) and all(set(g) - {"params"} == set(f) for g, f in zip(saved, fresh)):
+            self.optimizer.load_state_dict(optimizer)
+        else:
+            warnings.warn(
+                f"resume: the checkpoint's optimiser is of another kind than {self.config.optimizer!r}; "
+                "its state (momenta) starts afresh",
+                stacklevel=5,  # train's caller
+            )
+        base = list(self.schedule.base_lrs)
+        step = schedule["last_epoch"]
+        rates = [b * rule(step) for b, rule in zip(base, self.schedule.lr_lambdas)]
+        self.schedule.load_state_dict({**schedule, "base_lrs": base, "_last_lr": rates})
+        for group, settings, rate in zip(self.optimizer.param_groups, fresh, rates):
+            group.update(settings, lr=rate)
 
     def open_files(self, resume: bool) -> None:
         """Rank 0: write ``config.json``, start ``metrics.jsonl`` (or cut it back to the step resumed
