@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -226,6 +227,45 @@ def test_a_diverged_loss_is_one_line_and_exit_code_2(capsys: pytest.CaptureFixtu
     assert code == 2, err
     assert err.strip().splitlines()[-1].startswith("settransformer train: error: step ")
     assert "the loss is nan" in err and "Traceback" not in err
+
+
+def test_a_run_stopped_before_its_config_starts_over_but_a_users_file_stays(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Ctrl-C between the record of the data and ``config.json`` leaves ``data.json`` alone in the
+    folder: no step to lose, so the same command starts afresh there. A ``data.json`` of the user's
+    is no such record and is kept."""
+    Path("early").mkdir()
+    Path("early/data.json").write_text('{"path": {"path": "/data/x.npz", "files": 1}}\n')
+    code, _, err = _run(capsys, "train", "max-regression", "--out", "early", *TINY)
+    assert code == 0, err
+    assert Path("early/checkpoint.pt").is_file()
+    Path("mine").mkdir()
+    Path("mine/data.json").write_text('{"rows": [1, 2, 3]}\n')
+    code, _, err = _run(capsys, "train", "max-regression", "--out", "mine", *TINY)
+    assert code == 2 and "already exists and is not empty" in err
+    assert Path("mine/data.json").read_text() == '{"rows": [1, 2, 3]}\n'
+
+
+def test_out_that_is_a_file_and_warnings_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    Path("afile").write_text("")
+    code, _, err = _run(capsys, "train", "max-regression", "--out", "afile", *TINY)
+    assert code == 2 and "--out afile: is a file" in err
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed: no warning to show")
+    # in a process of its own: pytest records warnings rather than printing them
+    argv = ["train", "max-regression", "--tensorboard", "--out", "r", *TINY, "--no-progress"]
+    done = subprocess.run(
+        [sys.executable, "-m", "settransformer", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (
+        "settransformer train: warning: tensorboard: the tensorboard package is not installed" in done.stderr
+    )
+    assert "warnings.warn" not in done.stderr and "UserWarning" not in done.stderr
 
 
 def test_existing_run_is_never_overwritten(run: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -341,6 +341,13 @@ def test_a_cache_folder_is_not_data_and_a_file_that_appears_is_named(tmp_path: P
     assert data_changes(run, options) == []
     data.write_bytes(b"1")
     assert data_changes(run, options) == [f"task option 'path' ({data}): was missing"]
+    # a run folder inside its data folder: its own files are not the data
+    inside = {"path": str(tmp_path)}
+    record_data(run, inside)
+    (run / "metrics.jsonl").write_text("{}\n")
+    assert data_changes(run, inside) == []
+    (tmp_path / "more.npy").write_bytes(b"2")
+    assert data_changes(run, inside) == [f"task option 'path' ({tmp_path}): files 2 -> 3; bytes 101 -> 102"]
 
 
 def test_eval_and_resume_say_when_the_data_changed_since_training(

@@ -202,6 +202,11 @@ def test_csv_set_column_errors(tmp_path: Path) -> None:
         read_sets(tmp_path / "h.csv", set_column="sid")
     with pytest.raises(FileNotFoundError, match=r"nope\.csv: no such input file"):
         read_sets(tmp_path / "nope.csv")
+    with pytest.raises(ValueError, match=r"is a folder; pass its files \(e\.g\. .*/\*\.npy\)"):
+        read_sets(tmp_path)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match=r"afile is a file, not a folder"):
+        write_outputs(tmp_path / "afile" / "out.csv", [0], [torch.zeros(1)])
 
 
 # -- predict ----------------------------------------------------------------------------------

@@ -9,13 +9,15 @@ trained run on new sets, or export its model.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import inspect
 import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -550,7 +552,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "threads", None) is not None:
         torch.set_num_threads(args.threads)
     try:
-        return int(args.func(args))
+        with _one_line_warnings(f"settransformer {args.command}"):
+            return int(args.func(args))
     except (RunError, FileNotFoundError, WriteError) as e:  # bad input, a missing data set, a full disk
         print(f"settransformer {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -565,6 +568,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside training: files on disk stay whole
         print(f"settransformer {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def _one_line_warnings(prefix: str) -> Iterator[None]:
+    """Warnings as ``PREFIX: warning: message`` lines, without Python's file and source line."""
+    previous = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_args, **_kwargs: f"{prefix}: warning: {message}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = previous
 
 
 def _continue_hint(args: argparse.Namespace, e: Interrupted) -> str:

@@ -147,6 +147,42 @@ def test_folder_of_npy_sets_with_integer_labels(tmp_path: Path) -> None:
     assert task.build_model("deepsets")(torch.randn(2, 4, 2)).shape == (2, 2)
 
 
+def test_class_labels_keep_their_text_and_numbers_sort_as_numbers(tmp_path: Path) -> None:
+    """ "007" and "7" are two classes (a CSV's texts become ints only when written as ints), and
+    float labels are numbers, sorted, not half ints and half texts."""
+    rows = [["set", "a", "label"]] + [[f"s{i}", str(i), ("007", "7", "010")[i % 3]] for i in range(9)]
+    with open(tmp_path / "zip.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    assert read_labelled_sets(tmp_path / "zip.csv", target="label").targets.tolist()[:3] == [
+        "007",
+        "7",
+        "010",
+    ]
+    assert read_labelled_sets(tmp_path / "zip.csv", target="a", numbers=True).targets.dtype.kind == "i"
+    sets = [np.ones((2, 1), np.float32) * i for i in range(8)]
+    path = save_ragged(tmp_path / "f.npz", sets, y=np.array([1.0, 1.5, 2.0, 0.5] * 2))
+    task = SetClassification(path=str(path), test_fraction=0.5, val_fraction=0.0)
+    assert task.options["classes"] == [0.5, 1, 1.5, 2]
+    with pytest.raises(ValueError, match="classes: each label once, got 1 more than once"):
+        SetClassification(path=str(path), test_fraction=0.5, val_fraction=0.0, classes=[1, 1, 0.5, 1.5, 2])
+
+
+def test_a_split_that_rounds_to_no_training_sets_is_named(tmp_path: Path) -> None:
+    path = save_ragged(tmp_path / "four.npz", [np.ones((2, 1), np.float32)] * 4, y=np.array([0, 1, 0, 1]))
+    with pytest.raises(ValueError, match=r"0.3 and 0.45 of the 4 sets of .*four.npz leave no training sets"):
+        SetClassification(path=str(path), val_fraction=0.3, test_fraction=0.45)
+
+
+def test_a_folder_set_listed_twice_with_two_labels_is_refused(tmp_path: Path) -> None:
+    for name in ("b1", "b2"):
+        np.save(tmp_path / f"{name}.npy", np.ones((2, 2), np.float32))
+    (tmp_path / "labels.csv").write_text("set,y\nb1,cat\nb2,dog\nb1.npy,dog\n")
+    with pytest.raises(ValueError, match=r"line 4: set b1.npy has y 'dog', but 'cat' on line 2"):
+        read_labelled_sets(tmp_path)
+    (tmp_path / "labels.csv").write_text("set,y\nb1,cat\nb2,dog\nb1.npy,cat\n")  # agreeing: fine
+    assert read_labelled_sets(tmp_path).targets.tolist() == ["cat", "dog"]
+
+
 def test_stratified_split_and_training_only_standardisation(tmp_path: Path) -> None:
     sets, labels, _ = wine_bags(90)
     path = save_ragged(tmp_path / "wine.npz", sets, y=labels)

@@ -36,7 +36,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["WriteError", "atomic_path", "atomic_write", "os_error_message", "short", "write_text_atomic"]
+__all__ = [
+    "WriteError",
+    "atomic_path",
+    "atomic_write",
+    "file_in_the_way",
+    "os_error_message",
+    "short",
+    "write_text_atomic",
+]
 
 SHORT = 200
 """The longest excerpt of a value that an error message quotes."""
@@ -155,6 +163,21 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path
         write(f)
         f.flush()
     return path
+
+
+def file_in_the_way(path: str | Path) -> Path | None:
+    """The first of ``path``'s parent folders that exists as a file, so that ``path`` cannot be
+    written (its folders are made as it is written); ``None`` when there is none. Checked before
+    the work that produces an output, not when it is written.
+
+    Examples:
+        >>> import tempfile
+        >>> file = Path(tempfile.mkdtemp()) / "afile"
+        >>> _ = file.write_text("")
+        >>> file_in_the_way(file / "out.csv") == file, file_in_the_way(file.parent / "new" / "out.csv")
+        (True, None)
+    """
+    return next((p for p in reversed(Path(path).parents) if p.exists() and not p.is_dir()), None)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

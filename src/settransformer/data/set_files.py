@@ -138,6 +138,8 @@ def _read(
     path: Path, dim_input: int | None, set_column: str | None, skip_columns: tuple[str, ...] = ()
 ) -> tuple[list[np.ndarray], list[SetId] | None, bool]:
     """``(sets, ids from the file or None, whether the file holds a single set)``."""
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; pass its files (e.g. {path}/*.npy), each a set or a batch")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such input file")
     suffix = path.suffix.lower()

@@ -58,7 +58,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..data.files import atomic_path
+from ..data.files import atomic_path, file_in_the_way
 from ..nn.mab import MAB, large_set_forms
 from ..nn.scores import AdditiveScore
 from ..nn.validation import check_positive
@@ -435,6 +435,9 @@ def _export(
         raise ValueError(f"path: {path} is a folder; expected a file name")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: already exists (pass overwrite=True to replace it)")
+    blocking = file_in_the_way(path)
+    if blocking is not None:
+        raise ValueError(f"path: {path}: {blocking} is a file, not a folder")
     was_training = model.training
     model.eval()
     try:

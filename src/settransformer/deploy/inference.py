@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..data.files import atomic_write
+from ..data.files import atomic_write, file_in_the_way
 from ..large.ragged import size_buckets
 from ..nn.sets import pad_sets
 from ..nn.validation import check_positive
@@ -330,6 +330,9 @@ def check_output_path(path: str | Path, *, overwrite: bool = False) -> Path:
         raise ValueError(f"{p}: is a folder; expected an output file name")
     if p.exists() and not overwrite:
         raise ValueError(f"{p}: already exists; pass overwrite=True to replace it")
+    blocking = file_in_the_way(p)
+    if blocking is not None:
+        raise ValueError(f"{p}: {blocking} is a file, not a folder")
     return p
 
 

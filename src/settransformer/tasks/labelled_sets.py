@@ -39,6 +39,7 @@ Examples:
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -110,14 +111,14 @@ def read_labelled_sets(
     """
     p = Path(path)
     if p.is_dir():
-        data, where = _read_folder(p, target, set_column)
+        data, where = _read_folder(p, target, set_column, numbers)
     elif not p.is_file():
         raise ValueError(f"path {p}: no such file or folder")
     elif p.suffix.lower() == ".csv":
         sets, ids = read_sets(p, set_column=set_column, skip_columns=(target,))
         by_set = _csv_column(p, set_column, target)
         lines = [by_set[str(i)][1] for i in ids]
-        data = LabelledSets(sets, _as_targets([by_set[str(i)][0] for i in ids]), ids)
+        data = LabelledSets(sets, _as_targets([by_set[str(i)][0] for i in ids], numbers), ids)
 
         def where(i: int) -> str:
             return f"{p}: line {lines[i]}: set {ids[i]!r}"
@@ -144,7 +145,9 @@ def read_labelled_sets(
     return data
 
 
-def _read_folder(folder: Path, target: str, set_column: str) -> tuple[LabelledSets, Callable[[int], str]]:
+def _read_folder(
+    folder: Path, target: str, set_column: str, numbers: bool
+) -> tuple[LabelledSets, Callable[[int], str]]:
     """The sets of a folder of ``.npy`` files with their labels, and where each set's label is."""
     labels = folder / LABELS_FILE
     if not labels.is_file():
@@ -167,6 +170,13 @@ def _read_folder(folder: Path, target: str, set_column: str) -> tuple[LabelledSe
         cell = by_name.get(f.name, by_name.get(f.stem))
         if cell is None:
             raise ValueError(f"{labels}: no {target} for the set {f.name}")
+        other = by_name.get(f.stem)
+        if other is not None and other[0] != cell[0]:  # listed both as "b1.npy" and as "b1"
+            raise ValueError(
+                f"{labels}: line {max(cell[1], other[1])}: set {f.name} has {target} "
+                f"{(cell if cell[1] > other[1] else other)[0]!r}, but "
+                f"{(other if cell[1] > other[1] else cell)[0]!r} on line {min(cell[1], other[1])}"
+            )
         sets.append(read_set(f))
         cells.append(cell)
     dims = Counter(s.shape[1] for s in sets)
@@ -177,7 +187,7 @@ def _read_folder(folder: Path, target: str, set_column: str) -> tuple[LabelledSe
             f"{f}: a set of D={s.shape[1]} features per element, but {count} of the {len(sets)} sets "
             f"have D={dim}; every set needs the same D"
         )
-    data = LabelledSets(sets, _as_targets([text for text, _ in cells]), [f.stem for f in files])
+    data = LabelledSets(sets, _as_targets([text for text, _ in cells], numbers), [f.stem for f in files])
 
     def where(i: int) -> str:
         return f"{labels}: line {cells[i][1]}: set {files[i].name}"
@@ -213,14 +223,28 @@ def _csv_column(path: Path, key: str, column: str) -> dict[str, tuple[str, int]]
     return out
 
 
-def _as_targets(values: Sequence[str]) -> np.ndarray:
-    """CSV texts as ints when all are integers, floats when all are numbers, else strings."""
+def _as_targets(values: Sequence[str], numbers: bool) -> np.ndarray:
+    """CSV texts as targets: ints when all are integers, floats when all are numbers, else the
+    texts. Class labels (not ``numbers``) are numbers only when each is written as Python writes
+    its number (``7``, ``0.5``, ``nan``), so that ``"007"`` and ``"7"`` stay two classes."""
+    if not numbers and not all(_canonical_number(v) for v in values):
+        return np.array(values, dtype=str)
     for kind in (int, float):
         try:
             return np.array([kind(v) for v in values])
         except ValueError:
             continue
     return np.array(values, dtype=str)
+
+
+def _canonical_number(text: str) -> bool:
+    """Whether ``text`` is an int or float as ``str`` writes it (``7``, ``-0.5``, ``nan``)."""
+    if re.fullmatch(r"-?(0|[1-9][0-9]*)", text):
+        return True
+    try:
+        return repr(float(text)) == text
+    except ValueError:
+        return False
 
 
 def _check_targets(
@@ -448,6 +472,11 @@ class _LabelledSetTask(Task):
             raise ValueError(
                 f"test_fraction: {o['test_fraction']} of {len(self._sets)} sets leaves no test sets"
             )
+        if len(self._split[0]) == 0:
+            raise ValueError(
+                f"val_fraction, test_fraction: {o['val_fraction']} and {o['test_fraction']} of the "
+                f"{len(self._sets)} sets of {o['path']} leave no training sets"
+            )
         elements = torch.cat([self._sets[i] for i in self._split[0].tolist()])
         if o["standardize"] and len(elements):
             mean, std = elements.mean(0), elements.std(0, correction=0)
@@ -637,11 +666,15 @@ class SetClassification(_LabelledSetTask):
         classes = self.options["classes"]
         if classes is None:
             classes = self.options["classes"] = found
+        repeated = sorted({str(c) for c in classes if classes.count(c) > 1})
+        if repeated:
+            raise ValueError(f"classes: each label once, got {', '.join(repeated)} more than once")
         unknown = [v for v in found if v not in classes]
         if unknown:
             raise ValueError(f"classes: the file has labels not in classes: {unknown[:5]}")
         if len(classes) < 2:
-            raise ValueError(f"{self.options['target']}: expected at least 2 classes, found {classes}")
+            where = f"{self.options['path']}: {self.options['target']}"
+            raise ValueError(f"{where}: expected at least 2 classes, found {classes}")
         ids = {c: i for i, c in enumerate(classes)}
         return torch.tensor([ids[_plain(v)] for v in targets.tolist()], dtype=torch.long)
 
@@ -795,12 +828,13 @@ class SetRegression(_LabelledSetTask):
         return [save_figure(fig, Path(out_dir) / "predicted_vs_true.png")]
 
 
-def _plain(value: Any) -> int | str:
-    """A label as a JSON-friendly value: ints stay ints, everything else becomes text."""
+def _plain(value: Any) -> int | float | str:
+    """A label as a JSON-friendly value: integers (whole floats too) as ints, other floats as
+    floats (so numbers sort among numbers), everything else as text."""
     if isinstance(value, bool | np.bool_):
         return str(value)
     if isinstance(value, int | np.integer):
         return int(value)
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
+    if isinstance(value, float | np.floating):
+        return int(value) if float(value).is_integer() else float(value)
     return str(value)

@@ -139,12 +139,13 @@ DATA_FILE = "data.json"
 ([`record_data`][settransformer.tasks.runs.record_data])."""
 
 
-def data_fingerprint(options: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def data_fingerprint(options: dict[str, Any], run_dir: str | Path | None = None) -> dict[str, dict[str, Any]]:
     """The files and folders a task's path options name (a cache's aside), by size and modification time.
 
     Per option: ``path``, ``files`` (1 for a file, the count under a folder), ``bytes`` and
     ``mtime_ns`` (the latest), or ``missing``. Cheap (no file is read), so an edit that keeps both
-    size and time goes unseen, and a copy that does not keep the times counts as a change.
+    size and time goes unseen, and a copy that does not keep the times counts as a change. A run
+    folder ``run_dir`` inside a data folder is left out: its own files change as it trains.
 
     Examples:
         >>> import tempfile
@@ -158,16 +159,19 @@ def data_fingerprint(options: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for key, value in sorted(options.items()):
         # a cache is the task's own output (filled while it runs), not data it was given
         if is_path_option(key) and not key.startswith("cache") and isinstance(value, str):
-            out[key] = _fingerprint(Path(value))
+            out[key] = _fingerprint(Path(value), None if run_dir is None else Path(run_dir).resolve())
     return out
 
 
-def _fingerprint(path: Path) -> dict[str, Any]:
+def _fingerprint(path: Path, skip: Path | None) -> dict[str, Any]:
     files = size = latest = 0
     if path.is_file():
         stats = [path.stat()]
     elif path.is_dir():
-        stats = [os.stat(Path(root) / name) for root, _, names in os.walk(path) for name in names]
+        stats = []
+        for root, dirs, names in os.walk(path):
+            dirs[:] = [d for d in dirs if (Path(root) / d).resolve() != skip]
+            stats += [os.stat(Path(root) / name) for name in names]
     else:
         return {"path": str(path), "missing": True}
     for st in stats:
@@ -178,7 +182,7 @@ def _fingerprint(path: Path) -> dict[str, Any]:
 def record_data(run_dir: str | Path, options: dict[str, Any]) -> list[str]:
     """Write ``run_dir/data.json``, the [`data_fingerprint`][settransformer.tasks.runs.data_fingerprint]
     of ``options``, and return what changed since the one there (none: ``[]``)."""
-    now = data_fingerprint(options)  # once: a folder's files are walked for it
+    now = data_fingerprint(options, run_dir)  # once: a folder's files are walked for it
     changes = _changes(run_dir, now)
     if now:
         write_text_atomic(Path(run_dir) / DATA_FILE, json.dumps(now, indent=2) + "\n")
@@ -188,7 +192,7 @@ def record_data(run_dir: str | Path, options: dict[str, Any]) -> list[str]:
 def data_changes(run_dir: str | Path, options: dict[str, Any]) -> list[str]:
     """How the files of ``options`` differ from ``run_dir``'s record of them, one line per option
     (none, or no record: ``[]``)."""
-    return _changes(run_dir, data_fingerprint(options))
+    return _changes(run_dir, data_fingerprint(options, run_dir))
 
 
 def _changes(run_dir: str | Path, now: dict[str, dict[str, Any]]) -> list[str]:
@@ -410,7 +414,9 @@ def new_run_dir(task: str, model: str, out: str | Path | None = None, root: str 
     if out is not None:
         path = Path(out)
         # Under torchrun, rank 0 may already have created the folder: only it checks.
-        if is_main_process() and path.exists() and (not path.is_dir() or _holds_files(path)):
+        if is_main_process() and path.exists() and not path.is_dir():
+            raise RunError(f"--out {path}: is a file; a run folder goes there: choose another --out")
+        if is_main_process() and path.exists() and _holds_files(path):
             raise RunError(
                 f"--out {path}: already exists and is not empty; "
                 "pass --resume to continue that run, or choose another folder"
@@ -437,13 +443,25 @@ def _holds_files(folder: Path) -> bool:
     the files of a run that never saved a checkpoint (its first write failed, or it was killed
     before): such a run has no step to lose, so a fresh run may start over in its folder."""
     names = {p.name for p in folder.iterdir()}
-    if not names <= _BEFORE_FIRST_CHECKPOINT or "config.json" not in names:
-        return bool(names - {LOCK_FILE})
+    if not names <= _BEFORE_FIRST_CHECKPOINT:
+        return True
+    if "config.json" not in names:  # stopped before it: at most the record of the data, and a lock
+        return bool(names - {LOCK_FILE, DATA_FILE}) or (DATA_FILE in names and not _is_data_record(folder))
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         return True
     return not (isinstance(config, dict) and {"task", "model", "train"} <= config.keys())
+
+
+def _is_data_record(folder: Path) -> bool:
+    """Whether ``folder``'s ``data.json`` is a run's record of its data
+    ([`record_data`][settransformer.tasks.runs.record_data]), not a file of the user's."""
+    try:
+        record = json.loads((folder / DATA_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and all(isinstance(v, dict) and "path" in v for v in record.values())
 
 
 @contextlib.contextmanager

@@ -9,7 +9,6 @@ Examples:
 from __future__ import annotations
 
 import contextlib
-
 import dataclasses
 import json
 import math
