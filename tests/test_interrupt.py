@@ -355,3 +355,24 @@ def test_cli_kill_9_always_leaves_a_loadable_checkpoint(tmp_path: Path) -> None:
         _, model, state = load_run(run, device="cpu")
         assert state["step"] >= before and isinstance(model, nn.Module)
     _finish(run, tmp_path)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_ctrl_c_while_the_cli_starts_is_one_line_and_exit_code_130(tmp_path: Path) -> None:
+    """The CLI's imports (PyTorch) take seconds; Ctrl-C in them prints no traceback. The package
+    itself imports nothing heavy, so ``import settransformer`` is quick and the CLI module loads inside
+    the launcher's guard."""
+    quick = subprocess.run(
+        [sys.executable, "-c", "import sys, settransformer; print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert quick.stdout.strip() == "False", quick.stderr
+    argv = [sys.executable, "-m", "settransformer", "train", "max-regression", "--out", str(tmp_path / "r")]
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # past the interpreter's start, within the imports
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err.strip().splitlines()[-1], err
