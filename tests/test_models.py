@@ -149,6 +149,31 @@ def test_dropout_is_off_in_eval_mode() -> None:
     torch.testing.assert_close(model(x), model(x))
 
 
+@pytest.mark.parametrize(
+    ("make", "decoder"),
+    [
+        (lambda p: SetTransformer(3, 1, 2, dim_hidden=16, num_inducing=4, pooling="max", decoder_dropout=p),
+         lambda m: m.decoder[0]),
+        (lambda p: DeepSets(3, 1, 2, dim_hidden=16, pool="max", dropout=p), lambda m: m.rho[0]),
+    ],
+    ids=["set-transformer", "deepsets"],
+)  # fmt: skip
+def test_pooling_decoders_drop_out_after_the_max(make, decoder) -> None:
+    """The paper's pooling decoder is "max-pool, Dropout, FC": what reaches the FC in training is the
+    evaluation's pooled vector with some entries zeroed and the rest scaled by 1 / (1 - p). Dropout
+    before the max would raise every pooled value about 1 / (1 - p)-fold instead."""
+    torch.manual_seed(0)
+    p, model, seen = 0.5, make(0.5), []
+    decoder(model).register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    x = torch.randn(4, 30, 3)
+    model.eval()(x)
+    model.train()(x)
+    pooled, dropped = seen
+    kept = dropped != 0
+    assert 0 < int(kept.sum()) < kept.numel()
+    torch.testing.assert_close(dropped[kept], pooled[kept] / (1 - p))
+
+
 @pytest.mark.parametrize("case", CASES[:1] + CASES[-1:], ids=case_id)
 def test_config_rebuilds_the_model(case: tuple[str, dict[str, Any]]) -> None:
     model = build(*case)

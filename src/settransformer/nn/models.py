@@ -147,7 +147,8 @@ class SetTransformer(_SetModel):
         num_inducing: inducing points per ISAB, or ``None`` for SABs.
         num_encoder_layers: depth of the encoder.
         num_decoder_layers: SABs of the decoder after pooling.
-        decoder_dropout: dropout before pooling and before the head (the paper's point-cloud model).
+        decoder_dropout: dropout before PMA (after a masked pooling) and before the head (the paper's
+            point-cloud models: "Dropout, PMA, Dropout, FC" and "max-pool, Dropout, FC, Dropout, FC").
         options: [`BlockOptions`][settransformer.nn.mab.BlockOptions] of every block; keywords of the
             same names (``norm``, ``ff_dim``, ``dropout``, ``scale``, ``residual``, ``out_proj``,
             ``score``, ``top_k``) override its fields. ``dropout`` also applies inside an rFF
@@ -251,9 +252,8 @@ class SetTransformer(_SetModel):
 
     def decode(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
         """``z: (B, N, dim_hidden)`` zero at padded rows -> ``(B, num_outputs, dim_output)``."""
-        z = self.decoder_drop(z)
         if self.pma is not None:
-            return self.decode_pooled(self.pma.forward_unchecked(z, mask))
+            return self.decode_pooled(self.pma.forward_unchecked(self.decoder_drop(z), mask))
         assert self.pool_kind is not None
         return self.decode_pooled(masked_pool(z, mask, self.pool_kind))
 
@@ -261,7 +261,9 @@ class SetTransformer(_SetModel):
         """From the pooled ``(B, num_outputs, dim_hidden)`` (PMA) or ``(B, dim_hidden)`` (masked
         pooling) to ``(B, num_outputs, dim_output)``."""
         if self.pma is None:
-            out = self.head(self.decoder[0](pooled))
+            # dropout after the pooling, as the paper's "max-pool, Dropout, FC": before it, the max of
+            # scaled-up kept values would be about 1 / (1 - p) times its evaluation value
+            out = self.head(self.decoder[0](self.decoder_drop(pooled)))
             return out.view(pooled.shape[0], self.num_outputs, self.dim_output)
         for layer in self.decoder:
             assert isinstance(layer, SAB)
@@ -286,7 +288,7 @@ class SetTransformer(_SetModel):
             next(self.parameters()),
             stages=[*self.encoder, self.encoder_norm],
             pooling=self.pma if self.pma is not None else self.pool_kind,
-            pool_input=self.decoder_drop,
+            pool_input=self.decoder_drop if self.pma is not None else None,
             decode_pooled=self.decode_pooled,
         )
 
@@ -305,7 +307,8 @@ class DeepSets(_SetModel):
         pool: ``"mean"``, ``"sum"`` or ``"max"``.
         num_encoder_layers: depth of ``phi``.
         num_decoder_layers: depth of ``rho``.
-        dropout: dropout after each hidden layer of ``rho``.
+        dropout: dropout after the pooling and after each hidden layer of ``rho`` (the paper's
+            pooling decoder: "max-pool, Dropout, FC, Dropout, FC").
 
     Examples:
         >>> import torch
@@ -353,6 +356,7 @@ class DeepSets(_SetModel):
 
     def decode_pooled(self, pooled: Tensor) -> Tensor:
         """From the pooled ``(B, dim_hidden)`` to ``(B, num_outputs, dim_output)``."""
+        pooled = F.dropout(pooled, self.config["dropout"], self.training)
         return self.rho(pooled).view(pooled.shape[0], self.num_outputs, self.dim_output)
 
     def pipeline(self) -> Pipeline:

@@ -100,9 +100,9 @@ class CountUnique(ImageSetTask):
         "sab-pool": {"accuracy": 0.5659, "accuracy_std": 0.0067},
     }
     model_descriptions: ClassVar[dict[str, str]] = {
-        "sab-pma": "SAB + PMA: image encoder, SAB(64,4)x2, PMA_1(64,4), FC(1)",
+        "sab-pma": "SAB + PMA: image encoder, SAB(64,4)x2, PMA_1(64,4) (paper PMA_1(8,8)), FC(1)",
         "rff-pool": "rFF + Pooling: image encoder, FC(64,ReLU)x4, mean, FC(64,ReLU), FC(1)",
-        "rff-pma": "rFF + PMA: image encoder, FC(64,ReLU)x4, PMA_1(64,4), FC(1)",
+        "rff-pma": "rFF + PMA: image encoder, FC(64,ReLU)x4, PMA_1(64,4) (paper PMA_1(8,8)), FC(1)",
         "sab-pool": "SAB + Pooling: image encoder, SAB(64,4)x2, mean, FC(64,ReLU), FC(1)",
     }
 

@@ -190,9 +190,9 @@ class PointCloudClassification(Task):
     }
     """Table 4 in full: ``{num_points: {model: accuracy}}`` (ModelNet40, mean of 5 runs)."""
     model_descriptions: ClassVar[dict[str, str]] = {
-        "rff-pool": "rFF + Pooling: FC(d,ReLU)x3, max, FC(d,ReLU), Dropout, FC(classes)",
+        "rff-pool": "rFF + Pooling: FC(d,ReLU)x3, max, Dropout, FC(d,ReLU), Dropout, FC(classes)",
         "rff-pma": "rFF + PMA: FC(d,ReLU)x3, Dropout, PMA_1(d,4), Dropout, FC(classes)",
-        "isab-pool": "ISAB(16) + Pooling: ISAB_16(d,4)x2, Dropout, max, FC(d,ReLU), Dropout, FC(classes)",
+        "isab-pool": "ISAB(16) + Pooling: ISAB_16(d,4)x2, max, Dropout, FC(d,ReLU), Dropout, FC(classes)",
         "isab-pma": "ISAB(16) + PMA: ISAB_16(d,4)x2, Dropout, PMA_1(d,4), Dropout, FC(classes)",
     }
 

@@ -134,7 +134,7 @@ class SetAnomaly(ImageSetTask):
         - test_sets: number of fixed test sets the metrics (AUROC, AUPR, accuracy) are computed on.
         - image_encoder: the per-image network: ``mlp`` (Linear(256), BatchNorm, ReLU, Linear) or ``cnn``
             (the paper's stride-2 Conv(64, 3x3) + BatchNorm + ReLU blocks, then Linear).
-        - dim_hidden: width of the image embeddings and of every layer of the scorer (paper 64).
+        - dim_hidden: width of the image embeddings and of every layer of the scorer (paper 128).
         - num_heads: attention heads of the SAB, PMA and MAB blocks; must divide ``dim_hidden`` (paper 4).
         - set_size: images per set, the odd one included (paper 8); the largest set when ``min_size`` is
             given.
