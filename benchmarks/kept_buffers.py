@@ -1,6 +1,6 @@
 """ISAB inference with the buffers kept between calls against fresh buffers each call.
 
-    .venv/bin/python benchmarks/kept_buffers.py            # every shape (about 3 minutes on 2 cores)
+    .venv/bin/python benchmarks/kept_buffers.py            # every shape (about 2-3 minutes on 2 cores)
     .venv/bin/python benchmarks/kept_buffers.py --quick    # two shapes (under a minute)
 
 Without autograd an ISAB's second attention runs through ``InducedRows``, whose buffers the block

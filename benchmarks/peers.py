@@ -1,6 +1,6 @@
 """Peer benchmark: our Set Transformer against the official code and PyTorch Geometric.
 
-    .venv/bin/python benchmarks/peers.py --official ../set_transformer      # full table (~15 min, 2 cores)
+    .venv/bin/python benchmarks/peers.py --official ../set_transformer      # full table (~45 min, 2 cores)
     .venv/bin/python benchmarks/peers.py --quick                            # smoke test (< 2 minutes)
     python benchmarks/peers.py --device cuda --dtype bfloat16 --official DIR  # GPU table
 
@@ -824,7 +824,7 @@ def main() -> None:
     parser.add_argument("--rows", default="tasks,isab,sab,chunk", help="row groups (comma-separated)")
     parser.add_argument("--tasks", help="only these task rows (comma-separated prefixes of their names)")
     parser.add_argument(
-        "--max-n", type=float, default=None, help="largest block N (default 1e6; --quick 1e4)"
+        "--max-n", type=float, default=None, help="largest block N (default 1e6; --quick 1e3)"
     )
     parser.add_argument(
         "--max-call-s", type=float, default=20.0, help="skip block points extrapolated above this"

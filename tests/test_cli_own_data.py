@@ -21,6 +21,7 @@ from settransformer.tasks.demo import demo_tasks
 from settransformer.tasks.runs import (
     RunError,
     build_task,
+    check_task_options,
     data_changes,
     data_fingerprint,
     load_run,
@@ -348,6 +349,17 @@ def test_a_cache_folder_is_not_data_and_a_file_that_appears_is_named(tmp_path: P
     assert data_changes(run, inside) == []
     (tmp_path / "more.npy").write_bytes(b"2")
     assert data_changes(run, inside) == [f"task option 'path' ({tmp_path}): files 2 -> 3; bytes 101 -> 102"]
+
+
+def test_a_pair_of_files_in_one_path_option_is_made_absolute_and_recorded(tmp_path: Path) -> None:
+    """``features_path=FEATURES,LABELS``: each file is made absolute (``eval`` from another folder
+    finds both) and fingerprinted."""
+    np.save("f.npy", np.zeros((4, 2)))
+    np.save("l.npy", np.zeros(4))
+    options = check_task_options("digits-clustering", {"features_path": "f.npy,l.npy"})
+    assert options["features_path"] == f"{Path('f.npy').resolve()},{Path('l.npy').resolve()}"
+    record = data_fingerprint(options)["features_path"]
+    assert record["files"] == 2 and not record.get("missing")
 
 
 def test_eval_and_resume_say_when_the_data_changed_since_training(

@@ -83,7 +83,7 @@ _TRAIN_FLAGS: tuple[tuple[str, Any, str], ...] = (
     (
         "--schedule",
         ("step", "cosine", "constant"),
-        "lr schedule (default step: x LR_GAMMA at each milestone)",
+        "lr schedule (default: the budget's, else step: x LR_GAMMA at each milestone)",
     ),
     ("--lr-milestones", str, "comma-separated steps where the step schedule multiplies the lr by LR_GAMMA"),
     ("--lr-gamma", float, "factor of the step schedule (default 0.1)"),
@@ -107,7 +107,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     """The training settings, plus --budget, --config and --set."""
     g = p.add_argument_group("training settings (the task's --budget, overridden by --config, then by flags)")
     g.add_argument(
-        "--budget", choices=("quick", "paper"), help="the task's preset steps, batch and lr (default paper)"
+        "--budget",
+        choices=("quick", "paper"),
+        help="the task's preset steps, batch, lr and, where it sets them, schedule, milestones and "
+        "evaluation interval (train TASK --list shows them; default paper)",
     )
     g.add_argument(
         "--config",
@@ -765,8 +768,9 @@ def add_predict_parser(sub: Any) -> None:
         "--chunk-size",
         type=positive_int,
         metavar="C",
-        help="evaluate C elements at a time with bounded memory (huge sets; Set Transformers with ISAB "
-        "or rFF encoders, and DeepSets); a set larger than C is evaluated alone",
+        help="evaluate C elements at a time with bounded memory (huge sets; a save_model folder of a Set "
+        "Transformer with ISAB or rFF encoders, or of DeepSets: a task's run folder has no chunked "
+        "form); a set larger than C is evaluated alone",
     )
     p.add_argument("--threads", type=positive_int, metavar="N", help=THREADS_HELP)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

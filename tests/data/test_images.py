@@ -184,3 +184,18 @@ def test_image_data_subset() -> None:
     data = ImageData(np.zeros((3, 1, 2, 2), np.float32), np.array([0, 1, 1]), ("a", "b"), "mem")
     sub = data.subset(np.array([2, 0]))
     assert sub.labels.tolist() == [1, 0] and sub.image_shape == (1, 2, 2) and len(sub) == 2
+
+
+def test_array_file_pixels_of_other_integer_types_and_labels_of_one_column(tmp_path: Path) -> None:
+    """16-bit and signed pixels land in [0, 1] (they were divided by 255), and labels ``(M, 1)`` are
+    class labels, as the point-cloud loaders read them (they were one attribute)."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(40) % 4
+    for dtype, lo, hi in ((np.uint16, 0, 65536), (np.int8, -128, 128), (np.int64, 0, 256)):
+        np.savez(
+            tmp_path / "i.npz", images=rng.integers(lo, hi, (40, 8, 8)).astype(dtype), labels=labels[:, None]
+        )
+        data = load_images(tmp_path / "i.npz")
+        assert float(data.images.min()) >= 0.0 and float(data.images.max()) <= 1.0, dtype
+        assert float(data.images.max()) > 0.9
+        np.testing.assert_array_equal(data.labels, labels)

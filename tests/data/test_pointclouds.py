@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import h5py
@@ -145,6 +146,8 @@ def test_array_npz_with_splits_and_mask(tmp_path: Path) -> None:
              test_points=x[:2], test_labels=[1, 0], class_names=np.array(["a", "b"]))  # fmt: skip
     data = load_array(tmp_path / "a.npz")
     assert data.class_names == ["a", "b"] and data.dim == 2
+    np.savez(tmp_path / "b.npz", points=x, labels=[0, 1, 1, 0], class_names=np.array([b"chair", b"lamp"]))
+    assert load_array(tmp_path / "b.npz").class_names == ["chair", "lamp"]  # bytes decoded
     assert data.train.mask is not None and data.test.mask is None
     assert np.all(data.train.points[1, 3:] == 0)  # padding is zeroed whatever the file held
 
@@ -260,3 +263,42 @@ def test_modelnet_off_bad_mesh_names_the_file(tmp_path: Path) -> None:
         load_modelnet_off(root, points_per_shape=16, progress=False)
     with pytest.raises(ValueError, match="no <class>/train"):
         load_modelnet_off(tmp_path, points_per_shape=16, progress=False)
+
+
+def test_read_off_refuses_a_file_cut_short_in_its_faces(tmp_path: Path) -> None:
+    pytest.importorskip("trimesh")
+    for glued in (False, True):
+        text = _off(glued=glued)
+        (tmp_path / "cut.off").write_text("".join(text.splitlines(keepends=True)[:-6]))  # 6 faces of 12
+        with pytest.raises(ValueError, match=r"cut\.off: OFF mesh declares 8 vertices and 12 faces"):
+            read_off(tmp_path / "cut.off")
+        (tmp_path / "whole.off").write_text("# a comment\n" + text)
+        assert len(read_off(tmp_path / "whole.off").faces) == 12
+
+
+def test_modelnet_off_far_from_the_origin_and_edited_in_place(tmp_path: Path) -> None:
+    """Meshes are centred in float64 before the cast (a cube 1e5 away gives the cube's cloud), a mesh
+    beyond float32's range is refused by name, and a mesh edited in place (same size) is sampled again."""
+    pytest.importorskip("trimesh")
+    root = _modelnet_tree(tmp_path / "ModelNet")
+    mesh = root / "box" / "train" / "box_0000.off"
+    near = load_modelnet_off(root, points_per_shape=64, progress=False).train.points
+    lines = _off(glued=False, scale=2.0).splitlines()
+    shifted = [
+        " ".join(str(float(v) + 1e5) for v in ln.split()) if 2 <= i < 10 else ln for i, ln in enumerate(lines)
+    ]
+    mesh.write_text("\n".join(shifted) + "\n")
+    far = load_modelnet_off(root, points_per_shape=64, progress=False).train.points
+    np.testing.assert_allclose(far[0], near[0], atol=1e-5)  # the same draws on the same (moved) faces
+    mesh.write_text(_off(glued=False, scale=1e39))
+    with pytest.raises(ValueError, match=r"box_0000\.off: its sampled points are not finite in float32"):
+        load_modelnet_off(root, points_per_shape=16, normalize=False, progress=False)
+    same_size = _off(glued=False, scale=2.0)
+    mesh.write_text(same_size)
+    first = load_modelnet_off(root, points_per_shape=16, normalize=False, progress=False).train.points
+    before = mesh.stat()
+    mesh.write_text(same_size.replace("\n2.0 2.0 2.0\n", "\n2.0 2.0 9.0\n"))
+    assert mesh.stat().st_size == before.st_size
+    os.utime(mesh, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    edited = load_modelnet_off(root, points_per_shape=16, normalize=False, progress=False).train.points
+    assert edited[0].max() > first[0].max() + 1

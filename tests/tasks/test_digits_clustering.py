@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,20 @@ def test_user_features_and_baselines(tmp_path: Path, blobs: Path) -> None:
     assert set(metrics) >= {"ari", "nmi", "ari1", "ll0", "kmeans_ari", "em_ari", "kmeans_nmi", "em_nmi"}
     assert metrics["kmeans_ari"] > 0.9 and metrics["em_ari"] > 0.9  # separated blobs are easy
     assert list(tmp_path.glob("digits-baselines-*.pt"))  # cached for the next evaluation
+    # a folder of features.npy and labels.npy, the features rewritten in place with noise (the
+    # folder's time unchanged): the cached scores of the blobs are not reused
+    folder = tmp_path / "features"
+    folder.mkdir()
+    data = np.load(blobs)
+    np.save(folder / "features.npy", data["features"])
+    np.save(folder / "labels.npy", data["labels"])
+    options = {"features_path": str(folder), "pca": None, "num_clusters": 3, "cache_dir": str(tmp_path)}
+    assert DigitsClustering(**options, **SMALL).baselines()["kmeans_ari"].mean() > 0.9
+    folder_time = os.stat(folder).st_mtime_ns
+    np.save(folder / "features.npy", np.random.default_rng(1).normal(size=(360, 8)))
+    os.utime(folder, ns=(folder_time, folder_time))
+    noise = DigitsClustering(**options, **SMALL)
+    assert noise.baselines()["kmeans_ari"].mean() < 0.5
     with pytest.raises(ValueError, match="num_clusters"):
         DigitsClustering(features_path=str(blobs), num_clusters=7, pca=None).data()
     with pytest.raises(ValueError, match="pca=16 exceeds"):
@@ -109,3 +124,14 @@ def test_training_lowers_the_loss(task: DigitsClustering) -> None:
 def test_plot_writes_a_png(task: DigitsClustering, tmp_path: Path) -> None:
     paths = task.plot(task.build_model("isab16-pma"), tmp_path / "plots", torch.device("cpu"))
     assert len(paths) == 1 and paths[0].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_split_without_enough_classes_is_refused(tmp_path: Path) -> None:
+    """A class of one image has none in the test split: its sets would hold fewer clusters than the
+    metrics assume."""
+    rng = np.random.default_rng(2)
+    labels = np.r_[np.arange(150) % 3, 3]
+    np.savez(tmp_path / "rare.npz", features=rng.normal(size=(151, 8)), labels=labels)
+    task = DigitsClustering(features_path=str(tmp_path / "rare.npz"), pca=None, num_clusters=4, **SMALL)
+    with pytest.raises(ValueError, match=r"its test split .* holds 3 classes, fewer than num_clusters=4"):
+        task.data()

@@ -300,20 +300,21 @@ def _images_to_nchw(images: np.ndarray, path: Path) -> np.ndarray:
         )
     if not (np.issubdtype(images.dtype, np.number) or images.dtype == bool):
         raise ValueError(f"data: {path}: 'images' must be numeric, got dtype {images.dtype}")
-    if np.issubdtype(images.dtype, np.integer):
-        scale = 255.0 if images.max() > 1 else 1.0  # uint8 pixels, or 0/1 binary images
-        images = images.astype(np.float32) / scale
-    else:
-        images = images.astype(np.float32)
-        lo, hi = float(images.min()), float(images.max())
-        if lo < 0.0 or hi > 1.0:  # e.g. floats in [0, 255]: rescale rather than clip
-            images = (images - lo) / max(hi - lo, 1e-12)
+    integer = np.issubdtype(images.dtype, np.integer)
+    lo, hi = float(images.min()), float(images.max())
+    images = images.astype(np.float32)
+    if integer and lo >= 0 and hi <= 255:
+        images /= 255.0 if hi > 1 else 1.0  # 8-bit pixels (of any integer dtype), or 0/1 binary images
+    elif lo < 0.0 or hi > 1.0:  # e.g. 16-bit pixels, floats in [0, 255]: rescale rather than clip
+        images = (images - lo) / max(hi - lo, 1e-12)
     images = images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
     return np.ascontiguousarray(images)
 
 
 def _labels(raw: np.ndarray, m: int, path: Path) -> tuple[np.ndarray, tuple[str, ...]]:
     """Class ids ``(M,)`` with their names, or bool attributes ``(M, A)`` named ``a0, a1...``."""
+    if raw.ndim == 2 and raw.shape[1] == 1:  # (M, 1): class labels, as PointNet's files store them
+        raw = raw[:, 0]
     if raw.ndim == 2 and raw.shape[0] == m and raw.shape[1] >= 1:
         if not np.isin(raw, (0, 1, -1)).all():  # CelebA's raw files use -1 for "no"
             raise ValueError(f"data: {path}: 2-D 'labels' are attributes and must hold 0/1 (or -1/1)")

@@ -4,7 +4,7 @@ Layout: ``<root>/<class>/train/*.off`` and ``<root>/<class>/test/*.off``. Each m
 ``trimesh`` (which also reads the files whose header is glued to the counts line, ``OFF490 518 0``)
 and sampled by area-weighted uniform surface sampling. Sampling 12k meshes takes minutes, so the
 result is cached to ``modelnet_off_<hash>.npz`` whose hash covers the sampling settings and the list
-of files (paths and sizes): changing either makes a new cache.
+of files (paths, sizes and modification times): changing either makes a new cache.
 
 Requires ``trimesh`` (the ``train`` extra).
 """
@@ -25,7 +25,7 @@ from .pointclouds import PointCloudData, PointSplit, check_split
 
 __all__ = ["find_off_files", "load_modelnet_off", "read_off", "sample_surface"]
 
-_CACHE_VERSION = 1  # bump when the sampling code changes, to invalidate old caches
+_CACHE_VERSION = 2  # bump when the sampling code changes, to invalidate old caches
 
 
 def _trimesh() -> Any:
@@ -69,16 +69,38 @@ def read_off(path: str | Path) -> Any:
     faces, vertices = getattr(mesh, "faces", None), getattr(mesh, "vertices", None)
     if faces is None or vertices is None or len(faces) == 0 or not np.isfinite(vertices).all():
         raise ValueError(f"{path}: OFF mesh has no faces or non-finite vertices")
+    declared = _declared_counts(data)
+    if declared is not None:
+        lines = [ln for ln in data.decode("latin-1").splitlines() if ln.split("#")[0].strip()]
+        header = 2 if lines[0].strip().upper() == "OFF" else 1  # "OFF" then the counts, or one line
+        if len(lines) - header < declared[0] + declared[1]:
+            raise ValueError(
+                f"{path}: OFF mesh declares {declared[0]} vertices and {declared[1]} faces but holds "
+                f"{len(lines) - header} lines after its header (a truncated file?)"
+            )
     return mesh
 
 
+def _declared_counts(data: bytes) -> tuple[int, int] | None:
+    """The vertex and face counts of an OFF header (``OFF`` then ``V F E``, or glued: ``OFFV F E``)."""
+    tokens = " ".join(ln.split("#")[0] for ln in data[:4096].decode("latin-1").splitlines()).split()
+    if not tokens or not tokens[0].upper().startswith("OFF"):
+        return None
+    counts = ([tokens[0][3:]] if len(tokens[0]) > 3 else []) + tokens[1:3]
+    try:
+        return int(counts[0]), int(counts[1])
+    except (IndexError, ValueError):
+        return None
+
+
 def sample_surface(mesh: Any, num_points: int, seed: int, where: str = "mesh") -> np.ndarray:
-    """``num_points`` points ``(num_points, 3)`` float32 uniform on the surface (area-weighted faces)."""
+    """``num_points`` points ``(num_points, 3)`` uniform on the surface (area-weighted faces), in float64:
+    centring them before a cast to float32 keeps the precision of meshes far from the origin."""
     trimesh = _trimesh()
     if not mesh.area > 0:
         raise ValueError(f"{where}: mesh has zero surface area")
     points, _ = trimesh.sample.sample_surface(mesh, num_points, seed=seed)
-    return np.asarray(points, dtype=np.float32)
+    return np.asarray(points, dtype=np.float64)
 
 
 def _normalize(points: np.ndarray) -> np.ndarray:
@@ -95,7 +117,9 @@ def _file_seed(seed: int, rel: str) -> int:
 def _cache_path(
     root: Path, files: dict[str, list[tuple[Path, int]]], settings: dict[str, Any], cache_dir: Path | None
 ) -> Path:
-    listing = [(str(f.relative_to(root)), f.stat().st_size) for part in files.values() for f, _ in part]
+    # size and modification time: a mesh edited in place (same size) is sampled again
+    stats = [(f, f.stat()) for part in files.values() for f, _ in part]
+    listing = [(str(f.relative_to(root)), st.st_size, st.st_mtime_ns) for f, st in stats]
     key = json.dumps({"settings": settings, "files": listing, "version": _CACHE_VERSION}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return (cache_dir if cache_dir is not None else root) / f"modelnet_off_{digest}.npz"
@@ -148,7 +172,13 @@ def load_modelnet_off(
             for i, (f, _) in enumerate(part):
                 rel = str(f.relative_to(root))
                 cloud = sample_surface(read_off(f), points_per_shape, _file_seed(seed, rel), str(f))
-                points[i] = _normalize(cloud) if normalize else cloud
+                cloud = (_normalize(cloud) if normalize else cloud).astype(np.float32)
+                if not np.isfinite(cloud).all():
+                    raise ValueError(
+                        f"{f}: its sampled points are not finite in float32 (coordinates beyond "
+                        "float32's range of 3.4e38; scale the mesh, or sample with normalize on)"
+                    )
+                points[i] = cloud
                 bar.update()
             arrays[f"{split}_points"] = points
             arrays[f"{split}_labels"] = np.array([lab for _, lab in part], np.int64)

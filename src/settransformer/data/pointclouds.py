@@ -340,7 +340,10 @@ def load_array(
             ) from None
     else:
         raise ValueError(f"{path}: expected a .npz or .npy file")
-    names = [str(n) for n in arrays["class_names"]] if "class_names" in arrays else None
+    if "class_names" in arrays:  # bytes (np.savez of b"..." names, h5py strings) decoded, not "b'chair'"
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in arrays["class_names"]]
+    else:
+        names = None
     num = None if names is None else len(names)
     if {"train_points", "train_labels", "test_points", "test_labels"} <= arrays.keys():
         train, test = (

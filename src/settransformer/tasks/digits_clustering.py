@@ -272,6 +272,14 @@ class DigitsClustering(Task):
                     f"of {source.source}"
                 )
             tr, te = _split(source.labels, o["test_fraction"], o["split_seed"])
+            for split, idx in (("training", tr), ("test", te)):
+                present = len(np.unique(source.labels[idx]))
+                if present < o["num_clusters"]:  # a class of one or two images may round to none
+                    raise ValueError(
+                        f"{source.source}: its {split} split (test_fraction={o['test_fraction']}) holds "
+                        f"{present} classes, fewer than num_clusters={o['num_clusters']}: classes with "
+                        "too few images for both splits"
+                    )
             mean, std, axes = _fit_projection(source.features[tr], o["pca"], o["standardize"] == "feature")
             axes = np.eye(len(mean), dtype=mean.dtype) if axes is None else axes
             train_x, test_x = (
@@ -346,18 +354,20 @@ class DigitsClustering(Task):
     def baselines(self) -> dict[str, Tensor]:
         """k-means and EM scores per test set, computed once and cached on disk (``cache_dir``)."""
         if self._baselines is None:
-            o = self.options
+            o, t = self.options, self.test_sets()
             key = {k: o[k] for k in sorted(o) if k not in ("dim_hidden", "cache_dir")}
-            if o["features_path"] is not None:
-                p = str(o["features_path"])
-                key["features_mtime"] = [Path(s).stat().st_mtime for s in p.split(",") if Path(s).exists()]
+            # keyed on the test sets themselves: a data file rewritten in place (its folder's time
+            # unchanged) gives other sets, hence another key
+            content = hashlib.sha256()
+            for name in ("x", "mask", "labels"):
+                content.update(t[name].contiguous().numpy().tobytes())
+            key["test_sets"] = content.hexdigest()
             digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
             cache = Path(o["cache_dir"] if o["cache_dir"] is not None else default_cache_dir())
             path = cache / f"digits-baselines-{digest}.pt"
             if path.is_file():
                 self._baselines = torch.load(path, weights_only=True)
             else:
-                t = self.test_sets()
                 self._baselines = classical_baselines(
                     t["x"], t["mask"], t["labels"], o["num_clusters"], n_init=o["baseline_n_init"]
                 )

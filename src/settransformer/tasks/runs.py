@@ -131,7 +131,16 @@ def _absolute_path(key: str, value: Any) -> str:
     (``eval``, ``plot`` and ``--resume`` run wherever the user is); a number is a folder's name."""
     if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
         raise RunError(f"task option {key!r}: expected a file or folder path, got {short(value)}")
-    return str(Path(str(value)).expanduser().resolve())
+    return ",".join(str(p.resolve()) for p in _option_paths(str(value)))
+
+
+def _option_paths(value: str) -> list[Path]:
+    """The files or folders a path option names: itself, or, where it is no path and holds commas,
+    each comma-separated part (``digits-clustering``'s ``features_path=FEATURES,LABELS``)."""
+    path = Path(value).expanduser()
+    if "," not in value or path.exists():
+        return [path]
+    return [Path(part.strip()).expanduser() for part in value.split(",") if part.strip()]
 
 
 DATA_FILE = "data.json"
@@ -159,24 +168,26 @@ def data_fingerprint(options: dict[str, Any], run_dir: str | Path | None = None)
     for key, value in sorted(options.items()):
         # a cache is the task's own output (filled while it runs), not data it was given
         if is_path_option(key) and not key.startswith("cache") and isinstance(value, str):
-            out[key] = _fingerprint(Path(value), None if run_dir is None else Path(run_dir).resolve())
+            out[key] = _fingerprint(value, None if run_dir is None else Path(run_dir).resolve())
     return out
 
 
-def _fingerprint(path: Path, skip: Path | None) -> dict[str, Any]:
+def _fingerprint(value: str, skip: Path | None) -> dict[str, Any]:
+    """The files under the paths of one option (its value, as the record names it)."""
+    stats = []
+    for path in _option_paths(value):
+        if path.is_file():
+            stats.append(path.stat())
+        elif path.is_dir():
+            for root, dirs, names in os.walk(path):
+                dirs[:] = [d for d in dirs if (Path(root) / d).resolve() != skip]
+                stats += [os.stat(Path(root) / name) for name in names]
+        else:
+            return {"path": value, "missing": True}
     files = size = latest = 0
-    if path.is_file():
-        stats = [path.stat()]
-    elif path.is_dir():
-        stats = []
-        for root, dirs, names in os.walk(path):
-            dirs[:] = [d for d in dirs if (Path(root) / d).resolve() != skip]
-            stats += [os.stat(Path(root) / name) for name in names]
-    else:
-        return {"path": str(path), "missing": True}
     for st in stats:
         files, size, latest = files + 1, size + st.st_size, max(latest, st.st_mtime_ns)
-    return {"path": str(path), "files": files, "bytes": size, "mtime_ns": latest}
+    return {"path": value, "files": files, "bytes": size, "mtime_ns": latest}
 
 
 def record_data(run_dir: str | Path, options: dict[str, Any]) -> list[str]:
@@ -218,7 +229,7 @@ def _changes(run_dir: str | Path, now: dict[str, dict[str, Any]]) -> list[str]:
                 for name in ("files", "bytes")
                 if before.get(name) != after[name]
             ]
-            what = "; ".join(parts) or "modified since"
+            what = "; ".join(parts) or "modified"
         lines.append(f"task option {key!r} ({after['path']}): {what}")
     return lines
 
@@ -393,7 +404,8 @@ def describe_task(name: str) -> str:
 
 def _budget_line(cls: type[Task], name: str) -> str:
     b = cls.budget(name)
-    return f"{b['steps']} steps of {b['batch_size']} sets, lr {b['lr']}"
+    others = [f"{k} {v}" for k, v in b.items() if k not in ("steps", "batch_size", "lr")]
+    return ", ".join([f"{b['steps']} steps of {b['batch_size']} sets, lr {b['lr']}", *others])
 
 
 def check_model(task: type[Task] | Task, model: str) -> str:
