@@ -508,6 +508,13 @@ def test_cli_bad_input_is_one_line_and_exit_code_2(
     assert out == "" and sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
 
 
+def test_cli_input_folder_is_refused_with_a_hint(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = _cli(capsys, str(run), "--input", str(tmp_path), "--output", str(tmp_path / "o.csv"))
+    assert code == 2 and f"--input {tmp_path}: is a folder; pass its files" in err
+
+
 def test_cli_help_explains_every_flag() -> None:
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["predict"]

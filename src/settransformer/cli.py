@@ -636,14 +636,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         if args.labels and out.suffix.lower() == ".npy":
             raise RunError(f"--output {out}: --labels needs .csv or .jsonl (.npy holds only the outputs)")
     missing = [p for p in args.input if not Path(p).is_file()]
+    if missing and Path(missing[0]).is_dir():
+        raise RunError(f"--input {missing[0]}: is a folder; pass its files (e.g. {missing[0]}/*.npy)")
     if missing:
         raise RunError(f"--input {missing[0]}: no such file")
     task, model, what = load_for_inference(args.run, which=args.which, device=args.device)
     classes = _class_labels(task, what) if args.labels else None
     if args.chunk_size is not None and "chunk_size" not in inspect.signature(model.forward).parameters:
         raise RunError(
-            f"--chunk-size: {what} has no chunked forward (a task's model carries its preprocessing; "
-            "SetTransformer and DeepSets saved with save_model have one); leave --chunk-size out"
+            f"--chunk-size: {what} has no chunked forward (its task's preprocessing has none; runs of "
+            "set-classification and set-regression and save_model folders have one); leave --chunk-size out"
         )
     try:
         with_queries = takes_queries(model)
@@ -768,9 +770,9 @@ def add_predict_parser(sub: Any) -> None:
         "--chunk-size",
         type=positive_int,
         metavar="C",
-        help="evaluate C elements at a time with bounded memory (huge sets; a save_model folder of a Set "
-        "Transformer with ISAB or rFF encoders, or of DeepSets: a task's run folder has no chunked "
-        "form); a set larger than C is evaluated alone",
+        help="evaluate C elements at a time with bounded memory (huge sets; Set Transformers with ISAB "
+        "or rFF encoders and DeepSets, from set-classification and set-regression runs or save_model "
+        "folders); a set larger than C is evaluated alone",
     )
     p.add_argument("--threads", type=positive_int, metavar="N", help=THREADS_HELP)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

@@ -94,6 +94,15 @@ def test_wine_classification_trains_evaluates_and_predict_reproduces_eval(
     accuracy = np.mean([p == labels[i] for p, i in zip(predicted, test)])
     assert accuracy == pytest.approx(metrics["accuracy"], abs=1e-6)
     assert task.labels(torch.from_numpy(logits)) == predicted
+    # chunk by chunk, each chunk standardised as it is read: the same logits
+    chunked = tmp_path / "chunked.npy"
+    run_cli(capsys, "predict", str(run), "--input", str(raw), "--output", str(chunked), "--chunk-size", "4",
+            "--no-progress")  # fmt: skip
+    np.testing.assert_allclose(np.load(chunked), logits, atol=1e-4)
+    with torch.no_grad():
+        one = np.concatenate([sets[test[0]]] * 50)  # one set of 550+ elements, from NumPy, in chunks of 64
+        alone = model(torch.from_numpy(one)[None])[0]
+        torch.testing.assert_close(model(one, chunk_size=64), alone, atol=1e-4, rtol=1e-4)
 
     # the exported module carries the standardisation too
     ts = tmp_path / "model.pt"

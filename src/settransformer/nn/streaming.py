@@ -89,6 +89,7 @@ __all__ = [
     "ChunkSource",
     "Chunkable",
     "InducedStage",
+    "MappedRows",
     "OnlineSoftmax",
     "Pipeline",
     "SummaryQueries",
@@ -589,6 +590,43 @@ def _to_tensor(a: Any, dtype: torch.dtype, device: torch.device) -> Tensor:
         # a copy: memmaps may be read-only, and h5py / other array-likes return NumPy arrays anyway
         a = torch.from_numpy(np.array(a))
     return a.to(device=device, dtype=dtype)
+
+
+class MappedRows:
+    """The rows of an array-like source passed through a row-wise function as they are read: what a
+    model's preprocessing (standardising features, say) gives a chunked forward, without making the
+    whole preprocessed set.
+
+    Args:
+        x: the set(s) ``(B, N, D)`` or ``(N, D)``: a tensor, NumPy array, memmap or h5py dataset.
+        fn: a row-wise map of a float32 tensor ``(..., D) -> (..., D)``.
+
+    Slicing reads the slice of ``x`` and returns ``fn`` of it, so
+    [`ChunkSource`][settransformer.nn.streaming.ChunkSource] reads one chunk at a time.
+
+    Examples:
+        >>> import numpy as np, torch
+        >>> rows = MappedRows(np.arange(6.0).reshape(3, 2), lambda t: t * 10)
+        >>> rows.shape, rows[1:]
+        ((3, 2), tensor([[20., 30.],
+                [40., 50.]]))
+    """
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, x: Any, fn: Callable[[Tensor], Tensor]) -> None:
+        if not hasattr(x, "shape") or not hasattr(x, "__getitem__"):
+            raise TypeError(f"x: expected an array-like with shape and slicing, got {type(x).__name__}")
+        if not _is_float(x):
+            raise TypeError(f"x: expected floating-point values, got dtype {x.dtype}")
+        self.x, self.fn = x, fn
+        self.shape = tuple(int(s) for s in x.shape)
+
+    def __getitem__(self, index: Any) -> Tensor:
+        part = self.x[index]
+        if not isinstance(part, Tensor):
+            part = torch.from_numpy(np.array(part))  # a copy: memmaps may be read-only
+        return self.fn(part.float())
 
 
 class ChunkSource:

@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from ..data.set_files import SetId, _is_number, _named_arrays, read_csv_rows, read_set, read_sets
 from ..nn.models import DeepSets, SetTransformer
 from ..nn.sets import pad_sets
+from ..nn.streaming import MappedRows
 from ..nn.validation import zero_padding
 from .base import Batch, Task
 from .metrics import r2_score
@@ -356,11 +357,25 @@ class Standardized(nn.Module):
     shift: Tensor
     scale: Tensor
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """``x: (B, N, D)`` raw, ``mask: (B, N)`` bool -> ``(B, K)``, or ``(B,)`` when ``squeeze``."""
-        z = zero_padding((x - self.mean) / self.std, mask)
-        out = self.model(z, mask).reshape(x.shape[0], -1) * self.scale + self.shift
-        return out.reshape(x.shape[0]) if self.squeeze else out
+    def forward(self, x: Tensor, mask: Tensor | None = None, *, chunk_size: int | None = None) -> Tensor:
+        """``x: (B, N, D)`` raw, ``mask: (B, N)`` bool -> ``(B, K)``, or ``(B,)`` when ``squeeze``.
+
+        ``chunk_size``: the wrapped model reads the set ``chunk_size`` elements at a time, each chunk
+        standardised as it is read (``x`` may then be any array-like the chunked path takes, one set
+        ``(N, D)`` included, and the result has no batch dimension for one set); see
+        [`settransformer.nn.streaming`][settransformer.nn.streaming]."""
+        if chunk_size is None:
+            z = zero_padding((x - self.mean) / self.std, mask)
+            out = self.model(z, mask).reshape(x.shape[0], -1)
+        else:
+            rows = MappedRows(x, self._standardize)
+            out = self.model(rows, mask, chunk_size=chunk_size)
+            out = out.reshape(-1) if len(rows.shape) == 2 else out.reshape(rows.shape[0], -1)
+        out = out * self.scale + self.shift
+        return out.reshape(out.shape[:-1]) if self.squeeze else out
+
+    def _standardize(self, x: Tensor) -> Tensor:
+        return (x.to(self.mean.device) - self.mean) / self.std
 
 
 _OPTION_HELP: dict[str, str] = {
