@@ -386,3 +386,18 @@ def test_chunked_under_bfloat16_autocast(norm: str) -> None:
     assert torch.isfinite(out).all() and torch.isfinite(rows).all()
     assert float((out.float() - expected).norm() / expected.norm()) < 5e-2
     assert float((rows.float() - plain_rows).norm() / plain_rows.norm()) < 5e-2
+
+
+def test_chunked_float16_with_autograd_accumulates_in_float32() -> None:
+    """Over 65,504 elements a float16 softmax denominator overflows: the running statistics of the
+    chunks are float32 (the output, NaN before, matches float64)."""
+    torch.manual_seed(0)
+    pma = PMA(16, 4, 1).eval()
+    exact = PMA(16, 4, 1).eval().double()
+    exact.load_state_dict(pma.state_dict())
+    x = 1 + 0.1 * torch.randn(1, 70_000, 16)
+    with torch.no_grad():
+        reference = exact(x.double())
+    out = pma.half()(x.half().requires_grad_(True), chunk_size=8192)
+    assert out.dtype == torch.float16
+    assert float((out.double() - reference).abs().max() / reference.abs().max()) < 5e-3

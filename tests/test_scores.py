@@ -285,3 +285,35 @@ def test_softmax_in_passes_rule():
         assert not softmax_in_passes(torch.zeros(SHORT_ROW_MIN_ELEMENTS, 0))
     assert softmax_in_passes(short)  # no tensor needs a gradient
     assert not softmax_in_passes(short.requires_grad_())  # autograd: PyTorch's kernel and its backward
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_explicit_and_top_k_paths_keep_16_bit_scores_in_float32(dtype: torch.dtype) -> None:
+    """Scores of 1e5 overflow float16 and lose bfloat16's few digits: the explicit kernel and the dot
+    product's top-k path compute them in float32, as the fused kernel does (they gave NaN, or 50%
+    errors, where the fused kernel was exact)."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (
+        (torch.randn(2, 4, 64, 8, generator=g) * 300).to(dtype),
+        (torch.randn(2, 4, 64, 8, generator=g) * 300).to(dtype),
+    )
+    v = torch.randn(2, 4, 64, 8, generator=g).to(dtype)
+    exact = attention(q.double(), k.double(), v.double())
+    for kernel in ("explicit", "fused"):
+        torch.testing.assert_close(attention(q, k, v, kernel=kernel).double(), exact, atol=1e-2, rtol=0)
+    q3, k3 = q / 3, k / 3
+    top = attention(q3.double(), k3.double(), v.double(), top_k=8)
+    torch.testing.assert_close(attention(q3, k3, v, top_k=8).double(), top, atol=2e-2, rtol=0)
+
+
+def test_gaussian_score_far_from_the_origin_keeps_its_digits() -> None:
+    """``||q - k||^2`` expanded at an offset of 1e3 cancelled to 20% errors in float32; the score
+    centres q and k first (it depends on q - k only)."""
+    g = torch.Generator().manual_seed(1)
+    q, k = 1000 + torch.randn(2, 2, 16, 8, generator=g), 1000 + torch.randn(2, 2, 64, 8, generator=g)
+    v = torch.randn(2, 2, 64, 8, generator=g)
+    score = GaussianScore(2, bandwidth=1.0, learnable=False)
+    exact = attention(q.double(), k.double(), v.double(), score=score.double())
+    torch.testing.assert_close(attention(q, k, v, score=score.float()).double(), exact, atol=1e-5, rtol=0)
+    logits = score(q, k).double()
+    torch.testing.assert_close(logits, score.double()(q.double(), k.double()), atol=1e-3, rtol=1e-5)

@@ -204,7 +204,10 @@ def _attention(
         q = q.expand(k.shape[0], -1, -1, -1)
     bias = None
     if top_k is not None or (score is not None and not isinstance(score, DotForm)):
-        weights = attention_weights(q, k, mask, scale=scale, score=score, top_k=top_k)
+        if score is None and q.dtype in (torch.float16, torch.bfloat16):  # float32 scores, as above
+            weights = attention_weights(q.float(), k.float(), mask, scale=scale, top_k=top_k).to(v.dtype)
+        else:
+            weights = attention_weights(q, k, mask, scale=scale, score=score, top_k=top_k)
         return F.dropout(weights, dropout_p) @ v if dropout_p > 0 else weights @ v
     if score is not None:  # a dot product plus a per-key bias: still the fused kernel
         q, k, bias = score.as_dot(q, k)
@@ -365,7 +368,13 @@ def _explicit_sdpa(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float, scale: float
 ) -> Tensor:
     """`torch.nn.functional.scaled_dot_product_attention` as two batched products and a
-    softmax (boolean ``attn_mask``: True = attend; a float one is added to the scores)."""
+    softmax (boolean ``attn_mask``: True = attend; a float one is added to the scores).
+
+    16-bit inputs are computed in float32, as the fused kernel keeps its scores: a float16 score
+    overflows at 65,504, and bfloat16's 8 bits of mantissa scramble the softmax of large scores."""
+    if q.dtype in (torch.float16, torch.bfloat16):
+        bias = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.float()
+        return _explicit_sdpa(q.float(), k.float(), v.float(), bias, dropout_p, scale).to(q.dtype)
     # the temperature goes on the smallest of q, k and the scores: one pass over it forward, one back
     nq, nk, dh = q.shape[-2], k.shape[-2], q.shape[-1]
     if nq * nk <= min(nq, nk) * dh:

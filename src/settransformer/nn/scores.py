@@ -213,8 +213,16 @@ class GaussianScore(nn.Module):
     def _inv_h2(self, like: Tensor) -> Tensor:
         return (-2 * self.log_bandwidth).exp().to(like.dtype).view(1, -1, 1, 1)
 
+    @staticmethod
+    def _centred(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """``q`` and ``k`` less the mean of the keys (per set and head). The score depends only on
+        ``q - k``; expanding ``||q - k||^2`` far from the origin would cancel away every digit."""
+        centre = k.detach().mean(-2, keepdim=True).nan_to_num(0.0)  # no keys: 0 / 0, no centre
+        return q - centre, k - centre
+
     def forward(self, q: Tensor, k: Tensor) -> Tensor:
         """``q: (B, H, Nq, Dh)``, ``k: (B, H, Nk, Dh)`` -> logits ``(B, H, Nq, Nk)``, all ``<= 0``."""
+        q, k = self._centred(q, k)
         sq = (
             q.square().sum(-1, keepdim=True)
             + k.square().sum(-1).unsqueeze(-2)
@@ -226,6 +234,7 @@ class GaussianScore(nn.Module):
         """``(q / h^2, k, -||k||^2 / (2 h^2))``: the same softmax as
         [`forward`][settransformer.nn.scores.GaussianScore.forward]."""
         inv = self._inv_h2(q)
+        q, k = self._centred(q, k)
         return q * inv, k, k.square().sum(-1).unsqueeze(-2) * (-0.5 * inv)
 
     def extra_repr(self) -> str:

@@ -228,7 +228,9 @@ class OnlineSoftmax:
     (from [`SummaryQueries.stats`][settransformer.nn.streaming.SummaryQueries.stats]) with
     [`add`][settransformer.nn.streaming.OnlineSoftmax.add]: ``ref: (B, Q, 1)`` detached, ``denom: (B, Q, 1)``
     and ``acc: (B, Q, D)`` relative to it. [`result`][settransformer.nn.streaming.OnlineSoftmax.result]
-    returns the softmax-weighted sums ``(B, Q, D)`` and which sets were empty.
+    returns the softmax-weighted sums ``(B, Q, D)`` and which sets were empty. Sums of 16-bit floats
+    accumulate in float32 (the sum over a set of more than 65,504 elements overflows float16), and the
+    result is in the dtype of the chunks' ``acc``.
 
     Examples:
         >>> import torch
@@ -248,12 +250,15 @@ class OnlineSoftmax:
         self.ref: Tensor | None = None  # (B, Q, 1), detached, finite
         self.denom: Tensor | None = None  # (B, Q, 1)
         self.acc: Tensor | None = None  # (B, Q, D)
+        self.dtype: torch.dtype | None = None  # the chunks' (acc's) dtype, that of the result
 
     def add(self, ref: Tensor, denom: Tensor, acc: Tensor) -> None:
         """Merge one chunk's statistics (``ref`` detached, ``denom`` and ``acc`` relative to it)."""
         if self.ref is None or self.denom is None or self.acc is None:
-            self.ref, self.denom, self.acc = ref, denom, acc
+            self.dtype = acc.dtype
+            self.ref, self.denom, self.acc = _wide(ref), _wide(denom), _wide(acc)
             return
+        ref, denom, acc = _wide(ref), _wide(denom), _wide(acc)
         new_ref = torch.maximum(self.ref, ref)
         old_scale, scale = torch.exp(self.ref - new_ref), torch.exp(ref - new_ref)
         self.denom = self.denom * old_scale + denom * scale
@@ -266,7 +271,12 @@ class OnlineSoftmax:
             raise ValueError("x: the set has no elements (chunked evaluation saw no chunk)")
         seen = self.denom > 0  # the running maximum contributes exp(0) = 1 unless all are masked
         out = self.acc / torch.where(seen, self.denom, torch.ones_like(self.denom))
-        return out, ~seen[:, 0, 0]
+        return out.to(self.dtype), ~seen[:, 0, 0]
+
+
+def _wide(t: Tensor) -> Tensor:
+    """``t`` in float32 if it is a 16-bit float, else as it is."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _grad_mode() -> bool:
