@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -402,3 +403,20 @@ def test_piped_progress_is_plain_lines_and_every_run_plots_its_curve(
     (run / "training_curve.png").unlink()
     assert cli.main(["plot", str(run)]) == 0
     assert "training_curve.png" in capsys.readouterr().out and (run / "training_curve.png").is_file()
+
+
+def test_output_into_a_closed_pipe_stops_quietly() -> None:
+    """``settransformer tasks | head -0``: the reader is gone, and the command ends without a traceback."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "settransformer", "tasks"],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            timeout=120,
+        )
+    finally:
+        os.close(write)
+    assert done.returncode == 141, done.stderr
+    assert done.stderr == b""

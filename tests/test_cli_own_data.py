@@ -382,3 +382,9 @@ def test_eval_and_resume_say_when_the_data_changed_since_training(
     assert code == 0, err
     code, _, err = _run(capsys, "eval", str(classification_run))  # recorded again on resume
     assert code == 0 and "warning" not in err, err
+
+
+def test_an_option_documented_to_take_null_takes_it() -> None:
+    assert check_task_options("digits-clustering", {"pca": None})["pca"] is None  # "null: no PCA"
+    with pytest.raises(RunError, match="task option 'num_clusters': expected int"):
+        check_task_options("digits-clustering", {"num_clusters": None})

@@ -30,6 +30,7 @@ from settransformer.deploy.export import (
 from settransformer.nn.blocks import ROW_BLOCK
 from settransformer.nn.mab import MAB
 from settransformer.nn.models import SetTransformer
+from settransformer.nn.sequence import SequenceSetModel
 from settransformer.tasks.runs import build_task, load_run, train_run
 from settransformer.training.config import TrainConfig
 
@@ -326,4 +327,11 @@ def test_attention_a_graph_cannot_hold_is_refused_by_name(
     for export in (export_onnx, export_torchscript):
         with pytest.raises(ExportError, match=f"encoder.0.mab0 uses {message}"):
             export(model, tmp_path / "m", dim_input=3)
+    assert not list(tmp_path.iterdir())
+
+
+def test_onnx_export_of_an_order_aware_baseline_says_why(tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    with pytest.raises(ExportError, match=r"order-aware baseline \(lstm\), whose stable sort"):
+        export_onnx(SequenceSetModel(2, 1, 1), tmp_path / "m.onnx", dim_input=2)
     assert not list(tmp_path.iterdir())

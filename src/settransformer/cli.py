@@ -556,7 +556,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         with _one_line_warnings(f"settransformer {args.command}"):
-            return int(args.func(args))
+            code = int(args.func(args))
+        sys.stdout.flush()  # here, so that a reader gone by now is a BrokenPipeError caught below
+        return code
     except (RunError, FileNotFoundError, WriteError) as e:  # bad input, a missing data set, a full disk
         print(f"settransformer {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -571,6 +573,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside training: files on disk stay whole
         print(f"settransformer {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout's reader left (`| head`): stop quietly, as a killed pipe writer would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush
+        return 141
 
 
 @contextlib.contextmanager
@@ -842,7 +847,8 @@ def _export(args: argparse.Namespace, run: Path, output: Path) -> int:
         raise RunError(f"{name}: cannot export: {e}") from None
     source = f"{args.which} checkpoint, " if task is not None and run.is_dir() else ""
     kind = f"ONNX (opset {args.opset or DEFAULT_OPSET})" if args.format == "onnx" else "TorchScript"
-    print(f"exported {name} ({source}{run}) as {kind}: {output}")
+    where = "" if str(run) in name else f" ({source}{run})"  # a saved model's name holds its folder
+    print(f"exported {name}{where} as {kind}: {output}")
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     print(f"  inputs: x {dtype} (batch, set, {dim}), mask bool (batch, set), True for real elements")
     if dim_query is not None:

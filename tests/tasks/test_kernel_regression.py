@@ -161,3 +161,15 @@ def test_bad_options_and_names():
     with pytest.raises(ValueError, match="budget"):
         KernelRegression.budget("long")
     assert KernelRegression.budget("quick")["steps"] < KernelRegression.budget("paper")["steps"]
+
+
+def test_nadaraya_watson_ignores_whatever_the_padding_holds():
+    """Padded context points (junk, NaN) change nothing: the same output as the real points alone."""
+    torch.manual_seed(0)
+    model = NadarayaWatson(bandwidth=1.0)
+    context, queries = torch.randn(1, 10, 2) * 30 + 1000, torch.randn(1, 3, 1) * 30 + 1000
+    mask = torch.tensor([[True] * 6 + [False] * 4])
+    alone = model(context[:, :6], None, queries)
+    for junk in (0.0, 1e4, float("nan")):
+        padded = context.masked_fill(~mask[..., None], junk)
+        torch.testing.assert_close(model(padded, mask, queries), alone, atol=1e-4, rtol=1e-5)

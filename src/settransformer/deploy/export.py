@@ -61,6 +61,7 @@ from torch import Tensor, nn
 from ..data.files import atomic_path, file_in_the_way
 from ..nn.mab import MAB, large_set_forms
 from ..nn.scores import AdditiveScore
+from ..nn.sequence import SequenceSetModel
 from ..nn.validation import check_positive
 
 __all__ = ["INPUT_NAMES", "OUTPUT_NAME", "QUERIES_NAME", "ExportError", "export_onnx", "export_torchscript"]
@@ -162,6 +163,7 @@ def export_onnx(
     import onnx
 
     example, dtype = _prepare(model, dim_input, dim_query)
+    _check_onnx_exportable(model)
     names = _input_names(example)
 
     def write(tmp: Path, wrapper: nn.Module) -> None:
@@ -366,6 +368,18 @@ def _check_exportable_attention(model: nn.Module) -> None:
             raise ExportError(
                 f"model: {where} uses the additive score, which export does not support (its kernel is a "
                 "Python autograd function); the dot-product and Gaussian-kernel scores export"
+            )
+
+
+def _check_onnx_exportable(model: nn.Module) -> None:
+    """[`ExportError`][settransformer.deploy.export.ExportError] for the order-aware baselines, which
+    gather each set's real elements with a stable sort that ONNX lacks."""
+    for name, module in model.named_modules():
+        if isinstance(module, SequenceSetModel):
+            where = name or type(model).__name__
+            raise ExportError(
+                f"model: {where} is an order-aware baseline ({module.kind}), whose stable sort of the real "
+                "elements ONNX cannot express; export it to TorchScript (lstm and transformer kinds)"
             )
 
 

@@ -215,9 +215,10 @@ class GaussianScore(nn.Module):
 
     @staticmethod
     def _centred(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        """``q`` and ``k`` less the mean of the keys (per set and head). The score depends only on
-        ``q - k``; expanding ``||q - k||^2`` far from the origin would cancel away every digit."""
-        centre = k.detach().mean(-2, keepdim=True).nan_to_num(0.0)  # no keys: 0 / 0, no centre
+        """``q`` and ``k`` less the mean of the queries (per set and head). The score depends only on
+        ``q - k``; expanding ``||q - k||^2`` far from the origin would cancel away every digit. The
+        queries, not the keys: padded keys may hold anything, and the score never sees the mask."""
+        centre = q.detach().mean(-2, keepdim=True).nan_to_num(0.0)  # no queries: 0 / 0, no centre
         return q - centre, k - centre
 
     def forward(self, q: Tensor, k: Tensor) -> Tensor:

@@ -157,6 +157,9 @@ class Task(ABC):
     default_model: ClassVar[str | None] = None
     demo_models: ClassVar[tuple[str, ...] | None] = None
     user_data: ClassVar[bool] = False
+    nullable_options: ClassVar[tuple[str, ...]] = ()
+    """Options whose default is not ``None`` but which take ``null`` (an option whose default is
+    ``None`` takes it anyway)."""
 
     def __init__(self, **options: Any) -> None:
         defaults = self.default_options()

@@ -183,6 +183,7 @@ class DigitsClustering(Task):
     paper: ClassVar[dict[str, dict[str, float]]] = {}  # the paper's ARI is on CIFAR-100, not comparable
     model_descriptions: ClassVar[dict[str, str]] = {k: MODEL_DESCRIPTIONS[k] for k in model_names}
     default_model: ClassVar[str | None] = "isab16-pma"
+    nullable_options: ClassVar[tuple[str, ...]] = ("pca",)
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)

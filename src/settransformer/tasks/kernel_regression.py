@@ -45,6 +45,7 @@ from ..nn.blocks import SAB
 from ..nn.mab import MAB
 from ..nn.scores import GaussianScore, attention_weights
 from ..nn.sequence import SequenceSetModel
+from ..nn.validation import zero_padding
 from .base import Batch, Task
 from .metrics import permutation_sensitivity
 from .report import save_figure
@@ -97,10 +98,12 @@ class NadarayaWatson(nn.Module):
 
     def weights(self, context: Tensor, mask: Tensor | None, queries: Tensor) -> Tensor:
         """Attention weights ``(B, 1, Q, N)`` of each query over the context points."""
+        context = zero_padding(context, mask)  # padded points may hold anything, NaN included
         return attention_weights(queries[:, None], context[:, None, :, :1], mask, score=self.kernel)
 
     def forward(self, context: Tensor, mask: Tensor | None, queries: Tensor) -> Tensor:
-        return (self.weights(context, mask, queries)[:, 0] @ context[..., 1:]).squeeze(-1)
+        weights = self.weights(context, mask, queries)[:, 0]
+        return (weights @ zero_padding(context, mask)[..., 1:]).squeeze(-1)
 
 
 class SetRegressor(nn.Module):

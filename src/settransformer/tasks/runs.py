@@ -106,7 +106,8 @@ def check_task_options(name: str, options: dict[str, Any] | None) -> dict[str, A
     """``options`` of the task ``name`` as its runs store them: known names (an option spelled as in
     [`OPTION_ALIASES`][settransformer.tasks.runs.OPTION_ALIASES] is read as its name), the types of the
     defaults, and file and folder paths made absolute."""
-    defaults = task_class(name).default_options()
+    cls = task_class(name)
+    defaults = cls.default_options()
     options = _canonical_options(name, dict(options or {}), defaults)
     for key, value in options.items():
         if key not in defaults:
@@ -114,6 +115,8 @@ def check_task_options(name: str, options: dict[str, Any] | None) -> dict[str, A
                 f"task option {key!r}: {name} has no such option{did_you_mean(key, defaults)}; "
                 f"known: {', '.join(sorted(defaults))}"
             )
+        if value is None and key in cls.nullable_options:
+            continue
         options[key] = _check_option(key, value, defaults[key])
         if is_path_option(key) and options[key] is not None:
             options[key] = _absolute_path(key, options[key])
