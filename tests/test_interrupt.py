@@ -373,6 +373,9 @@ def test_ctrl_c_while_the_cli_starts_is_one_line_and_exit_code_130(tmp_path: Pat
     child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(0.5)  # past the interpreter's start, within the imports
     child.send_signal(signal.SIGINT)
-    _, err = child.communicate(timeout=120)
+    try:
+        _, err = child.communicate(timeout=60)
+    finally:
+        child.kill()  # a child that did not end must not outlive the test
     assert child.returncode == 130, err
     assert "Traceback" not in err and "interrupted" in err.strip().splitlines()[-1], err
