@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .scores import CPU_VECTOR_BYTES, DotForm, ScoreFn, attention_weights, softmax, softmax_scale
+from .sets import accumulation_dtype
 from .validation import check_probability, check_scale, check_top_k, func_transformed, tracing
 
 __all__ = [
@@ -204,8 +205,9 @@ def _attention(
         q = q.expand(k.shape[0], -1, -1, -1)
     bias = None
     if top_k is not None or (score is not None and not isinstance(score, DotForm)):
-        if score is None and q.dtype in (torch.float16, torch.bfloat16):  # float32 scores, as above
-            weights = attention_weights(q.float(), k.float(), mask, scale=scale, top_k=top_k).to(v.dtype)
+        wide = accumulation_dtype(q.dtype)  # 16-bit scores in float32, as in _explicit_sdpa
+        if score is None and wide != q.dtype:
+            weights = attention_weights(q.to(wide), k.to(wide), mask, scale=scale, top_k=top_k).to(v.dtype)
         else:
             weights = attention_weights(q, k, mask, scale=scale, score=score, top_k=top_k)
         return F.dropout(weights, dropout_p) @ v if dropout_p > 0 else weights @ v
@@ -372,9 +374,10 @@ def _explicit_sdpa(
 
     16-bit inputs are computed in float32, as the fused kernel keeps its scores: a float16 score
     overflows at 65,504, and bfloat16's 8 bits of mantissa scramble the softmax of large scores."""
-    if q.dtype in (torch.float16, torch.bfloat16):
-        bias = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.float()
-        return _explicit_sdpa(q.float(), k.float(), v.float(), bias, dropout_p, scale).to(q.dtype)
+    wide = accumulation_dtype(q.dtype)
+    if wide != q.dtype:
+        bias = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.to(wide)
+        return _explicit_sdpa(q.to(wide), k.to(wide), v.to(wide), bias, dropout_p, scale).to(q.dtype)
     # the temperature goes on the smallest of q, k and the scores: one pass over it forward, one back
     nq, nk, dh = q.shape[-2], k.shape[-2], q.shape[-1]
     if nq * nk <= min(nq, nk) * dh:

@@ -81,7 +81,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .sets import PoolKind, finish_pool, merge_pooled, pool_count, pool_partial
+from .sets import PoolKind, accumulation_dtype, finish_pool, merge_pooled, pool_count, pool_partial
 from .validation import check_finite, check_positive, zero_padding
 
 __all__ = [
@@ -275,8 +275,8 @@ class OnlineSoftmax:
 
 
 def _wide(t: Tensor) -> Tensor:
-    """``t`` in float32 if it is a 16-bit float, else as it is."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+    """``t`` in its [`accumulation_dtype`][settransformer.nn.sets.accumulation_dtype]."""
+    return t.to(accumulation_dtype(t.dtype))
 
 
 def _grad_mode() -> bool:

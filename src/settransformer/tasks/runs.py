@@ -40,7 +40,7 @@ from ..training.checkpoint import (
     model_config,
 )
 from ..training.config import TrainConfig
-from ..training.distributed import is_main_process, resolve_device
+from ..training.distributed import is_main_process, launched_world_size, resolve_device
 from ..training.loop import check_runnable, evaluated_weights, train
 from . import TASKS, did_you_mean, get_task
 from .base import Task
@@ -802,7 +802,7 @@ def check_startable(task: Task, config: TrainConfig) -> None:
     cannot run (device, AMP, batch split) and task data that cannot be read (one batch is drawn)."""
     _check_runnable(config)
     try:
-        task.check_batch_size(config.batch_size // int(os.environ.get("WORLD_SIZE", "1")))
+        task.check_batch_size(config.batch_size // launched_world_size())
         task.sample_batch(1, torch.Generator().manual_seed(0))
     except (ValueError, TypeError) as e:
         raise RunError(f"{task.name}: {short(str(e), 600, quote=False)}") from None

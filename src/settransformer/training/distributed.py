@@ -21,13 +21,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["Distributed", "is_main_process", "resolve_device", "setup"]
+__all__ = ["Distributed", "is_main_process", "launched_world_size", "resolve_device", "setup"]
 
 
 def is_main_process() -> bool:
     """Rank 0 of a ``torchrun`` job, or a plain process (usable before
     [`setup`][settransformer.training.distributed.setup])."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def launched_world_size() -> int:
+    """The processes of a ``torchrun`` job (``WORLD_SIZE``), 1 for a plain process (usable before
+    [`setup`][settransformer.training.distributed.setup])."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -102,7 +108,7 @@ def setup(device: str) -> Distributed:
         (0, 1, True, ['mine'])
         >>> ctx.close()
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_world_size()
     resolved = resolve_device(device)
     if world_size <= 1:
         return Distributed(0, 1, resolved, owns_group=False)

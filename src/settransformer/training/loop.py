@@ -37,7 +37,6 @@ import contextlib
 import gc
 import json
 import math
-import os
 import sys
 import time
 import warnings
@@ -114,7 +113,7 @@ def check_runnable(config: TrainConfig) -> None:
     device = distributed.resolve_device(config.device)
     if config.amp == "fp16" and device.type != "cuda":
         raise ValueError("amp: fp16 needs a CUDA device (use bf16 on CPU, or off)")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = distributed.launched_world_size()
     if config.batch_size % world_size:
         raise ValueError(f"batch_size: {config.batch_size} is not divisible by the {world_size} processes")
 
