@@ -26,6 +26,15 @@ def _seed() -> None:
 
 
 @pytest.fixture(autouse=True)
+def _cache_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's own ``$SETTRANSFORMER_CACHE`` (the library's default cache folder), so no test
+    writes into the user's ``~/.cache`` or finds another test's cache there."""
+    folder = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("SETTRANSFORMER_CACHE", str(folder))
+    return folder
+
+
+@pytest.fixture(autouse=True)
 def _system_heap(monkeypatch: pytest.MonkeyPatch) -> None:
     """The tests keep glibc's heap: ``cli.main`` (run in-process by the CLI tests) would change it for
     the rest of the worker, one way. ``tests/test_heap.py`` runs the real setting in child processes.

@@ -6,7 +6,7 @@ import pytest
 
 from settransformer.tasks import TASKS, TaskUnavailable, get_task
 from settransformer.tasks.base import Task
-from settransformer.tasks.runs import describe_task, option_help
+from settransformer.tasks.catalogue import describe_task, option_help
 
 
 def _task(name: str) -> type[Task]:

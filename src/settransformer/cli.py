@@ -39,6 +39,7 @@ from .deploy.inference import (
 )
 from .heap import keep_freed_memory
 from .tasks import TASKS
+from .tasks.catalogue import describe_task, task_summaries
 from .tasks.demo import demo_tasks, run_demo
 from .tasks.report import plot_training_curve
 from .tasks.runs import (
@@ -51,7 +52,6 @@ from .tasks.runs import (
     check_task_options,
     data_changes,
     default_model,
-    describe_task,
     load_for_inference,
     load_run,
     lock_if_run,
@@ -62,7 +62,6 @@ from .tasks.runs import (
     reproduce,
     run_lock,
     task_class,
-    task_summaries,
     train_run,
 )
 from .training.checkpoint import library_version

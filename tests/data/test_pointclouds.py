@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import h5py
@@ -17,6 +18,7 @@ from settransformer.data.pointclouds import (
     load_pointnet_h5,
     split_stratified,
 )
+from settransformer.tasks.runs import data_changes, record_data
 
 RNG = np.random.default_rng(0)
 
@@ -229,7 +231,9 @@ def test_read_off_accepts_glued_header(tmp_path: Path) -> None:
     assert mesh.area == pytest.approx(24.0)
 
 
-def test_modelnet_off_samples_surfaces_and_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_modelnet_off_samples_surfaces_and_caches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _cache_home: Path
+) -> None:
     pytest.importorskip("trimesh")
     root = _modelnet_tree(tmp_path / "ModelNet")
     raw = load_modelnet_off(root, points_per_shape=400, normalize=False, progress=False)
@@ -239,8 +243,8 @@ def test_modelnet_off_samples_surfaces_and_caches(tmp_path: Path, monkeypatch: p
     np.testing.assert_allclose(np.abs(raw.train.points).max(-1), 2.0, atol=1e-5)
     on_top = np.isclose(raw.train.points[..., 2], 2.0, atol=1e-5).mean()
     assert 1 / 6 - 0.05 < on_top < 1 / 6 + 0.05
-    caches = list(root.glob("modelnet_off_*.npz"))
-    assert len(caches) == 1
+    caches = list(_cache_home.glob("modelnet_off_*.npz"))
+    assert len(caches) == 1 and not list(root.rglob("*.npz"))
 
     def boom(path: object) -> None:
         raise AssertionError("the cache should have been used")
@@ -253,6 +257,26 @@ def test_modelnet_off_samples_surfaces_and_caches(tmp_path: Path, monkeypatch: p
     unit = load_modelnet_off(root, points_per_shape=400, cache_dir=tmp_path / "cache", progress=False)
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 1  # other settings, other cache
     np.testing.assert_allclose(np.linalg.norm(unit.test.points, axis=-1).max(1), 1.0, atol=1e-5)
+
+
+def test_modelnet_off_leaves_its_data_folder_as_it_was(tmp_path: Path, _cache_home: Path) -> None:
+    """The point cache goes to the library's cache folder: a run trained on the tree does not find
+    its data changed at ``eval`` (the cache was a new file in it). The same tree at another place
+    gets its own cache."""
+    pytest.importorskip("trimesh")
+    root = _modelnet_tree(tmp_path / "ModelNet")
+    run = tmp_path / "run"
+    run.mkdir()
+    options = {"path": str(root)}
+    record_data(run, options)
+    first = load_modelnet_off(root, points_per_shape=16, progress=False)
+    assert data_changes(run, options) == []
+    assert len(list(_cache_home.glob("modelnet_off_*.npz"))) == 1
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(root, moved, copy_function=shutil.copy2)
+    again = load_modelnet_off(moved, points_per_shape=16, progress=False)
+    np.testing.assert_array_equal(again.train.points, first.train.points)
+    assert len(list(_cache_home.glob("modelnet_off_*.npz"))) == 2
 
 
 def test_modelnet_off_bad_mesh_names_the_file(tmp_path: Path) -> None:

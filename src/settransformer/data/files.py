@@ -11,7 +11,9 @@ next write of the same file.
 Operating-system failures become a [`WriteError`][settransformer.data.files.WriteError] (an ``OSError``) with
 one line that names the file and says what happened: ``disk full while writing X``, ``X is read-only``,
 ``permission denied writing X``. [`short`][settransformer.data.files.short] keeps values quoted in error
-messages short.
+messages short. Caches the library fills itself go under
+[`default_cache_dir`][settransformer.data.files.default_cache_dir] unless a task says otherwise, never
+into a user's data folder.
 
 Examples:
     >>> import tempfile, pathlib
@@ -40,6 +42,7 @@ __all__ = [
     "WriteError",
     "atomic_path",
     "atomic_write",
+    "default_cache_dir",
     "file_in_the_way",
     "os_error_message",
     "short",
@@ -178,6 +181,21 @@ def file_in_the_way(path: str | Path) -> Path | None:
         (True, None)
     """
     return next((p for p in reversed(Path(path).parents) if p.exists() and not p.is_dir()), None)
+
+
+def default_cache_dir() -> Path:
+    """Where the library's caches go by default (the MoG benchmark, the digits baselines, sampled
+    ``.off`` meshes): ``$SETTRANSFORMER_CACHE`` if set, else ``~/.cache/settransformer``.
+
+    Examples:
+        >>> import os
+        >>> os.environ["SETTRANSFORMER_CACHE"] = "/tmp/st-cache"
+        >>> default_cache_dir()
+        PosixPath('/tmp/st-cache')
+        >>> del os.environ["SETTRANSFORMER_CACHE"]
+    """
+    env = os.environ.get("SETTRANSFORMER_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "settransformer"
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,14 +41,13 @@ import torch
 import torch.nn.functional as F
 from torch import Generator, Tensor
 
-from .files import atomic_write
+from .files import atomic_write, default_cache_dir
 
 __all__ = [
     "MIN_SIGMA",
     "MixtureParams",
     "MoGSample",
     "component_log_prob",
-    "default_cache_dir",
     "em_step",
     "hard_assignments",
     "load_benchmark",
@@ -156,13 +154,6 @@ def sample_mog(
     centres = torch.gather(mu, 1, labels[..., None].expand(-1, -1, dim))
     x = centres + sigma * torch.randn(b, num_points, dim, generator=generator)
     return MoGSample(x, labels, MixtureParams(pi.log(), mu, sig), active)
-
-
-def default_cache_dir() -> Path:
-    """Where [`load_benchmark`][settransformer.data.mixtures.load_benchmark] caches by default:
-    ``$SETTRANSFORMER_CACHE`` if set, else ``~/.cache/settransformer``."""
-    env = os.environ.get("SETTRANSFORMER_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "settransformer"
 
 
 def _generate_benchmark(config: dict[str, float | int | bool]) -> dict[str, Tensor]:

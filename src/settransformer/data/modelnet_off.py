@@ -3,8 +3,10 @@
 Layout: ``<root>/<class>/train/*.off`` and ``<root>/<class>/test/*.off``. Each mesh is parsed with
 ``trimesh`` (which also reads the files whose header is glued to the counts line, ``OFF490 518 0``)
 and sampled by area-weighted uniform surface sampling. Sampling 12k meshes takes minutes, so the
-result is cached to ``modelnet_off_<hash>.npz`` whose hash covers the sampling settings and the list
-of files (paths, sizes and modification times): changing either makes a new cache.
+result is cached to ``modelnet_off_<hash>.npz`` (under
+[`default_cache_dir`][settransformer.data.files.default_cache_dir] unless told otherwise: the data folder
+stays as the user left it, and may be read-only) whose hash covers the tree's location, the sampling
+settings and the list of files (paths, sizes and modification times): changing any makes a new cache.
 
 Requires ``trimesh`` (the ``train`` extra).
 """
@@ -14,13 +16,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .files import atomic_write, default_cache_dir
 from .pointclouds import PointCloudData, PointSplit, check_split
 
 __all__ = ["find_off_files", "load_modelnet_off", "read_off", "sample_surface"]
@@ -120,9 +122,12 @@ def _cache_path(
     # size and modification time: a mesh edited in place (same size) is sampled again
     stats = [(f, f.stat()) for part in files.values() for f, _ in part]
     listing = [(str(f.relative_to(root)), st.st_size, st.st_mtime_ns) for f, st in stats]
-    key = json.dumps({"settings": settings, "files": listing, "version": _CACHE_VERSION}, sort_keys=True)
+    key = json.dumps(
+        {"root": str(root.resolve()), "settings": settings, "files": listing, "version": _CACHE_VERSION},
+        sort_keys=True,
+    )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return (cache_dir if cache_dir is not None else root) / f"modelnet_off_{digest}.npz"
+    return (cache_dir if cache_dir is not None else default_cache_dir()) / f"modelnet_off_{digest}.npz"
 
 
 def load_modelnet_off(
@@ -140,8 +145,9 @@ def load_modelnet_off(
         points_per_shape: points sampled per mesh (subsample later with the task's ``num_points``).
         seed: sampling seed (each file gets its own seed derived from it and its path).
         normalize: centre each cloud and scale it into the unit ball.
-        cache_dir: where the ``.npz`` cache goes (default: ``root``); if it cannot be written a
-            warning is issued and the data is still returned.
+        cache_dir: where the ``.npz`` cache goes (default:
+            [`default_cache_dir`][settransformer.data.files.default_cache_dir]); if it cannot be
+            written a warning is issued and the data is still returned.
         progress: show a tqdm bar while sampling.
 
     Returns:
@@ -183,10 +189,7 @@ def load_modelnet_off(
             arrays[f"{split}_points"] = points
             arrays[f"{split}_labels"] = np.array([lab for _, lab in part], np.int64)
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, **arrays)  # type: ignore[arg-type]
-        tmp.replace(cache)  # atomic: a crash never leaves a half-written cache behind
+        atomic_write(cache, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
     except OSError as err:
         warnings.warn(f"{cache}: cannot write the point cache ({err}); continuing without it", stacklevel=2)
     return PointCloudData(

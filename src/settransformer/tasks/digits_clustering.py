@@ -35,7 +35,8 @@ import torch
 from torch import Generator, Tensor, nn
 
 from ..data.features import FeatureData, load_features
-from ..data.mixtures import MixtureParams, default_cache_dir, hard_assignments, mixture_nll
+from ..data.files import default_cache_dir
+from ..data.mixtures import MixtureParams, hard_assignments, mixture_nll
 from .base import Batch, Preprocessed, Task
 from .metrics import adjusted_rand_index, normalized_mutual_info
 from .mog_clustering import (

@@ -166,8 +166,8 @@ class PointCloudClassification(Task):
             sampling of ``.off`` meshes.
         - off_points: ``modelnet-off`` only: points sampled per ``.off`` mesh (later cut to
             ``num_points``).
-        - cache_dir: ``modelnet-off`` only: folder of the cache of sampled points; ``null``: the
-            ``path`` folder.
+        - cache_dir: ``modelnet-off`` only: folder of the cache of sampled points; ``null``:
+            ``$SETTRANSFORMER_CACHE``, else ``~/.cache/settransformer``.
     """
 
     name: ClassVar[str] = "pointcloud"
