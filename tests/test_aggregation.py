@@ -58,6 +58,8 @@ def test_bad_arguments() -> None:
         aggr(x, torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="dim_size"):
         aggr(x, torch.tensor([0, 0, 1, 1, 3]), dim_size=2)
+    with pytest.raises(ValueError, match=r"dim_size: expected a non-negative integer, got 2\.0"):
+        aggr(x, torch.tensor([0, 0, 1, 1, 1]), dim_size=2.0)  # type: ignore[arg-type]
     assert ragged_forward is not None  # exported at the top level with SetAggregation
 
 

@@ -8,6 +8,7 @@ kept for backward in training); and the errors.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from settransformer import ISAB, PMA, DeepSets, SetTransformer
-from settransformer.nn import blocks
+from settransformer.nn import blocks, streaming
 from settransformer.nn.rows import InducedRows
 from settransformer.nn.streaming import (
     encode_chunked,
@@ -314,6 +315,30 @@ def test_dropout_in_training_runs_and_backpropagates() -> None:
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def test_dropout_draws_the_same_numbers_for_a_chunk_in_every_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pass 2 builds the second ISAB's summary from the first ISAB's rows, pass 3 recomputes those
+    rows to attend to it: in training they must be the same rows, dropout included (they were
+    drawn afresh in each pass)."""
+    model = model_of(dropout=0.3).train()
+    x = torch.randn(2, 50, 3)
+    seen: dict[bytes, list[Tensor]] = {}
+    rows = streaming._rows
+
+    def recording(fns: Any, xc: Tensor, mask: Tensor | None) -> Tensor:
+        if not fns:  # pass 1: the raw chunk
+            return xc
+        first = streaming.zero_padding(fns[0](xc), mask)
+        seen.setdefault(xc.numpy().tobytes(), []).append(first.detach().clone())
+        return rows(fns[1:], first, mask)
+
+    monkeypatch.setattr(streaming, "_rows", recording)
+    with torch.no_grad():
+        model(x, chunk_size=16)
+    assert len(seen) == 4  # chunks of 16, 16, 16 and 2 rows
+    for outputs in seen.values():
+        assert len(outputs) >= 2 and all(torch.equal(o, outputs[0]) for o in outputs[1:])
+
+
 def test_errors() -> None:
     model = model_of()
     x = torch.randn(1, 10, 3)
@@ -388,9 +413,11 @@ def test_chunked_under_bfloat16_autocast(norm: str) -> None:
     assert float((rows.float() - plain_rows).norm() / plain_rows.norm()) < 5e-2
 
 
-def test_chunked_float16_with_autograd_accumulates_in_float32() -> None:
+@pytest.mark.parametrize("chunk_size", [8192, 100_000])
+def test_chunked_float16_with_autograd_accumulates_in_float32(chunk_size: int) -> None:
     """Over 65,504 elements a float16 softmax denominator overflows: the running statistics of the
-    chunks are float32 (the output, NaN before, matches float64)."""
+    chunks, and the sums inside one chunk of more elements than that, are float32 (the output, NaN
+    before, matches float64)."""
     torch.manual_seed(0)
     pma = PMA(16, 4, 1).eval()
     exact = PMA(16, 4, 1).eval().double()
@@ -398,6 +425,26 @@ def test_chunked_float16_with_autograd_accumulates_in_float32() -> None:
     x = 1 + 0.1 * torch.randn(1, 70_000, 16)
     with torch.no_grad():
         reference = exact(x.double())
-    out = pma.half()(x.half().requires_grad_(True), chunk_size=8192)
+    out = pma.half()(x.half().requires_grad_(True), chunk_size=chunk_size)
     assert out.dtype == torch.float16
     assert float((out.double() - reference).abs().max() / reference.abs().max()) < 5e-3
+
+
+def test_chunked_inputs_of_any_memory_layout() -> None:
+    """A transposed tensor and a Fortran-order array (``DataFrame.values``, a memmap of a ``.npy``
+    saved in that order) give the unchunked result: PyTorch's private fused kernel behind the
+    chunked statistics reads features as if contiguous, and gave errors of 0.02-0.2 here."""
+    torch.manual_seed(0)
+    model = SetTransformer(3, 2, 2, dim_hidden=8, num_heads=2, num_inducing=3).eval()
+    exact = copy.deepcopy(model).double()
+    x = torch.randn(2, 3, 50).transpose(1, 2)  # (2, 50, 3) with feature stride 50
+    fortran = np.asfortranarray(np.random.default_rng(0).normal(size=(50, 3)).astype(np.float32))
+    pma = PMA(8, num_heads=2, num_seeds=2).eval()
+    z = torch.randn(2, 8, 40).transpose(1, 2)
+    with torch.no_grad():
+        reference = exact(x.double().contiguous())
+        assert (model(x, chunk_size=7).double() - reference).abs().max() < 1e-5
+        assert (exact(x.double(), chunk_size=7) - reference).abs().max() < 1e-12
+        single = exact(torch.from_numpy(np.ascontiguousarray(fortran)).double()[None])[0]
+        assert (model(fortran, chunk_size=16).double() - single).abs().max() < 1e-5
+        assert torch.allclose(pma(z, chunk_size=16), pma(z.contiguous()), atol=1e-5)

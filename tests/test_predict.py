@@ -254,6 +254,11 @@ def test_predict_empty_set_and_bad_arguments() -> None:
     outs = predict(model, [np.zeros((0, 3), np.float32), *_sets((4,))], progress=False)
     assert outs[0].shape == (2, 4) and torch.isfinite(outs[0]).all()
     assert predict(model, [], progress=False) == []
+    sets = _sets((4, 6))
+    from_generator = predict(model, (s for s in sets), progress=False)
+    torch.testing.assert_close(from_generator, predict(model, sets, progress=False))
+    with pytest.raises(TypeError, match="sets: expected a sequence of sets"):
+        predict(model, 3, progress=False)  # type: ignore[arg-type]
     with pytest.raises(
         ValueError, match=r"sets\[1\]: expected a set of shape \(N_i, 3\), got shape \(4, 2\)"
     ):

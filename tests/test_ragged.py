@@ -138,6 +138,17 @@ def test_errors() -> None:
         ragged_forward(model, x[None], offsets)
     with pytest.raises(ValueError, match="max_size"):
         ragged_to_padded(x, offsets, max_size=2)
+    with pytest.raises(ValueError, match=r"max_size: expected a non-negative integer, got 12\.0"):
+        ragged_to_padded(x, offsets, max_size=12.0)  # type: ignore[arg-type]
+    assert ragged_to_padded(x, offsets, max_size=np.int64(6))[0].shape == (2, 6, 3)
+    for slack in ("1", float("nan"), 0.5):
+        with pytest.raises(ValueError, match="slack: expected a number >= 1"):
+            ragged_forward(model, x, offsets, slack=slack)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_rows: expected a number of rows >= 1"):
+        size_buckets([3, 4], max_rows=float("nan"))
+    with torch.no_grad():
+        chunked = model(x[None, :3], chunk_size=np.int64(2))  # type: ignore[arg-type]
+        torch.testing.assert_close(chunked, model(x[None, :3]))
     with pytest.raises(TypeError, match="isab"):
         isab_ragged(model, x, offsets)  # type: ignore[arg-type]
 

@@ -33,7 +33,7 @@ import itertools
 import json
 import math
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -174,6 +174,16 @@ def _check_set(s: Any, i: int, dim: int | None, name: str = "sets") -> Any:
     return s
 
 
+def _as_sequence(sets: Any, name: str) -> Sequence[Any]:
+    """``sets`` as a sequence: a generator or another iterable is read into a list (its sets are
+    indexed more than once)."""
+    if isinstance(sets, Sequence | Tensor | np.ndarray):
+        return sets  # type: ignore[return-value]
+    if isinstance(sets, Iterable):
+        return list(sets)
+    raise TypeError(f"{name}: expected a sequence of sets (N_i, D), got {type(sets).__name__}")
+
+
 def _to_tensor(s: Any, dtype: torch.dtype) -> Tensor:
     if isinstance(s, Tensor):
         return s.detach().to("cpu", dtype)
@@ -269,6 +279,9 @@ def predict(
                 f"chunk_size: {_shown(model)} has no chunked forward (SetTransformer and DeepSets have "
                 "one); leave chunk_size out to evaluate each set whole"
             )
+    sets = _as_sequence(sets, "sets")
+    if queries is not None:
+        queries = _as_sequence(queries, "queries")
     if len(sets) == 0:
         return []
     dim = input_dim(model)

@@ -111,6 +111,8 @@ class SetAggregation(nn.Module):
         if not isinstance(x, Tensor) or x.dim() != 2:
             got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x: expected node features of shape (total, {self.channels}), got {got}")
+        if dim_size is not None:
+            dim_size = check_positive("dim_size", dim_size, allow_zero=True)
         if dim not in (0, -2):
             raise ValueError(f"dim: expected the rows' dimension of x (total, channels), 0 or -2, got {dim}")
         if ptr is None:

@@ -25,6 +25,7 @@ Examples:
 
 from __future__ import annotations
 
+import numbers
 import operator
 from collections.abc import Callable, Sequence
 
@@ -186,9 +187,9 @@ def ragged_to_padded(
     sizes = offsets.diff()
     n = int(sizes.max())
     if max_size is not None:
-        if max_size < n:
+        if check_positive("max_size", max_size, allow_zero=True) < n:
             raise ValueError(f"max_size: {max_size} is smaller than the largest set ({n})")
-        n = max_size
+        n = int(max_size)
     return _gather(x, offsets[:-1], sizes, n)
 
 
@@ -243,10 +244,11 @@ def size_buckets(
         >>> size_buckets([5, 100, 4, 90, 5], slack=float("inf"), max_sets=2, alone_above=50)
         [[1], [3], [0, 4], [2]]
     """
-    if slack < 1:
-        raise ValueError(f"slack: expected a number >= 1, got {slack}")
-    if max_rows < 1:
-        raise ValueError(f"max_rows: expected a positive integer, got {max_rows}")
+    # written so that NaN, and anything that is not a real number, fails
+    if isinstance(slack, bool) or not isinstance(slack, numbers.Real) or not slack >= 1:
+        raise ValueError(f"slack: expected a number >= 1 (inf: any padding), got {slack!r}")
+    if isinstance(max_rows, bool) or not isinstance(max_rows, numbers.Real) or not max_rows >= 1:
+        raise ValueError(f"max_rows: expected a number of rows >= 1 (inf: no limit), got {max_rows!r}")
     if max_sets is not None:
         check_positive("max_sets", max_sets)
     order = sorted(range(len(sizes)), key=lambda i: -sizes[i])

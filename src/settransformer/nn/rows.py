@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from .attention import induced_is_cheaper, merge_heads, split_heads
 from .mab import MAB, Form, _feed_forward_in_place, _InPlaceOps, _linear
 from .scores import softmax, softmax_scale
+from .sets import accumulation_dtype
 from .validation import func_transformed
 from .workspace import Workspace, kept_workspace
 
@@ -103,17 +104,22 @@ class PooledQueries:
         needs_grad = torch.is_grad_enabled() and (kvn.requires_grad or self.q_in.requires_grad)
         if _FUSED is not None and kvn.device.type == "cpu" and not (dropout or needs_grad):
             return self._fused_stats(kvn, mask)
-        scores = torch.matmul(self.q_in, kvn.transpose(1, 2))  # (B, H*Nq, c)
-        if mask is not None:
-            scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
-        # An all-masked chunk has max -inf; clamping keeps the reference finite (its weights are 0).
-        ref = scores.detach().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).min)
-        weights = torch.exp(scores - ref)
-        denom = weights.sum(dim=-1, keepdim=True)
-        if dropout:
-            # dropout on the normalised weights = dropout on the numerator only
-            weights = F.dropout(weights, mab.dropout)
-        return ref, denom, torch.matmul(weights, kvn)
+        # Scores, weights and their sums in float32 for 16-bit chunks (and under autocast), as the
+        # fused kernels keep them: in float16 the sum of a chunk's weights overflows past 65,504 rows.
+        wide = accumulation_dtype(torch.promote_types(self.q_in.dtype, kvn.dtype))
+        with torch.autocast(kvn.device.type, enabled=False):
+            q_in, kvw = self.q_in.to(wide), kvn.to(wide)
+            scores = torch.matmul(q_in, kvw.transpose(1, 2))  # (B, H*Nq, c)
+            if mask is not None:
+                scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+            # An all-masked chunk has max -inf; clamping keeps the reference finite (its weights are 0).
+            ref = scores.detach().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).min)
+            weights = torch.exp(scores - ref)
+            denom = weights.sum(dim=-1, keepdim=True)
+            if dropout:
+                # dropout on the normalised weights = dropout on the numerator only
+                weights = F.dropout(weights, mab.dropout)
+            return ref, denom, torch.matmul(weights, kvw)
 
     def _fused_stats(self, kvn: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """[`stats`][settransformer.nn.rows.PooledQueries.stats] by PyTorch's fused CPU flash-attention kernel
@@ -124,6 +130,9 @@ class PooledQueries:
         """
         assert _FUSED is not None
         b = kvn.shape[0]
+        # The private kernel reads the features as if their stride were 1 (the public op copies
+        # first): a transposed or Fortran-order chunk would give wrong statistics without a word.
+        kvn = kvn if kvn.stride(-1) == 1 else kvn.contiguous()
         q, kv = self.q_in.expand(b, -1, -1).unsqueeze(1), kvn.unsqueeze(1)
         if q.dtype != kv.dtype:  # a private op, not autocast-aware: cast as autocast would
             dtype = torch.promote_types(q.dtype, kv.dtype)

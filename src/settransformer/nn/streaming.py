@@ -43,8 +43,11 @@ Memory (float32, ``c = chunk_size``, ``w = max(dim, heads * m)``):
   (`torch.utils.checkpoint.checkpoint`), so forward keeps only the chunk inputs (views of
   ``x`` when it is a tensor, otherwise the ``O(B N D)`` converted chunks) and ``O(B heads m)``
   rescaling factors per chunk and layer; backward recomputes one chunk at a time,
-  ``O(B c w L)``. Gradients equal the unchunked ones. Attention dropout is applied to each
-  chunk's weights (the same distribution as unchunked dropout, not the same random draws).
+  ``O(B c w L)``. Gradients equal the unchunked ones (up to how a max pooling splits the
+  gradient among tied elements). Attention dropout is applied to each
+  chunk's weights (the same distribution as unchunked dropout, not the same random draws); in
+  training mode each chunk draws from its own seed, the same in every pass, so the rows that
+  attend to a summary are the rows it was built from.
 
 Only soft dot-product attention can be accumulated this way: an ISAB's first MAB or PMA with
 another ``score`` or with ``top_k`` raises ``ValueError`` (the second MAB may use any). SAB encoder
@@ -73,7 +76,7 @@ Examples:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -202,6 +205,9 @@ class Pipeline:
     pooling: SummarySource | PoolKind | None = None
     pool_input: RowFn | None = None
     decode_pooled: RowFn | None = None
+    seeded: bool = False
+    """Whether each chunk draws its random numbers (dropout) from its own seed, the same in every
+    pass; set for a module in training mode."""
 
 
 @runtime_checkable
@@ -303,18 +309,31 @@ class _Evaluation:
             pipe.pooling.summary_queries("pma") if isinstance(pipe.pooling, SummarySource) else None
         )
         self.src = ChunkSource(x, mask, pipe.dim_in, dtype=pipe.like.dtype, device=pipe.like.device)
+        # Pass p recomputes the stages before p on every chunk: with dropout, a chunk must draw the
+        # same numbers each time, or the rows that attend to a summary are not those it was built from.
+        self.seed = int(torch.randint(2**62, ())) if pipe.seeded else None
 
     def chunks(self) -> Iterator[tuple[int, Tensor, Tensor | None]]:
         for start in range(0, self.src.n, self.chunk_size):
             yield (start, *self.src.chunk(start, start + self.chunk_size))
 
+    def call(self, fn: Callable[..., Any], start: int, x: Tensor, mask: Tensor | None) -> Any:
+        """``fn(x, mask)`` on the chunk at ``start``, checkpointed under autograd, its random
+        numbers (if seeded) drawn from the chunk's own seed."""
+        if self.seed is None:
+            return _run(fn, x, mask)
+        cuda = [x.device.index or 0] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+            torch.manual_seed(self.seed + start)
+            return _run(fn, x, mask)
+
     def accumulate(self, fn: Callable[[Tensor, Tensor | None], Stats]) -> tuple[Tensor, Tensor]:
         """Feed ``fn(x_chunk, mask_chunk) -> (ref, denom, acc)`` of every chunk to an online softmax."""
         acc = OnlineSoftmax()
-        for _, x, mask in self.chunks():
+        for start, x, mask in self.chunks():
             if acc.ref is not None and mask is not None and not bool(mask.any()):
                 continue  # all padding: contributes nothing
-            acc.add(*_run(fn, x, mask))
+            acc.add(*self.call(fn, start, x, mask))
         return acc.result()
 
     def row_fns(self) -> list[RowFn]:
@@ -364,8 +383,8 @@ class _Evaluation:
 
         total: Tensor | None = None
         count: Tensor | None = None
-        for _, x, mask in self.chunks():
-            part = _run(partial, x, mask)
+        for start, x, mask in self.chunks():
+            part = self.call(partial, start, x, mask)
             n = pool_count(x, mask).to(part.dtype)
             total = part if total is None else merge_pooled(total, part, how)
             count = n if count is None else count + n
@@ -381,7 +400,7 @@ class _Evaluation:
             return _rows(fns, x, mask)
 
         for start, x, mask in self.chunks():
-            yield start, self.src.squeeze(_run(rows, x, mask))
+            yield start, self.src.squeeze(self.call(rows, start, x, mask))
 
 
 def _rows(fns: Sequence[RowFn], x: Tensor, mask: Tensor | None) -> Tensor:
@@ -396,7 +415,8 @@ def _pipeline(module: object, name: str, expected: str, fits: Callable[[Pipeline
     pipe = module.pipeline() if isinstance(module, Chunkable) else None
     if pipe is None or not fits(pipe):
         raise TypeError(f"{name}: expected {expected}, got {type(module).__name__}")
-    return pipe
+    training = isinstance(module, torch.nn.Module) and any(m.training for m in module.modules())
+    return replace(pipe, seeded=training) if training else pipe
 
 
 def _any(pipe: Pipeline) -> bool:
@@ -440,7 +460,8 @@ def encode_pool_chunked(
         ...     encode_pool_chunked(model, x, chunk_size=128).shape
         torch.Size([1, 2])
     """
-    pipe = _pipeline(model, "model", _MODEL, lambda p: p.pooling is not None)
+    pools = "a SetTransformer, DeepSets or PMA (a Chunkable module that pools; ISAB: encode_chunked)"
+    pipe = _pipeline(model, "model", pools, lambda p: p.pooling is not None)
     run = _Evaluation(pipe, x, mask, chunk_size)
     return run.src.squeeze(run.pooled())
 

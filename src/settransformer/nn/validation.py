@@ -38,6 +38,7 @@ are O(1) Python and always on.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import weakref
 from collections.abc import Iterator
@@ -381,10 +382,11 @@ def check_positive(name: str, value: object, *, allow_zero: bool = False) -> int
         ValueError: chunk_size: expected a positive integer, got 0
     """
     lowest = 0 if allow_zero else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+    # numbers.Integral takes NumPy's integers too (a size read from an array's shape or a file)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lowest:
         kind = "a non-negative" if allow_zero else "a positive"
         raise ValueError(f"{name}: expected {kind} integer, got {value!r}")
-    return value
+    return int(value)
 
 
 def check_probability(name: str, value: object) -> float:
