@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
+from settransformer.cli import main
 from settransformer.tasks.base import Batch
 from settransformer.tasks.pointcloud import PointCloudClassification
 from settransformer.training import distributed
@@ -72,34 +74,40 @@ def _free_port() -> int:
 
 
 def _worker(
-    rank: int, world: int, port: int, out: str, config: dict[str, Any], resume: bool, options: dict[str, Any]
+    rank: int,
+    world: int,
+    port: int,
+    out: str,
+    config: dict[str, Any],
+    resume: bool,
+    options: dict[str, Any],
+    runs: int = 1,
 ) -> None:
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    model, task = _model(**options), _task(**options)
-    # DDP wrappers still alive when the group goes: their reducers would outlive it
-    alive: list[int] = []
-    destroy = dist.destroy_process_group
-
-    def counted_destroy(*args: Any, **kwargs: Any) -> None:
-        gc.collect()
-        alive.append(sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects()))
-        destroy(*args, **kwargs)
-
-    dist.destroy_process_group = counted_destroy
-    # the same path on every rank, as under torchrun; only rank 0 may write into it
-    result = train(model, task, TrainConfig(**config), Path(out) / "run", model_name="m", resume=resume)
-    saved = {"result": result, "params": _flat(model), "ddp_alive_at_destroy": alive}
+    task = _task(**options)
+    for i in range(runs):
+        if i and rank == 0:
+            time.sleep(2)  # rank 0 reaches the next run late, as after writing its plots
+        model = _model(**options)
+        # the same path on every rank, as under torchrun; only rank 0 may write into it
+        run = Path(out) / ("run" if i == 0 else f"run{i}")
+        result = train(model, task, TrainConfig(**config), run, model_name="m", resume=resume)
+    # a DDP wrapper still alive after training would hold the group past its end (gloo can abort at exit)
+    gc.collect()
+    alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+    saved = {"result": result, "params": _flat(model), "ddp_alive": alive, "group": dist.is_initialized()}
     torch.save(saved, Path(out) / f"rank{rank}.pt")
 
 
 def _two_processes(
-    out: Path, config: TrainConfig, resume: bool = False, **options: Any
+    out: Path, config: TrainConfig, resume: bool = False, runs: int = 1, **options: Any
 ) -> list[dict[str, Any]]:
-    """Train in 2 spawned processes; return what each rank saved (``result``, ``params``)."""
+    """Train ``runs`` times in 2 spawned processes; return what each rank saved (``result``,
+    ``params`` of the last run)."""
     import torch.multiprocessing as mp
 
-    args = (2, _free_port(), str(out), config.to_dict(), resume, options)
+    args = (2, _free_port(), str(out), config.to_dict(), resume, options, runs)
     # spawn, not fork: a fork of this multi-threaded process (torch's pools, xdist's threads) can copy
     # a lock that some other thread holds, and the child then waits on it forever
     mp.start_processes(_worker, args=args, nprocs=2, start_method="spawn")
@@ -138,6 +146,17 @@ def test_setup_without_torchrun_variables_says_how_to_launch(monkeypatch: pytest
     assert not distributed.setup("cpu").enabled  # one process: no group, nothing to join
 
 
+@pytest.mark.parametrize("command", [["reproduce", "max-regression"], ["eval", "run"], ["demo"]])
+def test_commands_other_than_train_refuse_torchrun(
+    command: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``reproduce`` and ``demo`` train run after run, the others do one process's work: under
+    torchrun every rank would write the same files."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(command) == 2
+    assert "runs in one process: launch it without torchrun" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_two_processes_give_the_parameters_of_one_with_the_same_global_batch(tmp_path: Path) -> None:
     config = _config(eval_every=2)
@@ -148,8 +167,8 @@ def test_two_processes_give_the_parameters_of_one_with_the_same_global_batch(tmp
     # DDP averaged the gradients of two halves of the global batch: one process's step, to rounding
     assert torch.equal(ranks[0]["params"], ranks[1]["params"])
     torch.testing.assert_close(ranks[0]["params"], _flat(single), rtol=0, atol=1e-6)
-    # every rank left the group once, its DDP wrapper (and the reducer's hold on the group) freed first
-    assert [r["ddp_alive_at_destroy"] for r in ranks] == [[0], [0]]
+    # every rank freed its DDP wrapper (and the reducer's hold on the group) at the end of training
+    assert [r["ddp_alive"] for r in ranks] == [0, 0]
     run, alone = _lines(tmp_path / "run"), _lines(tmp_path / "single")
     assert [r["step"] for r in run] == [1, 2, 3, 4]  # one writer: no duplicated lines
     assert [r["loss"] for r in run] == pytest.approx([r["loss"] for r in alone], abs=1e-6)
@@ -164,6 +183,24 @@ def test_two_processes_give_the_parameters_of_one_with_the_same_global_batch(tmp
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert len(state["rng"]) == 2  # every rank's RNG (dropout streams differ), for an exact resume
     assert torch.equal(state["rng"][0]["data"], state["rng"][1]["data"])  # one shared data stream
+
+
+@pytest.mark.slow
+def test_two_runs_in_one_job_and_gradient_bounds_of_the_averaged_gradient(tmp_path: Path) -> None:
+    """A script may train twice under one torchrun: the process group stays for the second run, so a
+    rank that reaches it late still finds the others (each run made its own group, and the job hung).
+    Gradient bounds apply to the gradient averaged over the ranks: one process's parameters."""
+    config = _config(clip_min=-2e-3, clip_max=2e-3)
+    single = _model()
+    train(single, _task(), config, tmp_path / "single")
+    unbounded = _model()
+    train(unbounded, _task(), _config(), tmp_path / "unbounded")
+    assert not torch.allclose(_flat(single), _flat(unbounded), atol=1e-4)  # the bounds bind
+    ranks = _two_processes(tmp_path, config, runs=2)
+    assert [r["group"] for r in ranks] == [True, True]
+    assert torch.equal(ranks[0]["params"], ranks[1]["params"])
+    torch.testing.assert_close(ranks[0]["params"], _flat(single), rtol=0, atol=1e-6)
+    assert [r["step"] for r in _lines(tmp_path / "run1")] == [1, 2, 3, 4]
 
 
 @pytest.mark.slow

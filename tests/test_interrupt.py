@@ -230,11 +230,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _ddp_worker(rank: int, port: int, out: str, steps: int, resume: bool) -> None:
+def _ddp_worker(rank: int, port: int, out: str, steps: int, resume: bool, signals: bool = True) -> None:
     os.environ.update(WORLD_SIZE="2", RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    # rank 0 gets SIGTERM during step 3; rank 1 none: both must stop together at step 4 (log_every 2)
-    task = Signalling(signal_at=3 if rank == 0 and not resume else None, sig=signal.SIGTERM)
+    # rank 0 gets SIGTERM during step 3; rank 1 none: both must stop together after it, although
+    # step 3 is no logged step (log_every 2) and each rank has a running loss of its own shard
+    task = Signalling(signal_at=3 if rank == 0 and signals and not resume else None, sig=signal.SIGTERM)
     report: dict[str, Any] = {}
     try:
         config = _config(steps=steps, log_every=2)
@@ -244,12 +245,11 @@ def _ddp_worker(rank: int, port: int, out: str, steps: int, resume: bool) -> Non
     Path(out, f"rank{rank}.json").write_text(json.dumps(report))
 
 
-def _two_processes(out: Path, steps: int, resume: bool = False) -> list[dict[str, Any]]:
+def _two_processes(out: Path, steps: int, resume: bool = False, signals: bool = True) -> list[dict[str, Any]]:
     import torch.multiprocessing as mp
 
-    context = mp.start_processes(
-        _ddp_worker, args=(_free_port(), str(out), steps, resume), nprocs=2, join=False, start_method="fork"
-    )
+    args = (_free_port(), str(out), steps, resume, signals)
+    context = mp.start_processes(_ddp_worker, args=args, nprocs=2, join=False, start_method="fork")
     deadline = time.monotonic() + 120
     while not context.join(timeout=1):
         if time.monotonic() > deadline:  # a rank waiting in a collective the other never joins
@@ -263,13 +263,17 @@ def _two_processes(out: Path, steps: int, resume: bool = False) -> list[dict[str
 def test_under_ddp_every_rank_stops_at_the_same_step_and_rank_0_saves(tmp_path: Path) -> None:
     ranks = _two_processes(tmp_path, steps=8)
     assert ranks == [
-        {"interrupted": 4, "signum": signal.SIGTERM, "saved": True},
-        {"interrupted": 4, "signum": signal.SIGTERM, "saved": False},
+        {"interrupted": 3, "signum": signal.SIGTERM, "saved": True},
+        {"interrupted": 3, "signum": signal.SIGTERM, "saved": False},
     ]
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
-    assert state["step"] == 4 and len(state["rng"]) == 2 and state["running_loss"]["count"] == 0
+    assert state["step"] == 3 and len(state["rng"]) == 2 and state["running_loss"]["count"] == 1
     assert [r["step"] for r in _two_processes(tmp_path, steps=8, resume=True)] == [8, 8]
     assert [r["step"] for r in _lines(tmp_path / "run")] == [2, 4, 6, 8]
+    # the line after the stop averages the loss of step 3 (every rank's) with step 4's, as unbroken
+    _two_processes(tmp_path / "straight", steps=8, signals=False)
+    straight = [r["loss"] for r in _lines(tmp_path / "straight" / "run")]
+    assert [r["loss"] for r in _lines(tmp_path / "run")] == pytest.approx(straight, abs=1e-6)
 
 
 # --- the command line, in subprocesses -------------------------------------------------------------

@@ -66,7 +66,7 @@ from .tasks.runs import (
 )
 from .training.checkpoint import library_version
 from .training.config import TrainConfig, read_config_file
-from .training.distributed import is_main_process
+from .training.distributed import is_main_process, launched_world_size
 from .training.interrupt import Interrupted
 
 __all__ = ["THREADS_HELP", "Parser", "add_export_parser", "add_predict_parser", "log", "main", "positive_int"]
@@ -91,8 +91,8 @@ _TRAIN_FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("--amp", ("off", "bf16", "fp16"), "mixed precision (default off; fp16 needs CUDA)"),
     ("--clip-norm", float, "clip the global gradient norm to this (clip_grad_norm_)"),
     ("--clip-value", float, "clip each gradient entry to [-V, V] (clip_grad_value_)"),
-    ("--clip-min", float, "lower bound of every parameter's gradient (gradient hooks)"),
-    ("--clip-max", float, "upper bound of every parameter's gradient (gradient hooks)"),
+    ("--clip-min", float, "lower bound of every gradient entry (after the backward pass)"),
+    ("--clip-max", float, "upper bound of every gradient entry (after the backward pass)"),
     ("--ema-decay", float, "evaluate a moving average of the weights with this decay, e.g. 0.999"),
     ("--eval-every", int, "evaluate and checkpoint every this many steps (0: only at the end)"),
     ("--log-every", int, "append to metrics.jsonl every this many steps (default 10)"),
@@ -554,6 +554,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "threads", None) is not None:
         torch.set_num_threads(args.threads)
     try:
+        if launched_world_size() > 1 and args.command not in ("train", "tasks"):
+            # reproduce and demo train one run after another, the others run one process's work
+            raise RunError(
+                "runs in one process: launch it without torchrun (train alone runs under torchrun, "
+                "with one process per rank)"
+            )
         with _one_line_warnings(f"settransformer {args.command}"):
             code = int(args.func(args))
         sys.stdout.flush()  # here, so that a reader gone by now is a BrokenPipeError caught below

@@ -712,6 +712,8 @@ def check_resume(
             f"--resume {run_dir}: settings differ from the checkpoint's ({shown}); a resumed run continues "
             "the saved one exactly: drop them, or pass --allow-changes to record and use them"
         )
+    if not is_main_process():  # under torchrun, rank 0 alone writes into the run folder
+        return
     log = run_dir / "changes.jsonl"
     before = log.read_text() if log.is_file() else ""
     write_text_atomic(log, before + json.dumps({"step": state["step"], "changes": changes}) + "\n")

@@ -69,7 +69,8 @@ class TrainConfig:
             GradScaler; CUDA only).
         clip_norm: clip the global gradient norm to this (``clip_grad_norm_``).
         clip_value: clip every gradient entry to ``[-clip_value, clip_value]`` (``clip_grad_value_``).
-        clip_min, clip_max: per-parameter gradient bounds applied by gradient hooks, set separately.
+        clip_min, clip_max: bounds of every gradient entry, set separately (``clip_grad_value_``
+            with two bounds), applied to the gradient averaged over the ``torchrun`` processes.
         ema_decay: keep an exponential moving average of the weights with this decay (e.g. 0.999,
             warmed up as ``min(decay, (1 + t) / (10 + t))``) and evaluate it instead of the raw
             weights, which a constant learning rate leaves noisy; ``None``: off.

@@ -14,6 +14,7 @@ rank 0 alone evaluates and writes files.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -60,7 +61,6 @@ class Distributed:
     rank: int
     world_size: int
     device: torch.device
-    owns_group: bool  # we created the process group, so we destroy it at the end
 
     @property
     def enabled(self) -> bool:
@@ -83,6 +83,16 @@ class Distributed:
         dist.all_reduce(value)
         return value / self.world_size
 
+    def any_rank(self, value: int) -> int:
+        """The largest of every rank's ``value`` (every rank must call it): a flag any rank may
+        raise, e.g. a signal to stop. Exchanged on the CPU (a Gloo group beside NCCL's), so asking
+        every step never waits for the GPU."""
+        if not self.enabled:
+            return value
+        flag = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_CONTROL)
+        return int(flag.item())
+
     def gather(self, obj: Any) -> list[Any]:
         """One picklable object from every rank, in rank order (every rank must call it)."""
         if not self.enabled:
@@ -92,11 +102,13 @@ class Distributed:
         return out
 
     def close(self, wait: bool = True) -> None:
-        """Leave the group we created (after a barrier, unless we leave because of an error)."""
-        if self.owns_group and dist.is_initialized():
-            if wait:
-                dist.barrier()
-            dist.destroy_process_group()
+        """End this process's part in one training run: a barrier, unless it leaves because of an
+        error. The process group stays for the next run in this process (a script or ``reproduce``
+        may train several: ranks reach the next ``setup`` at different times, and a group made again
+        for each run could pair a late rank with an earlier run's rendezvous); it is destroyed when
+        the process exits."""
+        if self.enabled and dist.is_initialized() and wait:
+            dist.barrier()
 
 
 def setup(device: str) -> Distributed:
@@ -111,7 +123,7 @@ def setup(device: str) -> Distributed:
     world_size = launched_world_size()
     resolved = resolve_device(device)
     if world_size <= 1:
-        return Distributed(0, 1, resolved, owns_group=False)
+        return Distributed(0, 1, resolved)
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise ValueError(
@@ -128,7 +140,23 @@ def setup(device: str) -> Distributed:
             )
         resolved = torch.device("cuda", local_rank)
         torch.cuda.set_device(resolved)
-    owns = not dist.is_initialized()
-    if owns:
+    global _CONTROL
+    if not dist.is_initialized():
         dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo")
-    return Distributed(rank, world_size, resolved, owns_group=owns)
+        atexit.register(_leave)
+    if _CONTROL is None and dist.get_backend() != "gloo":
+        _CONTROL = dist.new_group(backend="gloo")
+    return Distributed(rank, world_size, resolved)
+
+
+_CONTROL: Any = None
+"""A Gloo group for [`Distributed.any_rank`][settransformer.training.distributed.Distributed.any_rank]
+when the default group is not Gloo (NCCL reduces only GPU tensors); ``None``: the default group."""
+
+
+def _leave() -> None:
+    """Destroy the process group at exit (registered by the ``setup`` that made it)."""
+    global _CONTROL
+    if dist.is_initialized():
+        _CONTROL = None
+        dist.destroy_process_group()

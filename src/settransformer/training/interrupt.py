@@ -14,8 +14,9 @@ checkpoint on disk intact.
 Under ``torchrun`` every process gets the signal (a terminal's Ctrl-C reaches the whole process
 group; torchrun forwards SIGTERM to its workers and sends SIGKILL 30 s later). The processes must
 stop at the same step, or some would wait forever in a collective the others never join; so they
-decide together: every ``log_every`` steps, where the loop already synchronises, they all-reduce
-their flags and all stop when any has one. Rank 0 then writes the checkpoint.
+decide together: between every two steps they reduce their flags (one number, on the CPU, beside
+the gradients DDP reduces every step anyway) and all stop when any has one. Rank 0 then writes the
+checkpoint, with the running loss averaged over the ranks.
 
 Examples:
     >>> import os, signal
@@ -36,9 +37,6 @@ import threading
 from pathlib import Path
 from types import FrameType
 from typing import Any
-
-import torch
-import torch.distributed as dist
 
 from .distributed import Distributed
 
@@ -117,19 +115,15 @@ class StopOnSignal:
             raise KeyboardInterrupt
         self.signum = signum
 
-    def agreed(self, world: Distributed, can_stop: bool = True) -> int | None:
+    def agreed(self, world: Distributed) -> int | None:
         """The signal to stop for now, or ``None`` to go on: the same answer on every process.
 
-        One process: `signum`. Under DDP, only where ``can_stop`` (a step where every rank
-        calls this, e.g. every ``log_every`` steps) and then through an all-reduce, a collective.
+        One process: `signum`. Under DDP, a collective that every rank calls between the same
+        two steps ([`Distributed.any_rank`][settransformer.training.distributed.Distributed.any_rank]).
         """
         if not world.enabled:
             return self.signum
-        if not can_stop:
-            return None
-        flag = torch.tensor([float(self.signum or 0)], device=world.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        signum = int(flag.item())
+        signum = world.any_rank(self.signum or 0)
         if signum:
             self.signum = self.signum or signum
         return signum or None

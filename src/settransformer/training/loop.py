@@ -48,7 +48,6 @@ from typing import IO, Any, Protocol
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
 from ..data.files import write_text_atomic
@@ -66,7 +65,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .interrupt import Interrupted, StopOnSignal
-from .optim import WeightAverage, bound_gradients, make_optimizer, make_schedule
+from .optim import WeightAverage, clamp_gradients, make_optimizer, make_schedule
 
 __all__ = ["TrainConfig", "TrainingTask", "check_runnable", "evaluated_weights", "train"]
 
@@ -245,9 +244,10 @@ def train(
         if not resume:  # a checkpoint from the start, so a run killed before its first evaluation resumes
             run.save()
         while run.step < config.steps:
-            # Under DDP the ranks decide together, on logged steps (no running loss to carry).
-            signum = stop.agreed(run.ctx, can_stop=run.step % config.log_every == 0)
+            signum = stop.agreed(run.ctx)  # under DDP, the same answer on every rank
             if signum is not None:
+                # the losses since the last logged line, averaged over the ranks as that line will be
+                run.loss_sum = run.ctx.mean(run.loss_sum)
                 saved = run.save()
                 run.ctx.barrier()
                 finished = True  # every rank stops at this step: leave the process group together
@@ -304,7 +304,6 @@ def _set_up(
         run.average = WeightAverage(model, config.ema_decay)
         if state.get("average"):
             run.average.load_state_dict(state["average"])
-    run.hooks = bound_gradients(model, config.clip_min, config.clip_max, lambda: run.loss_scale)
     run.open_files(resume)
     if ctx.enabled:
         device = ctx.device
@@ -355,9 +354,6 @@ class _Run:
     net: nn.Module = field(init=False)
     """What the loss sees: ``model``, or its DDP wrapper."""
     average: WeightAverage | None = None
-    hooks: list[RemovableHandle] = field(default_factory=list)
-    loss_scale: float = 1.0
-    """The fp16 loss scale, read by the gradient hooks; updated once per step under fp16."""
     step: int = 0
     elapsed_before: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
@@ -398,12 +394,12 @@ class _Run:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.elapsed_before = state["step"], state["elapsed"]
         self.metrics, self.best = state["metrics"], state["best"]
+        if state.get("running_loss"):  # nonzero only after a signal: the ranks' mean, for every rank
+            self.loss_sum = state["running_loss"]["sum"].to(ctx.device)
+            self.loss_count = state["running_loss"]["count"]
         ranks = state["rng"]
         if len(ranks) == ctx.world_size:
             set_rng_state(ranks[ctx.rank], self.generator)
-            if state.get("running_loss"):  # nonzero only after a signal, and then on one process
-                self.loss_sum = state["running_loss"]["sum"].to(ctx.device)
-                self.loss_count = state["running_loss"]["count"]
         else:  # another number of processes: the shared data stream goes on, dropout streams restart
             warnings.warn(
                 f"resume: checkpoint has {len(ranks)} RNG streams for {ctx.world_size} processes; "
@@ -463,11 +459,12 @@ class _Run:
         with _autocast(device, config.amp):
             loss = self.task.loss(self.net, batch)
         self.optimizer.zero_grad(set_to_none=True)
-        if self.hooks and self.scaler.is_enabled():  # get_scale() syncs with the GPU: only when needed
-            self.loss_scale = self.scaler.get_scale()
-        self.scaler.scale(loss).backward()
-        if config.clip_norm is not None or config.clip_value is not None:
+        self.scaler.scale(loss).backward()  # under DDP, the ranks' gradients are averaged by now
+        bounds = config.clip_min is not None or config.clip_max is not None
+        if bounds or config.clip_norm is not None or config.clip_value is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+            if bounds:
+                clamp_gradients(self.model.parameters(), config.clip_min, config.clip_max)
             if config.clip_norm is not None:
                 nn.utils.clip_grad_norm_(self.model.parameters(), config.clip_norm)
             if config.clip_value is not None:
@@ -593,10 +590,8 @@ class _Run:
         return save_checkpoint(state, self.out / "checkpoint.pt")
 
     def close(self, wait: bool) -> None:
-        """Close the bar, hooks and files, and leave the process group (``wait``: together)."""
+        """Close the bar and files, and end this process's part in the job (``wait``: together)."""
         self.bar.close()
-        for h in self.hooks:
-            h.remove()
         if self.log_file is not None:
             self.log_file.close()
         if self.writer is not None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .config import TrainConfig
 
-__all__ = ["WeightAverage", "bound_gradients", "make_optimizer", "make_schedule"]
+__all__ = ["WeightAverage", "clamp_gradients", "make_optimizer", "make_schedule"]
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -89,33 +89,26 @@ def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torc
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def bound_gradients(
-    model: nn.Module, low: float | None, high: float | None, scale: Callable[[], float] = lambda: 1.0
-) -> list[torch.utils.hooks.RemovableHandle]:
-    """Clamp every parameter's gradient to ``[low, high]`` (either may be ``None``) with hooks.
+def clamp_gradients(parameters: Iterable[Tensor], low: float | None, high: float | None) -> None:
+    """Clamp every gradient entry to ``[low, high]`` in place (either may be ``None``).
 
-    ``Tensor.register_hook`` runs before the gradient is accumulated into ``.grad`` (and before DDP
-    averages it), so each backward's contribution is bounded. ``scale()`` is the current loss scale
-    (fp16 GradScaler): the hooks see scaled gradients, so the bounds are scaled with them.
-    Remove the hooks with ``[h.remove() for h in handles]``.
+    ``clip_grad_value_`` with separate bounds. The training loop calls it after the backward pass
+    (and after DistributedDataParallel has averaged the ranks' gradients, so ``torchrun`` bounds the
+    gradient one process would have) and after a GradScaler's ``unscale_`` (so the bounds apply to
+    true gradients, and an overflow is still seen as one).
 
     Examples:
         >>> model = torch.nn.Linear(2, 1)
-        >>> handles = bound_gradients(model, -0.5, 0.5)
         >>> (model(torch.full((1, 2), 10.0)).sum() * 100).backward()
+        >>> clamp_gradients(model.parameters(), -0.5, 0.5)
         >>> model.weight.grad
         tensor([[0.5000, 0.5000]])
-        >>> for h in handles:
-        ...     h.remove()
     """
-
-    def hook(grad: Tensor) -> Tensor:
-        s = scale()
-        return grad.clamp(None if low is None else low * s, None if high is None else high * s)
-
     if low is None and high is None:
-        return []
-    return [p.register_hook(hook) for p in model.parameters() if p.requires_grad]
+        return
+    for p in parameters:
+        if p.grad is not None:
+            p.grad.clamp_(low, high)
 
 
 class WeightAverage:
