@@ -12,8 +12,7 @@ end of the ``--warmup``-th step to the end of the last step before the final eva
 ``metrics.jsonl``, logged every 10 steps as by default: logging every step would add a
 collective and a flush per step that real runs do not pay); process start-up, warm-up and
 evaluation are excluded.
-Each setting runs ``--repeats`` times, alternating, and the median is reported. The issue's target
-is a ratio of at least 1.6 for 2 processes.
+Each setting runs ``--repeats`` times, alternating, and the median is reported.
 
 A second table shows what drawing the whole global batch on every rank costs (the price of
 sampling that is exactly the same as one process's): ``sample_batch`` at the per-process and the

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from cli_runner import run_cli as _run
 
 from settransformer import cli
@@ -205,6 +206,21 @@ def test_config_file_and_flags_override_it(capsys: pytest.CaptureFixture[str]) -
             f"--seed {2**63 - 1} with --seeds 2: seed: expected an integer from 0 to {2**63 - 1}",
         ),
         (["demo", "--tasks", "nope"], "--tasks: unknown task 'nope'"),
+        (["demo", "--tasks", ""], "--tasks: unknown task ''"),  # an empty variable: not every task
+        (["reproduce", "max-regression", "--models", ""], "model '': max-regression has the models"),
+        (
+            ["reproduce", "max-regression", "--models", "deepsets-max,deepsets-max"],
+            "--models: deepsets-max given more than once",
+        ),
+        pytest.param(
+            ["reproduce", "max-regression", "--device", "cuda"],
+            "device: 'cuda' was asked for",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here"),
+        ),
+        (  # the second model is refused before the first trains
+            ["reproduce", "max-regression", "--models", "indrnn,settransformer", "--set", "dim_hidden=12000"],
+            "max-regression/settransformer: the model would have",
+        ),
         (["demo", "--threads", "0"], "--threads: expected a positive integer"),
     ],
 )
@@ -337,6 +353,46 @@ def test_reproduce_checks_every_folder_before_training(capsys: pytest.CaptureFix
     assert not Path("rep/deepsets-max").exists()
     code, _, err = _run(capsys, *argv, "--overwrite")  # --overwrite replaces runs, never other files
     assert code == 2 and Path("rep/settransformer/seed0/notes.txt").read_text() == "mine"
+
+
+def test_demo_never_replaces_runs_it_did_not_make(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["reproduce", "max-regression", "--models", "deepsets-max", "--out", "mine/max-regression", *TINY]
+    assert _run(capsys, *argv)[0] == 0
+    before = _snapshot(Path("mine"))
+    code, _, err = _run(capsys, "demo", "--tasks", "max-regression", "--out", "mine", "--steps", "1")
+    assert code == 2 and "--out mine: holds files that are not a demo's" in err
+    assert _snapshot(Path("mine")) == before
+
+
+def test_predict_and_export_never_replace_a_runs_own_files(
+    run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+
+    np.save("x.npy", np.ones((4, 1), np.float32))
+    before = _snapshot(run)
+    for argv in (
+        ["export", str(run), "--format", "torchscript", "--output", str(run / "checkpoint.pt")],
+        ["predict", str(run), "--input", "x.npy", "--output", str(run / "metrics.jsonl")],
+    ):
+        code, _, err = _run(capsys, *argv, "--overwrite")
+        assert code == 2 and "a file of the run folder run" in err, err
+    code, _, err = _run(capsys, "predict", str(run), "--input", "x.npy", "--output", "x.npy", "--overwrite")
+    assert code == 2 and "is one of the --input files" in err
+    assert _snapshot(run) == before
+
+
+def test_damaged_run_files_are_one_line_errors_or_skipped(
+    run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b'\xff\n{"step": 99, "loss": "a"}\n')
+    code, _, err = _run(capsys, "plot", str(run))  # the damaged lines are left out of the curve
+    assert code == 0, err
+    info = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**info, "task_options": "x"}))
+    code, _, err = _run(capsys, "eval", str(run))
+    assert code == 2 and "task_options: expected a JSON object, got 'x'" in err
 
 
 def test_heap_flag(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

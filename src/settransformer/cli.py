@@ -47,6 +47,7 @@ from .tasks.runs import (
     build_task,
     check_buildable,
     check_model,
+    check_not_run_file,
     check_resume,
     check_startable,
     check_task_options,
@@ -364,7 +365,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     cls = task_class(args.task)
     config, options, budget = _settings(args, {}, "paper")
-    models = args.models.split(",") if args.models else list(cls.model_names)
+    # an empty --models (an unset shell variable) is an error, not the whole table
+    models = args.models.split(",") if args.models is not None else list(cls.model_names)
     task = build_task(args.task, options)
     out = Path(args.out) if args.out else Path("runs") / args.task / f"reproduce-{budget}"
     _, md = reproduce(task, models, config, out, seeds=args.seeds, overwrite=args.overwrite, log=log)
@@ -391,7 +393,7 @@ def _user_data(name: str) -> bool:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    names = args.tasks.split(",") if args.tasks else demo_tasks()
+    names = args.tasks.split(",") if args.tasks is not None else demo_tasks()
     for name in names:
         if name not in TASKS:
             raise RunError(f"--tasks: unknown task {name!r}; expected some of {', '.join(TASKS)}")
@@ -516,7 +518,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="A,B",
         help=f"only these tasks (default: every available one of {tasks}, but those on your own files)",
     )
-    p.add_argument("--out", metavar="DIR", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        default="runs/demo",
+        help="output folder (default runs/demo); an earlier demo's runs there are replaced, and a "
+        "non-empty folder that is not a demo's is refused",
+    )
     p.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="cpu", help="where to train (default cpu)"
     )
@@ -637,6 +645,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     # Everything about the output is checked before any work, so a refused run costs nothing.
     out = None
     if args.output is not None:
+        check_not_run_file(args.output)
+        if any(Path(args.output).resolve() == Path(p).resolve() for p in args.input):
+            raise RunError(f"--output {args.output}: is one of the --input files; choose another name")
         if Path(args.output).exists() and not args.overwrite:
             raise RunError(f"--output {args.output}: already exists; pass --overwrite to replace it")
         try:
@@ -816,6 +827,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     # Everything about the output is checked before loading the model, so a refused export is quick.
     if output.is_dir():
         raise RunError(f"--output {output}: is a folder; expected a file name")
+    check_not_run_file(output)
+    if output.resolve() == run.resolve():
+        raise RunError(f"--output {output}: is the checkpoint being exported; choose another name")
     if output.exists() and not args.overwrite:
         raise RunError(f"--output {output}: already exists; pass --overwrite to replace it")
     if args.opset is not None and args.format != "onnx":

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..data.files import write_text_atomic
 from ..training.config import TrainConfig
 from . import available_tasks
 from .runs import RunError, build_task, reproduce, task_class, train_run
@@ -79,6 +80,19 @@ def _train_one(name: str, model: str, run_dir: str, config: dict[str, Any], thre
     train_run(build_task(name), model, TrainConfig.from_dict(config), Path(run_dir), plots=True)
 
 
+DEMO_MARK = ".settransformer-demo"
+"""The file that marks a folder as ``run_demo``'s: a later demo replaces the runs in it."""
+
+
+def _has_demo_summary(out: Path) -> bool:
+    """Whether ``out`` holds the summary a demo writes (a folder of an earlier version's demo)."""
+    try:
+        with open(out / "results.md", encoding="utf-8", errors="replace") as f:
+            return f.read(64).startswith("# settransformer demo")
+    except OSError:
+        return False
+
+
 def run_demo(
     names: list[str],
     out: Path,
@@ -95,7 +109,9 @@ def run_demo(
 
     Args:
         names: task names ([`settransformer.tasks.TASKS`][settransformer.tasks.TASKS]).
-        out: the demo folder; earlier demo runs of these tasks' models are replaced.
+        out: the demo folder; earlier demo runs of these tasks' models are replaced. A folder that
+            holds files but no [`DEMO_MARK`][settransformer.tasks.demo.DEMO_MARK] (not a demo's) is
+            refused, so a demo never deletes runs it did not make.
         jobs: worker processes (1: everything in this process, with per-run progress bars).
         threads: torch threads per process.
         device: as ``settransformer train``'s ``--device``.
@@ -108,6 +124,15 @@ def run_demo(
         ``{task: results.md text}`` in the order of ``names``; a task that cannot run (a missing
             optional dependency, say) maps to ``"skipped: <why>"``.
     """
+    mark = out / DEMO_MARK
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out}: is a file; choose a folder")
+    if out.is_dir() and any(out.iterdir()) and not (mark.exists() or _has_demo_summary(out)):
+        raise RunError(
+            f"--out {out}: holds files that are not a demo's (a demo replaces the runs in its folder); "
+            "choose another --out"
+        )
+    write_text_atomic(mark, "A folder of `settransformer demo` runs: the next demo here replaces them.\n")
     tables: dict[str, str] = {}
     plans: dict[str, tuple[Any, TrainConfig]] = {}
     models: dict[str, list[str]] = {}

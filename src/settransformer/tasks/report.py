@@ -126,6 +126,10 @@ def write_results(
     return out_dir / "results.md", out_dir / "results.json"
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def plot_training_curve(run_dir: str | Path, metric: str | None = None) -> Path | None:
     """``training_curve.png`` in ``run_dir``: the loss (log scale) and the headline ``metric``
     against steps, read from ``run_dir/metrics.jsonl``; ``None`` when it holds no logged step.
@@ -142,12 +146,15 @@ def plot_training_curve(run_dir: str | Path, metric: str | None = None) -> Path 
     run_dir = Path(run_dir)
     records = []
     path = run_dir / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.is_file() else []:
+    # damaged bytes become U+FFFD, so their line fails to parse and is left out like a torn one
+    for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a kill
-    losses = [(r["step"], r["loss"]) for r in records if "step" in r and "loss" in r]
+        if isinstance(record, dict) and _is_number(record.get("step")):
+            records.append(record)
+    losses = [(r["step"], r["loss"]) for r in records if _is_number(r.get("loss"))]
     if not losses:
         return None
     fig = Figure(figsize=(6.5, 4))
@@ -158,7 +165,7 @@ def plot_training_curve(run_dir: str | Path, metric: str | None = None) -> Path 
     if all(v > 0 for _, v in losses):
         ax.set_yscale("log")
     handles, labels = ax.get_legend_handles_labels()
-    points = [(r["step"], r[metric]) for r in records if metric and metric in r]
+    points = [(r["step"], r[metric]) for r in records if metric and _is_number(r.get(metric))]
     if points:
         right = ax.twinx()
         right.plot(*zip(*points), "o-", color="tab:orange", label=f"test {metric}")

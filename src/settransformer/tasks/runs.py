@@ -51,7 +51,9 @@ __all__ = [
     "build_model",
     "build_task",
     "check_buildable",
+    "check_not_run_file",
     "check_resume",
+    "check_run_folder",
     "data_changes",
     "data_fingerprint",
     "load_for_inference",
@@ -477,6 +479,26 @@ CHECKPOINT_FILES = {"last": "checkpoint.pt", "best": "best.pt"}
 """``which`` -> the file of a run folder that [`load_run`][settransformer.tasks.runs.load_run] reads."""
 
 
+def check_not_run_file(output: str | Path, name: str = "--output") -> None:
+    """Refuse ``output`` where it is a file a run folder keeps (a checkpoint, its settings, its log
+    or results): ``predict``/``export`` ``--overwrite`` would replace the run's own state.
+
+    Examples:
+        >>> import tempfile
+        >>> run = Path(tempfile.mkdtemp())
+        >>> _ = (run / "config.json").write_text("{}")
+        >>> check_not_run_file(run / "scores.csv")
+        >>> check_not_run_file(run / "best.pt")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        settransformer.tasks.runs.RunError: --output .../best.pt: a file of the run folder ...
+    """
+    output = Path(output)
+    own = {*_BEFORE_FIRST_CHECKPOINT, *CHECKPOINT_FILES.values(), "results.json", "changes.jsonl"}
+    if output.name in own and (output.parent / "config.json").is_file():
+        raise RunError(f"{name} {output}: a file of the run folder {output.parent}; choose another name")
+
+
 def _missing(path: Path) -> RunError:
     kind = "checkpoint file" if path.suffix == ".pt" else "run folder"
     return RunError(f"{kind} {path}: does not exist")
@@ -512,6 +534,10 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     missing = [k for k in ("task", "model", "task_options", "train") if k not in info]
     if missing:
         raise RunError(f"{path}: missing {', '.join(missing)}")
+    for key, kind in (("task", str), ("model", str), ("task_options", dict), ("train", dict)):
+        if not isinstance(info[key], kind):
+            what = "a JSON object" if kind is dict else "a string"
+            raise RunError(f"{path}: {key}: expected {what}, got {short(info[key], 60)} (a damaged file?)")
     return info
 
 
@@ -769,6 +795,21 @@ def train_run(
     return result
 
 
+def check_run_folder(
+    run_dir: Path, task: Task, model: str, config: TrainConfig, *, overwrite: bool = False
+) -> None:
+    """Refuse a folder that holds files that are no run's, or (unless ``overwrite``) another run
+    than ``task``/``model`` with ``config``; a missing or empty folder is fine."""
+    if (run_dir / "config.json").exists():
+        if not overwrite and not _same_run(read_run_config(run_dir), task, model, config):
+            raise RunError(
+                f"{run_dir}: holds a run with other settings; pass --overwrite to replace it, or choose "
+                "another --out"
+            )
+    elif run_dir.exists() and _holds_files(run_dir):
+        raise RunError(f"{run_dir}: exists and is not a run folder; choose another --out")
+
+
 def _same_run(info: dict[str, Any], task: Task, model: str, config: TrainConfig) -> bool:
     wanted = {k: v for k, v in config.to_dict().items() if k not in _COSMETIC}
     saved = {k: v for k, v in info["train"].items() if k not in _COSMETIC}
@@ -798,6 +839,11 @@ def reproduce(
     holding a different run is an error unless ``overwrite``. ``plots``: write each model's
     figures into its first seed's folder. Returns ``(runs, results.md path)``.
     """
+    if not models:
+        raise RunError("--models: expected at least one model")
+    repeated = sorted({m for m in models if models.count(m) > 1})
+    if repeated:
+        raise RunError(f"--models: {', '.join(repeated)} given more than once (each is one row of the table)")
     for m in models:
         check_model(task, m)
     if seeds < 1:
@@ -806,19 +852,16 @@ def reproduce(
         config.replace(seed=config.seed + seeds - 1)
     except ValueError as e:
         raise RunError(f"--seed {config.seed} with --seeds {seeds}: {e}") from None
-    # Check every run folder before training anything, so bad input changes nothing on disk.
+    # Check every model, setting and run folder before training anything, so bad input changes
+    # nothing on disk and no run trains before a later one is refused.
+    check_startable(task, config)
+    for m in models:
+        check_buildable(task, m)
     plan = []
     for model in models:
         for k in range(seeds):
             cfg, run_dir = config.replace(seed=config.seed + k), out / model / f"seed{k}"
-            if (run_dir / "config.json").exists() and not overwrite:
-                if not _same_run(read_run_config(run_dir), task, model, cfg):
-                    raise RunError(
-                        f"{run_dir}: holds a run with other settings; "
-                        "pass --overwrite to replace it, or choose another --out"
-                    )
-            elif run_dir.exists() and _holds_files(run_dir) and not (run_dir / "config.json").exists():
-                raise RunError(f"{run_dir}: exists and is not a run folder; choose another --out")
+            check_run_folder(run_dir, task, model, cfg, overwrite=overwrite)
             plan.append((model, k, cfg, run_dir))
 
     runs: dict[str, list[dict[str, float]]] = {}

@@ -172,12 +172,12 @@ def _keep_metrics_until(path: Path, step: int) -> None:
     last line cut short by a kill; rewrite atomically, so a kill now loses no line either."""
     if path.exists():
         lines = []
-        for line in path.read_text().splitlines():
+        for line in path.read_text(errors="replace").splitlines():
             try:
                 if json.loads(line)["step"] <= step:
                     lines.append(line)
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # torn by a kill mid-write: always past the checkpoint, logged again
+            except (json.JSONDecodeError, KeyError, TypeError, IndexError):
+                continue  # torn by a kill mid-write (or damaged): past the checkpoint, logged again
         write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
