@@ -25,7 +25,7 @@ import torch
 
 from .data.files import WriteError, short, write_text_atomic
 from .data.set_files import read_inputs, read_queries
-from .deploy.export import DEFAULT_OPSET, export_onnx, export_torchscript
+from .deploy.export import DEFAULT_OPSET, check_opset, export_onnx, export_torchscript
 from .deploy.inference import (
     check_forward,
     check_output_path,
@@ -258,6 +258,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(describe_task(args.task))
         return 0
     cls = task_class(args.task)
+    if args.allow_changes and not args.resume:
+        raise RunError("--allow-changes: only with --resume (a new run has no earlier settings to change)")
     if args.resume:
         if args.out is None:
             raise RunError("--resume: needs --out RUN_DIR, the run to continue")
@@ -834,6 +836,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise RunError(f"--output {output}: already exists; pass --overwrite to replace it")
     if args.opset is not None and args.format != "onnx":
         raise RunError("--opset: only for --format onnx")
+    try:
+        check_opset(args.opset)
+    except ValueError as e:
+        raise RunError(f"--{e}") from None
     usual = (".onnx",) if args.format == "onnx" else (".pt", ".pth")
     if output.suffix.lower() in {".onnx", ".pt", ".pth"} - set(usual):
         log(f"warning: --output {output.name}: the file holds {args.format}; its usual suffix is {usual[0]}")

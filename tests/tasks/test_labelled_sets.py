@@ -182,6 +182,13 @@ def test_a_split_that_rounds_to_no_training_sets_is_named(tmp_path: Path) -> Non
         SetClassification(path=str(path), val_fraction=0.3, test_fraction=0.45)
 
 
+def test_a_stratified_split_of_small_classes_says_why_it_has_no_test_sets(tmp_path: Path) -> None:
+    sets = [np.ones((2, 1), np.float32)] * 40
+    path = save_ragged(tmp_path / "pairs.npz", sets, y=np.repeat(np.arange(20), 2))  # 20 classes of 2
+    with pytest.raises(ValueError, match=r"0.2 of the largest class's 2 rounds to 0"):
+        SetClassification(path=str(path), test_fraction=0.2)
+
+
 def test_a_folder_set_listed_twice_with_two_labels_is_refused(tmp_path: Path) -> None:
     for name in ("b1", "b2"):
         np.save(tmp_path / f"{name}.npy", np.ones((2, 2), np.float32))

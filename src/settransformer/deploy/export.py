@@ -64,7 +64,15 @@ from ..nn.scores import AdditiveScore
 from ..nn.sequence import SequenceSetModel
 from ..nn.validation import check_positive
 
-__all__ = ["INPUT_NAMES", "OUTPUT_NAME", "QUERIES_NAME", "ExportError", "export_onnx", "export_torchscript"]
+__all__ = [
+    "INPUT_NAMES",
+    "OUTPUT_NAME",
+    "QUERIES_NAME",
+    "ExportError",
+    "check_opset",
+    "export_onnx",
+    "export_torchscript",
+]
 
 INPUT_NAMES = ("x", "mask")
 """Names of the inputs of an exported ONNX graph, in order."""
@@ -94,6 +102,23 @@ class ExportError(ValueError):
         ...     print(isinstance(e, ValueError), str(e)[:35])
         True model: Broken(x, mask) failed on an
     """
+
+
+def check_opset(opset: int | None, dynamo: bool = False) -> int:
+    """``opset`` (``None``: [`DEFAULT_OPSET`][settransformer.deploy.export.DEFAULT_OPSET]) if the
+    exporter writes it: 14 to 20, or at least 18 with ``dynamo``; else a ``ValueError``.
+
+    Examples:
+        >>> check_opset(None) == DEFAULT_OPSET, check_opset(14)
+        (True, 14)
+    """
+    if opset is None:
+        return DEFAULT_OPSET
+    low, high = (18, None) if dynamo else (14, 20)  # 20: the TorchScript-based exporter's newest
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < low or (high and opset > high):
+        allowed = f"{low} to {high}" if high else f"at least {low}"
+        raise ValueError(f"opset: expected an ONNX opset version {allowed}, got {opset!r}")
+    return opset
 
 
 def export_onnx(
@@ -151,12 +176,7 @@ def export_onnx(
         >>> [i.name for i in onnx.load(path).graph.input]
         ['x', 'mask', 'queries']
     """
-    if opset is None:
-        opset = DEFAULT_OPSET
-    low, high = (18, None) if dynamo else (14, 20)  # 20: the TorchScript-based exporter's newest
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < low or (high and opset > high):
-        allowed = f"{low} to {high}" if high else f"at least {low}"
-        raise ValueError(f"opset: expected an ONNX opset version {allowed}, got {opset!r}")
+    opset = check_opset(opset, dynamo)
     for package in ("onnx", "onnxscript") if dynamo else ("onnx",):
         if importlib.util.find_spec(package) is None:
             raise ImportError(f"export_onnx needs the {package} package: pip install 'settransformer[onnx]'")

@@ -484,9 +484,15 @@ class _LabelledSetTask(Task):
         parts = split_indices(len(self._sets), o["val_fraction"], o["test_fraction"], o["split_seed"], strata)
         self._split = tuple(torch.from_numpy(p) for p in parts)
         if len(self._split[2]) == 0:
-            raise ValueError(
-                f"test_fraction: {o['test_fraction']} of {len(self._sets)} sets leaves no test sets"
-            )
+            per_class = ""
+            if strata is not None:  # each class is split on its own, rounded
+                largest = int(np.bincount(strata).max())
+                per_class = (
+                    f" (each class is split on its own, and {o['test_fraction']} of the largest class's "
+                    f"{largest} rounds to 0)"
+                )
+            fraction, count = o["test_fraction"], len(self._sets)
+            raise ValueError(f"test_fraction: {fraction} of {count} sets leaves no test sets{per_class}")
         if len(self._split[0]) == 0:
             raise ValueError(
                 f"val_fraction, test_fraction: {o['val_fraction']} and {o['test_fraction']} of the "
