@@ -85,17 +85,31 @@ _TRAIN_FLAGS: tuple[tuple[str, Any, str], ...] = (
         ("step", "cosine", "constant"),
         "lr schedule (default: the budget's, else step: x LR_GAMMA at each milestone)",
     ),
-    ("--lr-milestones", str, "comma-separated steps where the step schedule multiplies the lr by LR_GAMMA"),
+    (
+        "--lr-milestones",
+        str,
+        "comma-separated steps where the step schedule multiplies the lr by LR_GAMMA (default: the "
+        "budget's, else none)",
+    ),
     ("--lr-gamma", float, "factor of the step schedule (default 0.1)"),
     ("--seed", int, "seed of the data, the initial weights and dropout (default 0)"),
     ("--device", ("auto", "cpu", "cuda"), "where to train (default auto: CUDA when available)"),
     ("--amp", ("off", "bf16", "fp16"), "mixed precision (default off; fp16 needs CUDA)"),
-    ("--clip-norm", float, "clip the global gradient norm to this (clip_grad_norm_)"),
-    ("--clip-value", float, "clip each gradient entry to [-V, V] (clip_grad_value_)"),
-    ("--clip-min", float, "lower bound of every gradient entry (after the backward pass)"),
-    ("--clip-max", float, "upper bound of every gradient entry (after the backward pass)"),
-    ("--ema-decay", float, "evaluate a moving average of the weights with this decay, e.g. 0.999"),
-    ("--eval-every", int, "evaluate and checkpoint every this many steps (0: only at the end)"),
+    ("--clip-norm", float, "clip the global gradient norm to this (clip_grad_norm_; default off)"),
+    ("--clip-value", float, "clip each gradient entry to [-V, V] (clip_grad_value_; default off)"),
+    ("--clip-min", float, "lower bound of every gradient entry, after the backward pass (default off)"),
+    ("--clip-max", float, "upper bound of every gradient entry, after the backward pass (default off)"),
+    (
+        "--ema-decay",
+        float,
+        "evaluate a moving average of the weights with this decay, e.g. 0.999 (default: the budget's, "
+        "else off; train TASK --list shows it)",
+    ),
+    (
+        "--eval-every",
+        int,
+        "evaluate and checkpoint every this many steps (0: only at the end; default: the budget's)",
+    ),
     ("--log-every", int, "append to metrics.jsonl every this many steps (default 10)"),
     ("--tensorboard", "store_true", "also log to TensorBoard (needs the tensorboard package)"),
     ("--no-progress", "store_false", "no progress bar"),
@@ -494,9 +508,17 @@ def build_parser() -> argparse.ArgumentParser:
             "run", metavar="RUN", help="a run folder written by `settransformer train`, or a checkpoint"
         )
         p.add_argument(
-            "--checkpoint", choices=("last", "best"), default="last", help="checkpoint.pt or best.pt"
+            "--checkpoint",
+            choices=("last", "best"),
+            default="last",
+            help="a run folder's checkpoint.pt (last, default) or best.pt (best)",
         )
-        p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto")
+        p.add_argument(
+            "--device",
+            choices=("auto", "cpu", "cuda"),
+            default="auto",
+            help="where to run (default auto: CUDA when available)",
+        )
         p.set_defaults(func=func)
 
     p = sub.add_parser(
@@ -795,7 +817,7 @@ def add_predict_parser(sub: Any) -> None:
         metavar="C",
         help="evaluate C elements at a time with bounded memory (huge sets; Set Transformers with ISAB "
         "or rFF encoders and DeepSets, from set-classification and set-regression runs or save_model "
-        "folders); a set larger than C is evaluated alone",
+        "folders); a set larger than C is evaluated alone (default: every set whole)",
     )
     p.add_argument("--threads", type=positive_int, metavar="N", help=THREADS_HELP)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
