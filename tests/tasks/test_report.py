@@ -8,7 +8,10 @@ from typing import ClassVar
 
 import pytest
 
+from settransformer.tasks.count_unique import CountUnique
 from settransformer.tasks.max_regression import MaxRegression
+from settransformer.tasks.mog_clustering import MoGClustering
+from settransformer.tasks.pointcloud import PointCloudClassification
 from settransformer.tasks.report import mean_std, results_table, write_results
 
 
@@ -50,3 +53,20 @@ def test_write_results(tmp_path: Path) -> None:
     assert md.read_text().startswith("# max-regression") and "- steps: `10`" in md.read_text()
     data = json.loads(js.read_text())
     assert data["runs"] == runs and data["summary"]["deepsets-max"]["mae"]["mean"] == pytest.approx(0.3)
+
+
+def test_the_paper_column_follows_the_runs_setup() -> None:
+    """Table 4 at the run's number of points, and a line under the table wherever the setup (the
+    data, an option) is not the paper's; the paper's 1,000-point numbers were shown at any size."""
+    task = PointCloudClassification(source="shapes", num_points=100)
+    paper, notes = task.paper_comparison()
+    table = results_table(PointCloudClassification, {"isab-pma": [{"accuracy": 0.5}]}, paper, notes)
+    assert "| 0.5 | 0.8454 |" in table and "0.8662" not in table
+    assert "Not the paper's setup: the paper's numbers are on ModelNet40, not on source=shapes." in table
+    paper, notes = PointCloudClassification(source="shapes", num_points=64).paper_comparison()
+    assert paper == {} and "no numbers at 64 points" in notes[-1]
+    assert MaxRegression().paper_comparison() == (MaxRegression.paper, [])
+    notes = MoGClustering(num_components=6, dim_hidden=32).paper_comparison()[1]
+    differ = "num_components 6 (paper 4), dim_hidden 32 (paper 128)"
+    assert notes == [f"this run's setup differs from the paper's: {differ}"]
+    assert "Omniglot" in CountUnique().paper_comparison()[1][0]

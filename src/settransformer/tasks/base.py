@@ -9,6 +9,7 @@ interface, so a new experiment is a new module and a line in the registry
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,6 +161,31 @@ class Task(ABC):
     nullable_options: ClassVar[tuple[str, ...]] = ()
     """Options whose default is not ``None`` but which take ``null`` (an option whose default is
     ``None`` takes it anyway)."""
+    paper_options: ClassVar[dict[str, Any]] = {}
+    """The options of the paper's setup behind ``paper``: a results table says where a run's differ."""
+    paper_data: ClassVar[str | None] = None
+    """The data of the paper's numbers where it is not this task's (e.g. ``"Omniglot"``)."""
+
+    def paper_comparison(self) -> tuple[dict[str, dict[str, float]], list[str]]:
+        """The paper's numbers for this task's options, ``{model: {metric: value}}``, and the ways
+        its setup differs from the paper's, one line each (none: the same setup).
+
+        Examples:
+            >>> from settransformer.tasks.max_regression import MaxRegression
+            >>> MaxRegression(max_size=20).paper_comparison()[1]
+            ["this run's setup differs from the paper's: max_size 20 (paper 10)"]
+        """
+        notes = []
+        if self.paper_data:
+            notes.append(f"the paper's numbers are on {self.paper_data}, not on this task's data")
+        differ = [
+            f"{k} {json.dumps(self.options.get(k))} (paper {json.dumps(v)})"
+            for k, v in self.paper_options.items()
+            if self.options.get(k) != v
+        ]
+        if differ:
+            notes.append("this run's setup differs from the paper's: " + ", ".join(differ))
+        return type(self).paper, notes
 
     def __init__(self, **options: Any) -> None:
         defaults = self.default_options()

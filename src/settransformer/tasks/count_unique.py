@@ -93,6 +93,8 @@ class CountUnique(ImageSetTask):
     model_names: ClassVar[tuple[str, ...]] = tuple(_ROWS)
     metric: ClassVar[str] = "accuracy"
     higher_is_better: ClassVar[bool] = True
+    paper_options: ClassVar[dict[str, Any]] = {"min_size": 6, "max_size": 10, "dim_hidden": 64}
+    paper_data: ClassVar[str | None] = "Omniglot characters"
     paper: ClassVar[dict[str, dict[str, float]]] = {  # Omniglot, not digits
         "sab-pma": {"accuracy": 0.6037, "accuracy_std": 0.0072},
         "rff-pool": {"accuracy": 0.4366, "accuracy_std": 0.0071},

@@ -83,6 +83,9 @@ class MaxRegression(Task):
     """Extra columns of the results table: how much the output moves when the set is reordered."""
     metric: ClassVar[str] = "mae"
     higher_is_better: ClassVar[bool] = False
+    paper_options: ClassVar[dict[str, Any]] = {
+        "min_size": 1, "max_size": 10, "low": 0.0, "high": 100.0, "dim_hidden": 64, "num_heads": 4,
+    }  # fmt: skip
     paper: ClassVar[dict[str, dict[str, float]]] = {
         "deepsets-mean": {"mae": 2.133, "mae_std": 0.190},
         "deepsets-sum": {"mae": 1.902, "mae_std": 0.137},

@@ -231,6 +231,10 @@ class MoGClustering(Task):
     )
     metric: ClassVar[str] = "ll0"
     higher_is_better: ClassVar[bool] = True
+    paper_options: ClassVar[dict[str, Any]] = {
+        "dim": 2, "num_components": 4, "min_size": 100, "max_size": 500, "sigma": 0.3,
+        "mean_range": 4.0, "vary_components": False, "dim_hidden": 128,
+    }  # fmt: skip
     paper: ClassVar[dict[str, dict[str, float]]] = {
         name: {"ll0": ll0, "ll0_std": s0, "ll1": ll1, "ll1_std": s1, "oracle": _ORACLE}
         for name, (ll0, s0, ll1, s1) in {

@@ -189,6 +189,22 @@ class PointCloudClassification(Task):
         5000: {"rff-pool": 0.8933, "rff-pma": 0.8628, "isab-pool": 0.9040, "isab-pma": 0.8779},
     }
     """Table 4 in full: ``{num_points: {model: accuracy}}`` (ModelNet40, mean of 5 runs)."""
+
+    def paper_comparison(self) -> tuple[dict[str, dict[str, float]], list[str]]:
+        """Table 4's numbers at this task's number of points (with their spread at 1,000), and
+        a note where the source is not ModelNet40 or the paper has no column for the points."""
+        source, points = self.options["source"], self.preprocessing.num_points
+        notes = (
+            [] if source in _MODELNET else [f"the paper's numbers are on ModelNet40, not on source={source}"]
+        )
+        row = self.paper_by_points.get(points) if points is not None else None
+        if row is None:
+            shown = "every point" if points is None else f"{points:,} points"
+            notes.append(f"the paper has no numbers at {shown} (it has 100, 1,000 and 5,000)")
+            return {}, notes
+        paper = type(self).paper if points == 1000 else {m: {"accuracy": a} for m, a in row.items()}
+        return paper, notes
+
     model_descriptions: ClassVar[dict[str, str]] = {
         "rff-pool": "rFF + Pooling: FC(d,ReLU)x3, max, Dropout, FC(d,ReLU), Dropout, FC(classes)",
         "rff-pma": "rFF + PMA: FC(d,ReLU)x3, Dropout, PMA_1(d,4), Dropout, FC(classes)",

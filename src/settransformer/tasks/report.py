@@ -57,24 +57,33 @@ def _fmt(mean: float | None, std: float | None = None) -> str:
     return f"{mean:.4g}" if std is None else f"{mean:.4g} ± {std:.2g}"
 
 
-def _metrics(task: type[Task]) -> list[str]:
+def _metrics(task: type[Task], paper: dict[str, dict[str, float]]) -> list[str]:
     """The headline metric, any other metric the paper reports, then the task's ``table_metrics``."""
     names = [task.metric]
-    for row in task.paper.values():
+    for row in paper.values():
         names += [k for k in row if not k.endswith("_std") and k not in names]
     names += [k for k in getattr(task, "table_metrics", ()) if k not in names]
     return names
 
 
-def results_table(task: type[Task], runs: dict[str, list[dict[str, float]]]) -> str:
+def results_table(
+    task: type[Task],
+    runs: dict[str, list[dict[str, float]]],
+    paper: dict[str, dict[str, float]] | None = None,
+    notes: Sequence[str] = (),
+) -> str:
     """A markdown table: one row per model (in ``task.model_names`` order), our mean ± std over
     seeds beside the paper's number for each metric.
 
     Args:
-        task: the task class (for its metric, its model descriptions and the paper's numbers).
+        task: the task class (for its metric and its model descriptions).
         runs: ``{model_name: [metrics of seed 0, metrics of seed 1, ...]}``.
+        paper: the paper's numbers (default ``task.paper``; a task instance's
+            [`paper_comparison`][settransformer.tasks.base.Task.paper_comparison] picks those of its setup).
+        notes: how the runs' setup differs from the paper's, written under the table.
     """
-    metrics = _metrics(task)
+    paper = task.paper if paper is None else paper
+    metrics = _metrics(task, paper)
     descriptions: dict[str, str] = getattr(task, "model_descriptions", {})
     header = ["model", "what it is", "seeds"]
     for m in metrics:
@@ -82,17 +91,18 @@ def results_table(task: type[Task], runs: dict[str, list[dict[str, float]]]) -> 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in [m for m in task.model_names if m in runs] + [m for m in runs if m not in task.model_names]:
         row = [f"`{name}`", descriptions.get(name, ""), str(len(runs[name]))]
-        paper = task.paper.get(name, {})
+        theirs = paper.get(name, {})
         for m in metrics:
             ours = [r[m] for r in runs[name] if m in r]
             row.append(_fmt(*mean_std(ours)) if ours else "–")
-            row.append(_fmt(paper.get(m), paper.get(f"{m}_std")))
+            row.append(_fmt(theirs.get(m), theirs.get(f"{m}_std")))
         lines.append("| " + " | ".join(row) + " |")
     direction = "higher" if task.higher_is_better else "lower"
     lines.append("")
     lines.append(
         f"Headline metric: {task.metric} ({direction} is better); ours is the mean ± std over seeds."
     )
+    lines += [f"Not the paper's setup: {note}." for note in notes]
     return "\n".join(lines)
 
 
@@ -102,13 +112,16 @@ def write_results(
     runs: dict[str, list[dict[str, float]]],
     settings: dict[str, Any],
     title: str | None = None,
+    paper: dict[str, dict[str, float]] | None = None,
+    notes: Sequence[str] = (),
 ) -> tuple[Path, Path]:
-    """Write ``results.md`` (the table and the settings) and ``results.json`` into ``out_dir``."""
+    """Write ``results.md`` (the table and the settings) and ``results.json`` into ``out_dir``
+    (``paper``, ``notes``: see [`results_table`][settransformer.tasks.report.results_table])."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     title = title or f"{task.name}: our results beside the paper's"
     settings_md = "\n".join(f"- {k}: `{json.dumps(v)}`" for k, v in settings.items())
-    md = f"# {title}\n\n{results_table(task, runs)}\n\nSettings:\n\n{settings_md}\n"
+    md = f"# {title}\n\n{results_table(task, runs, paper, notes)}\n\nSettings:\n\n{settings_md}\n"
     write_text_atomic(out_dir / "results.md", md)
     summary = {
         name: {m: dict(zip(("mean", "std"), mean_std([r[m] for r in rs]))) for m in rs[0]}

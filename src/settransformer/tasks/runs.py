@@ -882,5 +882,6 @@ def reproduce(
         "seeds": [config.seed + k for k in range(seeds)],
         "training_seconds": seconds,
     }
-    md, _ = write_results(out, type(task), runs, settings)
+    paper, notes = task.paper_comparison()
+    md, _ = write_results(out, type(task), runs, settings, paper=paper, notes=notes)
     return runs, md

@@ -157,6 +157,8 @@ class SetAnomaly(ImageSetTask):
     model_names: ClassVar[tuple[str, ...]] = tuple(_ROWS)
     metric: ClassVar[str] = "auroc"
     higher_is_better: ClassVar[bool] = True
+    paper_options: ClassVar[dict[str, Any]] = {"set_size": 8}
+    paper_data: ClassVar[str | None] = "CelebA faces"
     paper: ClassVar[dict[str, dict[str, float]]] = {  # CelebA, not digits
         "sab-pma": {"auroc": 0.5941, "auroc_std": 0.0170, "aupr": 0.4386, "aupr_std": 0.0089},
         "sab-pool": {"auroc": 0.5757, "auroc_std": 0.0143, "aupr": 0.4189, "aupr_std": 0.0167},
