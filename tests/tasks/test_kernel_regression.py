@@ -154,6 +154,8 @@ def test_bad_options_and_names():
         KernelRegression(min_size=5, max_size=2)
     with pytest.raises(ValueError, match="x_low"):
         KernelRegression(x_low=1.0, x_high=1.0)
+    with pytest.raises(ValueError, match="freq_low, freq_high: expected freq_low <= freq_high"):
+        KernelRegression(freq_low=3.0, freq_high=1.0)
     with pytest.raises(ValueError, match="unknown option"):
         KernelRegression(sigma=1.0)
     with pytest.raises(ValueError, match="model"):

@@ -205,7 +205,8 @@ class KernelRegression(Task):
             divide ``dim_hidden``.
         - test_sets: number of fixed test functions (context and queries) the metrics are computed on.
         - test_seed: seeds the draw of the fixed test sets.
-        - sensitivity_sets: how many of the first test sets ``perm_sensitivity`` is measured on.
+        - sensitivity_sets: how many of the first test sets ``perm_sensitivity`` is measured on (at
+            most ``test_sets``).
         - sensitivity_orders: random orderings of each context that ``perm_sensitivity`` compares (at
             least 2).
 
@@ -262,6 +263,10 @@ class KernelRegression(Task):
             )
         if not o["x_low"] < o["x_high"]:
             raise ValueError(f"x_low, x_high: expected x_low < x_high, got {o['x_low']}, {o['x_high']}")
+        if not o["freq_low"] <= o["freq_high"]:
+            raise ValueError(
+                f"freq_low, freq_high: expected freq_low <= freq_high, got {o['freq_low']}, {o['freq_high']}"
+            )
         for key in ("num_queries", "num_sines", "test_sets", "sensitivity_sets"):
             if o[key] < 1:
                 raise ValueError(f"{key}: expected a positive integer, got {o[key]}")
