@@ -504,3 +504,26 @@ def test_isab_kept_buffers_are_bounded_and_freed(monkeypatch: pytest.MonkeyPatch
     del isab, mab
     gc.collect()
     assert len(kept) == before - 1  # the buffers go with their block
+
+
+def test_constructor_errors_name_the_callers_arguments() -> None:
+    """SAB and ISAB name their own ``dim_in`` (MAB's ``dim_q``/``dim_kv`` mean nothing to their
+    callers), SetTransformer its ``dim_hidden``; NumPy scalars pass where Python numbers do; a score
+    module built for other heads is refused when the block is built (it failed in the forward)."""
+    import numpy as np
+
+    from settransformer import SetTransformer
+    from settransformer.nn.scores import AdditiveScore, GaussianScore
+
+    with pytest.raises(ValueError, match="dim_in: expected a positive integer, got 0"):
+        SAB(0, 8, 2)
+    with pytest.raises(ValueError, match="dim_in: expected a positive integer, got 0"):
+        ISAB(0, 8, 2, 4)
+    with pytest.raises(ValueError, match="num_heads: must divide dim_hidden=10, got 4"):
+        SetTransformer(3, 1, 1, dim_hidden=10, num_heads=4)
+    block = SAB(3, 8, 2, top_k=np.int64(2), dropout=np.float32(0.1))  # type: ignore[arg-type]
+    assert block.mab.top_k == 2 and isinstance(block.mab.top_k, int)
+    with pytest.raises(ValueError, match="GaussianScore was built for num_heads=3, but the block has"):
+        SAB(3, 8, 2, score=GaussianScore(3))
+    with pytest.raises(ValueError, match="AdditiveScore was built for head_dim=8, but the block has"):
+        SAB(3, 8, 2, score=AdditiveScore(2, 8))

@@ -69,7 +69,7 @@ class SAB(nn.Module):
         **keywords: Unpack[BlockKeywords],
     ) -> None:
         super().__init__()
-        self.dim_in = dim_in
+        self.dim_in = check_positive("dim_in", dim_in)  # named as the caller knows it, not as MAB's dim_q
         self.mab = MAB(dim_in, dim_in, dim, num_heads, options=BlockOptions.of(options, keywords))
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -133,6 +133,7 @@ class ISAB(nn.Module):
         o = BlockOptions.of(options, keywords)
         self.dim_in = dim_in
         self.inducing = nn.Parameter(torch.empty(num_inducing, dim))
+        check_positive("dim_in", dim_in)  # named as the caller knows it, not as MAB's dim_kv
         self.mab0 = MAB(dim, dim_in, dim, num_heads, options=o)
         self.mab1 = MAB(dim_in, dim, dim, num_heads, options=o)
         self.reset_parameters()

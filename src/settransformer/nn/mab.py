@@ -138,14 +138,15 @@ class BlockOptions:
             raise ValueError(f"norm: expected 'post', 'pre' or None, got {self.norm!r}")
         if self.ff_dim is not None:
             check_positive("ff_dim", self.ff_dim)
-        check_probability("dropout", self.dropout)
+        # stored as Python numbers (NumPy scalars pass the checks), so configs and reprs stay plain
+        object.__setattr__(self, "dropout", check_probability("dropout", self.dropout))
         check_scale(self.scale)
         if not isinstance(self.out_proj, bool):
             raise TypeError(f"out_proj: expected True or False, got {self.out_proj!r}")
         if self.residual not in ("auto", "input", "projected"):
             raise ValueError(f"residual: expected 'auto', 'input' or 'projected', got {self.residual!r}")
         check_score(self.score)
-        check_top_k(self.top_k)
+        object.__setattr__(self, "top_k", check_top_k(self.top_k))
 
     @classmethod
     def of(cls, options: BlockOptions | None, keywords: BlockKeywords) -> BlockOptions:

@@ -184,6 +184,8 @@ class SetTransformer(_SetModel):
         _check_sizes(
             dim_input=dim_input, num_outputs=num_outputs, dim_output=dim_output, dim_hidden=dim_hidden
         )
+        if isinstance(num_heads, int) and num_heads > 0 and dim_hidden % num_heads:
+            raise ValueError(f"num_heads: must divide dim_hidden={dim_hidden}, got {num_heads}")
         check_positive("num_encoder_layers", num_encoder_layers, allow_zero=encoder == "rff")
         if encoder == "rff" and num_encoder_layers == 0 and dim_input != dim_hidden:
             raise ValueError(

@@ -285,6 +285,13 @@ def make_score(spec: ScoreSpec, num_heads: int, head_dim: int) -> nn.Module | Sc
     if spec == "additive":
         return AdditiveScore(num_heads, head_dim)
     assert not isinstance(spec, str)
+    # a score module built for other heads fails deep inside the forward pass: say so here
+    for name, wanted in (("num_heads", num_heads), ("head_dim", head_dim)):
+        got = getattr(spec, name, None)
+        if isinstance(got, int) and got != wanted:
+            raise ValueError(
+                f"score: {type(spec).__name__} was built for {name}={got}, but the block has {name}={wanted}"
+            )
     return spec
 
 

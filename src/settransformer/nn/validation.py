@@ -396,7 +396,7 @@ def check_probability(name: str, value: object) -> float:
         >>> check_probability("dropout", 0.1)
         0.1
     """
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
         raise ValueError(f"{name}: expected a probability in [0, 1), got {value!r}")
     return float(value)
 
@@ -408,9 +408,11 @@ def check_top_k(value: object, name: str = "top_k") -> int | None:
         >>> check_top_k(3), check_top_k(None)
         (3, None)
     """
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name}: expected a positive integer or None, got {value!r}")
-    return value
+    return int(value)
 
 
 def check_scale(value: object, name: str = "scale") -> float | None:
