@@ -396,7 +396,7 @@ def check_probability(name: str, value: object) -> float:
         >>> check_probability("dropout", 0.1)
         0.1
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) < 1.0:
         raise ValueError(f"{name}: expected a probability in [0, 1), got {value!r}")
     return float(value)
 
