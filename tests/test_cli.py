@@ -400,6 +400,20 @@ def test_damaged_run_files_are_one_line_errors_or_skipped(
     assert code == 2 and "task_options: expected a JSON object, got 'x'" in err
 
 
+def test_ema_decay_off_turns_a_budgets_average_off(capsys: pytest.CaptureFixture[str]) -> None:
+    """max-regression's paper budget evaluates a moving average (0.999); ``--ema-decay off`` is the
+    only way from the command line to train that budget without it (0 is no decay)."""
+    argv = ["train", "max-regression", "--budget", "paper", *TINY]
+    assert _run(capsys, *argv, "--out", "with")[0] == 0
+    assert _run(capsys, *argv, "--out", "without", "--ema-decay", "off")[0] == 0
+    decay = [
+        json.loads(Path(run, "config.json").read_text())["train"]["ema_decay"] for run in ("with", "without")
+    ]
+    assert decay == [0.999, None]
+    code, _, err = _run(capsys, "train", "max-regression", "--ema-decay", "fast")
+    assert code == 2 and "--ema-decay: expected a number or 'off', got 'fast'" in err
+
+
 def test_heap_flag(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     calls: list[int] = []
     monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(1) or True)

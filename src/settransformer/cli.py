@@ -101,9 +101,9 @@ _TRAIN_FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("--clip-max", float, "upper bound of every gradient entry, after the backward pass (default off)"),
     (
         "--ema-decay",
-        float,
-        "evaluate a moving average of the weights with this decay, e.g. 0.999 (default: the budget's, "
-        "else off; train TASK --list shows it)",
+        "float_or_off",
+        "evaluate a moving average of the weights with this decay, e.g. 0.999, or 'off' (default: the "
+        "budget's, else off; train TASK --list shows it)",
     ),
     (
         "--eval-every",
@@ -139,6 +139,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
             g.add_argument(flag, dest=dest, action=kind, default=None, help=text)
         elif isinstance(kind, tuple):
             g.add_argument(flag, dest=dest, choices=kind, help=text)
+        elif kind == "float_or_off":
+            g.add_argument(flag, dest=dest, type=_float_or_off, metavar=f"{dest.upper()}|off", help=text)
         else:
             g.add_argument(flag, dest=dest, type=kind, metavar=dest.upper(), help=text)
     g.add_argument("--threads", type=positive_int, metavar="N", help=THREADS_HELP)
@@ -238,7 +240,8 @@ def _settings(
         preset = task_class(args.task).budget(budget)
         values.update(preset)
     values.update(file_values)
-    values.update({k: getattr(args, k) for k in _TRAIN_KEYS if getattr(args, k, None) is not None})
+    flags = {k: getattr(args, k) for k in _TRAIN_KEYS if getattr(args, k, None) is not None}
+    values.update({k: None if v == _OFF else v for k, v in flags.items()})  # "off": the budget's off too
     milestones = preset.get("lr_milestones")
     if (
         milestones is not None
@@ -642,6 +645,19 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+_OFF = "off"
+
+
+def _float_or_off(text: str) -> float | str:
+    """argparse ``type=``: a number, or ``off`` (a setting that a budget turns on, turned off)."""
+    if text.strip().lower() in ("off", "none", "null"):
+        return _OFF
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'off', got {text!r}") from None
 
 
 def positive_int(text: str) -> int:
