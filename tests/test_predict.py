@@ -259,6 +259,10 @@ def test_predict_empty_set_and_bad_arguments() -> None:
     torch.testing.assert_close(from_generator, predict(model, sets, progress=False))
     with pytest.raises(TypeError, match="sets: expected a sequence of sets"):
         predict(model, 3, progress=False)  # type: ignore[arg-type]
+    nan = np.ones((2, 3), np.float32)
+    nan[1, 2] = np.nan
+    with pytest.raises(ValueError, match=r"sets\[1\]: element 1, feature 2 is nan"):  # not the batch position
+        predict(model, [np.ones((4, 3), np.float32), nan], progress=False)
     with pytest.raises(
         ValueError, match=r"sets\[1\]: expected a set of shape \(N_i, 3\), got shape \(4, 2\)"
     ):

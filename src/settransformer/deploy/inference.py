@@ -184,6 +184,18 @@ def _as_sequence(sets: Any, name: str) -> Sequence[Any]:
     raise TypeError(f"{name}: expected a sequence of sets (N_i, D), got {type(sets).__name__}")
 
 
+def _finite(s: Tensor, i: int) -> Tensor:
+    """``s``, the set ``sets[i]``, if its values are finite; the model's own check would name a
+    position in the padded, size-sorted batch, not the set."""
+    bad = ~torch.isfinite(s)
+    if bool(bad.any()):
+        row, col = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(
+            f"sets[{i}]: element {row}, feature {col} is {s[row, col].item()} (inputs must be finite)"
+        )
+    return s
+
+
 def _to_tensor(s: Any, dtype: torch.dtype) -> Tensor:
     if isinstance(s, Tensor):
         return s.detach().to("cpu", dtype)
@@ -310,7 +322,9 @@ def predict(
                 else:
                     # At least one padded position, so that a batch of empty sets is still (B, 1, D).
                     longest = max(1, max(sizes[i] for i in batch))
-                    x, mask = pad_sets([_to_tensor(sets[i], dtype) for i in batch], max_size=longest)
+                    x, mask = pad_sets(
+                        [_finite(_to_tensor(sets[i], dtype), i) for i in batch], max_size=longest
+                    )
                     if queries is None:
                         out = model(x.to(dev), mask.to(dev), **kwargs)
                     else:
