@@ -40,7 +40,7 @@ from .deploy.inference import (
 from .heap import keep_freed_memory
 from .tasks import TASKS
 from .tasks.catalogue import describe_task, task_summaries
-from .tasks.demo import demo_tasks, run_demo
+from .tasks.demo import DEMO_TITLE, demo_tasks, run_demo
 from .tasks.report import plot_training_curve
 from .tasks.runs import (
     RunError,
@@ -72,6 +72,19 @@ from .training.interrupt import Interrupted
 
 __all__ = ["THREADS_HELP", "Parser", "add_export_parser", "add_predict_parser", "log", "main", "positive_int"]
 
+_OFF = "off"
+
+
+def _float_or_off(text: str) -> float | str:
+    """argparse ``type=``: a number, or ``off`` (a setting that a budget turns on, turned off)."""
+    if text.strip().lower() in ("off", "none", "null"):
+        return _OFF
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'off', got {text!r}") from None
+
+
 # (flag, type or action, help): the training settings shared by ``train`` and ``reproduce``. Their
 # defaults are None, meaning "from the task's budget or the --config file".
 _TRAIN_FLAGS: tuple[tuple[str, Any, str], ...] = (
@@ -101,7 +114,7 @@ _TRAIN_FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("--clip-max", float, "upper bound of every gradient entry, after the backward pass (default off)"),
     (
         "--ema-decay",
-        "float_or_off",
+        _float_or_off,
         "evaluate a moving average of the weights with this decay, e.g. 0.999, or 'off' (default: the "
         "budget's, else off; train TASK --list shows it)",
     ),
@@ -139,8 +152,6 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
             g.add_argument(flag, dest=dest, action=kind, default=None, help=text)
         elif isinstance(kind, tuple):
             g.add_argument(flag, dest=dest, choices=kind, help=text)
-        elif kind == "float_or_off":
-            g.add_argument(flag, dest=dest, type=_float_or_off, metavar=f"{dest.upper()}|off", help=text)
         else:
             g.add_argument(flag, dest=dest, type=kind, metavar=dest.upper(), help=text)
     g.add_argument("--threads", type=positive_int, metavar="N", help=THREADS_HELP)
@@ -445,7 +456,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     minutes = (time.perf_counter() - started) / 60
     summary.parent.mkdir(parents=True, exist_ok=True)
     setup = f"{jobs} process(es) of {args.threads} thread(s)"
-    head = f"# settransformer demo (quick budgets, {minutes:.1f} min, {setup})"
+    head = f"{DEMO_TITLE} (quick budgets, {minutes:.1f} min, {setup})"
     write_text_atomic(summary, head + "\n\n" + "\n".join(sections))
     print(f"demo finished in {minutes:.1f} min; tables in {summary}, plots under {out}/<task>/<model>/seed0/")
     return 0
@@ -645,19 +656,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-_OFF = "off"
-
-
-def _float_or_off(text: str) -> float | str:
-    """argparse ``type=``: a number, or ``off`` (a setting that a budget turns on, turned off)."""
-    if text.strip().lower() in ("off", "none", "null"):
-        return _OFF
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'off', got {text!r}") from None
 
 
 def positive_int(text: str) -> int:

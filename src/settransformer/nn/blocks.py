@@ -131,9 +131,8 @@ class ISAB(nn.Module):
         super().__init__()
         check_positive("num_inducing", num_inducing)
         o = BlockOptions.of(options, keywords)
-        self.dim_in = dim_in
+        self.dim_in = check_positive("dim_in", dim_in)  # named as the caller knows it, not as MAB's dim_kv
         self.inducing = nn.Parameter(torch.empty(num_inducing, dim))
-        check_positive("dim_in", dim_in)  # named as the caller knows it, not as MAB's dim_kv
         self.mab0 = MAB(dim, dim_in, dim, num_heads, options=o)
         self.mab1 = MAB(dim_in, dim, dim, num_heads, options=o)
         self.reset_parameters()

@@ -33,7 +33,7 @@ from ..training.config import TrainConfig
 from . import available_tasks
 from .runs import RunError, build_task, reproduce, task_class, train_run
 
-__all__ = ["demo_tasks", "run_demo"]
+__all__ = ["DEMO_MARK", "DEMO_TITLE", "demo_tasks", "run_demo"]
 
 # Wall seconds of a task's whole quick table on one core (measured with `demo --jobs 1`): the
 # order in which jobs start. Unknown tasks go first.
@@ -82,13 +82,15 @@ def _train_one(name: str, model: str, run_dir: str, config: dict[str, Any], thre
 
 DEMO_MARK = ".settransformer-demo"
 """The file that marks a folder as ``run_demo``'s: a later demo replaces the runs in it."""
+DEMO_TITLE = "# settransformer demo"
+"""How the summary ``results.md`` of a demo folder begins (``settransformer demo`` writes it)."""
 
 
 def _has_demo_summary(out: Path) -> bool:
     """Whether ``out`` holds the summary a demo writes (a folder of an earlier version's demo)."""
     try:
         with open(out / "results.md", encoding="utf-8", errors="replace") as f:
-            return f.read(64).startswith("# settransformer demo")
+            return f.read(len(DEMO_TITLE)) == DEMO_TITLE
     except OSError:
         return False
 

@@ -190,6 +190,13 @@ class PointCloudClassification(Task):
     }
     """Table 4 in full: ``{num_points: {model: accuracy}}`` (ModelNet40, mean of 5 runs)."""
 
+    model_descriptions: ClassVar[dict[str, str]] = {
+        "rff-pool": "rFF + Pooling: FC(d,ReLU)x3, max, Dropout, FC(d,ReLU), Dropout, FC(classes)",
+        "rff-pma": "rFF + PMA: FC(d,ReLU)x3, Dropout, PMA_1(d,4), Dropout, FC(classes)",
+        "isab-pool": "ISAB(16) + Pooling: ISAB_16(d,4)x2, max, Dropout, FC(d,ReLU), Dropout, FC(classes)",
+        "isab-pma": "ISAB(16) + PMA: ISAB_16(d,4)x2, Dropout, PMA_1(d,4), Dropout, FC(classes)",
+    }
+
     def paper_comparison(self) -> tuple[dict[str, dict[str, float]], list[str]]:
         """Table 4's numbers at this task's number of points (with their spread at 1,000), and
         a note where the source is not ModelNet40 or the paper has no column for the points."""
@@ -204,13 +211,6 @@ class PointCloudClassification(Task):
             return {}, notes
         paper = type(self).paper if points == 1000 else {m: {"accuracy": a} for m, a in row.items()}
         return paper, notes
-
-    model_descriptions: ClassVar[dict[str, str]] = {
-        "rff-pool": "rFF + Pooling: FC(d,ReLU)x3, max, Dropout, FC(d,ReLU), Dropout, FC(classes)",
-        "rff-pma": "rFF + PMA: FC(d,ReLU)x3, Dropout, PMA_1(d,4), Dropout, FC(classes)",
-        "isab-pool": "ISAB(16) + Pooling: ISAB_16(d,4)x2, max, Dropout, FC(d,ReLU), Dropout, FC(classes)",
-        "isab-pma": "ISAB(16) + PMA: ISAB_16(d,4)x2, Dropout, PMA_1(d,4), Dropout, FC(classes)",
-    }
 
     @classmethod
     def default_options(cls) -> dict[str, Any]:

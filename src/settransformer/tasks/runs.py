@@ -53,7 +53,6 @@ __all__ = [
     "check_buildable",
     "check_not_run_file",
     "check_resume",
-    "check_run_folder",
     "data_changes",
     "data_fingerprint",
     "load_for_inference",
@@ -795,7 +794,7 @@ def train_run(
     return result
 
 
-def check_run_folder(
+def _check_run_folder(
     run_dir: Path, task: Task, model: str, config: TrainConfig, *, overwrite: bool = False
 ) -> None:
     """Refuse a folder that holds files that are no run's, or (unless ``overwrite``) another run
@@ -861,7 +860,7 @@ def reproduce(
     for model in models:
         for k in range(seeds):
             cfg, run_dir = config.replace(seed=config.seed + k), out / model / f"seed{k}"
-            check_run_folder(run_dir, task, model, cfg, overwrite=overwrite)
+            _check_run_folder(run_dir, task, model, cfg, overwrite=overwrite)
             plan.append((model, k, cfg, run_dir))
 
     runs: dict[str, list[dict[str, float]]] = {}
